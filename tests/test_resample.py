@@ -1,0 +1,129 @@
+import numpy as np
+import pytest
+
+from radnet_jax import resample as rs
+
+
+def _affine(spacing, origin, perm=(0, 1, 2), flips=(1, 1, 1)):
+  """A canonical-like affine: axis permutation/flips times spacing plus origin."""
+  a = np.zeros((4, 4))
+  for col, (row, f) in enumerate(zip(perm, flips)):
+    a[row, col] = f * spacing[col]
+  a[:3, 3] = origin
+  a[3, 3] = 1.0
+  return a
+
+
+@pytest.mark.parametrize("in_shape,out_shape", [
+    ((7, 20, 33), (3, 8, 11)),     # downsample every axis
+    ((7, 20, 33), (14, 40, 33)),   # upsample + identity
+    ((5, 9, 64), (5, 9, 7)),       # strong reduction, several blocks
+    ((4, 4, 4), (1, 1, 1)),
+])
+def test_resize_matches_jax_reference(in_shape, out_shape):
+  jax = pytest.importorskip("jax")
+  x = np.random.default_rng(0).normal(size=in_shape).astype(np.float32) * 100
+  ours = rs.resize(x, out_shape)
+  ref = np.asarray(jax.image.resize(x, out_shape, "linear", antialias=True))
+  assert ours.shape == out_shape and ours.dtype == np.float32
+  np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=1e-5)
+
+
+def test_weight_matrix_rows_sum_to_one_and_identity():
+  for n_in, n_out in [(512, 192), (150, 48), (3, 10), (1, 5)]:
+    w = rs.weight_matrix(n_in, n_out)
+    assert w.shape == (n_out, n_in)
+    np.testing.assert_allclose(w.sum(axis=1), 1.0)
+  np.testing.assert_allclose(rs.weight_matrix(6, 6), np.eye(6))
+
+
+def test_resize_preserves_constants_and_linear_ramps():
+  const = np.full((10, 30, 40), 42.0, np.float32)
+  np.testing.assert_allclose(rs.resize(const, (4, 12, 16)), 42.0, rtol=1e-6)
+  # A linear ramp along W sampled at the new centres stays linear in the interior
+  # (the triangle filter is symmetric, so it reproduces linear functions).
+  w = np.arange(40, dtype=np.float32)
+  ramp = np.broadcast_to(w, (2, 3, 40)).copy()
+  out = rs.resize(ramp, (2, 3, 10))
+  centres = (np.arange(10) + 0.5) * 4 - 0.5
+  np.testing.assert_allclose(out[0, 0, 1:-1], centres[1:-1], atol=1e-4)
+
+
+def test_antialiasing_removes_nyquist_checkerboard():
+  # A +-1 checkerboard at the input's Nyquist frequency must vanish when the
+  # grid shrinks by 4 (plain subsampling would keep it at full amplitude).
+  d, h, w = np.indices((8, 64, 64))
+  board = np.where((h + w) % 2 == 0, 1.0, -1.0).astype(np.float32)
+  out = rs.resize(board, (8, 16, 16))
+  assert np.abs(out).max() < 0.05
+
+
+def test_resampled_affine_keeps_corners_within_half_voxel():
+  in_shape, out_shape = (37, 120, 100), (8, 32, 32)
+  spacing = np.array([2.5, 0.7, 0.8])
+  aff = _affine(spacing, origin=[-120.0, 30.5, 88.0], perm=(2, 1, 0),
+                flips=(-1, 1, 1))
+  res = rs.resample(np.zeros(in_shape, np.float32), aff, spacing, out_shape)
+  np.testing.assert_allclose(res.spacing, spacing * np.array(in_shape) / out_shape)
+  # The new affine's columns have the new spacing as length.
+  np.testing.assert_allclose(np.linalg.norm(res.affine[:3, :3], axis=0), res.spacing)
+  for corner in np.ndindex(2, 2, 2):
+    i_in = np.array(corner) * (np.array(in_shape) - 1)
+    i_out = np.array(corner) * (np.array(out_shape) - 1)
+    p_in = aff @ np.append(i_in, 1.0)
+    p_out = res.affine @ np.append(i_out, 1.0)
+    # Per axis the corner centre moves by (new - old spacing) / 2 < new / 2.
+    delta = np.abs(np.linalg.solve(res.affine[:3, :3], (p_out - p_in)[:3]))
+    assert np.all(delta <= 0.5 + 1e-9), (corner, delta)
+  # The physical field of view (outer voxel edges) is preserved exactly.
+  fov_in = np.array(in_shape) * spacing
+  fov_out = np.array(out_shape) * res.spacing
+  np.testing.assert_allclose(fov_in, fov_out)
+  # Centre of the volume maps to the same LPS point.
+  c_in = aff @ np.append((np.array(in_shape) - 1) / 2, 1.0)
+  c_out = res.affine @ np.append((np.array(out_shape) - 1) / 2, 1.0)
+  np.testing.assert_allclose(c_in, c_out, atol=1e-9)
+
+
+def test_resampled_values_follow_the_affine():
+  # A volume whose voxel value is its LPS z coordinate keeps that property
+  # after resampling (linear function, interior voxels).
+  in_shape, out_shape = (30, 16, 16), (10, 8, 8)
+  spacing = np.array([1.5, 1.0, 1.0])
+  aff = _affine(spacing, origin=[0.0, 0.0, 50.0], perm=(2, 1, 0), flips=(-1, 1, 1))
+  idx = np.indices(in_shape).reshape(3, -1)
+  z = (aff[:3, :3] @ idx + aff[:3, 3:])[2].reshape(in_shape).astype(np.float32)
+  res = rs.resample(z, aff, spacing, out_shape)
+  idx_o = np.indices(out_shape).reshape(3, -1)
+  z_o = (res.affine[:3, :3] @ idx_o + res.affine[:3, 3:])[2].reshape(out_shape)
+  np.testing.assert_allclose(res.voxels[1:-1], z_o[1:-1], atol=1e-3)
+
+
+def test_ct_window_values():
+  hu = np.array([-3024, -1000, -500, 0, 40, 1000, 3071, np.nan],
+                np.float32).reshape(1, 1, 8)
+  out, spec = rs.normalise(hu, "CT")
+  np.testing.assert_allclose(out.ravel(),
+                             [-1, -1, -0.5, 0, 0.04, 1, 1, -1], atol=1e-6)
+  assert spec == "ct_window(-1000,1000)->[-1,1]"
+  assert out.dtype == np.float32
+
+
+def test_mr_percentile_normalisation():
+  x = np.arange(1000, dtype=np.float32).reshape(10, 10, 10)
+  x[0, 0, 0] = 1e6   # a hot outlier must not squash the range
+  out, spec = rs.normalise(x, "MR")
+  assert spec == "pct(0.5,99.5)->[0,1]"
+  lo, hi = np.percentile(x, [0.5, 99.5])
+  np.testing.assert_allclose(out[5, 0, 0], (500 - lo) / (hi - lo), rtol=1e-5)
+  assert out.min() == 0.0 and out.max() == 1.0
+  # Constant and empty volumes do not divide by zero.
+  z, _ = rs.normalise(np.full((2, 2, 2), 7.0, np.float32), "PT")
+  np.testing.assert_array_equal(z, 0.0)
+
+
+def test_resize_rejects_bad_input():
+  with pytest.raises(ValueError, match="D, H, W"):
+    rs.resize(np.zeros((4, 4)), (2, 2, 2))
+  with pytest.raises(ValueError, match="positive"):
+    rs.resize(np.zeros((4, 4, 4)), (0, 2, 2))
