@@ -1,0 +1,154 @@
+"""ResNet3D: shapes, parameter counts per preset, heads, trunk subtree."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from radnet_jax.models import count_params
+from radnet_jax.models.resnet3d import (
+    Bottleneck, ResNet3D, ResNetTiny, get_model, preset_kwargs)
+
+TINY = preset_kwargs("resnet_tiny")
+
+# (kwargs, input shape, per-stage feature shapes [stem, s1..s4])
+SHAPE_CASES = [
+    # Paper stem 3x7x7 stride 1x2x2: depth kept by the stem, halved by the pool.
+    (dict(), (2, 8, 16, 16, 1),
+     [(2, 8, 8, 8, 8), (2, 4, 4, 4, 8), (2, 2, 2, 2, 16), (2, 1, 1, 1, 32),
+      (2, 1, 1, 1, 64)]),
+    # Odd sizes: symmetric padding gives ceil(n / 2) at each stride 2.
+    (dict(), (1, 7, 15, 17, 1),
+     [(1, 7, 8, 9, 8), (1, 4, 4, 5, 8), (1, 2, 2, 3, 16), (1, 1, 1, 2, 32),
+      (1, 1, 1, 1, 64)]),
+    # Thick-slice input with a stride-1 depth everywhere after the stem.
+    (dict(stage_strides=((1, 1, 1), (1, 2, 2), (1, 2, 2), (1, 2, 2)),
+          stem_pool=False, in_channels=2), (1, 4, 16, 16, 2),
+     [(1, 4, 8, 8, 8), (1, 4, 8, 8, 8), (1, 4, 4, 4, 16), (1, 4, 2, 2, 32),
+      (1, 4, 1, 1, 64)]),
+    # MedicalNet layout: 7^3 stride-2 stem, dilated stages 3-4 keep 1/8 size.
+    (dict(layout="medicalnet"), (1, 16, 16, 16, 1),
+     [(1, 8, 8, 8, 8), (1, 4, 4, 4, 8), (1, 2, 2, 2, 16), (1, 2, 2, 2, 32),
+      (1, 2, 2, 2, 64)]),
+    (dict(layout="medicalnet", shortcut_type="A"), (1, 9, 16, 11, 1),
+     [(1, 5, 8, 6, 8), (1, 3, 4, 3, 8), (1, 2, 2, 2, 16), (1, 2, 2, 2, 32),
+      (1, 2, 2, 2, 64)]),
+    (dict(block_cls=Bottleneck), (1, 8, 16, 16, 1),
+     [(1, 8, 8, 8, 8), (1, 4, 4, 4, 32), (1, 2, 2, 2, 64), (1, 1, 1, 1, 128),
+      (1, 1, 1, 1, 256)]),
+]
+
+
+@pytest.mark.parametrize("kwargs,in_shape,feat_shapes", SHAPE_CASES)
+def test_feature_shapes(kwargs, in_shape, feat_shapes):
+  kwargs = dict(kwargs)
+  kwargs.pop("in_channels", None)
+  model = ResNetTiny(heads={"plane": 3}, **kwargs)
+  x = jnp.ones(in_shape, jnp.float32)
+  out, feats = jax.eval_shape(
+      lambda: model.init_with_output(jax.random.PRNGKey(0), x, False)[0])
+  assert [tuple(f.shape) for f in feats] == feat_shapes
+  c = feat_shapes[-1][-1]
+  assert out["embedding"].shape == (in_shape[0], c)
+  assert out["plane"].shape == (in_shape[0], 3)
+
+
+def test_forward_heads_train_and_eval():
+  model = ResNetTiny(heads={"sequence": 5, "plane": 3, "contrast": 2,
+                            "coverage": 9, "spacing": 1}, head_dropout=0.1,
+                     dtype=jnp.bfloat16, conv_impl="taps")
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 16, 16, 1))
+  variables = model.init(jax.random.PRNGKey(0), x, False)
+  assert set(variables) == {"params", "batch_stats"}
+  assert set(variables["params"]) == {
+      "trunk", "head_sequence", "head_plane", "head_contrast",
+      "head_coverage", "head_spacing"}
+  # Parameters stay float32 when computing in bfloat16.
+  assert all(l.dtype == jnp.float32
+             for l in jax.tree_util.tree_leaves(variables["params"]))
+  (out, feats), new_state = model.apply(
+      variables, x, True, mutable=["batch_stats"],
+      rngs={"dropout": jax.random.PRNGKey(2)})
+  for task, n in [("sequence", 5), ("coverage", 9), ("spacing", 1)]:
+    assert out[task].shape == (2, n) and out[task].dtype == jnp.float32
+  assert feats[-1].dtype == jnp.bfloat16
+  # Training mode updated the running statistics.
+  old = variables["batch_stats"]["trunk"]["stem_bn"]["mean"]
+  new = new_state["batch_stats"]["trunk"]["stem_bn"]["mean"]
+  assert not np.allclose(old, new)
+  # Eval is deterministic.
+  a, _ = model.apply(variables, x, False)
+  b, _ = model.apply(variables, x, False)
+  np.testing.assert_array_equal(a["sequence"], b["sequence"])
+
+
+def test_zero_init_residual_scale():
+  model = ResNetTiny()
+  v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 16, 16, 1)), False)
+  blk = v["params"]["trunk"]["stage1_block1"]
+  np.testing.assert_array_equal(blk["bn2"]["scale"], 0.0)
+  np.testing.assert_array_equal(blk["bn1"]["scale"], 1.0)
+
+
+def test_conv_impls_agree_on_model():
+  x = jax.random.normal(jax.random.PRNGKey(1), (1, 8, 16, 16, 1))
+  a_model = ResNetTiny(heads={"plane": 3}, conv_impl="xla")
+  b_model = ResNetTiny(heads={"plane": 3}, conv_impl="taps")
+  v = a_model.init(jax.random.PRNGKey(0), x, False)
+  v_b = b_model.init(jax.random.PRNGKey(0), x, False)
+  assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(v_b)
+  (oa, _), _ = a_model.apply(v, x, True, mutable=["batch_stats"])
+  (ob, _), _ = b_model.apply(v, x, True, mutable=["batch_stats"])
+  np.testing.assert_allclose(oa["embedding"], ob["embedding"], rtol=1e-4,
+                             atol=1e-5)
+
+
+# Parameter counts (params collection, heads excluded), 1 input channel.
+# The MedicalNet-layout ResNet-18 trunk is the well-known ~33.2M.
+KNOWN_COUNTS = {
+    ("resnet10", "medicalnet"): 14_355_520,
+    ("resnet18", "medicalnet"): 33_160_000,
+    ("resnet34", "medicalnet"): 63_469_632,
+    ("resnet50", "medicalnet"): 46_155_072,
+    ("resnet18", "radnet"): 33_147_456,   # 3x7x7 stem: 64*(343-147) fewer
+    ("resnet50", "radnet"): 46_142_528,
+}
+
+
+def _count(name, layout):
+  model = get_model(name, layout=layout)
+  v = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                        jnp.zeros((1, 16, 32, 32, 1)), False))
+  return count_params(v)
+
+
+@pytest.mark.parametrize("name,layout", sorted(KNOWN_COUNTS))
+def test_param_counts(name, layout):
+  assert _count(name, layout) == KNOWN_COUNTS[(name, layout)]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_param_counts_match_monai(name):
+  monai_nets = pytest.importorskip("monai.networks.nets")
+  ref = getattr(monai_nets, name)(spatial_dims=3, n_input_channels=1,
+                                  feed_forward=False, bias_downsample=False,
+                                  conv1_t_size=7, conv1_t_stride=2)
+  n_ref = sum(p.numel() for p in ref.parameters())
+  assert _count(name, "medicalnet") == n_ref
+
+
+def test_heads_add_dense_params():
+  m = get_model("resnet18", heads={"sequence": 5, "spacing": 1})
+  v = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0),
+                                    jnp.zeros((1, 16, 32, 32, 1)), False))
+  assert count_params(v) == 33_147_456 + (512 * 5 + 5) + (512 + 1)
+
+
+def test_registry_and_errors():
+  assert isinstance(get_model("ResNet-18"), ResNet3D)
+  with pytest.raises(ValueError, match="unknown model"):
+    get_model("resnet7")
+  with pytest.raises(ValueError, match="layout"):
+    ResNetTiny(layout="keras").init(jax.random.PRNGKey(0),
+                                    jnp.zeros((1, 8, 8, 8, 1)), False)
+  with pytest.raises(ValueError, match=r"\(B, D, H, W, C\)"):
+    ResNetTiny().init(jax.random.PRNGKey(0), jnp.zeros((8, 8, 8, 1)), False)
