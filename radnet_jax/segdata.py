@@ -1,0 +1,383 @@
+"""LiTS-format NIfTI -> segmentation ArrayRecord shards, and back.
+
+A LiTS folder holds ``volume-N.nii[.gz]`` (CT in HU) and
+``segmentation-N.nii[.gz]`` (0 background, 1 liver, 2 tumour), possibly in
+sub-folders. Each case becomes one record (``kind == "segmentation"``, see
+``radnet_jax.records``):
+
+=============  ============================================================
+volume         float16 ``(D, H, W)``: axial canonical orientation (D
+               superior->inferior, H anterior->posterior, W right->left),
+               resampled to ``spacing`` mm, HU window mapped to a range
+mask           uint8 ``(D, H, W)`` on the same grid (nearest neighbour)
+affine         float64 ``(4, 4)`` voxel index -> LPS mm of that grid
+case, split    case id from the file name (``"7"``), "train"/"val"/"test"
+geometry       what ``to_original_grid`` needs to map a prediction back onto
+               the file's voxel grid: ``orig_shape`` (file array shape),
+               ``orig_affine`` (file grid -> LPS mm), ``orig_spacing``,
+               ``canonical_shape``, ``ornt`` (file axes -> canonical axes,
+               nibabel orientation transform), ``spacing`` (mm of the record
+               grid)
+normalisation  e.g. ``"ct_window(-200,250)->[0,1]"``
+=============  ============================================================
+
+Resampling uses ``radnet_jax.resample`` (anti-aliased linear, extent
+preserving: output voxel ``i`` sits at input index ``(i + .5) n / s - .5``);
+masks use nearest neighbour on the same grid convention, and so does the
+mapping of predictions back (``to_original_grid``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from typing import Any, Iterable, Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from radnet_jax import records
+from radnet_jax import resample as resample_lib
+from radnet_jax.privacy import safe_name
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+LABELS = (0, 1, 2)
+# NIfTI world is RAS; DICOM/records are LPS.
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# Axial canonical: D -> inferior, H -> posterior, W -> left (nibabel codes name
+# the direction each array axis grows towards, in RAS labels).
+_CANONICAL = nib.orientations.axcodes2ornt(("I", "P", "L"))
+_VOLUME_RE = re.compile(r"^volume-(.+?)\.nii(\.gz)?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class SegPrepConfig:
+  """How LiTS volumes become records.
+
+  spacing: target voxel size (D, H, W) in mm.
+  window: HU window (lo, hi), clipped and mapped linearly to ``out_range``.
+  out_range: (0, 1) or (-1, 1).
+  val_fraction, test_fraction: share of *cases* per split (split by volume).
+  seed: seed of the case shuffle that assigns splits.
+  """
+  spacing: tuple[float, float, float] = (2.5, 1.5, 1.5)
+  window: tuple[float, float] = (-200.0, 250.0)
+  out_range: tuple[float, float] = (0.0, 1.0)
+  val_fraction: float = 0.0
+  test_fraction: float = 0.25
+  seed: int = 0
+
+  @property
+  def normalisation(self) -> str:
+    return (f"ct_window({self.window[0]:g},{self.window[1]:g})->"
+            f"[{self.out_range[0]:g},{self.out_range[1]:g}]")
+
+
+def normalise_hu(hu: np.ndarray, window: Sequence[float],
+                 out_range: Sequence[float] = (0.0, 1.0)) -> np.ndarray:
+  """HU ``(D, H, W)`` -> float32 clipped to ``window`` and mapped to ``out_range``.
+
+  Non-finite voxels become the low end of the range.
+  """
+  lo, hi = float(window[0]), float(window[1])
+  if not hi > lo:
+    raise ValueError(f"HU window must have hi > lo, got {window}")
+  a, b = float(out_range[0]), float(out_range[1])
+  x = np.asarray(hu, np.float32)
+  out = (np.clip(x, lo, hi) - np.float32(lo)) * np.float32((b - a) / (hi - lo)) + np.float32(a)
+  out[~np.isfinite(x)] = a
+  return out
+
+
+# ------------------------------------------------------------------ geometry
+
+
+def load_nifti_canonical(path: str) -> tuple[np.ndarray, np.ndarray, dict]:
+  """Reads a 3D NIfTI and reorients it to the axial canonical layout.
+
+  Returns:
+    voxels: float32 ``(D, H, W)`` in the file's units (HU for LiTS CT, after
+      the NIfTI scale/offset).
+    affine: float64 ``(4, 4)`` canonical voxel index -> LPS mm.
+    geometry: ``orig_shape``, ``orig_affine`` (file grid -> LPS mm),
+      ``orig_spacing`` (mm per file axis), ``canonical_shape``, ``ornt``.
+  """
+  try:
+    img = nib.load(path)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+  except Exception as e:  # nibabel raises many types for corrupt files
+    raise ValueError(f"{path}: cannot read NIfTI ({type(e).__name__}: {e})") from e
+  if data.ndim == 4 and data.shape[3] == 1:
+    data = data[..., 0]
+  if data.ndim != 3:
+    raise ValueError(f"{path}: expected a 3D volume, got shape {data.shape}")
+  affine_ras = np.asarray(img.affine, np.float64)
+  if not np.isfinite(affine_ras).all() or abs(np.linalg.det(affine_ras[:3, :3])) < 1e-9:
+    raise ValueError(f"{path}: degenerate or non-finite affine")
+  ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine_ras),
+                                         _CANONICAL)
+  canon = nib.orientations.apply_orientation(data, ornt)
+  canon_ras = affine_ras @ nib.orientations.inv_ornt_aff(ornt, data.shape)
+  geometry = {
+      "orig_shape": [int(s) for s in data.shape],
+      "orig_affine": (_RAS_TO_LPS @ affine_ras).tolist(),
+      "orig_spacing": [float(s) for s in np.linalg.norm(affine_ras[:3, :3], axis=0)],
+      "canonical_shape": [int(s) for s in canon.shape],
+      "ornt": ornt.tolist(),
+  }
+  return (np.ascontiguousarray(canon, np.float32), _RAS_TO_LPS @ canon_ras,
+          geometry)
+
+
+def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+  """Source index of each output voxel (extent-preserving grid), nearest."""
+  idx = np.floor((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64)
+  return np.clip(idx, 0, n_in - 1)
+
+
+def resize_labels(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+  """Nearest-neighbour resize of a label map ``(D, H, W)`` to ``shape``."""
+  labels = np.asarray(labels)
+  ix = [_nearest_index(n, int(s)) for n, s in zip(labels.shape, shape)]
+  return labels[np.ix_(*ix)]
+
+
+def target_shape(shape: Sequence[int], spacing: Sequence[float],
+                 target_spacing: Sequence[float]) -> tuple[int, int, int]:
+  """Voxel counts covering the same extent at ``target_spacing`` (mm)."""
+  return tuple(max(1, int(round(n * s / t)))
+               for n, s, t in zip(shape, spacing, target_spacing))
+
+
+def preprocess(voxels: np.ndarray, affine: np.ndarray, geometry: dict,
+               cfg: SegPrepConfig) -> tuple[np.ndarray, np.ndarray, dict]:
+  """Canonical HU ``(D, H, W)`` -> (normalised float32 on the record grid,
+  LPS affine of that grid, geometry with ``spacing`` filled in)."""
+  spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+  shape = target_shape(voxels.shape, spacing, cfg.spacing)
+  res = resample_lib.resample(voxels, affine, spacing, shape)
+  geometry = dict(geometry, spacing=[float(s) for s in res.spacing])
+  return normalise_hu(res.voxels, cfg.window, cfg.out_range), res.affine, geometry
+
+
+def to_original_grid(labels: np.ndarray, geometry: Mapping[str, Any]) -> np.ndarray:
+  """Label map on the record grid ``(D', H', W')`` -> the file's voxel grid.
+
+  Nearest neighbour back to the canonical full-resolution grid, then the
+  canonical reorientation is undone, so the result has ``orig_shape`` and
+  lines up voxel for voxel with the source NIfTI.
+  """
+  labels = np.asarray(labels)
+  canon_shape = geometry["canonical_shape"]
+  ix = [_nearest_index(s, n) for s, n in zip(labels.shape, canon_shape)]
+  canon = labels[np.ix_(*ix)]
+  # Invert the file -> canonical transform: canonical axis ornt[i, 0] came
+  # from file axis i (flipped when ornt[i, 1] == -1).
+  ornt = np.asarray(geometry["ornt"], np.float64)
+  inv = np.zeros_like(ornt)
+  for i, (j, flip) in enumerate(ornt):
+    inv[int(j)] = (i, flip)
+  back = nib.orientations.apply_orientation(canon, inv)
+  if list(back.shape) != list(geometry["orig_shape"]):
+    raise ValueError(f"mapping back gave shape {back.shape}, expected "
+                     f"{geometry['orig_shape']}")
+  return np.ascontiguousarray(back)
+
+
+def save_nifti(labels: np.ndarray, geometry: Mapping[str, Any], path: str) -> str:
+  """Writes a record-grid label map as uint8 NIfTI in the original geometry."""
+  data = to_original_grid(labels, geometry).astype(np.uint8)
+  affine_ras = _RAS_TO_LPS @ np.asarray(geometry["orig_affine"], np.float64)
+  img = nib.Nifti1Image(data, affine_ras)
+  img.set_qform(affine_ras, code=1)
+  img.set_sform(affine_ras, code=1)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  nib.save(img, path)
+  return path
+
+
+# ------------------------------------------------------------------ cases
+
+
+def find_lits_cases(input_dir: str) -> list[tuple[str, str, str | None]]:
+  """(case id, volume path, segmentation path or None), sorted by case id.
+
+  Case ids come from the file name (``volume-7.nii.gz`` -> ``"7"``); numeric
+  ids sort numerically.
+  """
+  if not os.path.isdir(input_dir):
+    raise FileNotFoundError(f"{input_dir}: not a directory")
+  vols, segs = {}, {}
+  for root, _, files in os.walk(input_dir):
+    for f in files:
+      m = _VOLUME_RE.match(f)
+      if m:
+        vols[safe_name(m.group(1))] = os.path.join(root, f)
+      m = re.match(r"^segmentation-(.+?)\.nii(\.gz)?$", f)
+      if m:
+        segs[safe_name(m.group(1))] = os.path.join(root, f)
+  key = lambda c: (0, int(c), c) if c.isdigit() else (1, 0, c)
+  return [(c, vols[c], segs.get(c)) for c in sorted(vols, key=key)]
+
+
+def assign_splits(cases: Sequence[str], val_fraction: float, test_fraction: float,
+                  seed: int) -> dict[str, str]:
+  """Case id -> split, by a seeded shuffle of the cases (split by volume).
+
+  With 3+ cases a positive fraction gets at least one case; train keeps at
+  least one case.
+  """
+  cases = sorted(cases)
+  n = len(cases)
+  order = np.random.default_rng(seed).permutation(n)
+
+  def count(frac):
+    if frac <= 0 or n < 3:
+      return 0
+    return max(1, int(round(n * frac)))
+  n_test = count(test_fraction)
+  n_val = min(count(val_fraction), max(n - n_test - 1, 0))
+  out = {}
+  for rank, i in enumerate(order):
+    out[cases[i]] = ("test" if rank < n_test else
+                     "val" if rank < n_test + n_val else "train")
+  return out
+
+
+def make_record(case: str, vol_path: str, seg_path: str | None,
+                cfg: SegPrepConfig, split: str = "train") -> dict:
+  """One LiTS case -> a segmentation record dict (see module docstring)."""
+  hu, affine, geometry = load_nifti_canonical(vol_path)
+  vol, grid_affine, geometry = preprocess(hu, affine, geometry, cfg)
+  if seg_path is not None:
+    seg, seg_affine, seg_geom = load_nifti_canonical(seg_path)
+    if seg_geom["orig_shape"] != geometry["orig_shape"]:
+      raise ValueError(f"{seg_path}: shape {seg_geom['orig_shape']} differs from "
+                       f"its volume {geometry['orig_shape']}")
+    if not np.allclose(seg_affine, affine, atol=1e-3):
+      raise ValueError(f"{seg_path}: affine differs from its volume's")
+    seg = np.rint(seg)
+    bad = np.setdiff1d(np.unique(seg), LABELS)
+    if bad.size:
+      raise ValueError(f"{seg_path}: unexpected labels {bad.tolist()} "
+                       f"(expected 0 background, 1 liver, 2 tumour)")
+    mask = resize_labels(seg.astype(np.uint8), vol.shape)
+  else:
+    mask = np.zeros(vol.shape, np.uint8)
+  return {
+      "kind": "segmentation",
+      "volume": vol.astype(np.float16),
+      "mask": np.ascontiguousarray(mask, np.uint8),
+      "affine": np.asarray(grid_affine, np.float64),
+      "case": case,
+      "split": split,
+      "has_mask": seg_path is not None,
+      "geometry": geometry,
+      "normalisation": cfg.normalisation,
+  }
+
+
+# ------------------------------------------------------------------ shards
+
+
+def shard_path(out_dir: str, split: str) -> str:
+  return os.path.join(out_dir, f"seg_{split}.array_record")
+
+
+def build_shards(input_dir: str, out_dir: str, cfg: SegPrepConfig = SegPrepConfig(),
+                 progress: bool = True) -> dict:
+  """Converts a LiTS folder to ``out_dir/seg_{split}.array_record`` shards.
+
+  Writes ``out_dir/manifest.json`` (config, splits, per-case shapes, errors)
+  and returns it. A case that fails is logged with its file and reason and
+  left out; the others are converted.
+  """
+  from array_record.python.array_record_module import ArrayRecordWriter
+  cases = find_lits_cases(input_dir)
+  if not cases:
+    raise FileNotFoundError(f"{input_dir}: no volume-*.nii[.gz] files")
+  splits = assign_splits([c for c, _, _ in cases], cfg.val_fraction,
+                         cfg.test_fraction, cfg.seed)
+  os.makedirs(out_dir, exist_ok=True)
+  writers, counts = {}, {s: 0 for s in SPLITS}
+  manifest = {"kind": "segmentation", "config": dataclasses.asdict(cfg),
+              "normalisation": cfg.normalisation, "labels": {
+                  "0": "background", "1": "liver", "2": "tumour"},
+              "splits": {s: [] for s in SPLITS}, "cases": {}, "errors": []}
+  it: Iterable = cases
+  if progress:
+    from tqdm import tqdm
+    it = tqdm(cases, desc="LiTS -> shards", unit="case")
+  try:
+    for case, vp, sp in it:
+      split = splits[case]
+      try:
+        rec = make_record(case, vp, sp, cfg, split)
+      except (ValueError, OSError) as e:
+        log.warning("skipping case %s: %s", case, e)
+        manifest["errors"].append({"case": case, "file": os.path.basename(vp),
+                                   "reason": str(e)})
+        continue
+      if split not in writers:
+        writers[split] = ArrayRecordWriter(shard_path(out_dir, split), "group_size:1")
+      writers[split].write(records.encode(rec))
+      counts[split] += 1
+      manifest["splits"][split].append(case)
+      manifest["cases"][case] = {
+          "split": split, "shape": list(rec["volume"].shape),
+          "liver_voxels": int(np.count_nonzero(rec["mask"])),
+          "tumour_voxels": int(np.count_nonzero(rec["mask"] == 2)),
+          "has_mask": rec["has_mask"]}
+  finally:
+    for w in writers.values():
+      w.close()
+  manifest["files"] = {s: os.path.basename(shard_path(out_dir, s))
+                       for s in SPLITS if counts[s]}
+  manifest["counts"] = counts
+  with open(os.path.join(out_dir, "manifest.json"), "w") as f:
+    json.dump(manifest, f, indent=1)
+  if progress:
+    print(f"{'split':<6} {'cases':>5}")
+    for s in SPLITS:
+      print(f"{s:<6} {counts[s]:>5}")
+    if manifest["errors"]:
+      print(f"{len(manifest['errors'])} case(s) skipped; see manifest.json errors")
+  return manifest
+
+
+def load_manifest(shards_dir: str) -> dict:
+  path = os.path.join(shards_dir, "manifest.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no segmentation manifest (run "
+                            f"python -m data_prep.build_seg_shards first)")
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_records(shards_dir: str, split: str,
+                 cases: Sequence[str] | None = None) -> list[dict]:
+  """Decoded records of one split (all, or those whose case is in ``cases``).
+
+  Arrays are read-only numpy views of the record bytes.
+  """
+  from array_record.python.array_record_module import ArrayRecordReader
+  path = shard_path(shards_dir, split)
+  if not os.path.exists(path):
+    return []
+  reader = ArrayRecordReader(path)
+  try:
+    out = []
+    for i in range(reader.num_records()):
+      rec = records.decode(reader.read([i])[0])
+      if rec.get("kind") != "segmentation":
+        raise ValueError(f"{path}: record {i} is {rec.get('kind')!r}, not a "
+                         f"segmentation record")
+      if cases is None or rec["case"] in cases:
+        out.append(rec)
+  finally:
+    reader.close()
+  return out
