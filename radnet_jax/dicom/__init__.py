@@ -1,0 +1,13 @@
+"""DICOM ingestion: scan folders into stacks, assemble stacks into volumes.
+
+``scan(root, salt=...)`` -> ScanResult(stacks, skipped);
+``load_volume(stack)`` -> Volume (float32 (D, H, W), LPS affine, spacing mm);
+``metadata.record_from_dataset(ds, salt)`` -> the PHI-free record.
+"""
+from radnet_jax.dicom.errors import DicomError
+from radnet_jax.dicom.scan import scan
+from radnet_jax.dicom.types import ScanResult, Skipped, Stack, Volume
+from radnet_jax.dicom.volume import load_volume
+
+__all__ = ["DicomError", "ScanResult", "Skipped", "Stack", "Volume",
+           "load_volume", "scan"]

@@ -1,0 +1,102 @@
+"""Slice geometry shared by ``scan`` (headers) and ``load_volume`` (voxels).
+
+DICOM conventions used throughout (all in LPS mm):
+  * ``ImageOrientationPatient`` = (r, c): r is the direction in which the
+    column index grows (along a row), c the direction in which the row index
+    grows (down a column).
+  * ``PixelSpacing`` = (spacing between rows, spacing between columns), i.e.
+    the step along c, then the step along r.
+  * The raw voxel grid of a stack is ``(D, H, W)`` = (slice, row, column) with
+    columns of the affine ``(n * dz, c * dr, r * dc)`` where n = r x c.
+
+Canonical orientation (docs/architecture.md): D stays the slice axis; only
+flips and an in-plane transpose are applied so that, by plane:
+
+  ===== ======== ======== ========
+  plane  D        H        W
+  ===== ======== ======== ========
+  AX     -Z       +Y       +X
+  COR    +Y       -Z       +X
+  SAG    +X       -Z       +Y
+  ===== ======== ======== ========
+"""
+from __future__ import annotations
+
+import numpy as np
+
+PLANES = ("SAG", "COR", "AX")  # indexed by the dominant LPS axis of the normal
+_X, _Y, _Z = np.eye(3)
+# Target direction of (D, H, W) for each plane.
+CANONICAL = {
+    "AX": (-_Z, _Y, _X),
+    "COR": (_Y, -_Z, _X),
+    "SAG": (_X, -_Z, _Y),
+}
+
+
+def plane_of(normal: np.ndarray) -> str:
+  """'AX' | 'COR' | 'SAG' from the largest component of the slice normal."""
+  return PLANES[int(np.argmax(np.abs(np.asarray(normal, float))))]
+
+
+def slice_normal(iop: np.ndarray) -> np.ndarray:
+  """Unit normal r x c of an ImageOrientationPatient (6,)."""
+  iop = np.asarray(iop, float)
+  n = np.cross(iop[:3], iop[3:])
+  norm = np.linalg.norm(n)
+  if norm < 1e-6:
+    raise ValueError(f"degenerate ImageOrientationPatient {iop.tolist()}")
+  return n / norm
+
+
+def canonical_transform(axes: np.ndarray, plane: str) -> tuple[bool, tuple[bool, bool, bool]]:
+  """How to bring a (D, H, W) grid to the canonical orientation.
+
+  Args:
+    axes: (3, 3) direction vectors (rows) of the D, H, W axes, LPS.
+    plane: acquisition plane ('AX', 'COR', 'SAG').
+
+  Returns:
+    (transpose, flips): transpose H and W first, then flip the (D, H, W) axes
+    whose flag is set.
+  """
+  axes = np.asarray(axes, float)
+  t_d, t_h, t_w = CANONICAL[plane]
+  keep = abs(axes[1] @ t_h) + abs(axes[2] @ t_w)
+  swap = abs(axes[1] @ t_w) + abs(axes[2] @ t_h)
+  transpose = bool(swap > keep + 1e-9)
+  a_h, a_w = (axes[2], axes[1]) if transpose else (axes[1], axes[2])
+  flips = (bool(axes[0] @ t_d < 0), bool(a_h @ t_h < 0), bool(a_w @ t_w < 0))
+  return transpose, flips
+
+
+def reorient(voxels: np.ndarray, affine: np.ndarray, plane: str
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Applies ``canonical_transform`` to voxels (D, H, W) and their affine.
+
+  Returns views where possible (flips are views; a transpose is a view too),
+  made contiguous by the caller if needed.
+  """
+  affine = np.array(affine, float)
+  axes = affine[:3, :3].T / np.linalg.norm(affine[:3, :3], axis=0)[:, None]
+  transpose, flips = canonical_transform(axes, plane)
+  if transpose:
+    voxels = voxels.transpose(0, 2, 1)
+    affine[:, [1, 2]] = affine[:, [2, 1]]
+  for axis, flip in enumerate(flips):
+    if flip:
+      voxels = np.flip(voxels, axis=axis)
+      affine[:3, 3] += (voxels.shape[axis] - 1) * affine[:3, axis]
+      affine[:3, axis] = -affine[:3, axis]
+  return voxels, affine
+
+
+def extent_si(affine: np.ndarray, shape: tuple[int, int, int]) -> float:
+  """Extent (mm) of the voxel box along the patient superior-inferior axis."""
+  affine = np.asarray(affine, float)
+  return float(sum(abs(affine[2, k]) * shape[k] for k in range(3)))
+
+
+def extent_mm(spacing: np.ndarray, shape: tuple[int, int, int]) -> list[float]:
+  """[D, H, W] field of view in mm (voxel count x voxel size)."""
+  return [float(s * n) for s, n in zip(spacing, shape)]

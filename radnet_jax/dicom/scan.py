@@ -1,0 +1,533 @@
+"""Walk a folder tree, read DICOM headers, group series and split them into stacks.
+
+``scan`` reads headers only (``stop_before_pixels``), groups the files by
+SeriesInstanceUID and splits each series into 3D stacks the way dcm2niix does:
+
+1. *hard keys* that always split: image size and pixel spacing, echo
+   (EchoNumbers / EchoTime), diffusion b-value and gradient direction, image
+   type (ORIGINAL vs DERIVED, magnitude / phase / real / imaginary), enhanced
+   Stack ID, and one stack per Siemens mosaic file (each mosaic is a volume);
+2. *orientation*: ImageOrientationPatient clustered with a 1e-3 tolerance;
+3. *temporal position*, only where it is needed: when slice positions repeat
+   inside a stack, it is split by the first of TemporalPositionIdentifier /
+   TemporalPositionIndex, AcquisitionNumber, TriggerTime, AcquisitionTime that
+   makes every position unique (a CT series whose slices carry different
+   AcquisitionNumbers but distinct positions stays one stack).
+
+Rejected, each with a reason in ``ScanResult.skipped``: non-DICOM files,
+DICOMDIRs, non-image objects (SR, RT structure sets/plans/doses, presentation
+states, SEG, key objects, waveforms, ...), headers without geometry,
+localizers (ImageType LOCALIZER, 3-plane localizers: several orientations in a
+series with fewer than ``min_slices`` slices each), stacks with fewer than
+``min_slices`` slices, truncated uncompressed pixel data, and unreadable
+files. One bad file never stops a scan.
+
+Order is deterministic: files are walked in sorted order, stacks are sorted by
+(series hash, stack key) and the files of a stack by position along the slice
+normal.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import os
+import warnings
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from radnet_jax.dicom import geometry
+from radnet_jax.dicom.errors import DicomError
+from radnet_jax.dicom.metadata import (functional_group, record_from_dataset,
+                                       vendor_b_value,
+                                       vendor_diffusion_direction)
+from radnet_jax.dicom.reader import is_dicomdir, read_dataset
+from radnet_jax.dicom.types import ScanResult, Skipped, Stack
+from radnet_jax.privacy import hash_id
+
+# SOP classes (prefix match) that are not images to learn from.
+NON_IMAGE_SOP = (
+    ("1.2.840.10008.5.1.4.1.1.88.", "structured report (SR)"),
+    ("1.2.840.10008.5.1.4.1.1.481.3", "RT structure set"),
+    ("1.2.840.10008.5.1.4.1.1.481.5", "RT plan"),
+    ("1.2.840.10008.5.1.4.1.1.481.8", "RT ion plan"),
+    ("1.2.840.10008.5.1.4.1.1.481.2", "RT dose grid"),
+    ("1.2.840.10008.5.1.4.1.1.481.", "RT object"),
+    ("1.2.840.10008.5.1.4.1.1.11.", "presentation state"),
+    ("1.2.840.10008.5.1.4.1.1.66.4", "segmentation (SEG)"),
+    ("1.2.840.10008.5.1.4.1.1.66", "raw data / registration / fiducials"),
+    ("1.2.840.10008.5.1.4.1.1.9.", "waveform"),
+    ("1.2.840.10008.5.1.4.1.1.104.", "encapsulated document"),
+    ("1.2.840.10008.5.1.4.1.1.4.2", "MR spectroscopy"),
+    ("1.2.840.10008.5.1.4.1.1.67", "real world value mapping"),
+    ("1.2.840.10008.5.1.4.1.1.68.", "surface"),
+    ("1.2.840.10008.5.1.4.1.1.91.", "content assessment"),
+)
+NON_IMAGE_MODALITY = {
+    "SR": "structured report (SR)", "KO": "key object selection (KO)",
+    "PR": "presentation state (PR)", "RTSTRUCT": "RT structure set",
+    "RTPLAN": "RT plan", "RTDOSE": "RT dose grid", "RTRECORD": "RT record",
+    "SEG": "segmentation (SEG)", "REG": "registration", "DOC": "document",
+    "ECG": "waveform", "HD": "waveform", "PLAN": "plan",
+}
+_COMPLEX = {"M": "MAGNITUDE", "MAG": "MAGNITUDE", "MAGNITUDE": "MAGNITUDE",
+            "P": "PHASE", "PHA": "PHASE", "PHASE": "PHASE", "R": "REAL",
+            "REAL": "REAL", "I": "IMAGINARY", "IMAGINARY": "IMAGINARY"}
+_TEMPORAL_KEYS = ("TemporalPositionIdentifier", "TemporalPositionIndex",
+                  "AcquisitionNumber", "TriggerTime", "AcquisitionTime")
+_IOP_TOL = 1e-3
+_DUP_TOL_MM = 1e-2
+
+
+@dataclasses.dataclass
+class _Entry:
+  """One slice (a classic file, one frame of an enhanced file, or a mosaic)."""
+  path: str
+  frame: int | None
+  series_uid: str
+  hard_key: tuple
+  iop: np.ndarray
+  position: np.ndarray
+  rows: int
+  cols: int
+  pixel_spacing: tuple[float, float]
+  temporal: dict[str, Any]
+  n_slices: int = 1           # > 1 for a mosaic (images in the mosaic)
+  localizer: bool = False
+  record: dict[str, Any] | None = None
+
+
+def _floats(value: Any, n: int) -> np.ndarray | None:
+  try:
+    arr = np.asarray([float(v) for v in value], float)
+  except (TypeError, ValueError):
+    return None
+  return arr if arr.shape == (n,) and np.all(np.isfinite(arr)) else None
+
+
+def _image_type_key(image_type: Any, complex_component: Any = None) -> str:
+  """ORIGINAL/DERIVED and the complex component: the parts that split."""
+  items = [str(v).strip().upper() for v in (image_type or [])]
+  kind = items[0] if items else ""
+  comp = str(complex_component or "").strip().upper()
+  if not comp:
+    for token in items[2:]:
+      if token in _COMPLEX:
+        comp = _COMPLEX[token]
+        break
+  return f"{kind}/{_COMPLEX.get(comp, comp)}"
+
+
+def _round(value: Any, ndigits: int = 3) -> Any:
+  if value is None:
+    return None
+  try:
+    return round(float(value), ndigits)
+  except (TypeError, ValueError):
+    return str(value)
+
+
+def _non_image_reason(ds: Dataset) -> str | None:
+  sop = str(ds.get("SOPClassUID", ""))
+  for prefix, what in NON_IMAGE_SOP:
+    if sop.startswith(prefix):
+      return f"non-image object: {what}"
+  modality = str(ds.get("Modality", "")).upper()
+  if modality in NON_IMAGE_MODALITY:
+    return f"non-image object: {NON_IMAGE_MODALITY[modality]}"
+  if "Rows" not in ds or "Columns" not in ds:
+    return "no pixel data (no Rows/Columns): not an image"
+  return None
+
+
+def _truncation_reason(ds: Dataset, frames: int) -> str | None:
+  """Checks that uncompressed pixel data fits in the file (cheap, no read)."""
+  meta = getattr(ds, "file_meta", None)
+  syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+  offset = getattr(ds, "_radnet_pixel_offset", None)
+  size = getattr(ds, "_radnet_file_size", None)
+  if offset is None or size is None:
+    return None
+  if syntax is not None and getattr(syntax, "is_compressed", False):
+    return None if size > offset else "no pixel data"
+  try:
+    need = (int(ds.Rows) * int(ds.Columns) * frames *
+            int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8)
+  except (AttributeError, TypeError, ValueError):
+    return None
+  have = size - offset - 8  # minus the element header (at least 8 bytes)
+  if have <= 0:
+    return "no pixel data"
+  if have < need:
+    return f"truncated pixel data ({have} of {need} bytes)"
+  return None
+
+
+def _mosaic_images(ds: Dataset) -> int | None:
+  """Images in a Siemens mosaic, or None if ``ds`` is not a mosaic."""
+  image_type = [str(v).upper() for v in ds.get("ImageType", [])]
+  if "MOSAIC" not in image_type:
+    return None
+  try:
+    block = ds.private_block(0x0019, "SIEMENS MR HEADER")
+    if 0x0A in block:
+      return int(block[0x0A].value)
+  except Exception:
+    pass
+  try:
+    with warnings.catch_warnings():  # nibabel warns that nicom is experimental
+      warnings.simplefilter("ignore")
+      from nibabel.nicom import csareader  # pylint: disable=import-outside-toplevel
+    return int(csareader.get_n_mosaic(csareader.get_csa_header(ds)))
+  except Exception:
+    return 0
+
+
+def _classic_entries(path: str, ds: Dataset, record: dict) -> list[_Entry]:
+  iop = _floats(ds.get("ImageOrientationPatient", []), 6)
+  ipp = _floats(ds.get("ImagePositionPatient", []), 3)
+  spacing = _floats(ds.get("PixelSpacing", []), 2)
+  if iop is None or ipp is None:
+    raise DicomError(path, "no ImagePositionPatient/ImageOrientationPatient "
+                           "(not a cross-sectional image)")
+  if spacing is None or np.any(spacing <= 0):
+    raise DicomError(path, "no valid PixelSpacing")
+  try:
+    geometry.slice_normal(iop)
+  except ValueError as e:
+    raise DicomError(path, str(e)) from e
+  image_type = [str(v).upper() for v in ds.get("ImageType", [])]
+  mosaic = _mosaic_images(ds)
+  if mosaic is not None and mosaic <= 0:
+    raise DicomError(path, "Siemens mosaic without NumberOfImagesInMosaic")
+  b = vendor_b_value(ds)
+  direction = vendor_diffusion_direction(ds)
+  hard = (
+      int(ds.Rows), int(ds.Columns),
+      tuple(np.round(spacing, 4).tolist()),
+      _round(ds.get("EchoNumbers")), _round(ds.get("EchoTime"), 2),
+      _round(b, 1),
+      tuple(np.round(direction, 3).tolist()) if direction else None,
+      _image_type_key(image_type, ds.get("ComplexImageComponent")),
+      path if mosaic else None,
+  )
+  temporal = {k: _round(ds.get(k), 3) for k in _TEMPORAL_KEYS if k in ds}
+  entry = _Entry(path=path, frame=None,
+                 series_uid=str(ds.get("SeriesInstanceUID", "")),
+                 hard_key=hard, iop=iop, position=ipp, rows=int(ds.Rows),
+                 cols=int(ds.Columns), pixel_spacing=tuple(spacing.tolist()),
+                 temporal=temporal, n_slices=mosaic or 1,
+                 localizer="LOCALIZER" in image_type, record=record)
+  if mosaic:
+    record["NumberOfImagesInMosaic"] = int(mosaic)
+  return [entry]
+
+
+def _enhanced_entries(path: str, ds: Dataset, record: dict, frames: int
+                      ) -> list[_Entry]:
+  if "PerFrameFunctionalGroupsSequence" not in ds:
+    raise DicomError(path, f"multi-frame object ({frames} frames) without "
+                           "per-frame functional groups (no frame geometry)")
+  image_type = [str(v).upper() for v in ds.get("ImageType", [])]
+  series_uid = str(ds.get("SeriesInstanceUID", ""))
+  entries = []
+  for f in range(frames):
+    orient = functional_group(ds, f, "PlaneOrientationSequence")
+    pos = functional_group(ds, f, "PlanePositionSequence")
+    meas = functional_group(ds, f, "PixelMeasuresSequence")
+    iop = _floats(orient.get("ImageOrientationPatient", []), 6) if orient else None
+    ipp = _floats(pos.get("ImagePositionPatient", []), 3) if pos else None
+    spacing = _floats(meas.get("PixelSpacing", []), 2) if meas else None
+    if iop is None or ipp is None or spacing is None:
+      raise DicomError(path, f"frame {f + 1}: missing plane position, "
+                             "orientation or pixel spacing")
+    content = functional_group(ds, f, "FrameContentSequence") or Dataset()
+    echo = functional_group(ds, f, "MREchoSequence")
+    diff = functional_group(ds, f, "MRDiffusionSequence")
+    ftype = None
+    for key in ("MRImageFrameTypeSequence", "CTImageFrameTypeSequence",
+                "PETFrameTypeSequence"):
+      ftype = ftype or functional_group(ds, f, key)
+    frame_type = list(ftype.get("FrameType", [])) if ftype else image_type
+    direction = None
+    b = None
+    if diff is not None:
+      b = diff.get("DiffusionBValue")
+      d_item = diff.get("DiffusionGradientDirectionSequence")
+      if d_item:
+        direction = _floats(d_item[0].get("DiffusionGradientOrientation", []), 3)
+    hard = (
+        int(ds.Rows), int(ds.Columns), tuple(np.round(spacing, 4).tolist()),
+        None, _round(echo.get("EffectiveEchoTime"), 2) if echo else None,
+        _round(b, 1),
+        tuple(np.round(direction, 3).tolist()) if direction is not None else None,
+        _image_type_key(frame_type,
+                        ftype.get("ComplexImageComponent") if ftype else None),
+        str(content.get("StackID", "")),
+    )
+    temporal = {}
+    if "TemporalPositionIndex" in content:
+      temporal["TemporalPositionIndex"] = int(content.TemporalPositionIndex)
+    if "FrameAcquisitionNumber" in content:
+      temporal["AcquisitionNumber"] = int(content.FrameAcquisitionNumber)
+    entries.append(_Entry(
+        path=path, frame=f, series_uid=series_uid, hard_key=hard, iop=iop,
+        position=ipp, rows=int(ds.Rows), cols=int(ds.Columns),
+        pixel_spacing=tuple(spacing.tolist()), temporal=temporal,
+        localizer="LOCALIZER" in [str(v).upper() for v in frame_type],
+        record=record if f == 0 else None))
+  return entries
+
+
+def read_entries(path: str, salt: str) -> list[_Entry] | Skipped:
+  """Header of one file -> its slice entries, or the reason it is skipped."""
+  try:
+    ds = read_dataset(path, stop_before_pixels=True)
+    if is_dicomdir(ds):
+      return Skipped(path, "DICOMDIR (media directory), not an image")
+    series = hash_id(ds.get("SeriesInstanceUID"), salt)
+    reason = _non_image_reason(ds)
+    if reason:
+      return Skipped(path, reason, series)
+    if "SeriesInstanceUID" not in ds:
+      return Skipped(path, "no SeriesInstanceUID")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    trunc = _truncation_reason(ds, frames)
+    if trunc:
+      return Skipped(path, trunc, series)
+    record = record_from_dataset(ds, salt)
+    try:
+      if frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+        return _enhanced_entries(path, ds, record, frames)
+      return _classic_entries(path, ds, record)
+    except DicomError as e:
+      return Skipped(path, e.reason, series)
+  except DicomError as e:
+    return Skipped(path, e.reason)
+  except Exception as e:  # never let one file stop a scan
+    return Skipped(path, f"unreadable header ({type(e).__name__}: {e})")
+
+
+def iter_files(root: str) -> Iterator[str]:
+  """All files under ``root`` (or ``root`` itself), in sorted order."""
+  if os.path.isfile(root):
+    yield root
+    return
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames.sort()
+    for name in sorted(filenames):
+      yield os.path.join(dirpath, name)
+
+
+# ---------------------------------------------------------------------------
+# Splitting a series into stacks.
+# ---------------------------------------------------------------------------
+
+
+def _cluster_iop(entries: list[_Entry]) -> list[list[_Entry]]:
+  clusters: list[tuple[np.ndarray, list[_Entry]]] = []
+  for e in entries:
+    for rep, members in clusters:
+      if np.max(np.abs(rep - e.iop)) < _IOP_TOL:
+        members.append(e)
+        break
+    else:
+      clusters.append((e.iop, [e]))
+  return [members for _, members in clusters]
+
+
+def _has_duplicates(entries: list[_Entry]) -> bool:
+  n = geometry.slice_normal(entries[0].iop)
+  s = np.sort(np.array([e.position @ n for e in entries]))
+  return bool(len(s) > 1 and np.min(np.diff(s)) < _DUP_TOL_MM)
+
+
+def _split_temporal(entries: list[_Entry]) -> list[tuple[str, list[_Entry]]]:
+  """Splits by the first temporal key that makes all positions unique."""
+  if not _has_duplicates(entries):
+    return [("", entries)]
+  for key in _TEMPORAL_KEYS:
+    values = [e.temporal.get(key) for e in entries]
+    if any(v is None for v in values) or len(set(values)) < 2:
+      continue
+    groups: dict[Any, list[_Entry]] = {}
+    for v, e in zip(values, entries):
+      groups.setdefault(v, []).append(e)
+    if all(not _has_duplicates(g) for g in groups.values()):
+      return [(f"{key}={v}", groups[v]) for v in sorted(groups, key=str)]
+  return [("", entries)]  # load_volume resolves (or rejects) the duplicates
+
+
+def _stack_record(entries: list[_Entry], base: dict[str, Any], key: str
+                  ) -> dict[str, Any]:
+  """The stack's record: first file's record plus header-level geometry."""
+  rec = dict(base)
+  first = entries[0]
+  n = geometry.slice_normal(first.iop)
+  hard = first.hard_key
+  if hard[4] is not None:
+    rec["EchoTime"] = float(hard[4])
+  if hard[5] is not None and isinstance(hard[5], float):
+    rec["DiffusionBValue"] = float(hard[5])
+  rec["ImageOrientationPatient"] = [float(v) for v in first.iop]
+  rec["PixelSpacing"] = [float(v) for v in first.pixel_spacing]
+  if first.n_slices > 1:  # mosaic: slices inside one file
+    count = first.n_slices
+    spacing = float(rec.get("SpacingBetweenSlices") or rec.get("SliceThickness") or 1.0)
+  else:
+    count = len(entries)
+    s = np.sort([e.position @ n for e in entries])
+    diffs = np.diff(s)
+    if len(diffs):
+      spacing = float(np.median(diffs))
+    else:
+      spacing = float(rec.get("SpacingBetweenSlices") or rec.get("SliceThickness") or 1.0)
+  dr, dc = first.pixel_spacing
+  r, c = first.iop[:3], first.iop[3:]
+  affine = np.eye(4)
+  affine[:3, 0], affine[:3, 1], affine[:3, 2] = n * spacing, c * dr, r * dc
+  shape = (count, first.rows, first.cols)
+  transpose, _ = geometry.canonical_transform(
+      np.stack([n, c, r]), geometry.plane_of(n))
+  vox = np.array([spacing, dr, dc])
+  if transpose:
+    shape, vox = (shape[0], shape[2], shape[1]), vox[[0, 2, 1]]
+  rec["NumberOfSlices"] = int(count)
+  rec["SliceSpacing"] = float(spacing)
+  rec["ExtentMM"] = geometry.extent_mm(vox, shape)
+  rec["ExtentSI"] = geometry.extent_si(affine, (count, first.rows, first.cols))
+  rec["StackKey"] = key
+  return rec
+
+
+def _series_stacks(entries: list[_Entry], records: dict[tuple, dict],
+                   salt: str, min_slices: int
+                   ) -> tuple[list[Stack], list[Skipped]]:
+  series_uid = entries[0].series_uid
+  series = hash_id(series_uid, salt)
+  stacks: list[Stack] = []
+  skipped: list[Skipped] = []
+
+  def skip(group: list[_Entry], reason: str) -> None:
+    for path in sorted({e.path for e in group}):
+      skipped.append(Skipped(path, reason, series))
+
+  localizers = [e for e in entries if e.localizer]
+  if localizers:
+    skip(localizers, "localizer/scout (ImageType LOCALIZER)")
+  entries = [e for e in entries if not e.localizer]
+  if not entries:
+    return stacks, skipped
+
+  hard_groups: dict[tuple, list[_Entry]] = {}
+  for e in entries:
+    hard_groups.setdefault(e.hard_key, []).append(e)
+  all_iop = _cluster_iop(entries)
+  mixed = len(all_iop) > 1
+  for hard in sorted(hard_groups, key=repr):
+    for cluster in _cluster_iop(hard_groups[hard]):
+      for tkey, group in _split_temporal(cluster):
+        count = group[0].n_slices if group[0].n_slices > 1 else len(group)
+        if count < min_slices:
+          if mixed:
+            skip(group, f"mixed orientations in series ({len(all_iop)} "
+                        f"orientations; this one has {count} slice(s)): "
+                        "localizer/scout")
+          else:
+            skip(group, f"too few slices ({count} < {min_slices})")
+          continue
+        n = geometry.slice_normal(group[0].iop)
+        group.sort(key=lambda e: (float(e.position @ n), e.path, e.frame or 0))
+        iop_txt = ",".join(f"{v:.3f}" for v in group[0].iop)
+        split = f"{hard!r}|{iop_txt}|{tkey}"
+        key = hash_id(f"{series_uid}|{split}", salt)
+        files: list[str] = []
+        index: dict[str, int] = {}
+        for e in group:
+          if e.path not in index:
+            index[e.path] = len(files)
+            files.append(e.path)
+        frames = None
+        if group[0].frame is not None:
+          frames = tuple((index[e.path], int(e.frame)) for e in group)
+        stacks.append(Stack(key=key, files=tuple(files),
+                            record=_stack_record(group, records[hard], key),
+                            frames=frames))
+  return stacks, skipped
+
+
+def group_entries(results: Iterable[list[_Entry] | Skipped], salt: str,
+                  min_slices: int = 3) -> ScanResult:
+  """Groups per-file results (from ``read_entries``) into stacks."""
+  by_series: dict[str, list[_Entry]] = {}
+  # One record per (series, hard key): the first file in walk order. Records
+  # of the other files are dropped at once (bounded memory on big archives).
+  records: dict[str, dict[tuple, dict]] = {}
+  skipped: list[Skipped] = []
+  for res in results:
+    if isinstance(res, Skipped):
+      skipped.append(res)
+      continue
+    record = next((e.record for e in res if e.record is not None), None)
+    for e in res:
+      by_series.setdefault(e.series_uid, []).append(e)
+      e.record = None
+      recs = records.setdefault(e.series_uid, {})
+      if e.hard_key not in recs and record is not None:
+        recs[e.hard_key] = record
+  stacks: list[Stack] = []
+  for uid in by_series:
+    s, k = _series_stacks(by_series[uid], records[uid], salt, min_slices)
+    stacks.extend(s)
+    skipped.extend(k)
+  stacks.sort(key=lambda st: (st.record.get("SeriesHash", ""), st.key))
+  skipped.sort(key=lambda k: (k.path, k.reason))
+  return ScanResult(stacks=stacks, skipped=skipped)
+
+
+def _read_entries_star(args: tuple[str, str]) -> list[_Entry] | Skipped:
+  return read_entries(*args)
+
+
+def scan(root: str, *, salt: str, workers: int = 1, progress: bool = False,
+         min_slices: int = 3) -> ScanResult:
+  """Finds the 3D stacks under ``root`` (a folder or one file).
+
+  Args:
+    root: folder tree (or single file) with DICOM files, any names, ``.gz`` ok.
+    salt: corpus salt for the PHI-free hashes.
+    workers: processes reading headers (1 = in this process).
+    progress: show a tqdm progress bar over files.
+    min_slices: stacks with fewer slices are skipped (localizers, single
+      images); a Siemens mosaic counts its images.
+
+  Returns:
+    ScanResult(stacks, skipped), both in a deterministic order.
+  """
+  if not os.path.exists(root):
+    raise DicomError(root, "no such file or directory")
+  paths = list(iter_files(root))
+  bar = None
+  if progress:
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+    bar = tqdm(total=len(paths), desc="scan", unit="file")
+
+  def tick(items):
+    for item in items:
+      if bar is not None:
+        bar.update(1)
+      yield item
+
+  try:
+    if workers > 1 and len(paths) > 1:
+      with cf.ProcessPoolExecutor(max_workers=workers) as pool:
+        chunk = max(1, min(256, len(paths) // (workers * 8) or 1))
+        return group_entries(
+            tick(pool.map(_read_entries_star, [(p, salt) for p in paths],
+                          chunksize=chunk)), salt, min_slices)
+    return group_entries(tick(read_entries(p, salt) for p in paths), salt,
+                         min_slices)
+  finally:
+    if bar is not None:
+      bar.close()
