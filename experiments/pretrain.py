@@ -1,0 +1,137 @@
+r"""python run.py --config=experiments/pretrain.py --workdir=./workdirs/pretrain
+
+Multi-task 3D-RADNet pretraining (sequence, plane, contrast, coverage,
+spacing from DICOM metadata labels). Variants by config argument:
+
+  experiments/pretrain.py          = :demo. CPU-sized run on the embedded
+      phantom corpus (built and converted on first use into
+      $RADNET_CACHE or ~/.cache/radnet_jax), ResNetTiny on 32x64x64.
+  experiments/pretrain.py:paper    ResNet-50, 48x192x192, bfloat16, batch 64,
+      for a GPU/TPU run on real shards: add
+      --config.data.shards_dir=/path/to/shards (from data_prep/).
+  experiments/pretrain.py:tiny     a few steps on 8x16x16 (tests, smoke runs).
+
+Any knob can be overridden, e.g. --config.num_steps=2000
+--config.init_from=./workdirs/other --config.data.balance_keys='("sequence","plane")'.
+"""
+import ml_collections
+
+
+def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
+  """Returns the config of variant ``arg`` ("demo", "paper" or "tiny")."""
+  variant = (arg or "demo").strip().lower()
+  if variant not in ("demo", "paper", "tiny"):
+    raise ValueError(f"unknown variant {arg!r}: use demo, paper or tiny")
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  c.seed = 0
+  c.taxonomy = "paper"
+  c.num_devices = 0  # 0 = all devices
+
+  # Model (radnet_jax.models.resnet3d.get_model; heads follow loss.weights).
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "resnet_tiny"
+  c.model.dtype = "float32"  # compute dtype; params stay float32
+  c.model.kwargs = ml_collections.ConfigDict()
+
+  c.input_shape = (32, 64, 64)  # (D, H, W) voxels fed to the model
+
+  # Data. Empty shards_dir = the phantom demo corpus (radnet_jax.demo).
+  c.data = ml_collections.ConfigDict()
+  c.data.shards_dir = ""
+  c.data.cache_dir = ""  # "" = $RADNET_CACHE or ~/.cache/radnet_jax
+  c.data.phantom_n = 240  # series in the phantom corpus
+  c.data.phantom_seed = 0
+  c.data.shard_shape = (36, 72, 72)  # (D, H, W) voxels stored in the shards
+  c.data.convert_workers = 2
+  c.data.workers = 0  # grain worker processes (0 = in-process threads)
+  c.data.threads = 2
+  c.data.prefetch = 4
+  c.data.balance_keys = ()  # e.g. ("sequence", "plane") for CT-chest-heavy archives
+  c.data.balance_power = 1.0
+
+  # Label-safe augmentation (radnet_jax.augment).
+  c.augment = ml_collections.ConfigDict()
+  c.augment.enabled = True
+  c.augment.rotate_degrees = 10.0
+  c.augment.rotate_prob = 0.5
+  c.augment.flip_lr_prob = 0.5
+  c.augment.scale = 0.1
+  c.augment.shift = 0.1
+  c.augment.gamma = 0.2
+  c.augment.noise_std = 0.03
+
+  # Loss.
+  c.loss = ml_collections.ConfigDict()
+  c.loss.weights = ml_collections.ConfigDict(
+      {"sequence": 1.0, "plane": 1.0, "contrast": 1.0, "coverage": 1.0, "spacing": 0.5})
+  c.loss.class_balanced = False
+  c.loss.max_class_weight = 10.0
+  c.loss.label_smoothing = 0.0
+  c.loss.spacing_loss = "huber"  # on log(mm): "huber" | "l1"
+  c.loss.huber_delta = 0.1
+
+  # Optimizer (radnet_jax.trainer.make_optimizer).
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adamw"
+  c.optim.lr = 3e-3
+  c.optim.warmup_steps = 50
+  c.optim.final_lr_frac = 0.01
+  c.optim.weight_decay = 1e-4
+  c.optim.grad_clip = 1.0
+  c.optim.momentum = 0.9  # sgd only
+  c.optim.nesterov = True
+
+  c.batch_size = 16  # global
+  c.eval_batch_size = 32
+  c.num_steps = 600
+  c.log_every = 25
+  c.eval_every = 200
+  c.checkpoint_every = 200
+  c.keep_checkpoints = 2
+  c.best_metric = "val/mean_accuracy"
+  c.best_mode = "max"
+  c.test_checkpoint = "best"  # "best" | "last"
+  c.tensorboard = True
+
+  c.init_from = ""  # a workdir or checkpoint dir: params by name
+  c.init_skip = ()  # regexes of params to leave at init (e.g. "head_.*")
+
+  if variant == "paper":
+    c.model.name = "resnet50"
+    c.model.dtype = "bfloat16"
+    c.model.kwargs = ml_collections.ConfigDict({"stem_kernel": (3, 7, 7),
+                                                "stem_strides": (1, 2, 2)})
+    c.input_shape = (48, 192, 192)
+    c.data.shard_shape = (52, 208, 208)
+    c.data.workers = 8
+    c.data.threads = 4
+    c.data.prefetch = 16
+    c.data.balance_keys = ("sequence", "plane")
+    c.data.balance_power = 0.5
+    c.batch_size = 64
+    c.eval_batch_size = 64
+    c.num_steps = 100_000
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 2_000
+    c.optim.weight_decay = 5e-5
+    c.log_every = 100
+    c.eval_every = 5_000
+    c.checkpoint_every = 2_500
+    c.keep_checkpoints = 3
+  elif variant == "tiny":
+    c.input_shape = (8, 16, 16)
+    c.data.shard_shape = (10, 20, 20)
+    c.data.phantom_n = 24
+    c.data.threads = 1
+    c.data.prefetch = 2
+    c.augment.rotate_degrees = 5.0
+    c.batch_size = 8
+    c.eval_batch_size = 8
+    c.num_steps = 4
+    c.optim.warmup_steps = 1
+    c.log_every = 1
+    c.eval_every = 2
+    c.checkpoint_every = 2
+    c.tensorboard = False
+  return c

@@ -1,0 +1,116 @@
+"""Label-safe 3D augmentation (numpy, host side, seeded by grain).
+
+Every transform here keeps all five labels true:
+
+* crop / pad to the model input shape: a random window (training) or the
+  centre (evaluation); coverage can shrink a little under a crop, so crops
+  are only as large as the shard-to-input size difference (usually 0-10%).
+* intensity scale / shift / gamma and Gaussian noise: sequence and contrast
+  live in relative contrast between tissues, which these keep.
+* small rotations about the slice axis (D) only: in-plane, so the acquisition
+  plane (which axis is the slice axis) never changes.
+* left-right flips along W: for AX and COR volumes W is right->left, so the
+  flip is a mirror image of a plausible patient; for SAG W is anterior->
+  posterior, and a flip there changes no label either (the slice axis and the
+  body-axis extent are unchanged). No flips along D or H (H is the body axis
+  of COR/SAG: flipping it would turn head-up anatomy upside down), and never
+  a transpose between D and H/W, which would change the plane.
+
+Volumes are ``(D, H, W)`` float32 in the shard's normalised units (CT window
+or MR percentiles mapped to about [-1, 1]).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+
+def crop_or_pad(volume: np.ndarray, shape: Sequence[int],
+                rng: np.random.Generator | None = None,
+                pad_value: float | None = None) -> np.ndarray:
+  """Crops or pads ``volume`` (D, H, W) to ``shape`` (D, H, W) voxels.
+
+  With ``rng`` the crop window / pad offset is random (training); without it
+  the volume is centred (evaluation). Padding uses ``pad_value`` or, by
+  default, the volume minimum (air / background in normalised units).
+  """
+  volume = np.asarray(volume)
+  if volume.ndim != 3:
+    raise ValueError(f"expected a (D, H, W) volume, got shape {volume.shape}")
+  fill = float(volume.min()) if pad_value is None and volume.size else (pad_value or 0.0)
+  out = np.full(tuple(shape), fill, dtype=volume.dtype)
+  src, dst = [], []
+  for have, want in zip(volume.shape, shape):
+    slack = abs(have - want)
+    off = int(rng.integers(0, slack + 1)) if rng is not None else slack // 2
+    if have >= want:
+      src.append(slice(off, off + want))
+      dst.append(slice(0, want))
+    else:
+      src.append(slice(0, have))
+      dst.append(slice(off, off + have))
+  out[tuple(dst)] = volume[tuple(src)]
+  return out
+
+
+def rotate_in_plane(volume: np.ndarray, degrees: float) -> np.ndarray:
+  """Rotates every slice of (D, H, W) by ``degrees`` about the slice axis.
+
+  Linear interpolation, same shape, edges filled with the volume minimum.
+  """
+  if degrees == 0.0:
+    return volume
+  return ndimage.rotate(volume, degrees, axes=(1, 2), reshape=False, order=1,
+                        mode="constant", cval=float(volume.min()),
+                        prefilter=False).astype(volume.dtype, copy=False)
+
+
+def intensity(volume: np.ndarray, rng: np.random.Generator, *,
+              scale: float = 0.1, shift: float = 0.1, gamma: float = 0.2,
+              noise_std: float = 0.02) -> np.ndarray:
+  """Random gamma, affine intensity change and Gaussian noise.
+
+  ``volume`` values ~[-1, 1]. Gamma acts on the volume rescaled to [0, 1] and
+  is mapped back, so the intensity range is kept; then ``v * (1 + U(-scale,
+  scale)) + U(-shift, shift)`` and noise with std ``U(0, noise_std)``.
+  """
+  v = volume.astype(np.float32, copy=True)
+  if gamma > 0:
+    lo, hi = float(v.min()), float(v.max())
+    if hi > lo:
+      g = float(np.exp(rng.uniform(-gamma, gamma)))
+      v = ((v - lo) / (hi - lo)) ** g * (hi - lo) + lo
+  if scale > 0:
+    v *= 1.0 + rng.uniform(-scale, scale)
+  if shift > 0:
+    v += rng.uniform(-shift, shift)
+  if noise_std > 0:
+    v += rng.normal(0.0, rng.uniform(0.0, noise_std), size=v.shape).astype(np.float32)
+  return v
+
+
+def augment(volume: np.ndarray, shape: Sequence[int], rng: np.random.Generator,
+            cfg: Mapping) -> np.ndarray:
+  """Training augmentation: random crop/pad, rotation, flip, intensity.
+
+  Args:
+    volume: (D, H, W) float volume from a shard.
+    shape: (D, H, W) model input shape.
+    rng: numpy generator (grain seeds it per element and epoch).
+    cfg: mapping with ``rotate_degrees``, ``rotate_prob``, ``flip_lr_prob``,
+      ``scale``, ``shift``, ``gamma``, ``noise_std`` (see experiments/).
+  Returns:
+    float32 (D, H, W) = ``shape``.
+  """
+  v = np.asarray(volume, dtype=np.float32)
+  if cfg.get("rotate_degrees", 0.0) > 0 and rng.uniform() < cfg.get("rotate_prob", 0.5):
+    deg = float(cfg["rotate_degrees"])
+    v = rotate_in_plane(v, float(rng.uniform(-deg, deg)))
+  v = crop_or_pad(v, shape, rng)
+  if rng.uniform() < cfg.get("flip_lr_prob", 0.0):
+    v = v[:, :, ::-1]
+  v = intensity(v, rng, scale=cfg.get("scale", 0.0), shift=cfg.get("shift", 0.0),
+                gamma=cfg.get("gamma", 0.0), noise_std=cfg.get("noise_std", 0.0))
+  return np.ascontiguousarray(v, dtype=np.float32)

@@ -1,0 +1,356 @@
+"""Pretraining: multi-task 3D ResNet on metadata-derived labels.
+
+``train_and_evaluate(config, workdir)`` is the one entry (``run.py`` calls
+it). Tasks and heads: sequence / plane / contrast (softmax), coverage
+(9 sigmoid bands), spacing (regression on log mm). Unknown labels are masked
+out of their task's loss. Resume order: a checkpoint in ``workdir`` (exact
+resume: model, optimizer, step, RNG, data iterator), else
+``config.init_from`` (params by name), else from scratch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from radnet_jax import checkpoints
+from radnet_jax import input_pipeline
+from radnet_jax import metrics as metrics_lib
+from radnet_jax import trainer
+from radnet_jax.labels import taxonomy as tax
+
+log = logging.getLogger("radnet_jax")
+
+CLASS_TASKS = tax.CLASSIFICATION_TASKS
+
+
+# -------------------------------------------------------------------- loss ---
+def _masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+  """sum(w * v) / sum(w), and exactly 0 (with zero gradient) when sum(w) == 0."""
+  denom = jnp.sum(weights)
+  num = jnp.sum(jnp.where(weights > 0, values * weights, 0.0))
+  return jnp.where(denom > 0, num / jnp.where(denom > 0, denom, 1.0), 0.0)
+
+
+def class_weights_from_counts(counts: Mapping[str, np.ndarray], max_weight: float = 10.0
+                              ) -> dict[str, np.ndarray]:
+  """Inverse-frequency class weights ``N / (K * n_c)``, clipped to ``max_weight``.
+
+  Classes without examples get weight 0 (they never appear as a target).
+  """
+  out = {}
+  for task, c in counts.items():
+    c = np.asarray(c, np.float64)
+    k = max(int((c > 0).sum()), 1)
+    w = np.where(c > 0, c.sum() / (k * np.maximum(c, 1)), 0.0)
+    out[task] = np.minimum(w, max_weight).astype(np.float32)
+  return out
+
+
+def multitask_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], *,
+                   weights: Mapping[str, float],
+                   class_weights: Mapping[str, Any] | None = None,
+                   label_smoothing: float = 0.0, spacing_loss: str = "huber",
+                   huber_delta: float = 0.1) -> tuple[jax.Array, dict]:
+  """Masked multi-task loss over a (global) batch.
+
+  Args:
+    outputs: head logits {task: (B, K)}; ``spacing`` (B, 1) predicts log(mm).
+    batch: targets as in ``input_pipeline`` (-1 / NaN / coverage_mask 0 =
+      unknown; ``mask`` 0 = padding).
+    weights: per-task loss weight; a task with weight 0 or absent from
+      ``outputs`` is skipped.
+    class_weights: optional {task: (K,)} per-class weights (balancing).
+    label_smoothing: for the softmax tasks.
+    spacing_loss: "huber" or "l1" on log spacing.
+    huber_delta: Huber transition, in log-mm units.
+  Returns:
+    (total loss, {"<task>_loss", "<task>_acc", "<task>_n", ...} scalars). Each
+    task's loss is the mean over its known examples only, so an unknown
+    label contributes exactly nothing (value and gradient).
+  """
+  valid = batch["mask"].astype(jnp.float32)
+  total = jnp.zeros((), jnp.float32)
+  m = {}
+  for task in CLASS_TASKS:
+    w = float(weights.get(task, 0.0))
+    if w == 0.0 or task not in outputs:
+      continue
+    logits = outputs[task].astype(jnp.float32)
+    labels = batch[task]
+    known = ((labels >= 0) & (valid > 0)).astype(jnp.float32)
+    safe = jnp.where(labels >= 0, labels, 0)
+    onehot = optax.smooth_labels(jax.nn.one_hot(safe, logits.shape[-1]), label_smoothing) \
+        if label_smoothing else jax.nn.one_hot(safe, logits.shape[-1])
+    ce = optax.softmax_cross_entropy(logits, onehot)
+    ew = known
+    if class_weights is not None and task in class_weights:
+      ew = known * jnp.asarray(class_weights[task], jnp.float32)[safe]
+    loss = _masked_mean(ce, ew)
+    total = total + w * loss
+    m[f"{task}_loss"] = loss
+    m[f"{task}_acc"] = _masked_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32),
+                                    known)
+  w = float(weights.get("coverage", 0.0))
+  if w and "coverage" in outputs:
+    logits = outputs["coverage"].astype(jnp.float32)
+    known = batch["coverage_mask"].astype(jnp.float32) * valid
+    bce = optax.sigmoid_binary_cross_entropy(logits, batch["coverage"]).mean(-1)
+    loss = _masked_mean(bce, known)
+    total = total + w * loss
+    m["coverage_loss"] = loss
+    exact = jnp.all((logits > 0) == (batch["coverage"] > 0.5), axis=-1)
+    m["coverage_exact"] = _masked_mean(exact.astype(jnp.float32), known)
+  w = float(weights.get("spacing", 0.0))
+  if w and "spacing" in outputs:
+    pred = outputs["spacing"].astype(jnp.float32).reshape(-1)
+    sp = batch["spacing"]
+    known = (jnp.isfinite(sp) & (sp > 0) & (valid > 0)).astype(jnp.float32)
+    target = jnp.log(jnp.where(known > 0, sp, 1.0))
+    err = pred - target
+    per = optax.huber_loss(err, delta=huber_delta) if spacing_loss == "huber" else jnp.abs(err)
+    loss = _masked_mean(per, known)
+    total = total + w * loss
+    m["spacing_loss"] = loss
+    m["spacing_mae_mm"] = _masked_mean(jnp.abs(jnp.exp(pred) - jnp.where(known > 0, sp, 0.0)),
+                                       known)
+  return total, m
+
+
+# -------------------------------------------------------------- evaluation ---
+def _eval_output(out, batch):
+  outputs = {k: v for k, v in out[0].items() if k != "embedding"}
+  labels = {k: v for k, v in batch.items() if k != "volume"}
+  return outputs, labels
+
+
+def evaluate(eval_step, state, batches: Iterable[Mapping[str, np.ndarray]], mesh,
+             taxonomy: tax.Taxonomy) -> dict:
+  """Exact per-task metrics over every batch (padding masked). Returns
+  {task: evaluator result} for the tasks the model has heads for."""
+  evals = {t: metrics_lib.ClassificationEvaluator(taxonomy.classes(t)) for t in CLASS_TASKS}
+  evals["coverage"] = metrics_lib.MultiLabelEvaluator(tax.COVERAGE_BANDS)
+  evals["spacing"] = metrics_lib.RegressionEvaluator()
+  seen = set()
+  for batch in batches:
+    outputs, labels = jax.device_get(eval_step(state, trainer.put_batch(batch, mesh)))
+    mask = labels["mask"]
+    for t in CLASS_TASKS:
+      if t in outputs:
+        seen.add(t)
+        evals[t].update(outputs[t], labels[t], mask)
+    if "coverage" in outputs:
+      seen.add("coverage")
+      evals["coverage"].update(outputs["coverage"], labels["coverage"],
+                               mask * labels["coverage_mask"])
+    if "spacing" in outputs:
+      seen.add("spacing")
+      evals["spacing"].update(np.exp(np.asarray(outputs["spacing"], np.float64)).reshape(-1),
+                              labels["spacing"], mask)
+  return {t: evals[t].result() for t in (*CLASS_TASKS, "coverage", "spacing") if t in seen}
+
+
+def summary(results: Mapping[str, Mapping]) -> dict[str, float]:
+  """Flat scalars for logging and best-checkpoint selection.
+
+  ``mean_accuracy`` = mean of the softmax tasks' accuracies and the coverage
+  exact match (NaN entries ignored).
+  """
+  s = {}
+  for t in CLASS_TASKS:
+    if t in results:
+      s[f"{t}_acc"] = results[t]["accuracy"]
+  if "coverage" in results:
+    s["coverage_exact"] = results["coverage"]["exact_match"]
+  if "spacing" in results:
+    s["spacing_mae_mm"] = results["spacing"]["mae_mm"]
+  accs = [v for k, v in s.items() if (k.endswith("_acc") or k == "coverage_exact") and v == v]
+  s["mean_accuracy"] = float(np.mean(accs)) if accs else float("nan")
+  return s
+
+
+def write_results(workdir: str, results: Mapping[str, Any], split: str, extra: Mapping) -> str:
+  """results.json, results.md and confusion PNGs for ``split``; returns the md."""
+  md = metrics_lib.results_markdown(results, title=f"{split} ({extra.get('checkpoint', '')})")
+  if jax.process_index() != 0:
+    return md
+  path = os.path.join(workdir, "results.json")
+  allres = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      allres = json.load(f)
+  allres[split] = metrics_lib.jsonsafe({"metrics": results, "summary": summary(results),
+                                        **extra})
+  with open(path, "w") as f:
+    json.dump(allres, f, indent=2)
+  with open(os.path.join(workdir, f"results_{split}.md"), "w") as f:
+    f.write(md)
+  if split == "test":
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+      f.write(md)
+  for t in CLASS_TASKS:
+    if t in results:
+      metrics_lib.save_confusion_png(os.path.join(workdir, "plots", f"{split}_{t}.png"),
+                                     results[t]["confusion"], results[t]["classes"],
+                                     f"{t} ({split})")
+  return md
+
+
+# ------------------------------------------------------------------- model ---
+def build_model(config: ml_collections.ConfigDict, taxonomy: tax.Taxonomy):
+  """ResNet3D from ``config.model`` with one head per task of ``config.loss.weights``."""
+  from radnet_jax.models import resnet3d  # pylint: disable=g-import-not-at-top
+  heads = {t: taxonomy.num_classes[t] for t in tax.TASKS
+           if float(config.loss.weights.get(t, 0.0)) > 0}
+  kw = dict(config.model.get("kwargs", {}))
+  dtype = jnp.dtype(config.model.get("dtype", "float32"))
+  return resnet3d.get_model(config.model.name, heads=heads, dtype=dtype, **kw)
+
+
+# ------------------------------------------------------------------- train ---
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains, validates (best checkpoint), tests; returns the test results.
+
+  Writes to ``workdir``: config.json, checkpoints/, best/, metrics.jsonl,
+  tb/ (TensorBoard), results.json, results.md, results_<split>.md, plots/.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  t_start = time.time()
+  taxonomy = tax.Taxonomy(config.taxonomy)
+  shape = tuple(int(s) for s in config.input_shape)
+
+  # ------------------------------------------------------------------ mesh --
+  mesh = trainer.make_mesh(config.num_devices or None)
+  local_batch = trainer.check_global_batch(config.batch_size, mesh)
+  eval_local = trainer.check_global_batch(config.eval_batch_size, mesh)
+  log.info("mesh: %d device(s) (%s), %d process(es); global batch %d",
+           mesh.devices.size, jax.devices()[0].platform, jax.process_count(),
+           config.batch_size)
+
+  # ------------------------------------------------------------------ data --
+  shards_dir = config.data.shards_dir
+  if not shards_dir:
+    from radnet_jax import demo  # pylint: disable=g-import-not-at-top
+    shards_dir = demo.ensure_phantom_shards(config.data, config.taxonomy)
+  else:
+    log.info("data: shards from config.data.shards_dir = %s", shards_dir)
+  paths = {s: input_pipeline.split_paths(shards_dir, s) for s in ("train", "val", "test")}
+  counts = {s: input_pipeline.count_records(p) for s, p in paths.items()}
+  log.info("data: %s records (train / val / test) in %s",
+           " / ".join(str(counts[s]) for s in ("train", "val", "test")), shards_dir)
+  if counts["train"] == 0:
+    raise ValueError(f"no training records in {shards_dir}")
+
+  class_weights = None
+  if config.loss.class_balanced or config.data.balance_keys:
+    targets = input_pipeline.record_targets(paths["train"])
+    if config.loss.class_balanced:
+      class_weights = class_weights_from_counts(
+          input_pipeline.label_counts(targets, taxonomy), config.loss.max_class_weight)
+      log.info("class weights: %s", {k: np.round(v, 2).tolist()
+                                     for k, v in class_weights.items()})
+  train_ds = input_pipeline.train_dataset(
+      paths["train"], shape=shape, batch_size=local_batch, seed=config.seed,
+      augment_cfg=config.augment.to_dict() if config.augment.enabled else None,
+      balance_keys=tuple(config.data.balance_keys), balance_power=config.data.balance_power,
+      num_threads=config.data.threads, prefetch=config.data.prefetch,
+      workers=config.data.workers, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  train_iter = iter(train_ds)
+
+  def eval_data(split):
+    return input_pipeline.eval_batches(
+        paths[split], shape=shape, batch_size=eval_local, num_threads=config.data.threads,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+  # ----------------------------------------------------------------- model --
+  model = build_model(config, taxonomy)
+  total_steps = int(config.num_steps)
+  tx, schedule = trainer.make_optimizer(config.optim, total_steps)
+  state = trainer.create_train_state(model, tx, shape + (1,), config.seed, mesh)
+  log.info("model: %s, %.2fM parameters, input %s, heads %s", config.model.name,
+           trainer.param_count(state.params) / 1e6, shape, dict(model.heads))
+
+  # -------------------------------------------------------- update step ----
+  loss_cfg = config.loss
+  cw = None if class_weights is None else {k: jnp.asarray(v) for k, v in class_weights.items()}
+
+  def loss_fn(out, batch):
+    return multitask_loss(out[0], batch, weights=loss_cfg.weights.to_dict(),
+                          class_weights=cw, label_smoothing=loss_cfg.label_smoothing,
+                          spacing_loss=loss_cfg.spacing_loss, huber_delta=loss_cfg.huber_delta)
+
+  train_step = trainer.make_train_step(model, tx, loss_fn, mesh, schedule)
+  eval_step = trainer.make_eval_step(model, mesh, _eval_output)
+
+  # --------------------------------------------------------------- restore --
+  checkpoints.save_config(workdir, config)
+  ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                  best_metric=config.best_metric if counts["val"] else None,
+                                  best_mode=config.best_mode)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(state, train_iter)
+    log.info("resumed from %s/checkpoints at step %d (model, optimizer, RNG, data "
+             "iterator)", workdir, int(state.step))
+  elif config.init_from:
+    state, _ = checkpoints.init_from(state, config.init_from, tuple(config.init_skip))
+  start = int(jax.device_get(state.step))
+
+  # ------------------------------------------------------------------ loop --
+  writer = trainer.MetricWriter(workdir, total_steps, start, config.tensorboard)
+  last_ckpt = ckpt.latest_step()
+  log.info("training steps %d -> %d", start, total_steps)
+  for step in range(start + 1, total_steps + 1):
+    batch = trainer.put_batch(next(train_iter), mesh)
+    state, m = train_step(state, batch)
+    is_last = step == total_steps
+    do_ckpt = step % config.checkpoint_every == 0 or is_last
+    if step % config.log_every == 0 or do_ckpt or step == start + 1:
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      trainer.check_finite(step, m, workdir, last_ckpt)
+      writer.write(step, m, "train")
+      if step == start + 1:
+        writer.reset_clock(step)  # exclude compilation from steps/s
+    if counts["val"] and (step % config.eval_every == 0 or is_last):
+      res = evaluate(eval_step, state, eval_data("val"), mesh, taxonomy)
+      s = summary(res)
+      writer.write(step, s, "val")
+      if ckpt.maybe_save_best(step, state, {f"val/{k}": v for k, v in s.items()}):
+        log.info("new best %s = %.4f at step %d", config.best_metric,
+                 s[config.best_metric.split("/", 1)[-1]], step)
+      writer.reset_clock(step)  # steps/s and ETA measure training only
+    if do_ckpt:
+      ckpt.save(step, state, train_iter)
+      last_ckpt = step
+  if hasattr(train_iter, "close"):
+    train_iter.close()
+
+  # ------------------------------------------------------------------ test --
+  which = f"last@{int(jax.device_get(state.step))}"
+  best = ckpt.best_record()
+  if config.test_checkpoint == "best" and best is not None:
+    state = ckpt.restore_best(state)
+    which = f"best@{best['step']} ({best['metric']}={best['value']:.4f})"
+  out = {}
+  for split in ("val", "test"):
+    if counts[split] == 0:
+      continue
+    res = evaluate(eval_step, state, eval_data(split), mesh, taxonomy)
+    md = write_results(workdir, res, split, {"checkpoint": which, "shards_dir": shards_dir,
+                                             "num_records": counts[split]})
+    writer.write(total_steps, summary(res), f"final_{split}", console=False)
+    out[split] = res
+    if split == "test":
+      log.info("test results (%s, %d held-out records):\n%s", which, counts[split], md)
+  writer.close()
+  ckpt.close()
+  log.info("done in %.1f min; results in %s", (time.time() - t_start) / 60, workdir)
+  return out

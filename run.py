@@ -1,0 +1,36 @@
+r"""Training entry: python run.py --config=experiments/pretrain.py[:variant] [--workdir=DIR]
+
+All logic lives in the library; this file only parses flags. The workdir
+defaults to ./workdirs/<config file name>[-<variant>].
+"""
+import os
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from radnet_jax import distributed
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "experiments/pretrain.py",
+                                "experiment config file[:variant]", lock_config=True)
+flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs, results)")
+distributed.define_flags()
+
+
+def main(argv):
+  del argv
+  distributed.initialize_from_flags()
+  spec = FLAGS["config"].config_filename if hasattr(FLAGS["config"], "config_filename") \
+      else "pretrain"
+  name = os.path.splitext(os.path.basename(str(spec).split(":")[0]))[0]
+  variant = str(spec).split(":", 1)[1] if ":" in str(spec) else ""
+  workdir = FLAGS.workdir or os.path.join("workdirs", name + (f"-{variant}" if variant else ""))
+  config = FLAGS.config
+  entry = config.get("entry", "radnet_jax.train")
+  import importlib  # pylint: disable=g-import-not-at-top
+  importlib.import_module(entry).train_and_evaluate(config, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)
