@@ -64,6 +64,10 @@ NON_IMAGE_SOP = (
     ("1.2.840.10008.5.1.4.1.1.68.", "surface"),
     ("1.2.840.10008.5.1.4.1.1.91.", "content assessment"),
 )
+# Cross-sectional image storage classes (CT, MR, PET, enhanced and legacy).
+_IMAGE_SOP = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4",
+              "1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.130",
+              "1.2.840.10008.5.1.4.1.1.20")
 NON_IMAGE_MODALITY = {
     "SR": "structured report (SR)", "KO": "key object selection (KO)",
     "PR": "presentation state (PR)", "RTSTRUCT": "RT structure set",
@@ -137,6 +141,10 @@ def _non_image_reason(ds: Dataset) -> str | None:
   if modality in NON_IMAGE_MODALITY:
     return f"non-image object: {NON_IMAGE_MODALITY[modality]}"
   if "Rows" not in ds or "Columns" not in ds:
+    at_eof = getattr(ds, "_radnet_pixel_offset", -1) >= getattr(
+        ds, "_radnet_file_size", 0)
+    if at_eof and sop.startswith(_IMAGE_SOP):
+      return "truncated file: the header ends before the pixel data"
     return "no pixel data (no Rows/Columns): not an image"
   return None
 
@@ -286,6 +294,8 @@ def read_entries(path: str, salt: str) -> list[_Entry] | Skipped:
     ds = read_dataset(path, stop_before_pixels=True)
     if is_dicomdir(ds):
       return Skipped(path, "DICOMDIR (media directory), not an image")
+    if "SOPClassUID" not in ds and "Modality" not in ds:
+      return Skipped(path, "corrupt or empty header (no SOPClassUID/Modality)")
     series = hash_id(ds.get("SeriesInstanceUID"), salt)
     reason = _non_image_reason(ds)
     if reason:
@@ -366,10 +376,15 @@ def _stack_record(entries: list[_Entry], base: dict[str, Any], key: str
   first = entries[0]
   n = geometry.slice_normal(first.iop)
   hard = first.hard_key
-  if hard[4] is not None:
-    rec["EchoTime"] = float(hard[4])
-  if hard[5] is not None and isinstance(hard[5], float):
-    rec["DiffusionBValue"] = float(hard[5])
+  # Multi-echo / multi-b enhanced objects: the record came from frame 1, so
+  # put this stack's own echo time and b-value in (keeping full precision
+  # when the record already agrees with the rounded split key).
+  for field, value, tol in (("EchoTime", hard[4], 0.01),
+                            ("DiffusionBValue", hard[5], 0.1)):
+    if isinstance(value, float) and (
+        not isinstance(rec.get(field), (int, float)) or
+        abs(rec[field] - value) > tol):
+      rec[field] = value
   rec["ImageOrientationPatient"] = [float(v) for v in first.iop]
   rec["PixelSpacing"] = [float(v) for v in first.pixel_spacing]
   if first.n_slices > 1:  # mosaic: slices inside one file
