@@ -307,22 +307,48 @@ def _run_jobs(jobs: list[_Job], workers: int, on_result) -> None:
 # Labels, overrides
 # ----------------------------------------------------------------------------
 
-def _load_overrides(path: str | None):
+def _load_overrides(path: str | None, taxonomy: str):
   if not path:
     return None
   from radnet_jax.labels import overrides as ov
-  return ov.load_overrides(path)
+  return ov.load_overrides(path, taxonomy)
+
+
+def load_priors(priors: Any):
+  """None | "none" -> no priors; "builtin" -> the built-in table; a file path
+  -> that file's rules before the built-in ones; a Priors object as is."""
+  if priors is None or (isinstance(priors, str) and priors.lower() == "none"):
+    return None
+  from radnet_jax.labels import priors as pr
+  if isinstance(priors, str):
+    if priors.lower() == "builtin":
+      return pr.Priors.builtin()
+    if not os.path.isfile(priors):
+      raise FileNotFoundError(f"{priors}: priors file does not exist")
+    return pr.Priors.from_file(priors)
+  return priors
+
+
+def _priors_id(priors: Any, loaded: Any) -> str | None:
+  """How the manifest names the priors: never a path (paths may hold PHI)."""
+  if loaded is None:
+    return None
+  if isinstance(priors, str) and os.path.isfile(priors):
+    return f"file sha256:{_file_digest(priors)} + builtin"
+  return "builtin" if isinstance(priors, str) else "custom"
 
 
 def _label(metadata: Mapping[str, Any], stack_key: str, taxonomy: str,
            priors: Any, overrides: Any) -> dict:
+  """Rule labels of a stored record, then the curator's override if any."""
   from radnet_jax import labels as lb
   record = dict(metadata)
   record.setdefault("StackKey", stack_key)
   labels = lb.label(record, taxonomy=taxonomy, priors=priors)
   if overrides:
-    from radnet_jax.labels import overrides as ov
-    labels = ov.apply_overrides(record, labels, overrides)
+    row = lb.find_override(overrides, series=str(record.get("SeriesHash", "")),
+                           stack=stack_key)
+    labels = lb.apply_overrides(labels, row)
   return labels
 
 
@@ -498,7 +524,8 @@ def build_shards(input_dir: str, out_dir: str, *,
       or stack hash; its labels win and are recorded as overrides.
     workers: processes (default: all available cores; 1 = in-process).
     taxonomy: "paper" or "extended".
-    priors: dataset-level label priors, passed to ``radnet_jax.labels.label``.
+    priors: dataset-level label priors: None (none), "builtin", a CSV/JSON
+      file (its rules first, then the built-in ones) or a ``Priors`` object.
     salt: identifier hashing salt (default: ``load_or_create_salt(out_dir)``).
     records_per_shard: records per ArrayRecord file.
     seed: split seed (patients -> splits).
@@ -531,7 +558,8 @@ def build_shards(input_dir: str, out_dir: str, *,
   os.makedirs(out_dir, exist_ok=True)
   salt = privacy.load_or_create_salt(out_dir, salt)
   scrub = _PathScrubber(input_dir, salt, hash_paths)
-  override_table = _load_overrides(overrides)
+  override_table = _load_overrides(overrides, taxonomy)
+  priors_obj = load_priors(priors)
   errors: list[dict] = []
 
   # --- scan -------------------------------------------------------------------
@@ -592,7 +620,8 @@ def build_shards(input_dir: str, out_dir: str, *,
     st = stacks[key]
     try:
       meta = _read_header(path)
-      labels = _label(meta["metadata"], key, taxonomy, priors, override_table)
+      labels = _label(meta["metadata"], key, taxonomy, priors_obj,
+                      override_table)
       targets = tax.encode(labels)
     except Exception as e:  # noqa: BLE001
       errors.append({"path": scrub.show(_stack_dir(st.files)),
@@ -609,7 +638,7 @@ def build_shards(input_dir: str, out_dir: str, *,
       prov_counts[t][report.provenance_rule(provs[t])] += 1
     entries[sp].append({"key": key, "path": path, "labels": texts, "provenance": provs,
                         "targets": targets, "md": md})
-    label_rows.append({"series": md.get("SeriesHash", ""), "stack": key, "split": sp,
+    label_rows.append({"stack": key, "series_hash": md.get("SeriesHash", ""), "split": sp,
                        "modality": meta.get("modality", ""), **texts,
                        **{f"{t}_provenance": provs[t] for t in tx.TASKS}})
     if any(len(montage.slices[t][c]) < montage.per_class
@@ -679,8 +708,7 @@ def build_shards(input_dir: str, out_dir: str, *,
                  "records_per_shard": records_per_shard,
                  "writer_options": WRITER_OPTIONS,
                  "overrides_sha256": _file_digest(overrides),
-                 "priors_sha256": (_file_digest(priors) if isinstance(priors, str)
-                                   and os.path.isfile(priors) else None),
+                 "priors": _priors_id(priors, priors_obj),
                  "hash_paths": hash_paths, "cache_version": CACHE_VERSION},
   }
   report.write_errors_csv(os.path.join(out_dir, "errors.csv"), errors)

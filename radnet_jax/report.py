@@ -7,10 +7,13 @@ come from task names, never from tag values.
 
 Files (in the conversion's output directory):
 
-* ``labels.csv``: one row per converted stack: ``series, stack, split,
+* ``labels.csv``: one row per converted stack: ``stack, series_hash, split,
   modality``, then for each task ``<task>`` (label text, ``unknown`` when
   undecided) and ``<task>_provenance`` (the rule that fired). A curator edits
-  the task columns and feeds the file back with ``--overrides``.
+  the task columns and feeds the file back with ``--overrides`` (the override
+  key is the ``stack`` column; ``series_hash`` is informative, so that the
+  loader does not see two key columns). Best keep only the corrected rows:
+  every task cell given is recorded as an override, even if unchanged.
 * ``errors.csv``: ``path, series, stack, stage, reason`` for every skipped file
   or stack (stage = ``scan``, ``load``, ``resample``, ``label``, ``crash``).
 * ``report.md``: per task and split, class counts and unknown rates; the
@@ -34,7 +37,7 @@ MONTAGE_PER_CLASS = 6
 
 
 def label_columns(tasks: Sequence[str] = tx.TASKS) -> list[str]:
-  cols = ["series", "stack", "split", "modality"]
+  cols = ["stack", "series_hash", "split", "modality"]
   for task in tasks:
     cols += [task, f"{task}_provenance"]
   return cols
