@@ -39,10 +39,11 @@ def test_real_dicomdir_tree_stacks_and_reasons():
   sizes = sorted(len(s.files) for s in res.stacks)
   assert sizes == [4, 5]  # CT2 (4 slices, has a gap) and CT5N (5 slices)
   ct5 = next(s for s in res.stacks if len(s.files) == 5)
-  # Files sorted along the normal (z ascending), not by name/InstanceNumber.
+  # Files sorted along the normal in canonical order (axial: superior first,
+  # z descending), not by name or InstanceNumber.
   z = [float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2])
        for p in ct5.files]
-  assert z == sorted(z)
+  assert z == sorted(z, reverse=True)
   assert ct5.record["Modality"] == "CT"
   assert ct5.record["NumberOfSlices"] == 5
   assert ct5.record["SliceSpacing"] == pytest.approx(2.5, abs=1e-3)

@@ -246,3 +246,15 @@ def _corners(affine, shape):
                   for k in (0, shape[2] - 1)], float)
   pts = idx @ affine[:3, :3].T + affine[:3, 3]
   return pts[np.lexsort(np.round(pts, 2).T[::-1])]
+
+
+@pytest.mark.parametrize("signed", [0, 1])
+def test_native_fast_path_matches_pydicom_bit_handling(signed):
+  from radnet_jax.dicom.volume import _native_pixels
+  px = np.array([[0x0123, 0x0F23], [0x0800, 0xFFFF]], np.uint16)
+  ds = sd.make_slice(px, [0, 0, 0], AXIAL, [1, 1], series_uid="1.2.3",
+                     study_uid="1.2.4")
+  ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, signed
+  expected = [[291, 3875], [2048, 4095]] if not signed else [[291, -221], [-2048, -1]]
+  np.testing.assert_array_equal(ds.pixel_array, expected)
+  np.testing.assert_array_equal(_native_pixels(ds), expected)

@@ -49,6 +49,17 @@ def slice_normal(iop: np.ndarray) -> np.ndarray:
   return n / norm
 
 
+def stack_direction(iop: np.ndarray) -> np.ndarray:
+  """The slice normal oriented along the canonical D direction of its plane.
+
+  Sorting slices by position along this vector gives the canonical slice
+  order directly (AX: superior first, COR: anterior first, SAG: right first),
+  so assembly never has to flip (copy) the slice axis.
+  """
+  n = slice_normal(iop)
+  return n if n @ CANONICAL[plane_of(n)][0] >= 0 else -n
+
+
 def canonical_transform(axes: np.ndarray, plane: str) -> tuple[bool, tuple[bool, bool, bool]]:
   """How to bring a (D, H, W) grid to the canonical orientation.
 

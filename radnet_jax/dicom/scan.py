@@ -24,7 +24,7 @@ files. One bad file never stops a scan.
 
 Order is deterministic: files are walked in sorted order, stacks are sorted by
 (series hash, stack key) and the files of a stack by position along the slice
-normal.
+normal, oriented in the canonical slice direction (AX: superior first).
 """
 from __future__ import annotations
 
@@ -452,7 +452,7 @@ def _series_stacks(entries: list[_Entry], records: dict[tuple, dict],
           else:
             skip(group, f"too few slices ({count} < {min_slices})")
           continue
-        n = geometry.slice_normal(group[0].iop)
+        n = geometry.stack_direction(group[0].iop)
         group.sort(key=lambda e: (float(e.position @ n), e.path, e.frame or 0))
         iop_txt = ",".join(f"{v:.3f}" for v in group[0].iop)
         split = f"{hard!r}|{iop_txt}|{tkey}"
