@@ -97,7 +97,10 @@ def read_description(raw: str, is_ct: bool = False) -> tuple[str | None, str]:
 
 def contrast_from_tags(f: Fields) -> Label | None:
   route = f.upper("ContrastBolusRoute")
-  agent = f.upper("ContrastBolusAgent")
+  raw_agent = f.raw("ContrastBolusAgent")
+  # An explicit 'NONE' typed into the tag is evidence (not a missing value).
+  agent = raw_agent.strip().upper() if isinstance(raw_agent, str) else f.upper(
+      "ContrastBolusAgent")
   oral_only = route.startswith("ORAL") or route in ("PO", "PER OS")
   if agent:
     if agent in _NEGATIVE_AGENT or agent.startswith(("NO ", "NONE")):

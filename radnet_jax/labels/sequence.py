@@ -72,7 +72,11 @@ _OTHER_IMAGETYPE = {
     "T1 MAP": "T1 map", "T2 MAP": "T2 map", "T2_MAP": "T2 map",
     "FIELD_MAP": "field map", "FIELDMAP": "field map", "ANGIO": "angiography",
     "MOCO": "motion-corrected fMRI", "SWI": "susceptibility", "CBF": "perfusion",
-    "CBV": "perfusion", "MTT": "perfusion"}
+    "CBV": "perfusion", "MTT": "perfusion", "TOF": "angiography",
+    "FLOW_ENCODED": "phase contrast", "VELOCITY": "phase contrast",
+    "FMRI": "fMRI", "SPECTROSCOPY": "spectroscopy"}
+# Enhanced MR 'image flavor' (ImageType value 3) naming the weighting.
+_IMAGETYPE_WEIGHTING = {"T1": "T1", "T2": "T2", "PROTON_DENSITY": "PD", "STIR": "T2"}
 _OTHER_DESC = (
     ("angiography", keywords(r"TOF", r"MRA", r"CE-?MRA", r"ANGIO\w*", r"MRV",
                              r"PHASE CONTRAST", r"PC-?MRA", r"VENC", r"Q-?FLOW",
@@ -135,7 +139,7 @@ _WEIGHTING_DESC = (
     ("STIR", {"T2": keywords(r"STIR", r"TIRM", r"T2 ?-?TIRM")}),
     ("explicit weighting", {
         "T1": keywords(r"T1-?W?I?", r"T1FFE", r"T1TFE", r"T1 ?SE", left=r"(?<![A-Z0-9])"),
-        "T2": keywords(r"T2-?W?I?", r"T2FFE", r"T2TSE"),
+        "T2": keywords(r"T2-?W?I?", r"T2FFE", r"T2TSE\w*", r"T2FSE\w*"),
         "PD": keywords(r"PD-?W?I?", r"PROTON DENSITY", r"PDFS", r"PD ?-?TSE")}),
     ("vendor sequence name", {
         "T1": keywords(r"MP-?RAGE", r"MP2RAGE", r"F?SPGR", r"IR-?FSPGR", r"BRAVO",
@@ -379,6 +383,8 @@ def _mr_sequence(f: Fields, image_type: tuple, descs: list) -> Label:
       desc_w = (key, weighting)
       break
   tag_w = _weighting_from_tags(f)
+  if tag_w is None and len(image_type) > 2 and image_type[2] in _IMAGETYPE_WEIGHTING:
+    tag_w = (_IMAGETYPE_WEIGHTING[image_type[2]], f"tag:ImageType={image_type[2]}")
   if tag_w:
     cls, prov = tag_w
     if desc_w and desc_w[1][0] and desc_w[1][0] != cls:
