@@ -139,12 +139,12 @@ def hash_ids(df: pd.DataFrame, salt: str) -> pd.DataFrame:
   out = df.copy()
   for col, new in ID_COLUMNS.items():
     if col in out.columns:
-      uniq, inv = pd.factorize(out[col], use_na_sentinel=False)
+      codes, uniq = pd.factorize(out[col], use_na_sentinel=False)
       hashed = np.array([hash_id(None if pd.isna(u) else u, salt) for u in uniq],
                         dtype=object)
       pos = out.columns.get_loc(col)
       out = out.drop(columns=[col])
-      out.insert(pos, new, hashed[inv] if len(out) else [])
+      out.insert(pos, new, hashed[codes] if len(out) else [])
   return out
 
 
