@@ -32,8 +32,17 @@ split               "train" | "val" | "test" (by hashed patient)
 modality            "CT", "MR", "PT", ...
 geometry            {"orig_shape": [D,H,W], "orig_spacing": [mm,mm,mm],
                     "orig_affine": 4x4 list, "spacing": [mm,mm,mm]}
-normalisation       e.g. "ct_window(-1000,1000)->[-1,1]" or "mr_pct(0.5,99.5)"
+normalisation       "ct_window(-1000,1000)->[-1,1]" (CT, HU clipped) or
+                    "pct(0.5,99.5)->[0,1]" (MR, PET, other: robust
+                    percentiles); see ``radnet_jax.resample``
+metadata            the PHI-free DICOM metadata record the labels were
+                    computed from (keyword -> str/int/float/list), so shards
+                    can be re-labelled without the DICOM files
 =================  ==========================================================
+
+Pretraining shards are written by ``radnet_jax.convert.build_shards``
+(``{split}-{index:05d}-of-{count:05d}.array_record``, ``group_size:1``) with a
+``manifest.json`` listing them; ``convert.shard_paths(out_dir, split)``.
 
 Segmentation records (``kind == "segmentation"``): ``volume`` float16
 ``(D, H, W)``, ``mask`` uint8 ``(D, H, W)`` (0 background, 1 liver, 2 tumour),
