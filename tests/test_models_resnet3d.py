@@ -8,7 +8,10 @@ from radnet_jax.models import count_params
 from radnet_jax.models.resnet3d import (
     Bottleneck, ResNet3D, ResNetTiny, get_model, preset_kwargs)
 
-TINY = preset_kwargs("resnet_tiny")
+
+
+def _init(model, x):
+  return jax.jit(lambda r, x: model.init(r, x, False))(jax.random.PRNGKey(0), x)
 
 # (kwargs, input shape, per-stage feature shapes [stem, s1..s4])
 SHAPE_CASES = [
@@ -57,7 +60,7 @@ def test_forward_heads_train_and_eval():
                             "coverage": 9, "spacing": 1}, head_dropout=0.1,
                      dtype=jnp.bfloat16, conv_impl="taps")
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 16, 16, 1))
-  variables = model.init(jax.random.PRNGKey(0), x, False)
+  variables = _init(model, x)
   assert set(variables) == {"params", "batch_stats"}
   assert set(variables["params"]) == {
       "trunk", "head_sequence", "head_plane", "head_contrast",
@@ -65,9 +68,10 @@ def test_forward_heads_train_and_eval():
   # Parameters stay float32 when computing in bfloat16.
   assert all(l.dtype == jnp.float32
              for l in jax.tree_util.tree_leaves(variables["params"]))
-  (out, feats), new_state = model.apply(
-      variables, x, True, mutable=["batch_stats"],
-      rngs={"dropout": jax.random.PRNGKey(2)})
+  train_apply = jax.jit(lambda v, x: model.apply(
+      v, x, True, mutable=["batch_stats"],
+      rngs={"dropout": jax.random.PRNGKey(2)}))
+  (out, feats), new_state = train_apply(variables, x)
   for task, n in [("sequence", 5), ("coverage", 9), ("spacing", 1)]:
     assert out[task].shape == (2, n) and out[task].dtype == jnp.float32
   assert feats[-1].dtype == jnp.bfloat16
@@ -75,15 +79,17 @@ def test_forward_heads_train_and_eval():
   old = variables["batch_stats"]["trunk"]["stem_bn"]["mean"]
   new = new_state["batch_stats"]["trunk"]["stem_bn"]["mean"]
   assert not np.allclose(old, new)
-  # Eval is deterministic.
-  a, _ = model.apply(variables, x, False)
-  b, _ = model.apply(variables, x, False)
+  # Eval ignores dropout: two calls with different rngs agree.
+  eval_apply = jax.jit(lambda v, x, r: model.apply(v, x, False,
+                                                   rngs={"dropout": r}))
+  a, _ = eval_apply(variables, x, jax.random.PRNGKey(3))
+  b, _ = eval_apply(variables, x, jax.random.PRNGKey(4))
   np.testing.assert_array_equal(a["sequence"], b["sequence"])
 
 
 def test_zero_init_residual_scale():
   model = ResNetTiny()
-  v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 16, 16, 1)), False)
+  v = _init(model, jnp.zeros((1, 8, 16, 16, 1)))
   blk = v["params"]["trunk"]["stage1_block1"]
   np.testing.assert_array_equal(blk["bn2"]["scale"], 0.0)
   np.testing.assert_array_equal(blk["bn1"]["scale"], 1.0)
@@ -93,11 +99,13 @@ def test_conv_impls_agree_on_model():
   x = jax.random.normal(jax.random.PRNGKey(1), (1, 8, 16, 16, 1))
   a_model = ResNetTiny(heads={"plane": 3}, conv_impl="xla")
   b_model = ResNetTiny(heads={"plane": 3}, conv_impl="taps")
-  v = a_model.init(jax.random.PRNGKey(0), x, False)
-  v_b = b_model.init(jax.random.PRNGKey(0), x, False)
+  v = _init(a_model, x)
+  v_b = jax.eval_shape(lambda: b_model.init(jax.random.PRNGKey(0), x, False))
   assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(v_b)
-  (oa, _), _ = a_model.apply(v, x, True, mutable=["batch_stats"])
-  (ob, _), _ = b_model.apply(v, x, True, mutable=["batch_stats"])
+  (oa, _), _ = jax.jit(lambda v, x: a_model.apply(
+      v, x, True, mutable=["batch_stats"]))(v, x)
+  (ob, _), _ = jax.jit(lambda v, x: b_model.apply(
+      v, x, True, mutable=["batch_stats"]))(v, x)
   np.testing.assert_allclose(oa["embedding"], ob["embedding"], rtol=1e-4,
                              atol=1e-5)
 
