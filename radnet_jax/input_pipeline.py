@@ -106,6 +106,25 @@ def label_counts(targets: Sequence[Mapping], taxonomy: tax.Taxonomy) -> dict:
   return counts
 
 
+def manifest_label_counts(shards_dir: str, split: str, taxonomy: tax.Taxonomy
+                          ) -> dict | None:
+  """Per-class counts of ``split`` from the converter's manifest.json, or None.
+
+  Same format as ``label_counts`` (no pass over the records needed).
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.join(shards_dir, "manifest.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    counts = json.load(f).get("counts", {}).get(split)
+  if not counts:
+    return None
+  return {t: np.array([int(counts.get(t, {}).get(c, 0)) for c in taxonomy.classes(t)],
+                      np.int64) for t in CLASS_TASKS}
+
+
 def balance_weights(targets: Sequence[Mapping], keys: Sequence[str],
                     power: float = 1.0) -> np.ndarray:
   """Per-record sampling weights ~ 1 / count(group)**power, summing to 1.
@@ -236,7 +255,7 @@ def split_paths(shards_dir: str, split: str) -> list[str]:
   try:
     from radnet_jax import convert  # pylint: disable=g-import-not-at-top
     return [str(p) for p in convert.shard_paths(shards_dir, split)]
-  except (ImportError, AttributeError, FileNotFoundError):
+  except (ImportError, AttributeError, FileNotFoundError, KeyError):
     import glob  # pylint: disable=g-import-not-at-top
     import os  # pylint: disable=g-import-not-at-top
     return sorted(glob.glob(os.path.join(shards_dir, f"{split}*.array_record*")))

@@ -207,12 +207,17 @@ def write_results(workdir: str, results: Mapping[str, Any], split: str, extra: M
 # ------------------------------------------------------------------- model ---
 def build_model(config: ml_collections.ConfigDict, taxonomy: tax.Taxonomy):
   """ResNet3D from ``config.model`` with one head per task of ``config.loss.weights``."""
-  from radnet_jax.models import resnet3d  # pylint: disable=g-import-not-at-top
   heads = {t: taxonomy.num_classes[t] for t in tax.TASKS
            if float(config.loss.weights.get(t, 0.0)) > 0}
   kw = dict(config.model.get("kwargs", {}))
   dtype = jnp.dtype(config.model.get("dtype", "float32"))
-  return resnet3d.get_model(config.model.name, heads=heads, dtype=dtype, **kw)
+  name = config.model.name
+  if ":" in name:  # "package.module:Factory" = a custom model with the same contract
+    import importlib  # pylint: disable=g-import-not-at-top
+    mod, attr = name.split(":", 1)
+    return getattr(importlib.import_module(mod), attr)(heads=heads, dtype=dtype, **kw)
+  from radnet_jax.models import resnet3d  # pylint: disable=g-import-not-at-top
+  return resnet3d.get_model(name, heads=heads, dtype=dtype, **kw)
 
 
 # ------------------------------------------------------------------- train ---
@@ -224,6 +229,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   os.makedirs(workdir, exist_ok=True)
   t_start = time.time()
+  if not config.get("verbose_checkpointing", False):
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save INFO flood
   taxonomy = tax.Taxonomy(config.taxonomy)
   shape = tuple(int(s) for s in config.input_shape)
 
@@ -250,13 +257,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"no training records in {shards_dir}")
 
   class_weights = None
-  if config.loss.class_balanced or config.data.balance_keys:
-    targets = input_pipeline.record_targets(paths["train"])
-    if config.loss.class_balanced:
-      class_weights = class_weights_from_counts(
-          input_pipeline.label_counts(targets, taxonomy), config.loss.max_class_weight)
-      log.info("class weights: %s", {k: np.round(v, 2).tolist()
-                                     for k, v in class_weights.items()})
+  if config.loss.class_balanced:
+    label_counts = input_pipeline.manifest_label_counts(shards_dir, "train", taxonomy)
+    if label_counts is None:  # no manifest: one pass over the train records
+      label_counts = input_pipeline.label_counts(
+          input_pipeline.record_targets(paths["train"]), taxonomy)
+    class_weights = class_weights_from_counts(label_counts, config.loss.max_class_weight)
+    log.info("class weights: %s", {k: np.round(v, 2).tolist()
+                                   for k, v in class_weights.items()})
   train_ds = input_pipeline.train_dataset(
       paths["train"], shape=shape, batch_size=local_batch, seed=config.seed,
       augment_cfg=config.augment.to_dict() if config.augment.enabled else None,

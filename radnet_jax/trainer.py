@@ -202,7 +202,7 @@ def make_train_step(model: flax.linen.Module, tx: optax.GradientTransformation,
         state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     if schedule is not None:
       metrics["lr"] = schedule(state.step)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_bs,

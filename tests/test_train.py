@@ -1,0 +1,176 @@
+"""Pretraining: masked loss, mesh equivalence, no recompiles, end-to-end, resume."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import pretrain
+from radnet_jax import checkpoints, train, trainer
+from tests import synthetic_shards as ss
+
+SHAPE = (8, 16, 16)
+WEIGHTS = {"sequence": 1.0, "plane": 1.0, "contrast": 1.0, "coverage": 1.0, "spacing": 0.5}
+
+
+def _batch(n=8, seed=0):
+  rng = np.random.default_rng(seed)
+  return {"volume": rng.normal(size=(n,) + SHAPE + (1,)).astype(np.float32),
+          "sequence": np.array([0, 1, -1, 3, 4, -1, 2, 0][:n], np.int32),
+          "plane": np.array([0, 1, 2, 0, 1, 2, -1, 0][:n], np.int32),
+          "contrast": np.array([0, 1, 0, 1, -1, 0, 1, 0][:n], np.int32),
+          "coverage": (rng.uniform(size=(n, 9)) > 0.7).astype(np.float32),
+          "coverage_mask": np.array([1, 1, 0, 1, 1, 0, 1, 1][:n], np.float32),
+          "spacing": np.array([1., 2., np.nan, 5., 3., 1.5, np.nan, 2.][:n], np.float32),
+          "mask": np.ones(n, np.float32)}
+
+
+def _outputs(seed=0, n=8):
+  k = jax.random.split(jax.random.PRNGKey(seed), 5)
+  return {"sequence": jax.random.normal(k[0], (n, 5)), "plane": jax.random.normal(k[1], (n, 3)),
+          "contrast": jax.random.normal(k[2], (n, 2)), "coverage": jax.random.normal(k[3], (n, 9)),
+          "spacing": jax.random.normal(k[4], (n, 1))}
+
+
+def test_unknown_labels_contribute_nothing():
+  batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+  out = _outputs()
+  loss_fn = lambda o: train.multitask_loss(o, batch, weights=WEIGHTS)[0]
+  base = loss_fn(out)
+  grads = jax.grad(loss_fn)(out)
+  # Rows with an unknown label get exactly zero gradient for that task.
+  assert np.all(np.asarray(grads["sequence"])[[2, 5]] == 0)
+  assert np.all(np.asarray(grads["plane"])[6] == 0)
+  assert np.all(np.asarray(grads["coverage"])[[2, 5]] == 0)
+  assert np.all(np.asarray(grads["spacing"])[[2, 6]] == 0)
+  assert np.any(np.asarray(grads["sequence"])[0] != 0)
+  # Changing their logits does not change the loss.
+  out2 = dict(out, sequence=out["sequence"].at[2].set(100.0))
+  assert float(loss_fn(out2)) == pytest.approx(float(base), rel=1e-6)
+  # Per-task mean over known examples: equals a loss on the known rows only.
+  known = np.array([0, 1, 3, 4, 6, 7])
+  sub = {k: v[known] for k, v in batch.items()}
+  _, m = train.multitask_loss({k: v[known] for k, v in out.items()}, sub, weights=WEIGHTS)
+  _, mfull = train.multitask_loss(out, batch, weights=WEIGHTS)
+  assert float(mfull["sequence_loss"]) == pytest.approx(float(m["sequence_loss"]), rel=1e-6)
+  # All unknown (or all padding): zero loss, finite zero gradient.
+  pad = dict(batch, mask=jnp.zeros(8))
+  l0, g0 = jax.value_and_grad(lambda o: train.multitask_loss(o, pad, weights=WEIGHTS)[0])(out)
+  assert float(l0) == 0.0 and all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(g0))
+
+
+def test_class_weights():
+  w = train.class_weights_from_counts({"plane": np.array([90, 10, 0])})["plane"]
+  np.testing.assert_allclose(w, [100 / 180, 100 / 20, 0.0], rtol=1e-6)
+
+
+def _run_steps(num_devices, steps=3):
+  mesh = trainer.make_mesh(num_devices)
+  model = ss.TinyCNN(heads={"sequence": 5, "plane": 3, "contrast": 2, "coverage": 9,
+                            "spacing": 1})
+  tx, sched = trainer.make_optimizer({"name": "adamw", "lr": 1e-2, "warmup_steps": 1,
+                                      "grad_clip": 1.0, "weight_decay": 1e-4}, 10)
+  state = trainer.create_train_state(model, tx, SHAPE + (1,), 0, mesh)
+  traces = []
+
+  def loss_fn(out, batch):
+    traces.append(1)  # runs only while tracing
+    return train.multitask_loss(out[0], batch, weights=WEIGHTS)
+
+  step = trainer.make_train_step(model, tx, loss_fn, mesh, sched)
+  losses = []
+  for i in range(steps):
+    state, m = step(state, trainer.put_batch(_batch(seed=i), mesh))
+    losses.append(float(m["loss"]))
+  return state, losses, len(traces)
+
+
+def test_one_vs_eight_devices_and_no_recompilation():
+  assert jax.device_count() >= 8, "conftest sets 8 simulated CPU devices"
+  s1, l1, t1 = _run_steps(1)
+  s8, l8, t8 = _run_steps(8)
+  assert t1 == 1 and t8 == 1  # traced once, no recompiles across steps
+  np.testing.assert_allclose(l1, l8, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(jax.device_get(s1.params)),
+                  jax.tree.leaves(jax.device_get(s8.params))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(jax.device_get(s1.batch_stats)),
+                  jax.tree.leaves(jax.device_get(s8.batch_stats))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_must_divide_devices():
+  with pytest.raises(ValueError, match="not divisible"):
+    trainer.check_global_batch(12, trainer.make_mesh(8))
+
+
+def test_non_finite_loss_raises():
+  with pytest.raises(FloatingPointError, match="step 7.*step 5"):
+    trainer.check_finite(7, {"loss": float("nan")}, "/w", 5)
+
+
+def tiny_config(shards_dir, steps=4):
+  c = pretrain.get_config("tiny")
+  c.data.shards_dir = shards_dir
+  c.model.name = "tests.synthetic_shards:TinyCNN"
+  c.num_steps = steps
+  c.num_devices = 2
+  return c
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+  return ss.write_shards(str(tmp_path_factory.mktemp("sh")))
+
+
+def test_train_and_evaluate_end_to_end(shards, tmp_path):
+  wd = str(tmp_path / "run")
+  out = train.train_and_evaluate(tiny_config(shards), wd)
+  assert set(out) == {"val", "test"}
+  assert out["test"]["sequence"]["n"] == 10  # 11 test records, one unknown sequence
+  for f in ("config.json", "metrics.jsonl", "results.json", "results.md",
+            "plots/test_plane.png"):
+    assert os.path.exists(os.path.join(wd, f)), f
+  res = json.load(open(os.path.join(wd, "results.json")))
+  assert 0.0 <= res["test"]["summary"]["plane_acc"] <= 1.0
+  assert res["test"]["checkpoint"].startswith("best@")
+  lines = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  assert any("train/loss" in l for l in lines) and any("val/mean_accuracy" in l for l in lines)
+  params, bs, cfg, step = checkpoints.restore_params(wd, prefer="latest")
+  assert step == 4 and cfg["model"]["name"].endswith("TinyCNN")
+  assert isinstance(jax.tree.leaves(params)[0], np.ndarray) and jax.tree.leaves(bs)
+
+
+def test_kill_and_resume_matches_uninterrupted(shards, tmp_path, monkeypatch):
+  cfg = tiny_config(shards, steps=4)
+  straight = str(tmp_path / "straight")
+  ref = train.train_and_evaluate(cfg, straight)
+
+  resumed = str(tmp_path / "resumed")
+  real = trainer.make_train_step
+
+  def killing_make_train_step(*a, **kw):
+    step_fn, calls = real(*a, **kw), []
+
+    def wrapped(state, batch):
+      calls.append(1)
+      if len(calls) == 3:  # killed during step 3, after the step-2 checkpoint
+        raise KeyboardInterrupt("simulated preemption")
+      return step_fn(state, batch)
+    return wrapped
+
+  monkeypatch.setattr(trainer, "make_train_step", killing_make_train_step)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(cfg, resumed)
+  monkeypatch.setattr(trainer, "make_train_step", real)
+  assert checkpoints.Checkpointer(resumed).latest_step() == 2
+  out = train.train_and_evaluate(cfg, resumed)
+
+  pa, _, _, sa = checkpoints.restore_params(straight, prefer="latest")
+  pb, _, _, sb = checkpoints.restore_params(resumed, prefer="latest")
+  assert sa == sb == 4
+  for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert train.summary(ref["test"]) == pytest.approx(train.summary(out["test"]), rel=1e-5)
