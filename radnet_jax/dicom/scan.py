@@ -192,7 +192,7 @@ def _mosaic_images(ds: Dataset) -> int | None:
     return 0
 
 
-def _classic_entries(path: str, ds: Dataset, record: dict) -> list[_Entry]:
+def _classic_entries(path: str, ds: Dataset) -> list[_Entry]:
   iop = _floats(ds.get("ImageOrientationPatient", []), 6)
   ipp = _floats(ds.get("ImagePositionPatient", []), 3)
   spacing = _floats(ds.get("PixelSpacing", []), 2)
@@ -226,14 +226,11 @@ def _classic_entries(path: str, ds: Dataset, record: dict) -> list[_Entry]:
                  hard_key=hard, iop=iop, position=ipp, rows=int(ds.Rows),
                  cols=int(ds.Columns), pixel_spacing=tuple(spacing.tolist()),
                  temporal=temporal, n_slices=mosaic or 1,
-                 localizer="LOCALIZER" in image_type, record=record)
-  if mosaic:
-    record["NumberOfImagesInMosaic"] = int(mosaic)
+                 localizer="LOCALIZER" in image_type)
   return [entry]
 
 
-def _enhanced_entries(path: str, ds: Dataset, record: dict, frames: int
-                      ) -> list[_Entry]:
+def _enhanced_entries(path: str, ds: Dataset, frames: int) -> list[_Entry]:
   if "PerFrameFunctionalGroupsSequence" not in ds:
     raise DicomError(path, f"multi-frame object ({frames} frames) without "
                            "per-frame functional groups (no frame geometry)")
@@ -283,13 +280,28 @@ def _enhanced_entries(path: str, ds: Dataset, record: dict, frames: int
         path=path, frame=f, series_uid=series_uid, hard_key=hard, iop=iop,
         position=ipp, rows=int(ds.Rows), cols=int(ds.Columns),
         pixel_spacing=tuple(spacing.tolist()), temporal=temporal,
-        localizer="LOCALIZER" in [str(v).upper() for v in frame_type],
-        record=record if f == 0 else None))
+        localizer="LOCALIZER" in [str(v).upper() for v in frame_type]))
   return entries
 
 
-def read_entries(path: str, salt: str) -> list[_Entry] | Skipped:
-  """Header of one file -> its slice entries, or the reason it is skipped."""
+def _file_record(ds: Dataset, entries: list[_Entry], salt: str) -> dict[str, Any]:
+  """The metadata record of one file (plus its mosaic image count)."""
+  record = record_from_dataset(ds, salt)
+  if entries[0].n_slices > 1:
+    record["NumberOfImagesInMosaic"] = int(entries[0].n_slices)
+  return record
+
+
+def read_entries(path: str, salt: str, seen: set | None = None
+                 ) -> list[_Entry] | Skipped:
+  """Header of one file -> its slice entries, or the reason it is skipped.
+
+  Building the metadata record is the costly part of a header (~60 tags), and
+  a stack keeps only the record of its first file (per series and hard key),
+  so with ``seen`` (the (series UID, hard key) pairs met so far, updated
+  here) the record is built only by the first file of each group; the other
+  files carry only their grouping and geometry keys (``record`` None).
+  """
   try:
     ds = read_dataset(path, stop_before_pixels=True)
     if is_dicomdir(ds):
@@ -306,17 +318,29 @@ def read_entries(path: str, salt: str) -> list[_Entry] | Skipped:
     trunc = _truncation_reason(ds, frames)
     if trunc:
       return Skipped(path, trunc, series)
-    record = record_from_dataset(ds, salt)
     try:
       if frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
-        return _enhanced_entries(path, ds, record, frames)
-      return _classic_entries(path, ds, record)
+        entries = _enhanced_entries(path, ds, frames)
+      else:
+        entries = _classic_entries(path, ds)
     except DicomError as e:
       return Skipped(path, e.reason, series)
+    keys = {(e.series_uid, e.hard_key) for e in entries}
+    if seen is None or not keys <= seen:
+      entries[0].record = _file_record(ds, entries, salt)
+      if seen is not None:
+        seen |= keys
+    return entries
   except DicomError as e:
     return Skipped(path, e.reason)
   except Exception as e:  # never let one file stop a scan
     return Skipped(path, f"unreadable header ({type(e).__name__}: {e})")
+
+
+def _record_of(path: str, salt: str) -> dict[str, Any] | None:
+  """Re-reads one file's record (when a worker dropped the first one)."""
+  res = read_entries(path, salt)
+  return None if isinstance(res, Skipped) else res[0].record
 
 
 def iter_files(root: str) -> Iterator[str]:
@@ -489,8 +513,13 @@ def group_entries(results: Iterable[list[_Entry] | Skipped], salt: str,
       by_series.setdefault(e.series_uid, []).append(e)
       e.record = None
       recs = records.setdefault(e.series_uid, {})
-      if e.hard_key not in recs and record is not None:
-        recs[e.hard_key] = record
+      if e.hard_key not in recs:
+        if record is None:
+          # The reader skipped the record of a group it had seen, but this is
+          # the group's first file here (parallel readers): read it again.
+          record = _record_of(e.path, salt)
+        if record is not None:
+          recs[e.hard_key] = record
   stacks: list[Stack] = []
   for uid in by_series:
     s, k = _series_stacks(by_series[uid], records[uid], salt, min_slices)
@@ -501,8 +530,17 @@ def group_entries(results: Iterable[list[_Entry] | Skipped], salt: str,
   return ScanResult(stacks=stacks, skipped=skipped)
 
 
+_WORKER_SEEN: set = set()
+
+
+def _init_worker() -> None:
+  _WORKER_SEEN.clear()
+
+
 def _read_entries_star(args: tuple[str, str]) -> list[_Entry] | Skipped:
-  return read_entries(*args)
+  # Each worker reads its files in walk order (chunks are handed out in
+  # order), so its first file of a group is the earliest one it holds.
+  return read_entries(*args, seen=_WORKER_SEEN)
 
 
 def scan(root: str, *, salt: str, workers: int = 1, progress: bool = False,
@@ -536,13 +574,15 @@ def scan(root: str, *, salt: str, workers: int = 1, progress: bool = False,
 
   try:
     if workers > 1 and len(paths) > 1:
-      with cf.ProcessPoolExecutor(max_workers=workers) as pool:
+      with cf.ProcessPoolExecutor(max_workers=workers,
+                                  initializer=_init_worker) as pool:
         chunk = max(1, min(256, len(paths) // (workers * 8) or 1))
         return group_entries(
             tick(pool.map(_read_entries_star, [(p, salt) for p in paths],
                           chunksize=chunk)), salt, min_slices)
-    return group_entries(tick(read_entries(p, salt) for p in paths), salt,
-                         min_slices)
+    seen: set = set()
+    return group_entries(tick(read_entries(p, salt, seen) for p in paths),
+                         salt, min_slices)
   finally:
     if bar is not None:
       bar.close()
