@@ -1,0 +1,569 @@
+"""Liver segmentation transfer: data, loss, training and evaluation.
+
+``train_and_evaluate(config, workdir)`` is the ``config.entry`` of
+``experiments/transfer_liver.py`` (``python run.py --config=...``). It reuses
+``radnet_jax.trainer`` (mesh, optimizer, jitted steps, metric writer) and
+``radnet_jax.checkpoints`` (Orbax resume with the grain iterator state, best
+checkpoint); this module only supplies what is specific to segmentation:
+
+* data: segmentation shards (``radnet_jax.segdata``); with an empty
+  ``config.data.shards_dir`` the phantom LiTS set is generated and converted
+  once into the cache (``radnet_jax.demo.cache_root``);
+* a grain pipeline of foreground-biased random patches: with probability
+  ``config.data.fg_prob`` a patch is centred on a random liver voxel, else on
+  a random voxel; intensity/noise/flip augmentation;
+* loss: softmax cross-entropy + soft Dice over the foreground classes;
+* transfer (``radnet_jax.transfer``): encoder weights from a pretraining
+  checkpoint, optionally frozen for the first K steps;
+* evaluation on whole volumes: sliding-window inference
+  (``radnet_jax.inference``), optional liver-slab proposal
+  (``radnet_jax.proposal``), largest-connected-component post-processing,
+  Dice / ASSD (``radnet_jax.seg_metrics``) on the record grid; predicted masks
+  written as NIfTI in each case's original geometry; ``results.json``.
+
+Batches: ``volume`` float32 ``(B, d, h, w, 1)``, ``label`` int32
+``(B, d, h, w)`` (0 background, 1 liver[, 2 tumour] per ``num_classes``).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any, Mapping, Sequence
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from radnet_jax import checkpoints
+from radnet_jax import inference
+from radnet_jax import records
+from radnet_jax import seg_metrics
+from radnet_jax import segdata
+from radnet_jax import trainer
+from radnet_jax import transfer
+
+log = logging.getLogger("radnet_jax")
+
+
+# -------------------------------------------------------------------- data ---
+def phantom_lits_dir(data_cfg: Mapping) -> str:
+  """Cache folder of the phantom LiTS set for ``data_cfg`` (nifti/ + shards-*)."""
+  from radnet_jax import demo  # pylint: disable=g-import-not-at-top
+  name = f"lits-phantom-n{int(data_cfg['phantom_n'])}-s{int(data_cfg['phantom_seed'])}"
+  return os.path.join(demo.cache_root(data_cfg.get("cache_dir", "")), name)
+
+
+def prep_config(data_cfg: Mapping) -> segdata.SegPrepConfig:
+  return segdata.SegPrepConfig(
+      spacing=tuple(float(s) for s in data_cfg["spacing"]),
+      window=tuple(float(s) for s in data_cfg["window"]),
+      out_range=tuple(float(s) for s in data_cfg["out_range"]),
+      val_fraction=float(data_cfg["val_fraction"]),
+      test_fraction=float(data_cfg["test_fraction"]), seed=int(data_cfg["split_seed"]))
+
+
+def ensure_shards(data_cfg: Mapping) -> str:
+  """``data_cfg.shards_dir``, or the phantom LiTS set built (once) in the cache.
+
+  A given ``lits_dir`` (a LiTS-format folder) is converted into
+  ``<lits_dir>/../<name>-shards-<spacing>``-like cache folders the same way.
+  Builds happen in ``*.partial`` folders renamed when complete.
+  """
+  if data_cfg.get("shards_dir"):
+    return data_cfg["shards_dir"]
+  cfg = prep_config(data_cfg)
+  tag = "x".join(f"{s:g}" for s in cfg.spacing) + "-w" + "_".join(
+      f"{w:g}" for w in cfg.window) + "-r" + "_".join(f"{r:g}" for r in cfg.out_range) \
+      + f"-v{cfg.val_fraction:g}-t{cfg.test_fraction:g}-s{cfg.seed}"
+  if data_cfg.get("lits_dir"):
+    nifti = data_cfg["lits_dir"]
+    from radnet_jax import demo  # pylint: disable=g-import-not-at-top
+    root = os.path.join(demo.cache_root(data_cfg.get("cache_dir", "")), "lits-shards",
+                        os.path.basename(os.path.normpath(nifti)))
+  else:
+    root = phantom_lits_dir(data_cfg)
+    nifti = os.path.join(root, "nifti")
+    if not os.path.isdir(nifti):
+      from radnet_jax import phantom  # pylint: disable=g-import-not-at-top
+      if not hasattr(phantom, "make_lits"):
+        raise RuntimeError("radnet_jax.phantom.make_lits is not available: set "
+                           "config.data.shards_dir or config.data.lits_dir")
+      tmp = nifti + ".partial"
+      shutil.rmtree(tmp, ignore_errors=True)
+      log.info("data: generating the phantom LiTS set (%d volumes, seed %d) in %s",
+               int(data_cfg["phantom_n"]), int(data_cfg["phantom_seed"]), nifti)
+      phantom.make_lits(tmp, n=int(data_cfg["phantom_n"]),
+                        seed=int(data_cfg["phantom_seed"]))
+      os.replace(tmp, nifti)
+  shards = os.path.join(root, f"shards-{tag}")
+  if os.path.exists(os.path.join(shards, "manifest.json")):
+    log.info("data: reusing segmentation shards in %s", shards)
+    return shards
+  tmp = shards + ".partial"
+  shutil.rmtree(tmp, ignore_errors=True)
+  log.info("data: converting %s to segmentation shards (%s)", nifti, cfg)
+  segdata.build_shards(nifti, tmp, cfg, progress=False)
+  shutil.rmtree(shards, ignore_errors=True)
+  os.replace(tmp, shards)
+  return shards
+
+
+def select_cases(train_cases: Sequence[str], n_train: int, seed: int) -> list[str]:
+  """The first ``n_train`` cases of a seeded shuffle (all if n_train <= 0).
+
+  Nested: the cases chosen for n are a subset of those for n + 1 (same seed).
+  """
+  cases = sorted(train_cases)
+  order = np.random.default_rng(seed).permutation(len(cases))
+  chosen = [cases[i] for i in order]
+  return chosen if n_train <= 0 else chosen[:n_train]
+
+
+def map_labels(mask: np.ndarray, num_classes: int) -> np.ndarray:
+  """LiTS labels -> training classes: 2 classes = liver incl. tumour vs rest."""
+  if num_classes == 2:
+    return (mask > 0).astype(np.int32)
+  if num_classes == 3:
+    return mask.astype(np.int32)
+  raise ValueError(f"num_classes must be 2 (liver) or 3 (liver, tumour), got {num_classes}")
+
+
+def sample_patch(volume: np.ndarray, mask: np.ndarray, fg_index: np.ndarray,
+                 patch: Sequence[int], rng: np.random.Generator, fg_prob: float,
+                 pad_value: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+  """A ``patch``-sized crop ``(d, h, w)`` of volume and mask.
+
+  Centred on a random foreground voxel (``fg_index``: flat indices) with
+  probability ``fg_prob``, else on a uniform random voxel; axes shorter than
+  the patch are padded (volume with ``pad_value``, mask with 0).
+  """
+  patch = tuple(int(p) for p in patch)
+  shape = volume.shape
+  if fg_index.size and rng.random() < fg_prob:
+    centre = np.unravel_index(int(fg_index[rng.integers(fg_index.size)]), shape)
+  else:
+    centre = tuple(int(rng.integers(s)) for s in shape)
+  sl, pads = [], []
+  for c, s, p in zip(centre, shape, patch):
+    if s >= p:
+      start = int(np.clip(c - p // 2, 0, s - p))
+      sl.append(slice(start, start + p))
+      pads.append((0, 0))
+    else:
+      sl.append(slice(0, s))
+      before = int(rng.integers(p - s + 1))
+      pads.append((before, p - s - before))
+  v = np.asarray(volume[tuple(sl)], np.float32)
+  m = np.asarray(mask[tuple(sl)])
+  if any(p != (0, 0) for p in pads):
+    v = np.pad(v, pads, constant_values=pad_value)
+    m = np.pad(m, pads)
+  return v, m
+
+
+def augment_patch(v: np.ndarray, m: np.ndarray, rng: np.random.Generator,
+                  cfg: Mapping) -> tuple[np.ndarray, np.ndarray]:
+  """Label-safe augmentation: intensity scale/shift, Gaussian noise, flips.
+
+  cfg keys: scale (relative), shift (absolute, in normalised units),
+  noise_std, flip_probs (per axis D, H, W).
+  """
+  if cfg.get("scale", 0):
+    v = v * np.float32(1.0 + rng.uniform(-cfg["scale"], cfg["scale"]))
+  if cfg.get("shift", 0):
+    v = v + np.float32(rng.uniform(-cfg["shift"], cfg["shift"]))
+  if cfg.get("noise_std", 0):
+    v = v + rng.normal(0.0, cfg["noise_std"], v.shape).astype(np.float32)
+  for ax, p in enumerate(cfg.get("flip_probs", (0.0, 0.0, 0.0))):
+    if p and rng.random() < p:
+      v, m = np.flip(v, ax), np.flip(m, ax)
+  return np.ascontiguousarray(v, np.float32), np.ascontiguousarray(m)
+
+
+def train_dataset(shards_dir: str, cases: Sequence[str], *, patch: Sequence[int],
+                  batch_size: int, seed: int, num_classes: int, fg_prob: float,
+                  augment_cfg: Mapping | None, pad_value: float = 0.0,
+                  cache_size: int = 32, num_threads: int = 2, prefetch: int = 2,
+                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """Infinite, checkpointable grain dataset of patch batches (see module doc).
+
+  Each process samples from its slice of ``cases``. Decoded volumes are kept
+  in an LRU cache of ``cache_size`` cases.
+  """
+  path = segdata.shard_path(shards_dir, "train")
+  src = grain.sources.ArrayRecordDataSource([path])
+  index = [i for i in range(len(src)) if records.decode(src[i])["case"] in set(cases)]
+  index = index[process_index::process_count]
+  if not index:
+    raise ValueError(f"{path}: none of the training cases {list(cases)[:5]} "
+                     f"on process {process_index}/{process_count}")
+
+  @functools.lru_cache(maxsize=cache_size)
+  def load(i: int):
+    rec = records.decode(src[i])
+    return rec["volume"], rec["mask"], np.flatnonzero(rec["mask"] > 0)
+
+  def draw(k: int, rng: np.random.Generator) -> dict:
+    vol, mask, fg = load(index[k % len(index)])
+    v, m = sample_patch(vol, mask, fg, patch, rng, fg_prob, pad_value)
+    if augment_cfg is not None:
+      v, m = augment_patch(v, m, rng, augment_cfg)
+    return {"volume": v[..., None], "label": map_labels(m, num_classes)}
+
+  ds = (grain.MapDataset.range(len(index)).shuffle(seed=seed).repeat()
+        .random_map(draw, seed=seed + 1).batch(batch_size, drop_remainder=True))
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=max(num_threads, 1),
+                                              prefetch_buffer_size=max(prefetch, 1)))
+
+
+# -------------------------------------------------------------------- loss ---
+def seg_loss(logits: jax.Array, labels: jax.Array, num_classes: int,
+             dice_weight: float = 1.0, ce_weight: float = 1.0,
+             smooth: float = 1e-5) -> tuple[jax.Array, dict]:
+  """Cross-entropy + soft Dice over the batch, foreground classes only.
+
+  logits: ``(B, D, H, W, K)``; labels: int ``(B, D, H, W)``. The soft Dice
+  pools intersections over the whole batch (stable for patches without
+  liver). Metrics: ce, soft_dice, and a hard ``dice`` of the argmax.
+  """
+  logits = logits.astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  ce = -jnp.mean(jnp.sum(onehot * logp, axis=-1))
+  p = jnp.exp(logp)
+  axes = (0, 1, 2, 3)
+  inter = jnp.sum(p * onehot, axis=axes)[1:]
+  denom = jnp.sum(p, axis=axes)[1:] + jnp.sum(onehot, axis=axes)[1:]
+  soft_dice = jnp.mean((2 * inter + smooth) / (denom + smooth))
+  loss = ce_weight * ce + dice_weight * (1.0 - soft_dice)
+  hard = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes, dtype=jnp.float32)
+  hi = jnp.sum(hard * onehot, axis=axes)[1:]
+  hd = jnp.sum(hard, axis=axes)[1:] + jnp.sum(onehot, axis=axes)[1:]
+  dice = jnp.mean(jnp.where(hd > 0, 2 * hi / jnp.maximum(hd, 1), 1.0))
+  return loss, {"ce": ce, "soft_dice": soft_dice, "dice": dice}
+
+
+def _logits(out):
+  return out[0] if isinstance(out, (tuple, list)) else out
+
+
+# ------------------------------------------------------------------- model ---
+def build_model(config: ml_collections.ConfigDict):
+  """Segmentation network from ``config.model`` (``radnet_jax.models.vnet``).
+
+  ``model.name``: "resnet_vnet" (encoder = a ResNet3D preset named by
+  ``model.backbone``, the one pretraining used) or "vnet" (classic VNet).
+  """
+  from radnet_jax.models import vnet  # pylint: disable=g-import-not-at-top
+  kw = dict(config.model.get("kwargs", {}))
+  dtype = jnp.dtype(config.model.get("dtype", "float32"))
+  name = config.model.name
+  if name == "resnet_vnet":
+    return vnet.ResNetVNet(trunk=config.model.backbone, out_channels=config.num_classes,
+                           dtype=dtype, **kw)
+  if name == "vnet":
+    return vnet.VNet(out_channels=config.num_classes, dtype=dtype, **kw)
+  raise ValueError(f"unknown segmentation model {name!r} (resnet_vnet | vnet)")
+
+
+_PREDICT_FNS: dict[int, tuple[Any, Any]] = {}
+
+
+def _predict_probs_fn(model):
+  """Jitted (variables, windows) -> softmax probabilities, one per model
+  object (keyed by identity: Flax modules with dict fields do not hash)."""
+  hit = _PREDICT_FNS.get(id(model))
+  if hit is None or hit[0] is not model:
+    def f(variables, x):
+      return jax.nn.softmax(_logits(model.apply(variables, x, train=False))
+                            .astype(jnp.float32), axis=-1)
+    hit = _PREDICT_FNS[id(model)] = (model, jax.jit(f))
+  return hit[1]
+
+
+def predictor(model, state_or_vars) -> inference.PredictFn:
+  """Softmax predictor for sliding windows; compiled once per window shape."""
+  if hasattr(state_or_vars, "params"):
+    variables = {"params": state_or_vars.params}
+    if jax.tree.leaves(state_or_vars.batch_stats):
+      variables["batch_stats"] = state_or_vars.batch_stats
+  else:
+    variables = state_or_vars
+  # Plain single-device copies: the training state lives on the mesh (with
+  # explicit data-axis shardings) but windows are blended on one device.
+  variables = jax.device_put(jax.device_get(variables), jax.devices()[0])
+  return functools.partial(_predict_probs_fn(model), variables)
+
+
+# ---------------------------------------------------------------- evaluate ---
+def segment_volume(predict_fn: inference.PredictFn, volume: np.ndarray,
+                   eval_cfg: Mapping, z_range: tuple[int, int] | None = None
+                   ) -> np.ndarray:
+  """Label map ``(D, H, W)`` uint8 of a normalised record volume.
+
+  Sliding window over ``z_range`` (slices [z0, z1), everything else
+  background) or the whole volume; argmax; largest connected component when
+  ``eval_cfg.lcc``.
+  """
+  vol = np.asarray(volume, np.float32)
+  out = np.zeros(vol.shape, np.uint8)
+  z0, z1 = (0, vol.shape[0]) if z_range is None else z_range
+  if z1 <= z0:
+    return out
+  probs = inference.sliding_window_inference(
+      vol[z0:z1, ..., None], tuple(eval_cfg["roi"]), predict_fn,
+      overlap=eval_cfg["overlap"], sw_batch_size=eval_cfg["sw_batch_size"],
+      mode=eval_cfg["mode"], pad_value=eval_cfg.get("pad_value", 0.0))
+  out[z0:z1] = np.asarray(jnp.argmax(probs, axis=-1), np.uint8)
+  if eval_cfg.get("lcc", True):
+    out = seg_metrics.keep_largest_organ(out, organ=tuple(range(1, int(out.max()) + 1))
+                                         or (1,))
+  return out
+
+
+def evaluate(predict_fn: inference.PredictFn, recs: Sequence[Mapping],
+             eval_cfg: Mapping, num_classes: int, proposer=None,
+             save_dir: str | None = None, overlay_dir: str | None = None) -> dict:
+  """Dice/ASSD over whole volumes (record grid); optional NIfTI/overlay output."""
+  classes = {"liver": (1, 2)} if num_classes == 2 else dict(seg_metrics.LITS_CLASSES)
+  ev = seg_metrics.SegEvaluator(classes=classes, compute_assd=eval_cfg.get("assd", True))
+  prop_rows = []
+  for rec in recs:
+    z = None
+    if proposer is not None:
+      z = proposer.propose(rec["volume"])
+      prop_rows.append(proposer.score_case(z, rec["mask"]))
+    pred = segment_volume(predict_fn, rec["volume"], eval_cfg, z)
+    ref = rec["mask"] if num_classes == 3 else (rec["mask"] > 0).astype(np.uint8)
+    ev.add(str(rec["case"]), pred, ref, rec["geometry"]["spacing"])
+    if save_dir:
+      segdata.save_nifti(pred, rec["geometry"],
+                         os.path.join(save_dir, f"case-{rec['case']}.nii.gz"))
+    if overlay_dir:
+      save_overlay(os.path.join(overlay_dir, f"case-{rec['case']}.png"),
+                   rec["volume"], ref, pred, title=f"case {rec['case']}")
+  out = ev.summary()
+  if prop_rows:
+    kept = sum(r["liver_slices_kept"] for r in prop_rows)
+    total = sum(r["liver_slices"] for r in prop_rows)
+    out["proposal/recall"] = kept / total if total else 1.0
+    out["proposal/discarded_fraction"] = float(np.mean(
+        [r["discarded_fraction"] for r in prop_rows]))
+  return out
+
+
+def save_overlay(path: str, volume: np.ndarray, ref: np.ndarray, pred: np.ndarray,
+                 title: str = "", n_slices: int = 3) -> str:
+  """PNG of ``n_slices`` axial slices through the reference liver: image,
+  reference contour (green) and prediction (red)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  zs = np.flatnonzero((ref > 0).any(axis=(1, 2)))
+  if zs.size == 0:
+    zs = np.arange(volume.shape[0])
+  picks = zs[np.linspace(0, zs.size - 1, n_slices + 2).astype(int)[1:-1]]
+  fig, axes = plt.subplots(1, len(picks), figsize=(3.2 * len(picks), 3.4))
+  for ax, z in zip(np.atleast_1d(axes), picks):
+    ax.imshow(np.asarray(volume[z], np.float32), cmap="gray")
+    if (ref[z] > 0).any():
+      ax.contour(ref[z] > 0, levels=[0.5], colors="lime", linewidths=1)
+    if (pred[z] > 0).any():
+      ax.contour(pred[z] > 0, levels=[0.5], colors="red", linewidths=1)
+    ax.set_title(f"z={z}", fontsize=8)
+    ax.axis("off")
+  fig.suptitle(f"{title} (green: reference, red: prediction)", fontsize=9)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=80, bbox_inches="tight")
+  plt.close(fig)
+  return path
+
+
+# -------------------------------------------------------------------- init ---
+def resolve_init(config: ml_collections.ConfigDict) -> str:
+  """The pretraining checkpoint to start from ("" = scratch).
+
+  ``init_from == "auto"``: the pretraining demo run cached at
+  ``<cache>/pretrain-demo`` (``config.pretrain`` is trained there first if
+  it has no checkpoint yet, via ``radnet_jax.train.train_and_evaluate``).
+  """
+  src = config.init_from
+  if src != "auto":
+    return src
+  from radnet_jax import demo  # pylint: disable=g-import-not-at-top
+  pre = config.get("pretrain_workdir") or os.path.join(
+      demo.cache_root(config.data.get("cache_dir", "")), "pretrain-demo")
+  try:
+    checkpoints.resolve(pre)
+    log.info("init: reusing the cached pretraining run %s", pre)
+    return pre
+  except FileNotFoundError:
+    pass
+  if config.get("pretrain") is None:
+    raise ValueError("init_from='auto' needs config.pretrain (the pretraining "
+                     "config) or an existing pretraining workdir")
+  from radnet_jax import train  # pylint: disable=g-import-not-at-top
+  log.info("init: no pretraining checkpoint in %s: running the pretraining demo "
+           "first", pre)
+  train.train_and_evaluate(config.pretrain, pre)
+  return pre
+
+
+# ------------------------------------------------------------------- train ---
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains the segmentation network, evaluates held-out volumes.
+
+  Writes to ``workdir``: config.json, checkpoints/, best/ (when a val split
+  exists), metrics.jsonl, tb/, results.json (per-case and global Dice, ASSD,
+  transfer report, proposal recall), predictions/*.nii.gz (original
+  geometry), plots/*.png overlays. Returns the results dict.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  t_start = time.time()
+  patch = tuple(int(s) for s in config.patch_shape)
+
+  # ------------------------------------------------------------------ mesh --
+  mesh = trainer.make_mesh(config.num_devices or None)
+  local_batch = trainer.check_global_batch(config.batch_size, mesh)
+
+  # ------------------------------------------------------------------ data --
+  shards_dir = ensure_shards(config.data)
+  manifest = segdata.load_manifest(shards_dir)
+  train_cases = select_cases(manifest["splits"]["train"], config.data.n_train,
+                             config.data.subset_seed)
+  log.info("data: %d training volume(s) of %d, %d val, %d test, from %s",
+           len(train_cases), len(manifest["splits"]["train"]),
+           len(manifest["splits"]["val"]), len(manifest["splits"]["test"]), shards_dir)
+  aug = config.augment.to_dict() if config.augment.enabled else None
+  train_ds = train_dataset(
+      shards_dir, train_cases, patch=patch, batch_size=local_batch, seed=config.seed,
+      num_classes=config.num_classes, fg_prob=config.data.fg_prob, augment_cfg=aug,
+      pad_value=float(config.data.out_range[0]), num_threads=config.data.threads,
+      prefetch=config.data.prefetch, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  train_iter = iter(train_ds)
+
+  # ----------------------------------------------------------------- model --
+  model = build_model(config)
+  total_steps = int(config.num_steps)
+  tx, schedule = trainer.make_optimizer(config.optim, total_steps)
+  abstract = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1,) + patch + (1,)), train=False))
+  if config.freeze_encoder_steps > 0:
+    tx = transfer.freeze_for_steps(tx, abstract["params"], config.freeze_encoder_steps,
+                                   tuple(config.freeze_patterns))
+  state = trainer.create_train_state(model, tx, patch + (1,), config.seed, mesh)
+  log.info("model: %s (%s), %.2fM parameters, patch %s, %d classes", config.model.name,
+           config.model.get("backbone", ""), trainer.param_count(state.params) / 1e6,
+           patch, config.num_classes)
+
+  def loss_fn(out, batch):
+    return seg_loss(_logits(out), batch["label"], config.num_classes,
+                    config.loss.dice_weight, config.loss.ce_weight)
+
+  train_step = trainer.make_train_step(model, tx, loss_fn, mesh, schedule)
+
+  # --------------------------------------------------------------- restore --
+  checkpoints.save_config(workdir, config)
+  val_recs = segdata.load_records(shards_dir, "val")
+  ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                  best_metric="val/liver/dice_global" if val_recs else None)
+  report = None
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(state, train_iter)
+    log.info("resumed from %s/checkpoints at step %d", workdir, int(state.step))
+  else:
+    src = resolve_init(config)
+    if src:
+      state, report = transfer.transfer_state(state, src)
+  if report is not None:
+    with open(os.path.join(workdir, "transfer_report.json"), "w") as f:
+      json.dump(report.as_dict(), f, indent=1)
+  start = int(jax.device_get(state.step))
+
+  # ------------------------------------------------------------------ loop --
+  writer = trainer.MetricWriter(workdir, total_steps, start, config.tensorboard)
+  last_ckpt = ckpt.latest_step()
+  eval_cfg = config.eval.to_dict()
+  t_train = time.time()
+  for step in range(start + 1, total_steps + 1):
+    batch = trainer.put_batch(next(train_iter), mesh)
+    state, m = train_step(state, batch)
+    is_last = step == total_steps
+    do_ckpt = step % config.checkpoint_every == 0 or is_last
+    if step % config.log_every == 0 or do_ckpt or step == start + 1:
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      trainer.check_finite(step, m, workdir, last_ckpt)
+      writer.write(step, m, "train")
+      if step == start + 1:
+        writer.reset_clock(step)
+    if val_recs and (step % config.eval_every == 0 or is_last):
+      res = evaluate(predictor(model, state), val_recs, dict(eval_cfg, assd=False),
+                     config.num_classes)
+      writer.write(step, {"liver/dice_global": res["liver/dice_global"]}, "val")
+      ckpt.maybe_save_best(step, state, {"val/liver/dice_global": res["liver/dice_global"]})
+    if do_ckpt:
+      ckpt.save(step, state, train_iter)
+      last_ckpt = step
+  train_s = time.time() - t_train
+
+  # ------------------------------------------------------------------ test --
+  which = f"last@{int(jax.device_get(state.step))}"
+  best = ckpt.best_record()
+  if config.test_checkpoint == "best" and best is not None:
+    state = ckpt.restore_best(state)
+    which = f"best@{best['step']}"
+  proposer = None
+  if config.proposal.enabled:
+    from radnet_jax import proposal  # pylint: disable=g-import-not-at-top
+    proposer = proposal.train_proposer(config, shards_dir, train_cases,
+                                       resolve_init(config) if config.init_from else "",
+                                       workdir)
+  test_recs = segdata.load_records(shards_dir, "test")
+  results = {"checkpoint": which, "shards_dir": shards_dir, "n_train": len(train_cases),
+             "train_cases": train_cases, "init_from": config.init_from,
+             "transfer": report.summary() if report else "scratch",
+             "num_steps": total_steps, "train_seconds": train_s}
+  for split, recs in (("test", test_recs), ("val", val_recs)):
+    if not recs:
+      continue
+    out = evaluate(predictor(model, state), recs, eval_cfg, config.num_classes,
+                   proposer=proposer,
+                   save_dir=os.path.join(workdir, "predictions") if config.eval.save_nifti
+                   and split == "test" else None,
+                   overlay_dir=os.path.join(workdir, "plots") if config.eval.save_overlays
+                   and split == "test" else None)
+    results[split] = out
+    writer.write(total_steps, {k: v for k, v in out.items()
+                               if isinstance(v, float)}, f"final_{split}", console=False)
+    log.info("%s: liver Dice %.4f global, %.4f per case, ASSD %.2f mm (%d volumes)",
+             split, out["liver/dice_global"], out["liver/dice_per_case"],
+             out.get("liver/assd_mm", float("nan")), out["num_cases"])
+  results["total_seconds"] = time.time() - t_start
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(_jsonsafe(results), f, indent=2)
+  writer.close()
+  ckpt.close()
+  log.info("done in %.1f min; results in %s/results.json", results["total_seconds"] / 60,
+           workdir)
+  return results
+
+
+def _jsonsafe(obj: Any) -> Any:
+  if isinstance(obj, dict):
+    return {str(k): _jsonsafe(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_jsonsafe(v) for v in obj]
+  if isinstance(obj, (np.floating, float)):
+    v = float(obj)
+    return v if np.isfinite(v) else None
+  if isinstance(obj, np.integer):
+    return int(obj)
+  return obj
