@@ -1,0 +1,274 @@
+"""Scan planning (grid geometry), image simulation and DICOM writing.
+
+A series is a ``Grid`` in LPS mm chosen from the plan's region (scan range
+along Z from the patient's own landmarks), plane, obliquity, matrix and slice
+spacing; the image is simulated on that grid and written slice by slice as a
+CT Image / MR Image / PET Image Storage series with pydicom.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+
+from radnet_jax.phantom import physics
+from radnet_jax.phantom.anatomy import Grid, Patient, _rot, render_labels
+
+SOP = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4",
+       "PT": "1.2.840.10008.5.1.4.1.1.128"}
+SR_SOP = "1.2.840.10008.5.1.4.1.1.88.11"      # Basic Text SR
+GSPS_SOP = "1.2.840.10008.5.1.4.1.1.11.1"     # Grayscale Softcopy Presentation State
+_AXES = {"AX": ((1, 0, 0), (0, 1, 0)), "COR": ((1, 0, 0), (0, 0, -1)), "SAG": ((0, 1, 0), (0, 0, -1))}
+
+
+def uid(*parts) -> str:
+  """Deterministic UID (2.25 form) from ``parts`` (seed, patient, series, ...)."""
+  h = hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:30]
+  return "2.25." + str(int(h, 16))
+
+
+def scan_range(patient: Patient, region: str, rng: np.random.Generator) -> tuple:
+  """(z_low, z_high) mm of the planned scan range for ``region``."""
+  b, u = patient.bands, rng.uniform
+  if region == "brain":
+    return b["brain"][0] - u(0, 8), patient.z_vertex + u(3, 12)
+  if region == "headneck":
+    return b["neck"][0] - u(5, 20), b["head"][1] + u(0, 15)
+  if region == "chest":
+    return b["lung"][0] - u(20, 45), b["lung"][1] + u(0, 15)
+  if region == "abdomen":
+    return b["pelvis"][1] - u(0, 25), b["lung"][0] + u(10, 30)
+  if region == "pelvis":
+    return b["pelvis"][0] - u(10, 30), b["pelvis"][1] + u(-10, 10)
+  if region == "cap":
+    return b["pelvis"][0] - u(10, 30), b["lung"][1] + u(0, 15)
+  if region == "wholebody":
+    return b["pelvis"][0] - u(30, 100), patient.z_vertex + u(0, 10)
+  raise ValueError(f"unknown region {region!r}")
+
+
+def plan_grid(patient: Patient, plan, rng: np.random.Generator, max_slices: int = 120) -> Grid:
+  """The voxel grid of a series: plane axes (+ tilt), FOV around the target."""
+  zlo, zhi = scan_range(patient, plan.region, rng)
+  head = plan.region in ("brain", "headneck")
+  hw = 80.0 if head else patient.half_width
+  hd = 100.0 if head else patient.half_depth
+  center = np.array([rng.normal(0, 3), (rng.normal(0, 3) + (8 if not head else 0)), (zlo + zhi) / 2])
+  r0, c0 = (np.array(v, float) for v in _AXES[plan.plane])
+  rot = _rot(rng, plan.tilt_deg) if plan.tilt_deg > 0 else np.eye(3)
+  r, c = rot @ r0, rot @ c0
+  n = np.cross(r, c)
+  ext = {"x": 2 * hw * 1.08, "y": 2 * hd * 1.15, "z": zhi - zlo}
+  axis_ext = lambda v: ext["xyz"[int(np.argmax(np.abs(v)))]]
+  if plan.plane == "AX":
+    fov = max(ext["x"], ext["y"]) * rng.uniform(1.0, 1.1)
+    fov_r = fov_c = fov
+  else:
+    fov_r, fov_c = axis_ext(r), axis_ext(c)
+  slab = axis_ext(n)
+  if plan.plane == "SAG" and not head and plan.modality == "MR":
+    slab = min(slab, rng.uniform(160, 260))   # body sagittals cover the midline slab
+  ps = max(fov_r, fov_c) / plan.matrix
+  cols, rows = int(round(fov_r / ps / 2) * 2), int(round(fov_c / ps / 2) * 2)
+  sp = plan.spacing
+  k = int(np.floor(slab / sp)) + 1
+  if k > max_slices:
+    sp = float(np.round(slab / (max_slices - 1), 2))
+    plan.spacing = sp
+    plan.thickness = min(plan.thickness, sp) if plan.modality == "MR" else sp
+    k = int(np.floor(slab / sp)) + 1
+  k = max(k, 8)
+  origin = center - (k - 1) / 2 * sp * n - (rows - 1) / 2 * ps * c - (cols - 1) / 2 * ps * r
+  return Grid(origin=origin, r=r, c=c, n=n, spacing=(sp, ps, ps), shape=(k, rows, cols))
+
+
+def grid_z_range(grid: Grid) -> tuple:
+  """(z_low, z_high) mm spanned by the grid's voxel centres."""
+  K, I, J = grid.shape
+  corners = np.array([grid.origin + a * (K - 1) * grid.spacing[0] * grid.n + b * (I - 1) * grid.spacing[1] * grid.c
+                      + d * (J - 1) * grid.spacing[2] * grid.r for a in (0, 1) for b in (0, 1) for d in (0, 1)])
+  return float(corners[:, 2].min()), float(corners[:, 2].max())
+
+
+def simulate(patient: Patient, plan, grid: Grid, rng: np.random.Generator) -> np.ndarray:
+  """Image float32 (K, I, J): HU (CT), scanner units (MR), SUV (PT)."""
+  lab = render_labels(patient, grid)
+  if plan.modality == "CT":
+    return physics.ct_image(lab, plan.contrast == "yes", rng, spacing=grid.spacing,
+                            thickness=plan.thickness, noise_hu=float(rng.uniform(6, 18)))
+  if plan.modality == "PT":
+    return physics.pet_image(lab, rng, spacing=grid.spacing)
+  gd = 1.0 if plan.contrast == "yes" else 0.0
+  if plan.gre:   # spoiled gradient echo T1: steady state with flip angle
+    img = physics.mr_image(lab, rng, spacing=grid.spacing, thickness=plan.thickness,
+                           tr=plan.tr * 4 + 400, te=plan.te, gd=gd, fat_sat=plan.fat_sat)
+  else:
+    img = physics.mr_image(lab, rng, spacing=grid.spacing, thickness=plan.thickness, tr=plan.tr,
+                           te=plan.te, ti=plan.ti, gd=gd, fat_sat=plan.fat_sat)
+  return img
+
+
+def _base(ids: dict, plan, patient: Patient, date: str) -> Dataset:
+  ds = Dataset()
+  ds.SpecificCharacterSet = "ISO_IR 100"
+  ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = date
+  ds.StudyTime = "%02d%02d00" % (8 + ids["study_no"] % 9, (ids["study_no"] * 7) % 60)
+  ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = ds.StudyTime
+  ds.AccessionNumber = "PHA%07d" % (ids["study_no"] + 1)
+  ds.Manufacturer = plan.vendor
+  ds.InstitutionName = "RadNet Phantom Hospital"
+  ds.ReferringPhysicianName = ""
+  ds.PatientName = "PHANTOM^%s" % ids["patient_id"]
+  ds.PatientID = ids["patient_id"]
+  ds.PatientBirthDate = "%04d0101" % (int(date[:4]) - patient.age)
+  ds.PatientSex = patient.sex
+  ds.PatientAge = "%03dY" % patient.age
+  ds.PatientWeight = round(patient.weight, 1)
+  ds.PatientSize = round(patient.height / 1000.0, 2)
+  ds.StudyInstanceUID = ids["study_uid"]
+  ds.StudyID = str(ids["study_no"] + 1)
+  ds.StudyDescription = plan.study_description
+  ds.FrameOfReferenceUID = ids["for_uid"]
+  ds.PatientPosition = "HFS"
+  ds.PositionReferenceIndicator = ""
+  return ds
+
+
+def write_series(folder: str, names: list, plan, patient: Patient, grid: Grid, img: np.ndarray,
+                 tags: dict, ids: dict, date: str, order: np.ndarray) -> list:
+  """Writes one image series (one file per slice) -> list of written paths.
+
+  tags: series-level DICOM keyword -> value (None deletes; '' writes empty).
+  order: InstanceNumber order of the slices (ascending or descending along n).
+  """
+  ds = _base(ids, plan, patient, date)
+  ds.Modality = plan.modality
+  ds.SOPClassUID = SOP[plan.modality]
+  ds.SeriesInstanceUID = ids["series_uid"]
+  ds.SeriesNumber = ids["series_no"]
+  ds.ImageOrientationPatient = [round(float(v), 6) for v in (*grid.r, *grid.c)]
+  ds.PixelSpacing = [round(grid.spacing[1], 6), round(grid.spacing[2], 6)]
+  ds.SliceThickness = round(plan.thickness, 4)
+  ds.SamplesPerPixel = 1
+  ds.PhotometricInterpretation = "MONOCHROME2"
+  ds.Rows, ds.Columns = int(grid.shape[1]), int(grid.shape[2])
+  ds.BitsAllocated = 16
+  ds.HighBit = 15 if plan.modality != "MR" else 11
+  ds.BitsStored = ds.HighBit + 1
+  if plan.modality == "CT":
+    ds.PixelRepresentation = 0 if plan.vendor in ("SIEMENS", "TOSHIBA") else 1
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
+    ds.KVP, ds.WindowCenter, ds.WindowWidth = 120, 40, 400
+    stored = np.round(img + 1024).astype(np.int32)
+    stored = np.clip(stored, 0, 4095).astype(np.uint16 if ds.PixelRepresentation == 0 else np.int16)
+  elif plan.modality == "MR":
+    ds.PixelRepresentation = 0
+    ds.MagneticFieldStrength = 1.5
+    ds.ImagingFrequency = 63.87
+    stored = np.clip(np.round(img), 0, 4095).astype(np.uint16)
+  else:
+    ds.PixelRepresentation = 1
+    ds.Units, ds.DecayCorrection, ds.CorrectedImage = "BQML", "START", ["ATTN", "DECY"]
+    ds.SeriesType = ["WHOLE BODY", "IMAGE"]
+    bqml = img * (370e6 / (patient.weight * 1000.0))  # SUV -> Bq/ml for 370 MBq FDG
+    rp = Dataset()
+    rp.Radiopharmaceutical = "Fluorodeoxyglucose"
+    rp.RadionuclideTotalDose = 370e6
+    rp.RadionuclideHalfLife = 6586.2
+    ds.RadiopharmaceuticalInformationSequence = [rp]
+    stored = None
+  for k, v in tags.items():
+    if v is None:
+      if k in ds:
+        del ds[k]
+    else:
+      setattr(ds, k, v)
+  meta = FileMetaDataset()
+  meta.MediaStorageSOPClassUID = ds.SOPClassUID
+  meta.TransferSyntaxUID = ExplicitVRLittleEndian
+  meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+  ds.file_meta = meta
+  paths = []
+  K = grid.shape[0]
+  for inst, k in enumerate(order):
+    pos = grid.origin + k * grid.spacing[0] * grid.n
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID = uid(ids["series_uid"], int(k))
+    ds.InstanceNumber = inst + 1
+    ds.ImagePositionPatient = [round(float(v), 4) for v in pos]
+    ds.SliceLocation = round(float(pos @ grid.n), 4)
+    if stored is None:   # PET: per-slice rescale slope, int16 storage
+      sl = bqml[k]
+      slope = max(float(sl.max()) / 32000.0, 1e-3)
+      ds.RescaleSlope, ds.RescaleIntercept = round(slope, 6), 0
+      arr = np.round(sl / float(ds.RescaleSlope)).clip(0, 32767).astype(np.int16)
+    else:
+      arr = stored[k]
+    ds.PixelData = np.ascontiguousarray(arr).tobytes()
+    path = os.path.join(folder, names[inst])
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    paths.append(path)
+  del K
+  return paths
+
+
+def write_extras(folder: str, names: list, kind: str, plan, patient: Patient, ids: dict, date: str) -> list:
+  """Writes a localizer series ('localizer') or a non-image object ('sr'/'gsps')."""
+  ds = _base(ids, plan, patient, date)
+  meta = FileMetaDataset()
+  meta.TransferSyntaxUID = ExplicitVRLittleEndian
+  meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+  ds.SeriesInstanceUID = ids["series_uid"]
+  ds.SeriesNumber = ids["series_no"]
+  paths = []
+  if kind == "localizer":
+    ds.Modality = plan.modality if plan.modality != "PT" else "CT"
+    ds.SOPClassUID = SOP[ds.Modality]
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.SeriesDescription = "Topogram 0.6 T20f" if ds.Modality == "CT" else "localizer"
+    ds.Rows = ds.Columns = 64
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelSpacing = [6.0, 6.0]
+    ds.SliceThickness = 10.0
+    axes = [_AXES["COR"]] if ds.Modality == "CT" else [_AXES["AX"], _AXES["COR"], _AXES["SAG"]]
+    for i, (r, c) in enumerate(axes):
+      ds.ImageOrientationPatient = [float(v) for v in (*r, *c)]
+      ds.ImagePositionPatient = [-192.0, -192.0, float(patient.z_vertex)]
+      ds.InstanceNumber = i + 1
+      ds.SOPInstanceUID = uid(ids["series_uid"], i)
+      yy, xx = np.mgrid[:64, :64]
+      ds.PixelData = (((xx - 32) ** 2 / 400 + (yy - 32) ** 2 / 900 < 1) * 800).astype(np.uint16).tobytes()
+      meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+      ds.file_meta = meta
+      path = os.path.join(folder, names[i])
+      pydicom.dcmwrite(path, ds, enforce_file_format=True)
+      paths.append(path)
+    return paths
+  if kind == "sr":
+    ds.Modality, ds.SOPClassUID = "SR", SR_SOP
+    ds.SeriesDescription = "Dose Report" if plan.modality == "CT" else "Technologist notes"
+    ds.ValueType, ds.CompletionFlag, ds.VerificationFlag = "CONTAINER", "COMPLETE", "UNVERIFIED"
+    ds.ContinuityOfContent = "SEPARATE"
+    concept = Dataset()
+    concept.CodeValue, concept.CodingSchemeDesignator, concept.CodeMeaning = "121070", "DCM", "Findings"
+    ds.ConceptNameCodeSequence = [concept]
+    item = Dataset()
+    item.RelationshipType, item.ValueType, item.TextValue = "CONTAINS", "TEXT", "Synthetic phantom study."
+    item.ConceptNameCodeSequence = [concept]
+    ds.ContentSequence = [item]
+  else:
+    ds.Modality, ds.SOPClassUID = "PR", GSPS_SOP
+    ds.SeriesDescription = "Presentation State"
+    ds.ContentLabel, ds.ContentDescription = "SAVED", "window"
+    ds.PresentationCreationDate, ds.PresentationCreationTime = date, "120000"
+  ds.InstanceNumber = 1
+  ds.SOPInstanceUID = uid(ids["series_uid"], 0)
+  meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+  ds.file_meta = meta
+  path = os.path.join(folder, names[0])
+  pydicom.dcmwrite(path, ds, enforce_file_format=True)
+  return [path]

@@ -1,0 +1,152 @@
+"""Imaging physics: tissue tables and CT / MR / PET image formation.
+
+Inputs are tissue-label maps ``(K, I, J)`` from ``anatomy.render_labels``;
+outputs are float32 images of the same shape: CT in HU, MR in scanner units
+(signal x 1000, before storage as uint16), PET in SUV-like units (Bq/ml after
+scaling in the writer).
+
+MR relaxation times are 1.5 T literature values (ms): Stanisz et al. 2005
+(MRM 54:507) for brain, muscle, myocardium, cord; de Bazelaire et al. 2004
+(Radiology 230:652) for liver, spleen, kidney, fat; Rakow-Penner et al. 2006
+for breast fibroglandular tissue. Signals come from the sequence equations:
+
+* spin echo:  S = PD (1 - exp(-TR/T1)) exp(-TE/T2)
+* inversion recovery (FLAIR): S = PD |1 - 2 exp(-TI/T1) + exp(-TR/T1)| exp(-TE/T2)
+
+Gadolinium shortens T1: 1/T1' = 1/T1 + r1 C with r1 = 4.5 /mM/s.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from radnet_jax.phantom.anatomy import TISSUES
+
+# name: (HU pre, HU added by portal-venous iodine, PD, T1 ms, T2 ms, Gd mM, PET SUV)
+TABLE = {
+    "air":        (-1000, 0, 0.00, 1000, 1, 0.0, 0.0),
+    "skin":       (40, 10, 0.70, 800, 40, 0.20, 0.6),
+    "fat":        (-100, 5, 0.90, 260, 80, 0.05, 0.3),
+    "muscle":     (45, 10, 0.70, 1008, 44, 0.15, 0.7),
+    "bone":       (1000, 0, 0.05, 1000, 1, 0.0, 0.4),
+    "marrow":     (300, 20, 0.80, 550, 60, 0.10, 1.4),
+    "gm":         (40, 3, 0.80, 1124, 95, 0.0, 8.0),
+    "wm":         (28, 2, 0.69, 884, 72, 0.0, 3.0),
+    "csf":        (5, 0, 1.00, 4000, 2000, 0.0, 0.2),
+    "gas":        (-1000, 0, 0.00, 1000, 1, 0.0, 0.0),
+    "lung":       (-850, 20, 0.10, 1200, 30, 0.10, 0.4),
+    "blood":      (45, 160, 0.85, 1441, 250, 1.20, 1.6),
+    "myocardium": (45, 80, 0.75, 1030, 40, 0.50, 5.0),
+    "liver":      (58, 55, 0.70, 586, 46, 0.35, 2.5),
+    "spleen":     (48, 70, 0.80, 1057, 79, 0.50, 2.0),
+    "kidney":     (33, 150, 0.80, 966, 87, 1.20, 6.0),
+    "medulla":    (30, 110, 0.85, 1412, 85, 0.90, 6.0),
+    "bowel":      (35, 40, 0.75, 900, 60, 0.30, 1.5),
+    "urine":      (5, 0, 1.00, 3000, 1500, 0.0, 25.0),
+    "thyroid":    (100, 50, 0.75, 1000, 80, 0.40, 1.2),
+    "lesion":     (30, 25, 0.80, 1100, 90, 0.60, 9.0),
+    "breast":     (40, 15, 0.75, 1266, 57, 0.20, 1.0),
+    "vitreous":   (10, 0, 1.00, 3500, 1500, 0.0, 0.2),
+    "cord":       (35, 2, 0.70, 745, 74, 0.0, 2.5),
+    "bile":       (8, 0, 0.95, 2600, 1000, 0.0, 0.5),
+    "soft":       (40, 40, 0.75, 1000, 70, 0.30, 1.2),
+    "disc":       (80, 10, 0.80, 1100, 100, 0.05, 0.5),
+}
+assert tuple(TABLE) == TISSUES
+_TAB = np.array(list(TABLE.values()), np.float32)
+HU, HU_CE, PD, T1, T2, GD, SUV = (_TAB[:, i] for i in range(7))
+R1_GD = 4.5e-3  # /mM/ms
+
+
+def tissue_values(name: str) -> dict:
+  """The table row of one tissue as a dict (HU, PD, T1 ms, T2 ms, ...)."""
+  keys = ("hu", "hu_ce", "pd", "t1", "t2", "gd_mM", "suv")
+  return dict(zip(keys, TABLE[name]))
+
+
+def smooth_field(rng: np.random.Generator, shape: tuple, coarse: int = 6,
+                 amp: float = 1.0) -> np.ndarray:
+  """Smooth random field ~N(0, amp) of ``shape`` (upsampled coarse noise)."""
+  c = rng.normal(0, amp, (max(2, min(coarse, shape[0])), coarse, coarse)).astype(np.float32)
+  zoom = [s / cs for s, cs in zip(shape, c.shape)]
+  out = ndimage.zoom(c, zoom, order=1, mode="nearest", grid_mode=True)
+  return out[:shape[0], :shape[1], :shape[2]]
+
+
+def _blur(img: np.ndarray, spacing: tuple, thickness: float, fwhm_mm: float) -> np.ndarray:
+  """Partial volume: Gaussian PSF in-plane (fwhm_mm) and across the slab."""
+  f = 1.0 / 2.355
+  sig_z = max(thickness, fwhm_mm) * f / spacing[0] * 0.8
+  sig = (sig_z, fwhm_mm * f / spacing[1], fwhm_mm * f / spacing[2])
+  return ndimage.gaussian_filter(img, sig, mode="nearest", truncate=2.5)
+
+
+def texture(rng: np.random.Generator, labels: np.ndarray, rel: float = 0.03) -> np.ndarray:
+  """Multiplicative tissue texture 1 + rel * smooth noise (organ heterogeneity)."""
+  return 1.0 + smooth_field(rng, labels.shape, coarse=12, amp=rel)
+
+
+def ct_image(labels: np.ndarray, contrast: bool, rng: np.random.Generator, *,
+             spacing: tuple, thickness: float, noise_hu: float = 10.0,
+             phase: float = 1.0) -> np.ndarray:
+  """CT image in HU (float32, same shape as labels).
+
+  contrast: portal-venous iodine enhancement (``phase`` scales it, e.g. 1.3 for
+  arterial-weighted blood). noise_hu: image noise SD in HU (quantum noise).
+  """
+  hu = HU[labels] + (HU_CE[labels] * phase if contrast else 0.0)
+  soft = (hu > -200) & (hu < 200)
+  hu = np.where(soft, hu + 8.0 * smooth_field(rng, labels.shape, 12), hu)
+  hu = _blur(hu, spacing, thickness, fwhm_mm=1.2)
+  hu += rng.normal(0, noise_hu, hu.shape).astype(np.float32)
+  return np.clip(hu, -1024, 3071).astype(np.float32)
+
+
+def mr_signal(labels: np.ndarray, *, tr: float, te: float, ti: float | None = None,
+              gd: float = 0.0, fat_sat: bool = False) -> np.ndarray:
+  """Noise-free MR signal (PD units) from the sequence equation per voxel.
+
+  tr, te, ti in ms; ti set -> inversion recovery (FLAIR), else spin echo.
+  gd: gadolinium dose factor (1 = standard 0.1 mmol/kg) scaling tissue C.
+  """
+  pd = PD[labels].copy()
+  if fat_sat:
+    pd[labels == TISSUES.index("fat")] *= 0.12
+  t1 = T1[labels]
+  if gd:
+    t1 = 1.0 / (1.0 / t1 + R1_GD * GD[labels] * gd)
+  e2 = np.exp(-te / T2[labels])
+  if ti is None:
+    return pd * (1.0 - np.exp(-tr / t1)) * e2
+  return pd * np.abs(1.0 - 2.0 * np.exp(-ti / t1) + np.exp(-tr / t1)) * e2
+
+
+def mr_image(labels: np.ndarray, rng: np.random.Generator, *, spacing: tuple,
+             thickness: float, tr: float, te: float, ti: float | None = None,
+             gd: float = 0.0, fat_sat: bool = False, snr: float = 30.0,
+             bias: float = 0.2) -> np.ndarray:
+  """MR magnitude image (float32, scanner units ~0..4000) with Rician noise.
+
+  snr: signal of white matter-like tissue over the noise SD; bias: amplitude
+  of the smooth multiplicative receive-coil bias field.
+  """
+  s = mr_signal(labels, tr=tr, te=te, ti=ti, gd=gd, fat_sat=fat_sat)
+  s = s * texture(rng, labels, 0.04)
+  s = _blur(s, spacing, thickness, fwhm_mm=1.0)
+  s = s * np.exp(smooth_field(rng, labels.shape, coarse=3, amp=bias))
+  scale = 1000.0 / max(float(np.percentile(s[labels > 0], 90)) if (labels > 0).any() else 1.0, 1e-3)
+  s = s * scale
+  sd = 1000.0 / snr * 0.3
+  n1 = rng.normal(0, sd, s.shape).astype(np.float32)
+  n2 = rng.normal(0, sd, s.shape).astype(np.float32)
+  return np.sqrt((s + n1) ** 2 + n2 ** 2).astype(np.float32)
+
+
+def pet_image(labels: np.ndarray, rng: np.random.Generator, *, spacing: tuple,
+              fwhm_mm: float = 7.0, counts: float = 1.0) -> np.ndarray:
+  """PET SUV map: blurred uptake (brain, heart, kidneys/bladder high, lesions hot)."""
+  u = SUV[labels] * (1.0 + smooth_field(rng, labels.shape, 8, 0.1))
+  sig = [fwhm_mm / 2.355 / sp for sp in spacing]
+  u = ndimage.gaussian_filter(u, sig, mode="nearest", truncate=2.5)
+  u = u * rng.gamma(20.0 * counts, 1.0 / (20.0 * counts), u.shape).astype(np.float32)
+  return np.maximum(u, 0).astype(np.float32)

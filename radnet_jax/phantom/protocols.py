@@ -1,0 +1,213 @@
+"""Study and series planning: realistic protocols, vendor-style descriptions.
+
+A study (one modality, one region, one vendor) is a list of ``SeriesPlan``;
+the plan holds the true labels (sequence, plane, contrast, region) and the
+acquisition parameters that the physics and the DICOM writer use. Sampling
+weights are tuned so that a 200-series corpus holds every paper sequence class
+(>= 10 % each), every plane (>= 15 % each), both contrast states and every
+coverage band; PET is rarer.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+VENDORS = ("SIEMENS", "GE MEDICAL SYSTEMS", "Philips", "TOSHIBA")
+# (modality, region, weight)
+STUDY_TYPES = (
+    ("CT", "brain", 0.07), ("CT", "headneck", 0.04), ("CT", "chest", 0.08),
+    ("CT", "abdomen", 0.06), ("CT", "pelvis", 0.03), ("CT", "cap", 0.07),
+    ("CT", "wholebody", 0.02),
+    ("MR", "brain", 0.34), ("MR", "headneck", 0.05), ("MR", "abdomen", 0.09),
+    ("MR", "pelvis", 0.06), ("PT", "wholebody", 0.05), ("PT", "cap", 0.04),
+)
+BODY_PART = {"brain": ("HEAD", "BRAIN"), "headneck": ("HEADNECK", "NECK"), "chest": ("CHEST",),
+             "abdomen": ("ABDOMEN",), "pelvis": ("PELVIS",), "cap": ("CHESTABDPELVIS",),
+             "wholebody": ("WHOLEBODY",)}
+STUDY_DESC = {"brain": "BRAIN", "headneck": "NECK", "chest": "CHEST", "abdomen": "ABDOMEN",
+              "pelvis": "PELVIS", "cap": "CHEST ABDOMEN PELVIS", "wholebody": "WHOLE BODY"}
+
+
+@dataclasses.dataclass
+class SeriesPlan:
+  """One acquisition: true labels plus acquisition parameters.
+
+  spacing: slice spacing mm; thickness: slice thickness mm; matrix: in-plane
+  size (max of rows/cols); fov_margin: FOV scale around the target; tilt_deg:
+  obliquity (rotation of the slice axes) in degrees.
+  """
+  modality: str
+  sequence: str
+  plane: str
+  contrast: str
+  region: str
+  vendor: str
+  spacing: float
+  thickness: float
+  matrix: int
+  tilt_deg: float
+  fat_sat: bool = False
+  tr: float | None = None
+  te: float | None = None
+  ti: float | None = None
+  flip: float | None = None
+  gre: bool = False
+  reformat: bool = False
+  description: str = ""
+  alt_descriptions: tuple = ()
+  body_part: str = ""
+  study_description: str = ""
+
+
+def _mr_params(seq: str, rng, gre: bool) -> dict:
+  u = rng.uniform
+  if seq == "T1":
+    if gre:
+      return dict(tr=u(4.0, 200.0), te=u(2.0, 4.6), ti=None, flip=u(10, 70))
+    return dict(tr=u(400, 650), te=u(8, 15), ti=None, flip=90.0)
+  if seq == "T2":
+    return dict(tr=u(3000, 6000), te=u(85, 115), ti=None, flip=90.0)
+  if seq == "T2-FLAIR":
+    tr = u(8000, 10000)
+    ti = 4000.0 * np.log(2.0 / (1.0 + np.exp(-tr / 4000.0))) * u(0.95, 1.05)
+    return dict(tr=tr, te=u(100, 140), ti=float(ti), flip=90.0)
+  if seq == "T1-FLAIR":
+    return dict(tr=u(1800, 2500), te=u(8, 20), ti=u(750, 900), flip=90.0)
+  raise ValueError(seq)
+
+
+_SIEMENS = {"T1": "t1_se", "T2": "t2_tse", "T2-FLAIR": "t2_tirm", "T1-FLAIR": "t1_tirm"}
+_GE = {"T1": "T1 SE", "T2": "T2 FRFSE", "T2-FLAIR": "T2 FLAIR", "T1-FLAIR": "T1 FLAIR"}
+_PHILIPS = {"T1": "T1W_SE", "T2": "T2W_TSE", "T2-FLAIR": "T2W_FLAIR", "T1-FLAIR": "T1W_IR"}
+_TOSHIBA = {"T1": "T1 SE", "T2": "T2 FSE", "T2-FLAIR": "FLAIR", "T1-FLAIR": "T1 FLAIR"}
+
+
+def describe(p: SeriesPlan, rng) -> str:
+  """A vendor-style SeriesDescription (several styles per vendor)."""
+  post = p.contrast == "yes"
+  if p.modality == "PT":
+    return str(rng.choice(["PET WB AC", "WB 3D MAC", "PET AC 3D", "PET Body AC"]))
+  if p.modality == "CT":
+    region_word = {"brain": "Head", "headneck": "Neck", "chest": "Thorax", "abdomen": "Abdomen",
+                   "pelvis": "Pelvis", "cap": "ThorAbdPel", "wholebody": "WB"}[p.region]
+    pl = {"AX": "Ax", "COR": "Cor", "SAG": "Sag"}[p.plane]
+    if p.vendor == "SIEMENS":
+      d = f"{region_word} {p.thickness:.1f} {rng.choice(['B30f', 'B31f', 'I30f', 'Br40'])}"
+      if p.reformat:
+        d = f"{pl} MPR {d}"
+      return d + (" CE" if post and rng.random() < 0.5 else "")
+    word = STUDY_DESC[p.region]
+    if post:
+      cue = str(rng.choice(["W CONTRAST", "WITH CONTRAST", "C+", "PORTAL VENOUS", "+C"]))
+    else:
+      cue = str(rng.choice(["W/O", "WO CONTRAST", "NON CONTRAST", "PLAIN"]))
+    if p.reformat:
+      return f"{pl} {p.thickness:.0f}mm {word} {cue}"
+    return str(rng.choice([f"CT {word} {cue}", f"{p.thickness:.1f}mm {word} {cue}", f"{word} {cue}"]))
+  # MR
+  fs = p.fat_sat
+  if p.vendor == "SIEMENS":
+    seq = "t1_vibe" if p.gre else _SIEMENS[p.sequence]
+    d = f"{seq}{'_fs' if fs else ''}_{ {'AX': 'tra', 'COR': 'cor', 'SAG': 'sag'}[p.plane]}"
+    if p.sequence == "T2-FLAIR":
+      d += "_dark-fluid"
+    return d + (str(rng.choice(["_KM", " post", "_+C"])) if post else "")
+  if p.vendor == "GE MEDICAL SYSTEMS":
+    seq = "LAVA" if p.gre else _GE[p.sequence]
+    pl = {"AX": "Ax", "COR": "Cor", "SAG": "Sag"}[p.plane]
+    d = f"{pl} {seq}{' FS' if fs else ''}"
+    if post:
+      d += str(rng.choice([" +C", " POST GAD", " post"]))
+    return d.upper() if rng.random() < 0.3 else d
+  if p.vendor == "Philips":
+    seq = "T1W_FFE" if p.gre else _PHILIPS[p.sequence]
+    d = f"{seq}{'_SPIR' if fs else ''}{'' if rng.random() < 0.5 else '_' + {'AX': 'TRA', 'COR': 'COR', 'SAG': 'SAG'}[p.plane]}"
+    return d + (str(rng.choice(["_GD", " +C", "_POST"])) if post else "")
+  seq = "T1 FFE" if p.gre else _TOSHIBA[p.sequence]
+  pl = {"AX": "AX", "COR": "COR", "SAG": "SAG"}[p.plane]
+  return f"{seq}{' FS' if fs else ''} {pl}" + (" post" if post else "")
+
+
+def _alt_descriptions(p: SeriesPlan, rng) -> tuple:
+  """Misleading descriptions: another sequence, or the opposite contrast state."""
+  out = []
+  for seq in ("T1", "T2", "T2-FLAIR", "T1-FLAIR"):
+    if p.modality == "MR" and seq != p.sequence:
+      out.append(describe(dataclasses.replace(p, sequence=seq, gre=False), rng))
+  out.append(describe(dataclasses.replace(p, contrast="no" if p.contrast == "yes" else "yes"), rng))
+  return tuple(out)
+
+
+def _tilt(rng) -> float:
+  return 0.0 if rng.random() < 0.35 else float(rng.uniform(0.5, 10.0))
+
+
+def plan_study(rng: np.random.Generator, full_size: bool = False) -> list:
+  """Samples one study -> list of SeriesPlan (2-6 series)."""
+  w = np.array([t[2] for t in STUDY_TYPES])
+  modality, region, _ = STUDY_TYPES[int(rng.choice(len(w), p=w / w.sum()))]
+  vendor = str(rng.choice(VENDORS))
+  body_part = str(rng.choice(BODY_PART[region]))
+  plans = []
+  u = rng.uniform
+  if modality == "CT":
+    pc = {"brain": 0.3, "headneck": 0.7, "chest": 0.5}.get(region, 0.75)
+    states = ["yes"] if rng.random() < pc else ["no"]
+    if rng.random() < 0.3:
+      states = ["no", "yes"]
+    for st in states:
+      thick = float(rng.choice([1.0, 1.25, 2.0, 2.5, 3.0, 5.0]))
+      m = int(rng.choice([512] if full_size else [128, 160, 192]))
+      plans.append(SeriesPlan("CT", "CT", "AX", st, region, vendor, thick, thick, m, 0.0))
+      for pl in ("COR", "SAG"):
+        if rng.random() < (0.75 if pl == "COR" else 0.55):
+          rt = float(rng.choice([2.0, 3.0, 4.0]))
+          plans.append(SeriesPlan("CT", "CT", pl, st, region, vendor, rt, rt, m, 0.0, reformat=True))
+  elif modality == "PT":
+    m = int(rng.choice([144, 200] if full_size else [96, 128]))
+    sp = float(rng.choice([2.0, 3.0, 4.0]) if full_size else rng.choice([3.0, 4.0, 5.0]))
+    plans.append(SeriesPlan("PT", "PT", "AX", "no", region, vendor, sp, sp, m, 0.0))
+    ct_m = 512 if full_size else 128
+    plans.append(SeriesPlan("CT", "CT", "AX", "no", region, vendor, 5.0, 5.0, ct_m, 0.0))
+    if rng.random() < 0.4:
+      plans.append(SeriesPlan("PT", "PT", "COR", "no", region, vendor, sp, sp, m, 0.0, reformat=True))
+  else:
+    mm = lambda: int(rng.choice([256, 320, 384, 512] if full_size else [96, 128, 160, 192]))
+    if region == "brain":
+      pool = [("T1", "SAG", "no"), ("T2", "AX", "no"), ("T2-FLAIR", "AX", "no"),
+              ("T1-FLAIR", "AX", "no"), ("T2-FLAIR", "COR", "no"), ("T1-FLAIR", "SAG", "no"),
+              ("T2-FLAIR", "SAG", "no"), ("T1-FLAIR", "COR", "no")]
+      post = [("T1", "AX", "yes"), ("T1", "COR", "yes"), ("T1-FLAIR", "AX", "yes"), ("T1", "SAG", "yes")]
+    elif region == "headneck":
+      pool = [("T1", "AX", "no"), ("T2", "AX", "no"), ("T2", "COR", "no"), ("T1", "COR", "no")]
+      post = [("T1", "AX", "yes"), ("T1", "COR", "yes")]
+    else:
+      pool = [("T2", "COR", "no"), ("T2", "AX", "no"), ("T1", "AX", "no"), ("T2", "SAG", "no"),
+              ("T1", "COR", "no")]
+      post = [("T1", "AX", "yes"), ("T1", "COR", "yes"), ("T1", "SAG", "yes")]
+    k = int(rng.integers(2, 5))
+    chosen = [pool[i] for i in rng.choice(len(pool), size=min(k, len(pool)), replace=False)]
+    if rng.random() < 0.6:
+      chosen += [post[i] for i in rng.choice(len(post), size=int(rng.integers(1, 3)), replace=False)]
+    for seq, pl, st in chosen:
+      gre = seq == "T1" and region in ("abdomen", "pelvis") and rng.random() < 0.6
+      if region == "brain":
+        sp = float(rng.choice([3.0, 4.0, 5.0, 6.0]) if pl != "SAG" or seq != "T1" else rng.choice([1.0, 3.0, 5.0]))
+      else:
+        sp = float(rng.choice([4.0, 5.0, 6.0, 7.0]))
+      thick = sp if rng.random() < 0.5 else round(sp * u(0.8, 0.95), 1)
+      fs = seq == "T2" and region != "brain" and rng.random() < 0.5 or (st == "yes" and region != "brain" and rng.random() < 0.7)
+      plan = SeriesPlan("MR", seq, pl, st, region, vendor, sp, thick, mm(), _tilt(rng), fat_sat=fs, gre=gre,
+                        **_mr_params(seq, rng, gre))
+      plans.append(plan)
+  study_desc = f"{'MRI' if modality == 'MR' else 'PET/CT' if modality == 'PT' else 'CT'} {STUDY_DESC[region]}"
+  cstates = {p.contrast for p in plans}
+  study_desc += {frozenset(["no"]): str(rng.choice([" W/O", "", " WO"])), frozenset(["yes"]): " W CONTRAST",
+                 frozenset(["no", "yes"]): " W/WO"}[frozenset(cstates)]
+  for p in plans:
+    p.body_part = body_part
+    p.study_description = study_desc
+    p.description = describe(p, rng)
+    p.alt_descriptions = _alt_descriptions(p, rng)
+  return plans
