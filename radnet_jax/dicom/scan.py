@@ -37,7 +37,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from pydicom.dataset import Dataset
 
-from radnet_jax.dicom import geometry
+from radnet_jax.dicom import fastread, geometry
 from radnet_jax.dicom.errors import DicomError
 from radnet_jax.dicom.metadata import (functional_group, record_from_dataset,
                                        vendor_b_value,
@@ -177,6 +177,8 @@ def _mosaic_images(ds: Dataset) -> int | None:
   image_type = [str(v).upper() for v in ds.get("ImageType", [])]
   if "MOSAIC" not in image_type:
     return None
+  if isinstance(ds, fastread.Header):
+    raise fastread.Unsupported("Siemens mosaic")
   try:
     block = ds.private_block(0x0019, "SIEMENS MR HEADER")
     if 0x0A in block:
@@ -209,8 +211,15 @@ def _classic_entries(path: str, ds: Dataset) -> list[_Entry]:
   mosaic = _mosaic_images(ds)
   if mosaic is not None and mosaic <= 0:
     raise DicomError(path, "Siemens mosaic without NumberOfImagesInMosaic")
-  b = vendor_b_value(ds)
-  direction = vendor_diffusion_direction(ds)
+  if isinstance(ds, fastread.Header):
+    # Diffusion tags (standard or vendor private) are read by pydicom.
+    if ("DiffusionBValue" in ds or "DiffusionGradientOrientation" in ds or
+        any(ds.has_private(*p) for p in fastread.VENDOR_PRIVATE)):
+      raise fastread.Unsupported("diffusion tags")
+    b = direction = None
+  else:
+    b = vendor_b_value(ds)
+    direction = vendor_diffusion_direction(ds)
   hard = (
       int(ds.Rows), int(ds.Columns),
       tuple(np.round(spacing, 4).tolist()),
@@ -301,40 +310,63 @@ def read_entries(path: str, salt: str, seen: set | None = None
   so with ``seen`` (the (series UID, hard key) pairs met so far, updated
   here) the record is built only by the first file of each group; the other
   files carry only their grouping and geometry keys (``record`` None).
+
+  Plain classic images are read with ``fastread`` (the ~25 tags scan needs);
+  everything else, and every file that needs its record, goes through pydicom.
   """
   try:
-    ds = read_dataset(path, stop_before_pixels=True)
-    if is_dicomdir(ds):
-      return Skipped(path, "DICOMDIR (media directory), not an image")
-    if "SOPClassUID" not in ds and "Modality" not in ds:
-      return Skipped(path, "corrupt or empty header (no SOPClassUID/Modality)")
-    series = hash_id(ds.get("SeriesInstanceUID"), salt)
-    reason = _non_image_reason(ds)
-    if reason:
-      return Skipped(path, reason, series)
-    if "SeriesInstanceUID" not in ds:
-      return Skipped(path, "no SeriesInstanceUID")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    trunc = _truncation_reason(ds, frames)
-    if trunc:
-      return Skipped(path, trunc, series)
+    header = fastread.read_header(path)
+  except OSError:
+    header = None  # the pydicom path reports the reason
+  if header is not None:
     try:
-      if frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
-        entries = _enhanced_entries(path, ds, frames)
-      else:
-        entries = _classic_entries(path, ds)
-    except DicomError as e:
-      return Skipped(path, e.reason, series)
-    keys = {(e.series_uid, e.hard_key) for e in entries}
-    if seen is None or not keys <= seen:
-      entries[0].record = _file_record(ds, entries, salt)
-      if seen is not None:
-        seen |= keys
-    return entries
+      return _entries(path, header, salt, seen)
+    except Exception:  # pylint: disable=broad-except
+      pass  # anything unusual: pydicom decides (same values, same reasons)
+  try:
+    return _entries(path, read_dataset(path, stop_before_pixels=True), salt,
+                    seen)
   except DicomError as e:
     return Skipped(path, e.reason)
   except Exception as e:  # never let one file stop a scan
     return Skipped(path, f"unreadable header ({type(e).__name__}: {e})")
+
+
+def _entries(path: str, ds: Dataset | fastread.Header, salt: str,
+             seen: set | None) -> list[_Entry] | Skipped:
+  fast = isinstance(ds, fastread.Header)
+  if is_dicomdir(ds):
+    return Skipped(path, "DICOMDIR (media directory), not an image")
+  if "SOPClassUID" not in ds and "Modality" not in ds:
+    return Skipped(path, "corrupt or empty header (no SOPClassUID/Modality)")
+  series = hash_id(ds.get("SeriesInstanceUID"), salt)
+  reason = _non_image_reason(ds)
+  if reason:
+    return Skipped(path, reason, series)
+  if "SeriesInstanceUID" not in ds:
+    return Skipped(path, "no SeriesInstanceUID")
+  frames = int(ds.get("NumberOfFrames", 1) or 1)
+  trunc = _truncation_reason(ds, frames)
+  if trunc:
+    return Skipped(path, trunc, series)
+  enhanced = frames > 1 or "PerFrameFunctionalGroupsSequence" in ds
+  if fast and enhanced:
+    raise fastread.Unsupported("enhanced multi-frame object")
+  try:
+    if enhanced:
+      entries = _enhanced_entries(path, ds, frames)
+    else:
+      entries = _classic_entries(path, ds)
+  except DicomError as e:
+    return Skipped(path, e.reason, series)
+  keys = {(e.series_uid, e.hard_key) for e in entries}
+  if seen is None or not keys <= seen:
+    if fast:
+      ds = read_dataset(path, stop_before_pixels=True)
+    entries[0].record = _file_record(ds, entries, salt)
+    if seen is not None:
+      seen |= keys
+  return entries
 
 
 def _record_of(path: str, salt: str) -> dict[str, Any] | None:

@@ -1,0 +1,349 @@
+"""A minimal DICOM header reader for the common case, equal to pydicom's values.
+
+pydicom parses every element of a header into Python objects and converts each
+accessed value through its generic value pipeline (~0.3 ms + ~15 us per
+accessed tag); ``scan`` and ``load_volume`` only need ~25 top-level tags of
+each file. ``read_header`` walks the element stream with ``struct`` and
+decodes just those tags, and records where the pixel data sits so that
+``load_volume`` can read the pixels straight into its buffer.
+
+It is a *fast path only*: anything outside the plain case raises
+``Unsupported`` (or ``read_header`` returns None) and the caller uses pydicom.
+Unsupported are: no ``DICM`` preamble, gzip, big-endian or deflated transfer
+syntaxes, a dataset whose encoding disagrees with its transfer syntax, any
+structural oddity (lengths past the end of the file, bad VRs), and, per
+value, anything that is not clean (empty, non-ASCII, padded items,
+non-finite numbers, several values where one is expected). For the values it
+does return, the Python value equals what ``pydicom.Dataset.get`` returns
+(str / int / float, a list where pydicom returns a MultiValue), which the
+equivalence tests check on every test file.
+"""
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any
+
+from pydicom.uid import UID
+
+# keyword -> (tag, VR, multi): multi False = one value expected.
+_TAGS: dict[str, tuple[int, str, bool]] = {
+    "SOPClassUID": (0x00080016, "UI", False),
+    "ImageType": (0x00080008, "CS", True),
+    "Modality": (0x00080060, "CS", False),
+    "AcquisitionTime": (0x00080032, "TM", False),
+    "EchoTime": (0x00180081, "DS", False),
+    "EchoNumbers": (0x00180086, "IS", False),
+    "TriggerTime": (0x00181060, "DS", False),
+    "DiffusionBValue": (0x00189087, "FD", False),
+    "DiffusionGradientOrientation": (0x00189089, "FD", True),
+    "ComplexImageComponent": (0x00089208, "CS", False),
+    "SeriesInstanceUID": (0x0020000E, "UI", False),
+    "AcquisitionNumber": (0x00200012, "IS", False),
+    "ImagePositionPatient": (0x00200032, "DS", True),
+    "ImageOrientationPatient": (0x00200037, "DS", True),
+    "TemporalPositionIdentifier": (0x00200100, "IS", False),
+    "TemporalPositionIndex": (0x00209128, "UL", False),
+    "SamplesPerPixel": (0x00280002, "US", False),
+    "NumberOfFrames": (0x00280008, "IS", False),
+    "Rows": (0x00280010, "US", False),
+    "Columns": (0x00280011, "US", False),
+    "PixelSpacing": (0x00280030, "DS", True),
+    "BitsAllocated": (0x00280100, "US", False),
+    "BitsStored": (0x00280101, "US", False),
+    "PixelRepresentation": (0x00280103, "US", False),
+    "RescaleIntercept": (0x00281052, "DS", False),
+    "RescaleSlope": (0x00281053, "DS", False),
+    "PerFrameFunctionalGroupsSequence": (0x52009230, "SQ", False),
+    "SharedFunctionalGroupsSequence": (0x52009229, "SQ", False),
+    "DirectoryRecordSequence": (0x00041220, "SQ", False),
+}
+_BY_TAG = {tag: (kw, vr, multi) for kw, (tag, vr, multi) in _TAGS.items()}
+# Vendor private tags that scan reads through pydicom (diffusion): if one is
+# present the caller falls back. (group, creator, element offset)
+VENDOR_PRIVATE = ((0x0019, "SIEMENS MR HEADER", 0x0C),
+                  (0x0019, "SIEMENS MR HEADER", 0x0E),
+                  (0x2001, "Philips Imaging DD 001", 0x03),
+                  (0x0043, "GEMS_PARM_01", 0x39))
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00009, 0x7FE00008)
+_LONG_VR = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV",
+                      b"UC", b"UN", b"UR", b"UT", b"UV"})
+_SHORT_VR = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD",
+                       b"FL", b"IS", b"LO", b"LT", b"PN", b"SH", b"SL", b"SS",
+                       b"ST", b"TM", b"UI", b"UL", b"US"})
+_IMPLICIT = "1.2.840.10008.1.2"
+_UNDEFINED = 0xFFFFFFFF
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_TAG = struct.Struct("<HH")
+_FIRST_READ = 8192
+
+
+class Unsupported(Exception):
+  """The fast reader does not handle this file or value: use pydicom."""
+
+
+class _Buffer:
+  """The file's bytes, read on demand (headers only, not the pixels)."""
+
+  def __init__(self, fp, size: int):
+    self.fp, self.size = fp, size
+    self.data = fp.read(min(size, _FIRST_READ))
+
+  def need(self, end: int) -> bytes:
+    if end > self.size:
+      raise Unsupported("element runs past the end of the file")
+    if end > len(self.data):
+      self.data += self.fp.read(max(end, 2 * len(self.data)) - len(self.data))
+      if end > len(self.data):
+        raise Unsupported("short read")
+    return self.data
+
+
+class Header:
+  """Top-level elements of one file: ``get``/``in``/attributes like pydicom.
+
+  Attributes:
+    path: the file.
+    file_meta: {'TransferSyntaxUID': UID, 'MediaStorageSOPClassUID': UID}.
+    pixel_tag_offset: byte offset of the pixel data element's tag (or the
+      file size when there is none), as pydicom's ``fp.tell()`` after
+      ``stop_before_pixels``.
+    pixel_value_offset, pixel_length: where the native pixel bytes are
+      (None when absent or encapsulated).
+  """
+
+  def __init__(self, path: str, values: dict[int, tuple[str, bytes]],
+               creators: dict[tuple[int, int], bytes], meta: dict[str, UID],
+               implicit: bool, file_size: int, pixel_tag_offset: int,
+               pixel_value_offset: int | None, pixel_length: int | None):
+    self.path = path
+    self._values = values
+    self._creators = creators
+    self._cache: dict[str, Any] = {}
+    self.file_meta = meta
+    self.implicit = implicit
+    self._radnet_file_size = file_size
+    self._radnet_pixel_offset = pixel_tag_offset
+    self.pixel_value_offset = pixel_value_offset
+    self.pixel_length = pixel_length
+
+  def __contains__(self, keyword: str) -> bool:
+    return _TAGS[keyword][0] in self._values
+
+  def get(self, keyword: str, default: Any = None) -> Any:
+    if keyword in self._cache:
+      return self._cache[keyword]
+    tag, vr, multi = _TAGS[keyword]
+    item = self._values.get(tag)
+    if item is None:
+      return default
+    value = _decode(item[0], vr, item[1], multi)
+    self._cache[keyword] = value
+    return value
+
+  def __getattr__(self, keyword: str) -> Any:
+    if keyword.startswith("_") or keyword not in _TAGS:
+      raise AttributeError(keyword)
+    if _TAGS[keyword][0] not in self._values:
+      raise AttributeError(keyword)
+    return self.get(keyword)
+
+  def has_private(self, group: int, creator: str, offset: int) -> bool:
+    """Whether private element ``offset`` of ``creator``'s block is present."""
+    for (g, element), raw in self._creators.items():
+      if g != group:
+        continue
+      try:
+        text = raw.decode("ascii")
+      except UnicodeDecodeError as e:
+        raise Unsupported("non-ASCII private creator") from e
+      text = text.rstrip(" \0")
+      if text != text.strip() or "\\" in text:
+        raise Unsupported("unusual private creator")
+      if text == creator and ((group << 16) | (element << 8) | offset) in self._values:
+        return True
+    return False
+
+
+def _decode(actual_vr: str, vr: str, raw: bytes, multi: bool) -> Any:
+  """pydicom's value of a clean element, else Unsupported."""
+  if actual_vr not in (vr, "") or not raw:
+    raise Unsupported(f"VR {actual_vr} or empty value")
+  if vr in ("US", "UL", "FD"):
+    fmt, size = {"US": ("<H", 2), "UL": ("<I", 4), "FD": ("<d", 8)}[vr]
+    if len(raw) % size:
+      raise Unsupported("odd binary length")
+    values = list(struct.unpack(f"<{len(raw) // size}{fmt[1]}", raw))
+    if vr == "FD" and not all(math.isfinite(v) for v in values):
+      raise Unsupported("non-finite FD")
+  elif vr == "SQ":
+    raise Unsupported("sequence value")
+  else:
+    try:
+      text = raw.decode("ascii")
+    except UnicodeDecodeError as e:
+      raise Unsupported("non-ASCII value") from e
+    items = text.rstrip(" \0").split("\\")
+    if any(not s or s != s.strip() for s in items):
+      raise Unsupported("empty or padded item")
+    if vr == "DS":
+      try:
+        values = [float(s) for s in items]
+      except ValueError as e:
+        raise Unsupported("invalid DS") from e
+      if not all(math.isfinite(v) for v in values):
+        raise Unsupported("non-finite DS")
+    elif vr == "IS":
+      try:
+        values = [int(s) for s in items]
+      except ValueError as e:
+        raise Unsupported("invalid IS") from e
+    elif vr == "UI":
+      values = [UID(s) for s in items]
+    else:
+      values = items
+  if len(values) == 1:
+    return values[0]
+  if not multi:
+    raise Unsupported("several values where one is expected")
+  return values
+
+
+def _skip_undefined(buf: _Buffer, pos: int, implicit: bool) -> int:
+  """Position after an undefined-length sequence (or item list) at ``pos``."""
+  while True:
+    data = buf.need(pos + 8)
+    group, elem = _TAG.unpack_from(data, pos)
+    length = _U32.unpack_from(data, pos + 4)[0]
+    pos += 8
+    if group != 0xFFFE:
+      raise Unsupported("element inside a sequence outside an item")
+    if elem == 0xE0DD:      # sequence delimiter
+      return pos
+    if elem != 0xE000:
+      raise Unsupported("unexpected delimiter")
+    if length != _UNDEFINED:
+      pos += length
+      continue
+    # An item of undefined length: elements until the item delimiter.
+    while True:
+      data = buf.need(pos + 8)
+      group, elem = _TAG.unpack_from(data, pos)
+      if group == 0xFFFE and elem == 0xE00D:
+        pos += 8
+        break
+      pos, _, _, length, nested_implicit = _element_header(buf, pos, implicit)
+      if length == _UNDEFINED:
+        pos = _skip_undefined(buf, pos, nested_implicit)
+      else:
+        pos += length
+
+
+def _element_header(buf: _Buffer, pos: int, implicit: bool
+                    ) -> tuple[int, int, str, int, bool]:
+  """(value offset, tag, VR or '', length, implicit for nested items)."""
+  data = buf.need(pos + 8)
+  group, elem = _TAG.unpack_from(data, pos)
+  tag = (group << 16) | elem
+  if implicit:
+    return pos + 8, tag, "", _U32.unpack_from(data, pos + 4)[0], True
+  vr = data[pos + 4:pos + 6]
+  if vr in _LONG_VR:
+    data = buf.need(pos + 12)
+    length = _U32.unpack_from(data, pos + 8)[0]
+    # An undefined-length UN holds implicit VR data (PS3.5 6.2.2).
+    return pos + 12, tag, vr.decode(), length, vr == b"UN"
+  if vr in _SHORT_VR:
+    return pos + 8, tag, vr.decode(), _U16.unpack_from(data, pos + 6)[0], False
+  raise Unsupported("unknown VR")
+
+
+def read_header(path: str) -> Header | None:
+  """Parses the top level of ``path`` up to the pixel data; None = use pydicom.
+
+  Raises:
+    OSError: the file cannot be opened or read (callers report it).
+  """
+  if path.endswith(".gz"):
+    return None
+  with open(path, "rb") as fp:
+    fp.seek(0, 2)
+    size = fp.tell()
+    fp.seek(0)
+    buf = _Buffer(fp, size)
+    try:
+      return _parse(path, buf, size, fp)
+    except (Unsupported, struct.error):
+      return None
+
+
+def _parse(path: str, buf: _Buffer, size: int, fp) -> Header | None:
+  data = buf.need(132)
+  if data[128:132] != b"DICM":
+    return None
+  # --- file meta: explicit VR little endian, group 0002 -------------------
+  pos = 132
+  meta: dict[str, UID] = {}
+  while True:
+    if pos + 8 > size:
+      return None
+    data = buf.need(pos + 8)
+    if _U16.unpack_from(data, pos)[0] != 0x0002:
+      break
+    start, tag, _, length, _ = _element_header(buf, pos, False)
+    if length == _UNDEFINED:
+      return None
+    data = buf.need(start + length)
+    if tag in (0x00020002, 0x00020010):
+      value = data[start:start + length].decode("ascii").rstrip("\0 ")
+      meta["MediaStorageSOPClassUID" if tag == 0x00020002 else
+           "TransferSyntaxUID"] = UID(value)
+    pos = start + length
+  syntax = meta.get("TransferSyntaxUID")
+  if syntax is None:
+    return None
+  if syntax == _IMPLICIT:
+    implicit = True
+  elif syntax.is_transfer_syntax and syntax.is_little_endian and \
+      not syntax.is_implicit_VR and not syntax.is_deflated:
+    implicit = False
+  else:
+    return None  # big endian, deflated, private or unknown syntax
+  # pydicom checks the first element's encoding against the syntax.
+  data = buf.need(min(pos + 8, size))
+  if pos + 8 <= size and (data[pos + 4:pos + 6] in _SHORT_VR | _LONG_VR) == implicit:
+    return None
+  # --- dataset ---------------------------------------------------------------
+  values: dict[int, tuple[str, bytes]] = {}
+  creators: dict[tuple[int, int], bytes] = {}
+  pixel_tag, pixel_value, pixel_length = size, None, None
+  while pos < size:
+    start, tag, vr, length, nested_implicit = _element_header(buf, pos, implicit)
+    if tag in _PIXEL_TAGS:
+      pixel_tag = pos
+      if tag != 0x7FE00010:
+        raise Unsupported("float pixel data")
+      if length != _UNDEFINED:
+        pixel_value, pixel_length = start, length
+      break
+    group = tag >> 16
+    if length == _UNDEFINED:
+      pos = _skip_undefined(buf, start, nested_implicit)
+      if tag in _BY_TAG or group & 1:
+        values[tag] = ("SQ", b"")  # presence only
+      continue
+    end = start + length
+    if tag in _BY_TAG:
+      data = buf.need(end)
+      values[tag] = (vr, data[start:end])
+    elif group & 1 and 0x10 <= (tag & 0xFFFF) <= 0xFF:
+      data = buf.need(end)
+      creators[(group, tag & 0xFFFF)] = data[start:end]
+    elif group & 1:
+      values[tag] = (vr, b"")  # private element: presence only
+    elif end > size:
+      raise Unsupported("element runs past the end of the file")
+    pos = end
+  return Header(path, values, creators, meta, implicit, size, pixel_tag,
+                pixel_value, pixel_length)
