@@ -49,13 +49,21 @@ class Grid:
   def points(self, box) -> np.ndarray:
     """World coordinates (nk, ni, nj, 3) float32 of the voxels in an index box."""
     (k0, k1), (i0, i1), (j0, j1) = box
+    cache = getattr(self, "_cache", None)
+    if cache is None and int(np.prod(self.shape)) <= 8_000_000:
+      cache = self._cache = self._points(((0, self.shape[0]), (0, self.shape[1]), (0, self.shape[2])))
+    if cache is not None:
+      return cache[k0:k1, i0:i1, j0:j1]
+    return self._points(box)
+
+  def _points(self, box) -> np.ndarray:
+    (k0, k1), (i0, i1), (j0, j1) = box
     dz, di, dj = self.spacing
-    k = np.arange(k0, k1, dtype=np.float32)[:, None, None, None] * dz
-    i = np.arange(i0, i1, dtype=np.float32)[None, :, None, None] * di
-    j = np.arange(j0, j1, dtype=np.float32)[None, None, :, None] * dj
-    o = self.origin.astype(np.float32)
-    return (o + k * self.n.astype(np.float32) + i * self.c.astype(np.float32)
-            + j * self.r.astype(np.float32))
+    f = np.float32
+    k = (np.arange(k0, k1, dtype=f) * f(dz))[:, None] * self.n.astype(f)
+    i = (np.arange(i0, i1, dtype=f) * f(di))[:, None] * self.c.astype(f)
+    j = (np.arange(j0, j1, dtype=f) * f(dj))[:, None] * self.r.astype(f) + self.origin.astype(f)
+    return k[:, None, None, :] + (i[:, None, :] + j[None, :, :])[None]
 
   def box(self, lo: np.ndarray, hi: np.ndarray):
     """Index box (clipped) holding the world AABB [lo, hi], or None if empty."""
@@ -70,6 +78,18 @@ class Grid:
         return None
       out.append((b0, b1))
     return out
+
+
+def _pow(q: np.ndarray, e: float) -> np.ndarray:
+  """|q|^e with cheap special cases (2, 2.5, 3)."""
+  if e == 2.0:
+    return q * q
+  a = np.abs(q)
+  if e == 2.5:
+    return q * q * np.sqrt(a)
+  if e == 3.0:
+    return a * a * a
+  return a ** e
 
 
 class Ellipsoid:
@@ -87,7 +107,7 @@ class Ellipsoid:
 
   def inside(self, p: np.ndarray) -> np.ndarray:
     q = ((p - self.c) @ self.rot) / self.radii
-    f = (np.abs(q) ** self.e).sum(-1) if self.e != 2.0 else (q * q).sum(-1)
+    f = _pow(q, self.e).sum(-1)
     lim = 1.0
     for k, ph, amp in self.deform:
       lim = lim + amp * np.sin(q @ np.asarray(k, np.float32) + ph)
@@ -124,11 +144,20 @@ class Profile:
     self.lo = np.array([(self.cx - self.a).min(), (self.cy - self.b).min(), self.z[0]])
     self.hi = np.array([(self.cx + self.a).max(), (self.cy + self.b).max(), self.z[-1]])
 
+  def _lut(self):
+    if not hasattr(self, "_tab"):
+      zz = np.arange(self.z[0], self.z[-1] + 1.0, 1.0, dtype=np.float32)
+      self._tab = np.stack([np.interp(zz, self.z, v) for v in (self.cx, self.cy, 1 / self.a, 1 / self.b)]
+                           ).astype(np.float32)
+    return self._tab
+
   def inside(self, p: np.ndarray) -> np.ndarray:
+    tab = self._lut()   # 1 mm look-up table of centre and half-axes along Z
     z = p[..., 2]
-    u = (p[..., 0] - np.interp(z, self.z, self.cx)) / np.interp(z, self.z, self.a)
-    v = (p[..., 1] - np.interp(z, self.z, self.cy)) / np.interp(z, self.z, self.b)
-    return ((np.abs(u) ** self.e + np.abs(v) ** self.e) <= 1.0) & (z >= self.z[0]) & (z <= self.z[-1])
+    idx = np.clip((z - self.z[0] + 0.5).astype(np.int32), 0, tab.shape[1] - 1)
+    u = (p[..., 0] - tab[0][idx]) * tab[2][idx]
+    v = (p[..., 1] - tab[1][idx]) * tab[3][idx]
+    return ((_pow(u, self.e) + _pow(v, self.e)) <= 1.0) & (z >= self.z[0]) & (z <= self.z[-1])
 
   def inset(self, t: float) -> "Profile":
     return Profile(self.z, self.cx, self.cy, np.maximum(self.a - t, 1.0),
@@ -191,7 +220,7 @@ def make_patient(rng: np.random.Generator, pid: int = 0) -> Patient:
   hip_f = 1.08 if sex == "F" else 1.0
   a[-2:] *= hip_f
   cy = np.array([12, 15, 0, 0, 0, 0, 0, 0, 0], float)
-  trunk = Profile(Z(depths), np.zeros(9), cy, a, b, e=2.3)
+  trunk = Profile(Z(depths), np.zeros(9), cy, a, b, e=2.5)
   legs = [Profile(Z(np.array([905, 1150])), [sx * 88 * s * hip_f] * 2, [0, 0],
                   np.array([82, 68]) * s * wide, np.array([84, 70]) * s * wide)
           for sx in (-1, 1)]
