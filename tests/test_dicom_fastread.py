@@ -93,3 +93,98 @@ def _pydicom_ok(path):
     return True
   except Exception:  # pylint: disable=broad-except
     return False
+
+
+def _no_fastread(monkeypatch):
+  monkeypatch.setattr(fastread, "read_header", lambda path: None)
+
+
+def _scan_load(root, monkeypatch=None):
+  res = dicom.scan(root, salt=SALT)
+  vols = [dicom.load_volume(st) for st in res.stacks]
+  return res, vols
+
+
+@pytest.mark.parametrize("variant", [
+    dict(bits=16, stored=16, signed=True, slope=1.0, intercept=-1024.0),
+    dict(bits=16, stored=12, signed=True, slope=1.0, intercept=0.0),
+    dict(bits=16, stored=12, signed=False, slope=2.5, intercept=-7.0),
+    dict(bits=16, stored=16, signed=False, slope=0.5, intercept=0.0),
+    dict(bits=8, stored=8, signed=False, slope=1.0, intercept=0.0),
+    dict(bits=16, stored=16, signed=True, slope=1.0, intercept=0.0,
+         implicit=True, plane="SAG"),
+    dict(bits=16, stored=16, signed=True, slope=1.0, intercept=5.0,
+         plane="COR", diffusion=True),
+])
+def test_scan_and_load_fast_equal_pydicom_paths(tmp_path, monkeypatch, variant):
+  rng = np.random.default_rng(0)
+  n, h, w = 5, 6, 7
+  hi = (1 << variant["stored"]) - 1
+  stored = rng.integers(0, hi + 1, (n, h, w))
+  if variant["signed"]:
+    stored = stored - (hi + 1) // 2
+  iop = sd.oblique_iop(variant.get("plane", "AX"), 10.0)
+  normal = np.cross(iop[:3], iop[3:])
+  pos = sd.linear_positions([-3.0, 4.0, 10.0], 1.5 * normal, n)
+  paths = sd.write_series(str(tmp_path), stored.astype(np.int32), pos, iop,
+                          intercept=variant["intercept"],
+                          slopes=[variant["slope"]] * n,
+                          modality="MR" if variant.get("diffusion") else "CT")
+  for path in paths:  # rewrite with the variant's pixel encoding
+    ds = pydicom.dcmread(path)
+    dtype = f"{'i' if variant['signed'] else 'u'}{variant['bits'] // 8}"
+    k = paths.index(path)
+    raw = stored[k].astype(dtype)
+    if variant["stored"] < variant["bits"] and variant["signed"]:
+      raw = raw.view(np.uint16) & ((1 << variant["stored"]) - 1)  # 12-bit two's complement
+      raw = raw | np.uint16(0xF000 * (k % 2))     # garbage in the unused bits
+    ds.BitsAllocated, ds.BitsStored = variant["bits"], variant["stored"]
+    ds.HighBit = variant["stored"] - 1
+    ds.PixelRepresentation = int(variant["signed"])
+    ds.PixelData = raw.tobytes()
+    if variant.get("diffusion"):
+      ds.DiffusionBValue = 1000.0
+    if variant.get("implicit"):
+      ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    ds.save_as(path, implicit_vr=bool(variant.get("implicit")),
+               little_endian=True)
+  if not variant.get("diffusion"):
+    assert fastread.read_header(paths[0]) is not None
+  res_fast, vols_fast = _scan_load(str(tmp_path))
+  _no_fastread(monkeypatch)
+  res_slow, vols_slow = _scan_load(str(tmp_path))
+  assert [s.key for s in res_fast.stacks] == [s.key for s in res_slow.stacks]
+  assert [s.files for s in res_fast.stacks] == [s.files for s in res_slow.stacks]
+  assert [s.record for s in res_fast.stacks] == [s.record for s in res_slow.stacks]
+  assert res_fast.skipped == res_slow.skipped
+  assert len(vols_fast) == 1, res_fast.skipped
+  for a, b in zip(vols_fast, vols_slow):
+    assert a.voxels.dtype == np.float32 and a.voxels.shape == b.voxels.shape
+    np.testing.assert_array_equal(a.voxels, b.voxels)
+    np.testing.assert_array_equal(a.affine, b.affine)
+    assert a.record == b.record
+  # Known values: HU = stored * slope + intercept (AX: superior slice first).
+  if variant.get("plane", "AX") == "AX" and variant["stored"] == variant["bits"]:
+    ref = stored[::-1].astype(np.float32) * np.float32(variant["slope"]) + \
+        np.float32(variant["intercept"])
+    np.testing.assert_array_equal(vols_fast[0].voxels, ref)
+
+
+def test_fast_reader_declines_what_it_does_not_handle(tmp_path):
+  ds = sd.make_slice(np.zeros((4, 4), np.int16), [0, 0, 0], [1, 0, 0, 0, 1, 0],
+                     [1, 1], series_uid="1.2.3", study_uid="1.2.4")
+  plain = str(tmp_path / "plain.dcm")
+  ds.save_as(plain, enforce_file_format=True)
+  h = fastread.read_header(plain)
+  assert h is not None and h.Rows == 4 and h.get("ImagePositionPatient") == [0, 0, 0]
+  assert h.pixel_length == 32
+  # No preamble, big endian and a truncated header: pydicom's business.
+  raw = open(plain, "rb").read()
+  (tmp_path / "nopre.dcm").write_bytes(raw[132:])
+  assert fastread.read_header(str(tmp_path / "nopre.dcm")) is None
+  (tmp_path / "cut.dcm").write_bytes(raw[:300])
+  assert fastread.read_header(str(tmp_path / "cut.dcm")) is None
+  ds.RescaleSlope = ""  # empty value: not answered
+  ds.save_as(plain, enforce_file_format=True)
+  with pytest.raises(fastread.Unsupported):
+    fastread.read_header(plain).get("RescaleSlope")

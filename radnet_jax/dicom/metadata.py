@@ -163,7 +163,7 @@ def _private(ds: Dataset, group: int, creator: str, offset: int) -> Any:
 
 def vendor_b_value(ds: Dataset) -> float | None:
   """Diffusion b-value (s/mm^2) from the standard or vendor private tags."""
-  value = _native(ds.get("DiffusionBValue").value) if "DiffusionBValue" in ds else None
+  value = _native(ds["DiffusionBValue"].value) if "DiffusionBValue" in ds else None
   if value is not None:
     return float(value[0] if isinstance(value, list) else value)
   for group, creator, off in ((0x0019, _SIEMENS_MR, 0x0C),

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
-from radnet_jax.dicom import geometry
+from radnet_jax.dicom import fastread, geometry
 from radnet_jax.dicom.errors import DicomError
 from radnet_jax.dicom.metadata import functional_group
 from radnet_jax.dicom.reader import read_dataset
@@ -142,20 +142,88 @@ class _Slices:
       raise DicomError(where, f"slice size {pixels.shape} differs from the "
                               f"stack's {self.voxels.shape[1:]}")
     out = self.voxels[i]
-    out[...] = pixels
+    # One pass from the stored integers: cast to float32, then the float32
+    # multiply / add (the same float32 operations as cast, *=, +=).
     if slope != 1.0:
-      out *= np.float32(slope)
-    if inter != 0.0:
-      out += np.float32(inter)
+      np.multiply(pixels, np.float32(slope), out=out, dtype=np.float32)
+      if inter != 0.0:
+        out += np.float32(inter)
+    elif inter != 0.0:
+      np.add(pixels, np.float32(inter), out=out, dtype=np.float32)
+    else:
+      out[...] = pixels
     self.positions[i] = _vec(ipp, 3, where, "ImagePositionPatient")
     self.iops[i] = _vec(iop, 6, where, "ImageOrientationPatient")
     self.spacings[i] = _vec(spacing, 2, where, "PixelSpacing")
     self.count += 1
 
 
+def _fast_slice(path: str, staging: dict) -> tuple | None:
+  """Native little-endian classic slice via ``fastread``: (stored pixels
+  (H, W), header) read straight from the file, or None (use pydicom).
+
+  ``staging`` caches one reusable buffer per (shape, dtype), so a stack's
+  pixels are read without a per-file allocation.
+  """
+  try:
+    h = fastread.read_header(path)
+    if h is None or h.pixel_value_offset is None:
+      return None
+    if str(h.file_meta.get("TransferSyntaxUID", "")) not in _NATIVE_LE:
+      return None
+    if (int(h.get("SamplesPerPixel", 1)) != 1 or
+        int(h.get("NumberOfFrames", 1) or 1) != 1 or
+        "PerFrameFunctionalGroupsSequence" in h):
+      return None
+    bits, stored = int(h.BitsAllocated), int(h.BitsStored)
+    signed = int(h.PixelRepresentation) == 1
+    rows, cols = int(h.Rows), int(h.Columns)
+    for key in ("ImagePositionPatient", "ImageOrientationPatient",
+                "PixelSpacing"):
+      h.get(key)  # decodable here, or Unsupported -> pydicom
+    _rescale(h)
+  except (fastread.Unsupported, AttributeError, TypeError, ValueError,
+          OSError):
+    return None
+  if bits not in (8, 16, 32) or stored > bits or stored <= 0:
+    return None
+  dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+  if h.pixel_length < rows * cols * dtype.itemsize:
+    return None  # truncated: let the general path report it
+  buf = staging.get((rows, cols, dtype.str))
+  if buf is None:
+    buf = staging[(rows, cols, dtype.str)] = np.empty((rows, cols), dtype)
+  try:
+    with open(path, "rb", buffering=0) as f:
+      f.seek(h.pixel_value_offset)
+      if f.readinto(memoryview(buf).cast("B")) != buf.nbytes:
+        return None
+  except OSError:
+    return None
+  arr = buf
+  if stored < bits:  # as pydicom: mask unused high bits / sign-extend
+    if signed:
+      shift = bits - stored
+      arr = (arr << shift) >> shift
+    else:
+      arr = arr & dtype.type((1 << stored) - 1)
+  return arr, h
+
+
 def _read_classic(stack: Stack) -> _Slices:
   slices = None
+  staging: dict = {}
   for path in stack.files:
+    fast = _fast_slice(path, staging)
+    if fast is not None:
+      arr, h = fast
+      if slices is None:
+        slices = _Slices(len(stack.files), arr.shape[0], arr.shape[1])
+      slope, inter = _rescale(h)
+      slices.add(arr, h.get("ImagePositionPatient"),
+                 h.get("ImageOrientationPatient"), h.get("PixelSpacing"),
+                 slope, inter, path)
+      continue
     ds = read_dataset(path, stop_before_pixels=False)
     if "PixelData" not in ds and "FloatPixelData" not in ds:
       raise DicomError(path, "no pixel data")
