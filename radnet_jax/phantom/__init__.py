@@ -5,7 +5,8 @@ T1-FLAIR/T2-FLAIR, PET) with header noise and ``truth.csv``; ``make_lits``
 writes liver/tumour segmentation volumes in the LiTS layout.
 """
 from radnet_jax.phantom.corpus import make_corpus
+from radnet_jax.phantom.lits import make_lits
 from radnet_jax.phantom.noise import HeaderNoise
 from radnet_jax.phantom.truth import load_truth
 
-__all__ = ["make_corpus", "HeaderNoise", "load_truth"]
+__all__ = ["make_corpus", "make_lits", "HeaderNoise", "load_truth"]

@@ -199,8 +199,11 @@ def _deform(rng, amp: float, n: int = 3, freq: float = 2.5):
                for _ in range(n))
 
 
-def make_patient(rng: np.random.Generator, pid: int = 0) -> Patient:
-  """Samples one patient (sex, size, organ layout, lesions) -> Patient."""
+def make_patient(rng: np.random.Generator, pid: int = 0, lesions: int | None = None) -> Patient:
+  """Samples one patient (sex, size, organ layout, lesions) -> Patient.
+
+  lesions: number of liver lesions (default: random 0-3).
+  """
   sex = "F" if rng.random() < 0.5 else "M"
   height = float(rng.normal(1640 if sex == "F" else 1770, 60))
   s = height / 1750.0
@@ -334,6 +337,7 @@ def make_patient(rng: np.random.Generator, pid: int = 0) -> Patient:
   for _ in range(int(rng.integers(0, 4))):  # portal / hepatic vessels
     add(Capsule(liver_c + rng.normal(0, 15, 3), liver_c + rng.normal(0, 45, 3), 4 * s, 2 * s), "blood", ["liver"])
   n_les = int(rng.choice([0, 0, 1, 2, 3]))
+  n_les = n_les if lesions is None else lesions
   for _ in range(n_les):
     add(Ellipsoid(liver_c + rng.normal(0, 30, 3) * s, [rng.uniform(6, 22)] * 3, deform=_deform(rng, 0.1)), "lesion", ["liver"])
   add(Ellipsoid(liver_c + [25 * s, -20 * s, -60 * s], [16 * s, 14 * s, 30 * s], _rot(rng, 20)), "bile")

@@ -6,7 +6,8 @@ outputs are float32 images of the same shape: CT in HU, MR in scanner units
 scaling in the writer).
 
 MR relaxation times are 1.5 T literature values (ms): Stanisz et al. 2005
-(MRM 54:507) for brain, muscle, myocardium, cord; de Bazelaire et al. 2004
+(MRM 54:507) for grey matter, muscle, myocardium, cord (white matter T1 790 ms,
+the 1.5 T value of Wansapura et al. 1999 / Gelman et al. 2001); de Bazelaire et al. 2004
 (Radiology 230:652) for liver, spleen, kidney, fat; Rakow-Penner et al. 2006
 for breast fibroglandular tissue. Signals come from the sequence equations:
 
@@ -31,7 +32,7 @@ TABLE = {
     "bone":       (1000, 0, 0.05, 1000, 1, 0.0, 0.4),
     "marrow":     (300, 20, 0.80, 550, 60, 0.10, 1.4),
     "gm":         (40, 3, 0.80, 1124, 95, 0.0, 8.0),
-    "wm":         (28, 2, 0.69, 884, 72, 0.0, 3.0),
+    "wm":         (28, 2, 0.69, 790, 72, 0.0, 3.0),
     "csf":        (5, 0, 1.00, 4000, 2000, 0.0, 0.2),
     "gas":        (-1000, 0, 0.00, 1000, 1, 0.0, 0.0),
     "lung":       (-850, 20, 0.10, 1200, 30, 0.10, 0.4),

@@ -1,0 +1,143 @@
+"""Liver segmentation set in the LiTS layout (``volume-N.nii.gz``, ``segmentation-N.nii.gz``).
+
+Abdominal CT of phantom patients (portal-venous contrast in most cases), int16
+HU like LiTS, with masks 0 background, 1 liver, 2 tumour. NIfTI is RAS, so the
+affine is the LPS voxel->mm matrix with X and Y negated. The data array is
+indexed (x=column, y=row, z=slice) like the LiTS files read with nibabel.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+
+import numpy as np
+
+from radnet_jax.phantom import acquisition, physics
+from radnet_jax.phantom.anatomy import T, Grid, make_patient, render_labels
+from radnet_jax.phantom.protocols import SeriesPlan
+
+MARKER = "lits.json"
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def grid_affine(grid: Grid) -> np.ndarray:
+  """4x4 LPS affine mapping (column j, row i, slice k, 1) -> mm."""
+  a = np.eye(4)
+  a[:3, 0] = grid.r * grid.spacing[2]
+  a[:3, 1] = grid.c * grid.spacing[1]
+  a[:3, 2] = grid.n * grid.spacing[0]
+  a[:3, 3] = grid.origin
+  return a
+
+
+def lits_case(seed: int, case: int, full_size: bool = False, small: bool = False):
+  """One case -> (hu int16 (X, Y, Z), seg uint8 (X, Y, Z), RAS affine, info dict)."""
+  rng = np.random.default_rng([seed, case, 0x11])
+  n_les = int(rng.choice([0, 1, 1, 2, 3, 4]))
+  patient = make_patient(np.random.default_rng([seed, case, 0x12]), case, lesions=n_les)
+  contrast = rng.random() < 0.85
+  thick = float(rng.choice([0.7, 1.0, 1.5, 2.0, 2.5, 3.0, 5.0]))
+  if full_size:
+    matrix, lo, hi = 512, 75, 987
+  elif small:
+    matrix, lo, hi = 48, 16, 24
+  else:
+    matrix, lo, hi = int(rng.choice([128, 144, 160])), 40, 100
+  plan = SeriesPlan("CT", "CT", "AX", "yes" if contrast else "no", "abdomen", "SIEMENS", thick, thick, matrix, 0.0)
+  b = patient.bands
+  z_low, z_high = b["kidney"][0] - rng.uniform(10, 60), b["liver"][1] + rng.uniform(10, 40)
+  fov = max(2 * patient.half_width * 1.08, 2 * patient.half_depth * 1.15) * rng.uniform(1.0, 1.1)
+  ps = fov / matrix
+  k = int(np.clip(np.floor((z_high - z_low) / thick) + 1, lo, hi))
+  sp = (z_high - z_low) / (k - 1)
+  r, c, n = np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0])
+  origin = np.array([-(matrix - 1) / 2 * ps + rng.normal(0, 3), -(matrix - 1) / 2 * ps + 8, z_low])
+  grid = Grid(origin=origin, r=r, c=c, n=n, spacing=(sp, ps, ps), shape=(k, matrix, matrix))
+  lab = render_labels(patient, grid)
+  hu = physics.ct_image(lab, contrast, rng, spacing=grid.spacing, thickness=max(thick, sp),
+                        noise_hu=float(rng.uniform(8, 20)))
+  seg = np.zeros(lab.shape, np.uint8)
+  seg[lab == T["liver"]] = 1
+  seg[lab == T["lesion"]] = 2
+  to_xyz = lambda a: np.ascontiguousarray(a.transpose(2, 1, 0))
+  info = {"case": case, "contrast": "yes" if contrast else "no", "spacing": [ps, ps, round(sp, 4)],
+          "shape": [matrix, matrix, k], "lesions": n_les, "liver_voxels": int((seg == 1).sum()),
+          "tumour_voxels": int((seg == 2).sum())}
+  return (to_xyz(np.round(hu).astype(np.int16)), to_xyz(seg), LPS_TO_RAS @ grid_affine(grid), info,
+          (patient, plan, grid, hu))
+
+
+def _job(args) -> dict:
+  out_dir, seed, case, full_size, small, dicom = args
+  import nibabel as nib
+  hu, seg, affine, info, (patient, plan, grid, hu_kij) = lits_case(seed, case, full_size, small)
+  for name, arr in ((f"volume-{case}.nii.gz", hu), (f"segmentation-{case}.nii.gz", seg)):
+    img = nib.Nifti1Image(arr, affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=1)
+    nib.save(img, os.path.join(out_dir, name))
+  if dicom:
+    folder = os.path.join(out_dir, "dicom", f"case-{case}")
+    os.makedirs(folder, exist_ok=True)
+    plan.description, plan.body_part, plan.study_description = "Abdomen 5.0 B30f", "ABDOMEN", "CT ABDOMEN"
+    ids = {"patient_id": f"LITS{case:04d}", "study_no": case, "study_uid": acquisition.uid(seed, "lits", case),
+           "for_uid": acquisition.uid(seed, "lits", case, "for"), "series_uid": acquisition.uid(seed, "lits", case, 1),
+           "series_no": 2}
+    tags = {"SeriesDescription": plan.description, "BodyPartExamined": "ABDOMEN",
+            "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"]}
+    if plan.contrast == "yes":
+      tags.update(ContrastBolusAgent="OMNIPAQUE 350", ContrastBolusRoute="IV")
+    k = grid.shape[0]
+    acquisition.write_series(folder, [f"IM{i:04d}.dcm" for i in range(k)], plan, patient, grid, hu_kij,
+                             tags, ids, "20200101", np.arange(k))
+  return info
+
+
+def make_lits(out_dir: str, n: int = 20, seed: int = 0, *, workers: int | None = None,
+              progress: bool = True, dicom: bool = False, full_size: bool = False,
+              small: bool = False) -> dict:
+  """Writes n LiTS-layout cases (NIfTI volume + segmentation) into out_dir.
+
+  Default sizes are scaled down for CPU demos (128-160 in-plane, 40-100
+  slices); ``full_size`` gives 512 in-plane and LiTS slice counts; ``small``
+  tiny cases for tests. ``dicom=True`` also writes each CT as a DICOM series
+  under ``out_dir/dicom/case-N`` (no DICOM SEG: masks stay in NIfTI).
+  Returns {"cases": [info...], "seconds": s}; idempotent via ``lits.json``.
+  """
+  params = {"n": n, "seed": seed, "dicom": dicom, "full_size": full_size, "small": small, "version": 1}
+  marker = os.path.join(out_dir, MARKER)
+  if os.path.exists(marker):
+    with open(marker) as f:
+      done = json.load(f)
+    if done.get("params") == params:
+      return done["summary"]
+  os.makedirs(out_dir, exist_ok=True)
+  t0 = time.time()
+  args = [(out_dir, seed, i, full_size, small, dicom) for i in range(n)]
+  workers = min(workers or os.cpu_count() or 1, max(n, 1))
+  bar = None
+  if progress:
+    from tqdm import tqdm
+    bar = tqdm(total=n, desc="lits cases", unit="case")
+  infos = []
+  if workers > 1:
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with mp.get_context(method).Pool(workers) as pool:
+      for info in pool.imap_unordered(_job, args):
+        infos.append(info)
+        if bar:
+          bar.update()
+  else:
+    for a in args:
+      infos.append(_job(a))
+      if bar:
+        bar.update()
+  if bar:
+    bar.close()
+  summary = {"cases": sorted(infos, key=lambda d: d["case"]), "seconds": round(time.time() - t0, 2)}
+  with open(marker, "w") as f:
+    json.dump({"params": params, "summary": summary}, f, indent=1)
+  return summary
