@@ -258,3 +258,28 @@ def test_native_fast_path_matches_pydicom_bit_handling(signed):
   expected = [[291, 3875], [2048, 4095]] if not signed else [[291, -221], [-2048, -1]]
   np.testing.assert_array_equal(ds.pixel_array, expected)
   np.testing.assert_array_equal(_native_pixels(ds), expected)
+
+
+@pytest.mark.parametrize("plane", ["AX", "COR", "SAG"])
+def test_reorient_in_place_equals_reorient_for_every_flip_and_transpose(plane):
+  from radnet_jax.dicom import geometry
+  rng = np.random.default_rng(0)
+  vox = rng.standard_normal((3, 4, 5)).astype(np.float32)
+  for signs in np.ndindex(2, 2, 2):
+    for swap in (False, True):
+      t_d, t_h, t_w = geometry.CANONICAL[plane]
+      a_h, a_w = (t_w, t_h) if swap else (t_h, t_w)
+      axes = [t_d * (1 - 2 * signs[0]), a_h * (1 - 2 * signs[1]),
+              a_w * (1 - 2 * signs[2])]
+      affine = np.eye(4)
+      affine[:3, :3] = np.stack(axes, 1) * [2.0, 0.7, 0.8]
+      affine[:3, 3] = [10.0, -20.0, 30.0]
+      ref, ref_aff = geometry.reorient(vox, affine, plane)
+      got, got_aff = geometry.reorient_in_place(vox.copy(), affine, plane)
+      assert got.flags.c_contiguous and got.shape == ref.shape
+      np.testing.assert_array_equal(got, ref)
+      np.testing.assert_array_equal(got_aff, ref_aff)
+      # The canonical axes point where the architecture says.
+      unit = got_aff[:3, :3] / np.linalg.norm(got_aff[:3, :3], axis=0)
+      np.testing.assert_allclose(unit.T, np.stack(geometry.CANONICAL[plane]),
+                                 atol=1e-12)

@@ -81,6 +81,23 @@ def canonical_transform(axes: np.ndarray, plane: str) -> tuple[bool, tuple[bool,
   return transpose, flips
 
 
+def _canonical_affine(affine: np.ndarray, shape: tuple[int, int, int],
+                      plane: str) -> tuple[bool, tuple[bool, bool, bool], np.ndarray]:
+  """(transpose, flips, affine of the canonical grid) for a raw grid."""
+  affine = np.array(affine, float)
+  axes = affine[:3, :3].T / np.linalg.norm(affine[:3, :3], axis=0)[:, None]
+  transpose, flips = canonical_transform(axes, plane)
+  shape = list(shape)
+  if transpose:
+    affine[:, [1, 2]] = affine[:, [2, 1]]
+    shape[1], shape[2] = shape[2], shape[1]
+  for axis, flip in enumerate(flips):
+    if flip:
+      affine[:3, 3] += (shape[axis] - 1) * affine[:3, axis]
+      affine[:3, axis] = -affine[:3, axis]
+  return transpose, flips, affine
+
+
 def reorient(voxels: np.ndarray, affine: np.ndarray, plane: str
              ) -> tuple[np.ndarray, np.ndarray]:
   """Applies ``canonical_transform`` to voxels (D, H, W) and their affine.
@@ -88,18 +105,50 @@ def reorient(voxels: np.ndarray, affine: np.ndarray, plane: str
   Returns views where possible (flips are views; a transpose is a view too),
   made contiguous by the caller if needed.
   """
-  affine = np.array(affine, float)
-  axes = affine[:3, :3].T / np.linalg.norm(affine[:3, :3], axis=0)[:, None]
-  transpose, flips = canonical_transform(axes, plane)
+  transpose, flips, affine = _canonical_affine(affine, voxels.shape, plane)
   if transpose:
     voxels = voxels.transpose(0, 2, 1)
-    affine[:, [1, 2]] = affine[:, [2, 1]]
   for axis, flip in enumerate(flips):
     if flip:
       voxels = np.flip(voxels, axis=axis)
-      affine[:3, 3] += (voxels.shape[axis] - 1) * affine[:3, axis]
-      affine[:3, axis] = -affine[:3, axis]
   return voxels, affine
+
+
+def reorient_in_place(voxels: np.ndarray, affine: np.ndarray, plane: str
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """``reorient`` + ``np.ascontiguousarray`` without a second volume.
+
+  ``voxels`` (D, H, W) must be C-contiguous and writable; its buffer is
+  rewritten slice by slice (in-plane flips and transpose through one slice of
+  scratch, the D flip by swapping slices), so the peak memory is the volume
+  plus one slice. Returns (voxels (D, H', W') sharing that buffer, affine);
+  the values equal ``np.ascontiguousarray(reorient(voxels, affine, plane)[0])``.
+  """
+  if not (voxels.flags.c_contiguous and voxels.flags.writeable):
+    raise ValueError("reorient_in_place needs a C-contiguous writable array")
+  transpose, flips, affine = _canonical_affine(affine, voxels.shape, plane)
+  d, h, w = voxels.shape
+  out = voxels
+  if transpose or flips[1] or flips[2]:
+    flat = voxels.reshape(d, h * w)
+    oh, ow = (w, h) if transpose else (h, w)
+    tmp = np.empty((oh, ow), voxels.dtype)
+    for k in range(d):
+      view = voxels[k].T if transpose else voxels[k]
+      if flips[1]:
+        view = view[::-1]
+      if flips[2]:
+        view = view[:, ::-1]
+      tmp[...] = view
+      flat[k] = tmp.reshape(-1)
+    out = flat.reshape(d, oh, ow)
+  if flips[0]:
+    tmp = np.empty(out.shape[1:], out.dtype)
+    for k in range(d // 2):
+      tmp[...] = out[k]
+      out[k] = out[d - 1 - k]
+      out[d - 1 - k] = tmp
+  return out, affine
 
 
 def extent_si(affine: np.ndarray, shape: tuple[int, int, int]) -> float:

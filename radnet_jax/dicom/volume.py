@@ -136,8 +136,9 @@ class _Slices:
     self.count = 0
 
   def add(self, pixels: np.ndarray, ipp, iop, spacing, slope: float,
-          inter: float, where: str) -> None:
-    i = self.count
+          inter: float, where: str, index: int | None = None) -> None:
+    """Rescales ``pixels`` (H, W) into slot ``index`` (default: the next)."""
+    i = self.count if index is None else index
     if pixels.shape != self.voxels.shape[1:]:
       raise DicomError(where, f"slice size {pixels.shape} differs from the "
                               f"stack's {self.voxels.shape[1:]}")
@@ -244,8 +245,6 @@ def _read_enhanced(stack: Stack) -> _Slices:
   by_file: dict[int, list[tuple[int, int]]] = {}
   for slot, (fi, fr) in enumerate(stack.frames):
     by_file.setdefault(fi, []).append((slot, fr))
-  order = np.zeros(len(stack.frames), int)
-  k = 0
   for fi in sorted(by_file):
     path = stack.files[fi]
     ds = read_dataset(path, stop_before_pixels=False)
@@ -265,17 +264,11 @@ def _read_enhanced(stack: Stack) -> _Slices:
         raise DicomError(where, "missing plane position/orientation/measures")
       pvt = functional_group(ds, fr, "PixelValueTransformationSequence")
       slope, inter = _rescale(pvt if pvt is not None else ds)
+      # Straight into the stack's frame order (no reordering copy).
       slices.add(arr[fr], pos.get("ImagePositionPatient"),
                  ori.get("ImageOrientationPatient"), meas.get("PixelSpacing"),
-                 slope, inter, where)
-      order[k] = slot
-      k += 1
+                 slope, inter, where, index=slot)
     del arr, ds
-  # Put the slices back in the stack's frame order.
-  inv = np.argsort(order)
-  slices.voxels = slices.voxels[inv]
-  slices.positions, slices.iops = slices.positions[inv], slices.iops[inv]
-  slices.spacings = slices.spacings[inv]
   return slices
 
 
@@ -441,8 +434,13 @@ def load_volume(stack: Stack) -> Volume:
   vox, affine, info = _assemble(sl, where, record)
   del sl
   plane = geometry.plane_of(affine[:3, 0])
-  vox, affine = geometry.reorient(vox, affine, plane)
-  vox = np.ascontiguousarray(vox, dtype=np.float32)
+  vox = np.asarray(vox, dtype=np.float32)
+  if vox.flags.c_contiguous and vox.flags.writeable:
+    # Flips / in-plane transpose within the buffer: no second volume.
+    vox, affine = geometry.reorient_in_place(vox, affine, plane)
+  else:
+    vox, affine = geometry.reorient(vox, affine, plane)
+    vox = np.ascontiguousarray(vox, dtype=np.float32)
   spacing = np.linalg.norm(affine[:3, :3], axis=0)
   record.update(info)
   record["NumberOfSlices"] = int(vox.shape[0])
