@@ -41,8 +41,13 @@ from radnet_jax import dicom  # noqa: E402  pylint: disable=wrong-import-positio
 SALT = "bench"
 
 
-def write_ct_series(folder: str, slices: int, seed: int = 0) -> None:
-  """One axial CT series of (slices, 512, 512) int16 files, HU = stored - 1024."""
+def write_ct_series(folder: str, slices: int, seed: int = 0,
+                    rotated: bool = False) -> None:
+  """One axial CT series of (slices, 512, 512) int16 files, HU = stored - 1024.
+
+  ``rotated``: rows and columns run the other way (IOP -1,0,0,0,-1,0, as in
+  prone scans), so the canonical reorientation flips H and W.
+  """
   from pydicom.dataset import Dataset, FileMetaDataset
   from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
   os.makedirs(folder, exist_ok=True)
@@ -66,8 +71,12 @@ def write_ct_series(folder: str, slices: int, seed: int = 0) -> None:
     ds.BodyPartExamined = "ABDOMEN"
     ds.SeriesNumber, ds.InstanceNumber = 2, i + 1
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.ImagePositionPatient = [-180.0, -180.0, -1.25 * i]
+    if rotated:
+      ds.ImageOrientationPatient = [-1, 0, 0, 0, -1, 0]
+      ds.ImagePositionPatient = [180.0, 180.0, -1.25 * i]
+    else:
+      ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+      ds.ImagePositionPatient = [-180.0, -180.0, -1.25 * i]
     ds.PixelSpacing = [0.703125, 0.703125]
     ds.SliceThickness = 1.25
     ds.KVP = 120
@@ -143,6 +152,8 @@ def main() -> None:
   p.add_argument("--repeat", type=int, default=3)
   p.add_argument("--keep", default=None, help="build/keep the corpus here")
   p.add_argument("--profile", action="store_true")
+  p.add_argument("--rotated", action="store_true",
+                 help="IOP -1,0,0,0,-1,0 (reorientation flips H and W)")
   p.add_argument("--full", action="store_true",
                  help="also time load + label + resample (convert.cache_record)")
   p.add_argument("--phantom", type=int, default=0,
@@ -151,13 +162,14 @@ def main() -> None:
   work = args.keep or tempfile.mkdtemp(prefix="radnet_dicom_read_")
   folders = []
   for s in range(args.series):
-    folder = os.path.join(work, f"ct{args.slices}_{s}")
+    folder = os.path.join(work, f"ct{args.slices}{'r' if args.rotated else ''}_{s}")
     if not os.path.isdir(folder) or len(os.listdir(folder)) != args.slices:
       shutil.rmtree(folder, ignore_errors=True)
-      write_ct_series(folder, args.slices, seed=s)
+      write_ct_series(folder, args.slices, seed=s, rotated=args.rotated)
     folders.append(folder)
   has_d2n = shutil.which("dcm2niix") is not None
-  print(f"{args.series} CT series of {args.slices}x512x512 int16 in {work}; "
+  print(f"{args.series} CT series of {args.slices}x512x512 int16 "
+        f"{'(rotated IOP) ' if args.rotated else ''}in {work}; "
         f"best of {args.repeat}; load average {os.getloadavg()[0]:.1f} on "
         f"{os.cpu_count()} cores")
 

@@ -22,6 +22,11 @@ series with fewer than ``min_slices`` slices each), stacks with fewer than
 ``min_slices`` slices, truncated uncompressed pixel data, and unreadable
 files. One bad file never stops a scan.
 
+Speed: plain classic images are read with ``fastread`` (only the ~25
+grouping / geometry tags, no pydicom objects), and the full metadata record
+is built (with pydicom) only for the first file of each (series, hard key)
+group, which is the only record a stack keeps.
+
 Order is deterministic: files are walked in sorted order, stacks are sorted by
 (series hash, stack key) and the files of a stack by position along the slice
 normal, oriented in the canonical slice direction (AX: superior first).

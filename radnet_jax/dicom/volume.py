@@ -1,8 +1,10 @@
 """Assemble a stack's slices into one canonical 3D volume.
 
-``load_volume(stack)`` reads each file once (pixels decoded by pydicom's
-pixel backends: native, pylibjpeg, gdcm; so JPEG baseline/lossless, JPEG-LS,
-JPEG 2000 and RLE all work), then:
+``load_volume(stack)`` reads each file once: plain native little-endian
+slices with ``fastread`` (header tags by ``struct``, pixel bytes read straight
+into one reused buffer), everything else with pydicom's pixel backends
+(native, pylibjpeg, gdcm; so JPEG baseline/lossless, JPEG-LS, JPEG 2000 and
+RLE all work), then:
 
 1. applies RescaleSlope/Intercept per slice (per frame from the Pixel Value
    Transformation functional group in enhanced objects), vectorised;
@@ -27,7 +29,9 @@ JPEG 2000 and RLE all work), then:
    only; see ``geometry``).
 
 Only one volume is held in memory: slices are decoded straight into one
-preallocated float32 array.
+preallocated float32 array (rescaled in the same pass), in the stack's order,
+and the canonical flips / transpose rewrite that array in place, so the peak
+is one volume plus a slice for classic series.
 """
 from __future__ import annotations
 
