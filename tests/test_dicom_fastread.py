@@ -40,6 +40,7 @@ def _comparable(res):
   return out
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_header_values_equal_pydicom_on_every_test_file():
   answered = 0
   for path in _all_files():
@@ -70,6 +71,7 @@ def test_header_values_equal_pydicom_on_every_test_file():
   assert answered > 500  # the fast path really answers on these files
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_scan_entries_fast_equal_pydicom_per_file():
   fast_files = 0
   for path in _all_files():

@@ -259,6 +259,24 @@ def _element_header(buf: _Buffer, pos: int, implicit: bool
   raise Unsupported("unknown VR")
 
 
+_SYNTAX_CACHE: dict[str, bool | None] = {}
+
+
+def _syntax_implicit(syntax: UID) -> bool | None:
+  """True: implicit VR LE; False: explicit VR LE (native or encapsulated);
+  None: a syntax this reader does not parse."""
+  key = str(syntax)
+  if key not in _SYNTAX_CACHE:
+    if key == _IMPLICIT:
+      _SYNTAX_CACHE[key] = True
+    elif (syntax.is_transfer_syntax and syntax.is_little_endian and
+          not syntax.is_implicit_VR and not syntax.is_deflated):
+      _SYNTAX_CACHE[key] = False
+    else:
+      _SYNTAX_CACHE[key] = None
+  return _SYNTAX_CACHE[key]
+
+
 def read_header(path: str) -> Header | None:
   """Parses the top level of ``path`` up to the pixel data; None = use pydicom.
 
@@ -301,14 +319,8 @@ def _parse(path: str, buf: _Buffer, size: int, fp) -> Header | None:
            "TransferSyntaxUID"] = UID(value)
     pos = start + length
   syntax = meta.get("TransferSyntaxUID")
-  if syntax is None:
-    return None
-  if syntax == _IMPLICIT:
-    implicit = True
-  elif syntax.is_transfer_syntax and syntax.is_little_endian and \
-      not syntax.is_implicit_VR and not syntax.is_deflated:
-    implicit = False
-  else:
+  implicit = _syntax_implicit(syntax) if syntax is not None else None
+  if implicit is None:
     return None  # big endian, deflated, private or unknown syntax
   # pydicom checks the first element's encoding against the syntax.
   data = buf.need(min(pos + 8, size))
