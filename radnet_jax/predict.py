@@ -45,7 +45,8 @@ def summary_text(report: Report, threshold: float) -> str:
   return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+  """The command-line parser (documented flags are tested against it)."""
   ap = argparse.ArgumentParser(
       prog="python -m radnet_jax.predict",
       description="Predict every series of a DICOM folder (or NIfTI) with a RadNet "
@@ -72,7 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--hash-paths", action="store_true",
                   help="skipped files by salted hash instead of relative path")
   ap.add_argument("--no-progress", action="store_true")
-  args = ap.parse_args(argv)
+  return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """CLI entry; returns the exit status (2 for an unusable checkpoint)."""
+  args = build_parser().parse_args(argv)
 
   from radnet_jax import api, privacy  # pylint: disable=g-import-not-at-top
   out_dir = os.path.dirname(os.path.abspath(args.out))
