@@ -9,6 +9,8 @@ from radnet_jax.models.resnet3d import ResNetTiny, get_model
 from radnet_jax.models.vnet import ResNetVNet, VNet, trunk_kwargs
 
 SMALL_VNET = dict(filters=(4, 8, 16, 32, 64))
+# rbg keys: XLA compiles threefry-based inits ~8x slower on CPU.
+_KEY = jax.random.key(0, impl="unsafe_rbg")
 SMALL_DEC = dict(decoder_filters=(32, 16, 16, 8, 8))
 
 
@@ -81,7 +83,7 @@ def test_vnet_train_step_and_impls_agree():
   x = jax.random.normal(jax.random.PRNGKey(1), (1, 16, 16, 16, 1))
   models = {impl: VNet(out_channels=2, conv_impl=impl, **SMALL_VNET)
             for impl in ("xla", "taps")}
-  v = jax.jit(lambda r: models["xla"].init(r, x, False))(jax.random.PRNGKey(0))
+  v = jax.jit(lambda r: models["xla"].init(r, x, False))(_KEY)
   outs = {}
   for impl, m in models.items():
     def loss(p, m=m):
@@ -101,8 +103,8 @@ def test_resnet_vnet_loads_pretrained_trunk():
   x = jax.random.normal(jax.random.PRNGKey(1), (1, 8, 16, 16, 1))
   cls = ResNetTiny(heads={"plane": 3})
   seg = ResNetVNet("resnet_tiny", **SMALL_DEC)
-  v_cls = jax.jit(lambda r: cls.init(r, x, False))(jax.random.PRNGKey(0))
-  v_seg = jax.jit(lambda r: seg.init(r, x, False))(jax.random.PRNGKey(5))
+  v_cls = jax.jit(lambda r: cls.init(r, x, False))(_KEY)
+  v_seg = jax.jit(lambda r: seg.init(r, x, False))(jax.random.key(5, impl="unsafe_rbg"))
   v_seg = {col: {**v_seg[col], "trunk": v_cls[col]["trunk"]}
            for col in v_seg}
   # The segmentation encoder computes exactly the classifier's features.
