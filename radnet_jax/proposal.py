@@ -144,7 +144,10 @@ def train_proposer(config, shards_dir: str, cases: Sequence[str], init_from: str
                      "training volumes")
   mesh = trainer.make_mesh(config.num_devices or None)
   bsz = trainer.check_global_batch(int(pc.batch_size), mesh)
-  model = resnet3d.get_model(config.model.backbone, heads=FrozenDict({"liver": 1}))
+  # Same conv lowering / dtype as the segmentation network's trunk.
+  kw = {k: v for k, v in dict(config.model.get("kwargs", {})).items()
+        if k in ("conv_impl",)}
+  model = resnet3d.get_model(config.model.backbone, heads=FrozenDict({"liver": 1}), **kw)
   steps = int(pc.steps)
   tx, schedule = trainer.make_optimizer(
       {"name": "adamw", "lr": float(pc.lr), "warmup_steps": min(10, steps // 5),

@@ -98,8 +98,9 @@ def ensure_shards(data_cfg: Mapping) -> str:
       shutil.rmtree(tmp, ignore_errors=True)
       log.info("data: generating the phantom LiTS set (%d volumes, seed %d) in %s",
                int(data_cfg["phantom_n"]), int(data_cfg["phantom_seed"]), nifti)
+      # workers=1: forking a process that already runs JAX threads can deadlock.
       phantom.make_lits(tmp, n=int(data_cfg["phantom_n"]),
-                        seed=int(data_cfg["phantom_seed"]))
+                        seed=int(data_cfg["phantom_seed"]), workers=1, progress=False)
       os.replace(tmp, nifti)
   shards = os.path.join(root, f"shards-{tag}")
   if os.path.exists(os.path.join(shards, "manifest.json")):

@@ -1,0 +1,146 @@
+"""Segmentation task: loss, patch sampling, proposal logic, end-to-end run."""
+import importlib.util
+import json
+import os
+
+import grain
+import jax
+import jax.numpy as jnp
+import nibabel as nib
+import numpy as np
+import pytest
+from flax.core import FrozenDict
+
+from radnet_jax import checkpoints
+from radnet_jax import proposal
+from radnet_jax import segment
+from radnet_jax import trainer
+from radnet_jax.models import resnet3d
+from tests.test_segdata import AFFINE_RAS, FILE_SHAPE, _case, _write_lits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(arg):
+  spec = importlib.util.spec_from_file_location(
+      "transfer_liver_cfg", os.path.join(ROOT, "experiments", "transfer_liver.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+def test_seg_loss_values():
+  labels = jnp.zeros((1, 2, 2, 2), jnp.int32).at[0, 0].set(1)   # 4 of 8 liver
+  perfect = jax.nn.one_hot(labels, 2) * 20.0
+  loss, m = segment.seg_loss(perfect, labels, 2)
+  assert float(m["dice"]) == 1.0 and float(m["soft_dice"]) > 0.999
+  assert float(loss) < 1e-3
+  flat = jnp.zeros((1, 2, 2, 2, 2))                           # p = 0.5 everywhere
+  loss, m = segment.seg_loss(flat, labels, 2)
+  # CE = log 2; soft Dice = 2*(4*0.5) / (8*0.5 + 4) = 0.5.
+  np.testing.assert_allclose(float(m["ce"]), np.log(2), rtol=1e-5)
+  np.testing.assert_allclose(float(m["soft_dice"]), 0.5, rtol=1e-4)
+  np.testing.assert_allclose(float(loss), np.log(2) + 0.5, rtol=1e-4)
+
+
+def test_foreground_biased_patches_and_padding():
+  vol = np.zeros((20, 40, 40), np.float32)
+  mask = np.zeros((20, 40, 40), np.uint8)
+  mask[15:18, 30:35, 2:6] = 1
+  fg = np.flatnonzero(mask)
+  rng = np.random.default_rng(0)
+  hits = [segment.sample_patch(vol, mask, fg, (8, 8, 8), rng, 1.0)[1].any()
+          for _ in range(50)]
+  assert all(hits)
+  rand = [segment.sample_patch(vol, mask, fg, (8, 8, 8), rng, 0.0)[1].any()
+          for _ in range(50)]
+  assert sum(rand) < 25
+  v, m = segment.sample_patch(vol + 1, mask, fg, (32, 48, 8), rng, 1.0, pad_value=-1)
+  assert v.shape == (32, 48, 8) and m.shape == (32, 48, 8)
+  assert (v == -1).sum() == 32 * 48 * 8 - 20 * 40 * 8 and m.sum() > 0
+
+
+def test_select_cases_nested_subsets():
+  cases = [str(i) for i in range(10)]
+  a = segment.select_cases(cases, 2, seed=1)
+  b = segment.select_cases(cases, 5, seed=1)
+  assert len(a) == 2 and b[:2] == a and len(segment.select_cases(cases, 0, 1)) == 10
+
+
+class _FixedScores(proposal.SlabProposer):
+
+  def __init__(self, scores, **kw):
+    super().__init__(model=None, variables=None, **kw)
+    self.scores = np.asarray(scores, np.float32)
+
+  def slice_scores(self, volume):
+    return self.scores
+
+
+def test_proposal_range_recall_and_discard():
+  p = _FixedScores([0, 0, .2, .7, .9, .6, .1, 0, 0, 0], margin=1)
+  z = p.propose(np.zeros((10, 4, 4)))
+  assert z == (2, 7)
+  mask = np.zeros((10, 4, 4), np.uint8)
+  mask[2:8, 1, 1] = 1
+  s = p.score_case(z, mask)
+  assert s == {"liver_slices": 6, "liver_slices_kept": 5, "discarded_fraction": 0.5}
+  # Nothing above the threshold: keep everything rather than drop the organ.
+  assert _FixedScores(np.zeros(10)).propose(np.zeros((10, 4, 4))) == (0, 10)
+
+
+@pytest.fixture
+def rbg_prng():
+  """Cheaper-to-compile PRNG for model init in this test (threefry init of a
+  3D ResNet takes ~40 s of CPU to compile); restored afterwards."""
+  old = jax.config.jax_default_prng_impl
+  jax.config.update("jax_default_prng_impl", "rbg")
+  yield
+  jax.config.update("jax_default_prng_impl", old)
+
+
+def _pretrain_ckpt(path):
+  model = resnet3d.get_model("resnet_tiny", heads=FrozenDict({"plane": 3}), conv_impl="xla")
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                             jnp.zeros((1, 16, 32, 32, 1)), train=False))
+  rng = np.random.default_rng(0)
+  v = jax.tree.map(lambda s: np.abs(rng.normal(0, .1, s.shape)).astype(s.dtype), shapes)
+  state = trainer.TrainState(step=jnp.int32(3), params=v["params"],
+                             batch_stats=v["batch_stats"], opt_state={},
+                             rng=jax.random.PRNGKey(0))
+  ck = checkpoints.Checkpointer(path)
+  ck.save(3, state, iter(grain.MapDataset.range(2).to_iter_dataset()))
+  ck.close()
+  return v["params"]
+
+
+def test_train_and_evaluate_end_to_end(tmp_path, rbg_prng):
+  lits = _write_lits(str(tmp_path / "lits"), n=4)
+  pre = str(tmp_path / "pretrain")
+  pre_params = _pretrain_ckpt(pre)
+  c = _config("tiny,n=2")
+  c.data.lits_dir = lits
+  c.data.cache_dir = str(tmp_path / "cache")
+  c.data.spacing = (2.5, 1.5, 1.5)
+  c.model.kwargs.conv_impl = "xla"
+  c.init_from = pre
+  c.num_devices = 1
+  workdir = str(tmp_path / "wd")
+  res = segment.train_and_evaluate(c, workdir)
+
+  saved = json.load(open(os.path.join(workdir, "results.json")))
+  assert saved["n_train"] == 2 and len(saved["train_cases"]) == 2
+  t = saved["test"]
+  assert t["num_cases"] == 1 and 0.0 <= t["liver/dice_global"] <= 1.0
+  assert 0.0 <= t["proposal/recall"] <= 1.0
+  assert res["test"]["liver/dice_global"] == pytest.approx(t["liver/dice_global"])
+  rep = json.load(open(os.path.join(workdir, "transfer_report.json")))
+  n_trunk = len(jax.tree.leaves(pre_params["trunk"]))
+  assert len(rep["loaded"]) == n_trunk and not rep["mismatched"]
+  # Prediction written in the original geometry of the test case.
+  (case,) = [k for k in t["cases"]]
+  img = nib.load(os.path.join(workdir, "predictions", f"case-{case}.nii.gz"))
+  assert img.shape == FILE_SHAPE
+  np.testing.assert_allclose(img.affine, AFFINE_RAS, atol=1e-6)
+  assert set(np.unique(np.asarray(img.dataobj))) <= {0, 1}
+  assert os.path.exists(os.path.join(workdir, "checkpoints"))
