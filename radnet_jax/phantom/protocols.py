@@ -16,10 +16,10 @@ import numpy as np
 VENDORS = ("SIEMENS", "GE MEDICAL SYSTEMS", "Philips", "TOSHIBA")
 # (modality, region, weight)
 STUDY_TYPES = (
-    ("CT", "brain", 0.07), ("CT", "headneck", 0.04), ("CT", "chest", 0.08),
+    ("CT", "brain", 0.05), ("CT", "headneck", 0.04), ("CT", "chest", 0.06),
     ("CT", "abdomen", 0.06), ("CT", "pelvis", 0.03), ("CT", "cap", 0.07),
     ("CT", "wholebody", 0.02),
-    ("MR", "brain", 0.34), ("MR", "headneck", 0.05), ("MR", "abdomen", 0.09),
+    ("MR", "brain", 0.40), ("MR", "headneck", 0.05), ("MR", "abdomen", 0.09),
     ("MR", "pelvis", 0.06), ("PT", "wholebody", 0.05), ("PT", "cap", 0.04),
 )
 BODY_PART = {"brain": ("HEAD", "BRAIN"), "headneck": ("HEADNECK", "NECK"), "chest": ("CHEST",),
