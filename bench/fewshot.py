@@ -22,11 +22,13 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 
 def _config(arg: str):

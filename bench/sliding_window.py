@@ -15,11 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _ints(s):

@@ -568,3 +568,27 @@ def _jsonsafe(obj: Any) -> Any:
   if isinstance(obj, np.integer):
     return int(obj)
   return obj
+
+
+# ----------------------------------------------------------------- predict ---
+def predict_nifti(workdir: str, nifti_path: str, out_path: str,
+                  prefer: str = "latest") -> str:
+  """Segments a CT NIfTI (HU) with a trained run; writes the uint8 mask NIfTI
+  on the input's own voxel grid and affine. Returns ``out_path``.
+
+  Uses the run's ``config.json`` (model, spacing, HU window, sliding-window
+  settings) and its best or latest checkpoint. The slab proposal is not
+  applied here (its classifier is not saved with the run).
+  """
+  params, batch_stats, cfg, _ = checkpoints.restore_params(workdir, prefer)
+  if cfg is None:
+    raise FileNotFoundError(f"{workdir}: no config.json beside the checkpoint")
+  config = ml_collections.ConfigDict(cfg)
+  model = build_model(config)
+  variables = {"params": params}
+  if batch_stats:
+    variables["batch_stats"] = batch_stats
+  hu, affine, geometry = segdata.load_nifti_canonical(nifti_path)
+  vol, _, geometry = segdata.preprocess(hu, affine, geometry, prep_config(config.data))
+  pred = segment_volume(predictor(model, variables), vol, config.eval.to_dict())
+  return segdata.save_nifti(pred, geometry, out_path)
