@@ -589,7 +589,8 @@ def run_batches(model: Any, variables: Any, xs: Sequence[np.ndarray], batch_size
     n = len(chunk)
     chunk += [np.zeros_like(chunk[0])] * (batch_size - n)
     o, f = jax.device_get(fn(variables, np.stack(chunk)))
-    for k, v in dict(o).items():
+    o = o if isinstance(o, Mapping) else {"output": o}   # e.g. segmentation logits
+    for k, v in o.items():
       outs.setdefault(k, []).append(np.asarray(v, np.float32)[:n])
     if features:
       if not feats:
