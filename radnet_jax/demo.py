@@ -4,7 +4,7 @@ With no ``config.data.shards_dir``, pretraining runs on a synthetic corpus
 (``radnet_jax.phantom.make_corpus``: CT and MR series of phantom patients
 with known ground truth in ``truth.csv``), converted by
 ``radnet_jax.convert.build_shards`` exactly as a real archive would be. Both
-are built once into ``<cache>/phantom-n<N>-s<seed>-<D>x<H>x<W>/{dicom,shards}``
+are built once into ``<cache>/phantom-n<N>-s<seed>-<D>x<H>x<W>/{corpus,shards}``
 (cache = ``config.data.cache_dir`` or ``$RADNET_CACHE`` or
 ``~/.cache/radnet_jax``) and reused afterwards; the log says which.
 """
@@ -42,13 +42,14 @@ def ensure_phantom_shards(data_cfg: Mapping, taxonomy: str = "paper") -> str:
   """Builds (or reuses) the phantom corpus and its shards; returns the shards dir.
 
   data_cfg keys: phantom_n (series), phantom_seed, shard_shape (D, H, W),
-  convert_workers, cache_dir. Building happens in ``*.partial`` folders that
-  are renamed when complete, so a killed build is redone, never half-used.
+  convert_workers, cache_dir. The corpus generator resumes by itself; shards
+  are written to ``shards.partial`` and renamed when complete, so a killed
+  build is redone, never half-used.
   """
   from radnet_jax import convert  # pylint: disable=g-import-not-at-top
   from radnet_jax import phantom  # pylint: disable=g-import-not-at-top
   root = phantom_dir(data_cfg)
-  dicom_dir, shards = os.path.join(root, "dicom"), os.path.join(root, "shards")
+  corpus, shards = os.path.join(root, "corpus"), os.path.join(root, "shards")
   n, seed = int(data_cfg["phantom_n"]), int(data_cfg["phantom_seed"])
   workers = int(data_cfg.get("convert_workers", 1))
   if _manifest_ok(shards):
@@ -56,24 +57,19 @@ def ensure_phantom_shards(data_cfg: Mapping, taxonomy: str = "paper") -> str:
              "reusing cached shards in %s", n, seed, shards)
     return shards
   os.makedirs(root, exist_ok=True)
-  if not os.path.exists(os.path.join(dicom_dir, "truth.csv")):
-    tmp = dicom_dir + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    log.info("data: building the phantom demo corpus (%d synthetic DICOM series, "
-             "seed %d) in %s", n, seed, dicom_dir)
-    t0 = time.time()
-    phantom.make_corpus(tmp, n=n, seed=seed, workers=workers)
-    shutil.rmtree(dicom_dir, ignore_errors=True)
-    os.replace(tmp, dicom_dir)
-    log.info("data: phantom corpus written in %.0f s", time.time() - t0)
+  log.info("data: phantom demo corpus (synthetic DICOM, not patient data): %d series, "
+           "seed %d, in %s (built once, reused afterwards)", n, seed, corpus)
+  t0 = time.time()
+  phantom.make_corpus(corpus, n=n, seed=seed, workers=workers)  # resumable, idempotent
+  log.info("data: phantom corpus ready in %.0f s", time.time() - t0)
   tmp = shards + ".partial"
   shutil.rmtree(tmp, ignore_errors=True)
   shape = tuple(int(s) for s in data_cfg["shard_shape"])
-  log.info("data: converting the phantom corpus to %s shards in %s", shape, shards)
+  log.info("data: converting the phantom corpus to %s-voxel shards in %s", shape, shards)
   t0 = time.time()
-  convert.build_shards(dicom_dir, tmp, shape=shape, workers=workers, taxonomy=taxonomy)
+  convert.build_shards(os.path.join(corpus, "dicom"), tmp, shape=shape, workers=workers,
+                       taxonomy=taxonomy)
   shutil.rmtree(shards, ignore_errors=True)
   os.replace(tmp, shards)
-  log.info("data: shards written in %.0f s; using the phantom demo corpus "
-           "(synthetic, not patient data): %s", time.time() - t0, shards)
+  log.info("data: shards written in %.0f s: %s", time.time() - t0, shards)
   return shards

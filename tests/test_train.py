@@ -125,9 +125,15 @@ def shards(tmp_path_factory):
   return ss.write_shards(str(tmp_path_factory.mktemp("sh")))
 
 
-def test_train_and_evaluate_end_to_end(shards, tmp_path):
-  wd = str(tmp_path / "run")
-  out = train.train_and_evaluate(tiny_config(shards), wd)
+@pytest.fixture(scope="module")
+def straight_run(shards, tmp_path_factory):
+  """One uninterrupted tiny run, shared by the end-to-end and resume tests."""
+  wd = str(tmp_path_factory.mktemp("straight"))
+  return wd, train.train_and_evaluate(tiny_config(shards), wd)
+
+
+def test_train_and_evaluate_end_to_end(straight_run):
+  wd, out = straight_run
   assert set(out) == {"val", "test"}
   assert out["test"]["sequence"]["n"] == 10  # 11 test records, one unknown sequence
   for f in ("config.json", "metrics.jsonl", "results.json", "results.md",
@@ -143,10 +149,9 @@ def test_train_and_evaluate_end_to_end(shards, tmp_path):
   assert isinstance(jax.tree.leaves(params)[0], np.ndarray) and jax.tree.leaves(bs)
 
 
-def test_kill_and_resume_matches_uninterrupted(shards, tmp_path, monkeypatch):
+def test_kill_and_resume_matches_uninterrupted(shards, straight_run, tmp_path, monkeypatch):
   cfg = tiny_config(shards, steps=4)
-  straight = str(tmp_path / "straight")
-  ref = train.train_and_evaluate(cfg, straight)
+  straight, ref = straight_run
 
   resumed = str(tmp_path / "resumed")
   real = trainer.make_train_step
