@@ -21,8 +21,7 @@ distributed.define_flags()
 def main(argv):
   del argv
   distributed.initialize_from_flags()
-  spec = FLAGS["config"].config_filename if hasattr(FLAGS["config"], "config_filename") \
-      else "pretrain"
+  spec = config_flags.get_config_filename(FLAGS["config"])
   name = os.path.splitext(os.path.basename(str(spec).split(":")[0]))[0]
   variant = str(spec).split(":", 1)[1] if ":" in str(spec) else ""
   workdir = FLAGS.workdir or os.path.join("workdirs", name + (f"-{variant}" if variant else ""))
