@@ -180,9 +180,7 @@ def _losses(workdir: str) -> dict[int, float]:
   return out
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("dist")
+def _run_both(tmp) -> dict:
   shards = str(tmp / "shards")
   _write_shards(shards)
   common = ["--config=experiments/pretrain.py:tiny",
@@ -206,7 +204,15 @@ def runs(tmp_path_factory):
   return {"multi": multi, "ref": ref, "logs": res.logs}
 
 
-def test_two_processes_match_one(runs):
+def test_two_processes_match_one_and_restore_in_one(tmp_path):
+  # One test (not a shared fixture): under pytest-xdist a module fixture would
+  # run once per worker, doubling the most expensive test of the module.
+  runs = _run_both(tmp_path)
+  _check_losses(runs)
+  _check_restore(runs)
+
+
+def _check_losses(runs):
   multi, ref = _losses(runs["multi"]), _losses(runs["ref"])
   assert sorted(multi) == list(range(1, STEPS + 1)), multi
   assert sorted(ref) == sorted(multi)
@@ -222,7 +228,7 @@ def test_two_processes_match_one(runs):
   assert os.path.exists(os.path.join(runs["multi"], "config.json"))
 
 
-def test_checkpoint_restores_in_one_process(runs):
+def _check_restore(runs):
   import jax
   from radnet_jax import checkpoints
   params, stats, config, step = checkpoints.restore_params(runs["multi"], "latest")
