@@ -79,24 +79,24 @@ def test_vnet_param_count_matches_monai():
     assert count_params(v) == sum(p.numel() for p in ref.parameters())
 
 
-def test_vnet_train_step_and_impls_agree():
+def test_vnet_impls_agree_in_train_mode():
+  # Gradients of every lowering are covered op by op in test_conv.py; here the
+  # whole network (5^3 convs, 2^3 down/up convs, dropout) must agree.
   x = jax.random.normal(jax.random.PRNGKey(1), (1, 16, 16, 16, 1))
   models = {impl: VNet(out_channels=2, conv_impl=impl, **SMALL_VNET)
             for impl in ("xla", "taps")}
   v = jax.jit(lambda r: models["xla"].init(r, x, False))(_KEY)
   outs = {}
   for impl, m in models.items():
-    def loss(p, m=m):
-      y, _ = m.apply({**v, "params": p}, x, True, mutable=["batch_stats"],
-                     rngs={"dropout": jax.random.PRNGKey(3)})
-      return jnp.mean(y ** 2)
-    outs[impl] = jax.jit(jax.value_and_grad(loss))(v["params"])
-  (la, ga), (lb, gb) = outs["xla"], outs["taps"]
-  assert np.isfinite(la) and la > 0
-  np.testing.assert_allclose(la, lb, rtol=1e-4)
+    outs[impl] = jax.jit(lambda v, m=m: m.apply(
+        v, x, True, mutable=["batch_stats"],
+        rngs={"dropout": jax.random.PRNGKey(3)}))(v)
+  (ya, sa), (yb, sb) = outs["xla"], outs["taps"]
+  assert ya.shape == (1, 16, 16, 16, 2) and np.isfinite(ya).all()
+  np.testing.assert_allclose(yb, ya, rtol=1e-3, atol=1e-4)
   jax.tree_util.tree_map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5),
-      ga, gb)
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+      sa, sb)
 
 
 def test_resnet_vnet_loads_pretrained_trunk():
