@@ -56,9 +56,11 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   c.augment.rotate_degrees = 10.0
   c.augment.rotate_prob = 0.5
   c.augment.flip_lr_prob = 0.5
-  c.augment.scale = 0.1
-  c.augment.shift = 0.1
-  c.augment.gamma = 0.2
+  # No shift / gamma, small scale: CT contrast enhancement is a small absolute
+  # HU change that a shift of +-0.1 (= +-100 HU) would erase (see augment.py).
+  c.augment.scale = 0.05
+  c.augment.shift = 0.0
+  c.augment.gamma = 0.0
   c.augment.noise_std = 0.03
 
   # Loss.

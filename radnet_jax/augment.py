@@ -5,8 +5,12 @@ Every transform here keeps all five labels true:
 * crop / pad to the model input shape: a random window (training) or the
   centre (evaluation); coverage can shrink a little under a crop, so crops
   are only as large as the shard-to-input size difference (usually 0-10%).
-* intensity scale / shift / gamma and Gaussian noise: sequence and contrast
-  live in relative contrast between tissues, which these keep.
+* intensity scale / shift / gamma and Gaussian noise: MR sequence lives in
+  relative contrast between tissues, which these keep. Keep them *small* for
+  CT: HU are absolute and contrast enhancement is only +50..150 HU (0.05-0.15
+  in the ct_window(-1000,1000)->[-1,1] units), so a shift of +-0.1 would
+  make enhanced and plain scans overlap (a label-changing augmentation for
+  the contrast task). The configs use shift 0 and gamma 0 for that reason.
 * small rotations about the slice axis (D) only: in-plane, so the acquisition
   plane (which axis is the slice axis) never changes.
 * left-right flips along W: for AX and COR volumes W is right->left, so the
