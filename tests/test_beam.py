@@ -104,7 +104,7 @@ def test_cli_and_stale_shards(corpus, tmp_path):
   assert all(len(v) <= 1 for v in manifest["shards"].values())
 
 
-def test_units_and_shard_helpers(corpus, tmp_path):
+def test_units_and_shard_helpers(corpus, tmp_path, monkeypatch):
   dicom_dir, _ = corpus
   units = beam_pipeline.list_units(dicom_dir, 1)
   assert units and all(os.path.dirname(u) == dicom_dir for u in units)
@@ -117,6 +117,7 @@ def test_units_and_shard_helpers(corpus, tmp_path):
   assert {beam_pipeline.shard_of(f"k{i}", 4) for i in range(64)} == {0, 1, 2, 3}
   assert beam_pipeline.shard_of("abc", 7) == beam_pipeline.shard_of("abc", 7)
   assert beam_pipeline.is_remote("gs://b/x") and not beam_pipeline.is_remote("/x")
+  monkeypatch.delenv("RADNET_SALT", raising=False)
   with pytest.raises(ValueError, match="RADNET_SALT"):
     beam_pipeline.run(dicom_dir, "gs://bucket/out", salt=None)
   with pytest.raises(FileNotFoundError, match="does not exist"):
