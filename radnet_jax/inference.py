@@ -197,11 +197,13 @@ def make_predict_fn(apply_fn: Callable, variables, softmax: bool = True,
   ``softmax`` the windows are blended as probabilities (recommended: logits
   of different windows are not on a common scale).
   """
+  # Variables are an argument, not a closure: closed-over weights become XLA
+  # constants (slow constant folding, a recompile per checkpoint).
   @jax.jit
-  def predict(x):
+  def predict(variables, x):
     out = apply_fn(variables, x, train=False, **apply_kwargs)
     if isinstance(out, (tuple, list)):
       out = out[0]
     out = out.astype(jnp.float32)
     return jax.nn.softmax(out, axis=-1) if softmax else out
-  return predict
+  return functools.partial(predict, variables)
