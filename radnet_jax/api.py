@@ -30,6 +30,7 @@ import json
 import logging
 import multiprocessing
 import os
+import sys
 import types
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -508,7 +509,9 @@ def prepare_inputs(root: str, *, shard_shape: Sequence[int], input_shape: Sequen
   else:
     niftis = sorted(p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
                     if is_nifti(p) and os.path.isfile(p)) if os.path.isdir(root) else []
-    res = dicom.scan(root, salt=salt, workers=workers, progress=progress)
+    # dicom.scan's pool forks; forking a process that runs jax can deadlock.
+    scan_workers = 1 if "jax" in sys.modules else workers
+    res = dicom.scan(root, salt=salt, workers=scan_workers, progress=progress)
     nset = {os.path.abspath(p) for p in niftis}
     skipped += [SkippedInput(s.path, s.reason, s.series, "scan") for s in res.skipped
                 if os.path.abspath(s.path) not in nset]
