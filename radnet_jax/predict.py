@@ -33,7 +33,10 @@ def summary_text(report: Report, threshold: float) -> str:
   tasks = [c[len("disagree_"):] for c in report.columns if c.startswith("disagree_")]
   for t in tasks:
     n_dis = sum(bool(r.get(f"disagree_{t}")) for r in rows)
-    n_known = sum(r.get(f"label_{t}", "unknown") != "unknown" for r in rows)
+    if t == "spacing":
+      n_known = sum(r.get("label_spacing_mm") == r.get("label_spacing_mm") for r in rows)  # not NaN
+    else:
+      n_known = sum(r.get(f"label_{t}", "unknown") != "unknown" for r in rows)
     lines.append(f"  {t:<9} header known for {n_known:4d}, network disagrees on {n_dis:4d}")
   by = collections.Counter(t for r in rows for t in str(r.get("qa_tasks", "")).split("|") if t)
   if by:
