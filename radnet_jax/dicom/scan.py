@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import multiprocessing
 import os
+import sys
 import warnings
 from typing import Any, Iterable, Iterator
 
@@ -611,7 +613,11 @@ def scan(root: str, *, salt: str, workers: int = 1, progress: bool = False,
 
   try:
     if workers > 1 and len(paths) > 1:
-      with cf.ProcessPoolExecutor(max_workers=workers,
+      # fork is fast, but forking a process that runs jax's threads can
+      # deadlock: spawn once jax is loaded (e.g. scan called from run.py).
+      method = "spawn" if "jax" in sys.modules else None
+      ctx = multiprocessing.get_context(method)
+      with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
                                   initializer=_init_worker) as pool:
         chunk = max(1, min(256, len(paths) // (workers * 8) or 1))
         return group_entries(

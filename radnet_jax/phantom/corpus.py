@@ -13,6 +13,7 @@ import dataclasses
 import json
 import multiprocessing as mp
 import os
+import sys
 import shutil
 import time
 
@@ -190,9 +191,11 @@ def make_corpus(out_dir: str, n: int = 200, seed: int = 0, *, workers: int | Non
     from tqdm import tqdm
     bar = tqdm(total=n, desc="phantom series", unit="series")
   if workers > 1:
-    # fork: workers only use numpy/scipy/pydicom (never jax), and fork needs no
-    # __main__ guard in the caller's script.
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # fork: workers only use numpy/scipy/pydicom, and fork needs no __main__
+    # guard in the caller's script; but forking a process that already runs
+    # jax's threads can deadlock, so spawn once jax is loaded (run.py demo).
+    method = ("fork" if "fork" in mp.get_all_start_methods()
+              and "jax" not in sys.modules else "spawn")
     with mp.get_context(method).Pool(workers) as pool:
       for res in pool.imap_unordered(_patient_job, jobs):
         results.append(res)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import sys
 import time
 
 import numpy as np
@@ -124,7 +125,9 @@ def make_lits(out_dir: str, n: int = 20, seed: int = 0, *, workers: int | None =
     bar = tqdm(total=n, desc="lits cases", unit="case")
   infos = []
   if workers > 1:
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # spawn once jax is loaded: forking jax's threads can deadlock.
+    method = ("fork" if "fork" in mp.get_all_start_methods()
+              and "jax" not in sys.modules else "spawn")
     with mp.get_context(method).Pool(workers) as pool:
       for info in pool.imap_unordered(_job, args):
         infos.append(info)
