@@ -144,3 +144,9 @@ def test_train_and_evaluate_end_to_end(tmp_path, rbg_prng):
   np.testing.assert_allclose(img.affine, AFFINE_RAS, atol=1e-6)
   assert set(np.unique(np.asarray(img.dataobj))) <= {0, 1}
   assert os.path.exists(os.path.join(workdir, "checkpoints"))
+  # A new NIfTI segmented by the saved run lands on its own grid.
+  out = segment.predict_nifti(workdir, os.path.join(lits, "volume-1.nii.gz"),
+                              str(tmp_path / "pred-1.nii.gz"))
+  img = nib.load(out)
+  assert img.shape == FILE_SHAPE and img.get_data_dtype() == np.uint8
+  np.testing.assert_allclose(img.affine, AFFINE_RAS, atol=1e-6)
