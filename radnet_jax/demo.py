@@ -4,7 +4,7 @@ With no ``config.data.shards_dir``, pretraining runs on a synthetic corpus
 (``radnet_jax.phantom.make_corpus``: CT and MR series of phantom patients
 with known ground truth in ``truth.csv``), converted by
 ``radnet_jax.convert.build_shards`` exactly as a real archive would be. Both
-are built once into ``<cache>/phantom-n<N>-s<seed>-<D>x<H>x<W>/{corpus,shards}``
+are built once into ``<cache>/phantom-n<N>-s<seed>-<D>x<H>x<W>/{corpus,shards*}``
 (cache = ``config.data.cache_dir`` or ``$RADNET_CACHE`` or
 ``~/.cache/radnet_jax``) and reused afterwards; the log says which.
 """
@@ -19,6 +19,7 @@ from typing import Mapping
 log = logging.getLogger("radnet_jax")
 
 CACHE_ENV = "RADNET_CACHE"
+DEFAULT_SPLIT = (0.8, 0.1, 0.1)
 
 
 def cache_root(cache_dir: str = "") -> str:
@@ -34,6 +35,23 @@ def phantom_dir(data_cfg: Mapping) -> str:
   return os.path.join(cache_root(data_cfg.get("cache_dir", "")), name)
 
 
+def phantom_split(data_cfg: Mapping) -> tuple[float, float, float]:
+  """(train, val, test) patient fractions of the demo shards (default 0.8/0.1/0.1)."""
+  split = tuple(float(x) for x in (data_cfg.get("phantom_split") or DEFAULT_SPLIT))
+  if len(split) != 3 or min(split) < 0 or split[0] <= 0:
+    raise ValueError(f"config.data.phantom_split must be 3 fractions (train, val, test) "
+                     f"with train > 0, got {split}")
+  return split
+
+
+def shards_name(data_cfg: Mapping) -> str:
+  """Shards folder name: ``shards`` for the default split, else ``shards-<t>-<v>-<e>``."""
+  split = phantom_split(data_cfg)
+  if split == DEFAULT_SPLIT:
+    return "shards"
+  return "shards-" + "-".join(f"{x:g}" for x in split)
+
+
 def _manifest_ok(shards: str) -> bool:
   return os.path.exists(os.path.join(shards, "manifest.json"))
 
@@ -42,14 +60,16 @@ def ensure_phantom_shards(data_cfg: Mapping, taxonomy: str = "paper") -> str:
   """Builds (or reuses) the phantom corpus and its shards; returns the shards dir.
 
   data_cfg keys: phantom_n (series), phantom_seed, shard_shape (D, H, W),
-  convert_workers, cache_dir. The corpus generator resumes by itself; shards
+  phantom_split (train, val, test patient fractions), convert_workers,
+  cache_dir. Shards of another split are written beside the same corpus. The corpus generator resumes by itself; shards
   are written to ``shards.partial`` and renamed when complete, so a killed
   build is redone, never half-used.
   """
   from radnet_jax import convert  # pylint: disable=g-import-not-at-top
   from radnet_jax import phantom  # pylint: disable=g-import-not-at-top
   root = phantom_dir(data_cfg)
-  corpus, shards = os.path.join(root, "corpus"), os.path.join(root, "shards")
+  corpus, shards = os.path.join(root, "corpus"), os.path.join(root, shards_name(data_cfg))
+  split = phantom_split(data_cfg)
   n, seed = int(data_cfg["phantom_n"]), int(data_cfg["phantom_seed"])
   workers = int(data_cfg.get("convert_workers", 1))
   if _manifest_ok(shards):
@@ -68,7 +88,7 @@ def ensure_phantom_shards(data_cfg: Mapping, taxonomy: str = "paper") -> str:
   log.info("data: converting the phantom corpus to %s-voxel shards in %s", shape, shards)
   t0 = time.time()
   convert.build_shards(os.path.join(corpus, "dicom"), tmp, shape=shape, workers=workers,
-                       taxonomy=taxonomy)
+                       taxonomy=taxonomy, split=split)
   shutil.rmtree(shards, ignore_errors=True)
   os.replace(tmp, shards)
   log.info("data: shards written in %.0f s: %s", time.time() - t0, shards)

@@ -93,7 +93,10 @@ def multitask_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Arr
     ce = optax.softmax_cross_entropy(logits, onehot)
     ew = known
     if class_weights is not None and task in class_weights:
-      ew = known * jnp.asarray(class_weights[task], jnp.float32)[safe]
+      # one-hot product rather than a gather: works on batch-sharded labels
+      # under any mesh (no gather of a replicated table by sharded indices).
+      cwt = jnp.asarray(class_weights[task], jnp.float32)
+      ew = known * jnp.sum(jax.nn.one_hot(safe, logits.shape[-1]) * cwt, axis=-1)
     loss = _masked_mean(ce, ew)
     total = total + w * loss
     m[f"{task}_loss"] = loss
@@ -289,7 +292,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # -------------------------------------------------------- update step ----
   loss_cfg = config.loss
-  cw = None if class_weights is None else {k: jnp.asarray(v) for k, v in class_weights.items()}
+  # numpy, so they become constants of the jitted step (a committed jax array
+  # closed over would carry a single-device sharding into a multi-device mesh).
+  cw = None if class_weights is None else {k: np.asarray(v, np.float32)
+                                           for k, v in class_weights.items()}
 
   def loss_fn(out, batch):
     return multitask_loss(out[0], batch, weights=loss_cfg.weights.to_dict(),
@@ -315,6 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ------------------------------------------------------------------ loop --
   writer = trainer.MetricWriter(workdir, total_steps, start, config.tensorboard)
   last_ckpt = ckpt.latest_step()
+  val_at = None  # (step, val results) of the latest validation pass
   log.info("training steps %d -> %d", start, total_steps)
   for step in range(start + 1, total_steps + 1):
     batch = trainer.put_batch(next(train_iter), mesh)
@@ -329,6 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.reset_clock(step)  # exclude compilation from steps/s
     if counts["val"] and (step % config.eval_every == 0 or is_last):
       res = evaluate(eval_step, state, eval_data("val"), mesh, taxonomy)
+      val_at = (step, res)
       s = summary(res)
       writer.write(step, s, "val")
       if ckpt.maybe_save_best(step, state, {f"val/{k}": v for k, v in s.items()}):
@@ -342,16 +350,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_iter.close()
 
   # ------------------------------------------------------------------ test --
-  which = f"last@{int(jax.device_get(state.step))}"
+  tested_step = int(jax.device_get(state.step))
+  which = f"last@{tested_step}"
   best = ckpt.best_record()
   if config.test_checkpoint == "best" and best is not None:
-    state = ckpt.restore_best(state)
+    tested_step = int(best["step"])
+    if tested_step != int(jax.device_get(state.step)):
+      state = ckpt.restore_best(state)
     which = f"best@{best['step']} ({best['metric']}={best['value']:.4f})"
   out = {}
   for split in ("val", "test"):
     if counts[split] == 0:
       continue
-    res = evaluate(eval_step, state, eval_data(split), mesh, taxonomy)
+    if split == "val" and val_at is not None and val_at[0] == tested_step:
+      res = val_at[1]  # this checkpoint was just validated: no second pass
+    else:
+      res = evaluate(eval_step, state, eval_data(split), mesh, taxonomy)
     md = write_results(workdir, res, split, {"checkpoint": which, "shards_dir": shards_dir,
                                              "num_records": counts[split]})
     writer.write(total_steps, summary(res), f"final_{split}", console=False)
