@@ -98,3 +98,44 @@ def test_resolve_impl():
     resolve_impl("cudnn")
   with pytest.raises(ValueError, match="channels"):
     conv3d(jnp.ones((1, 4, 4, 4, 2)), jnp.ones((3, 3, 3, 3, 1)))
+
+
+# (op, kernel, strides): the taps paths that reshape (patchify down conv,
+# depth-tap 2D conv, 1x1x1 matmul, kernel == stride transposed conv).
+SHARDED_CASES = [("conv", (2, 2, 2), 2), ("conv", (3, 3, 3), 2),
+                 ("conv", (1, 1, 1), 1), ("transpose", (2, 2, 2), 2)]
+
+
+@pytest.mark.parametrize("op,kernel,strides", SHARDED_CASES)
+def test_taps_under_sharded_batch(op, kernel, strides):
+  # jax.make_mesh axes are Explicit: a reshape that splits or merges several
+  # axis groups at once raised ShardingTypeError under the trainer's
+  # batch-sharded jit. Values, grads and the output sharding must match xla.
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from radnet_jax import trainer
+  mesh = trainer.make_mesh()
+  rng = np.random.default_rng(2)
+  x = jax.device_put(jnp.asarray(rng.normal(size=(8, 4, 6, 6, 3)), jnp.float32),
+                     NamedSharding(mesh, P("data")))
+  w = jax.device_put(jnp.asarray(rng.normal(size=(*kernel, 3, 4)) / 5,
+                                 jnp.float32), NamedSharding(mesh, P()))
+
+  def run(impl):
+    def f(x, w):
+      if op == "conv":
+        return conv3d(x, w, strides, None, 1, impl=impl)
+      return conv_transpose3d(x, w, strides, impl=impl)
+
+    def loss(x, w):
+      y = f(x, w)
+      return jnp.sum(jnp.sin(y)), y
+    (gx, gw), y = jax.jit(jax.grad(loss, (0, 1), has_aux=True))(x, w)
+    return y, gx, gw
+
+  ya, gxa, gwa = run("xla")
+  yb, gxb, gwb = run("taps")
+  assert yb.sharding.spec[0] == "data" and gxb.sharding.spec[0] == "data"
+  np.testing.assert_allclose(yb, ya, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(gxb, gxa, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(gwb, gwa, rtol=1e-5, atol=2e-4)

@@ -124,3 +124,45 @@ def test_bad_inputs():
     trunk_kwargs("resnet7")
   with pytest.raises(ValueError, match="act must be"):
     _shapes(VNet(act="gelu"), (1, 16, 16, 16, 1))
+
+
+def test_resnet_vnet_impls_agree_under_sharded_batch():
+  # The trainer's setting: jit with the batch sharded over a data mesh whose
+  # axes are Explicit (jax.make_mesh); the "taps" reshapes must keep the batch
+  # sharding (a ShardingTypeError before) and agree with "xla", forward and
+  # grad (op-by-op sharded cases, VNet's down convs included, in test_conv.py).
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from radnet_jax import trainer
+  mesh = trainer.make_mesh()
+  n = mesh.devices.size
+  assert n == 8  # tests/conftest.py
+  models = {impl: ResNetVNet({"stage_sizes": (1, 1, 1, 1), "num_filters": 4},
+                             conv_impl=impl, decoder_filters=(8, 8, 4, 4, 4))
+            for impl in ("xla", "taps")}
+  shape = (n, 8, 16, 16, 1)
+  x = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), shape),
+                     NamedSharding(mesh, P("data")))
+  v = jax.jit(lambda r: models["xla"].init(r, jnp.zeros((1,) + shape[1:]),
+                                            False))(_KEY)
+  # Replicated on the mesh, as trainer.create_train_state places the state.
+  v = jax.device_put(v, NamedSharding(mesh, P()))
+
+  outs = {}
+  for impl, m in models.items():
+    def loss(params, bs, m=m):
+      y, upd = m.apply({"params": params, "batch_stats": bs}, x, True,
+                       mutable=["batch_stats"])
+      w = jnp.sin(jnp.arange(y.shape[-1], dtype=y.dtype))
+      return jnp.mean(y * w + y ** 2), (y, upd["batch_stats"])
+    grad_fn = jax.jit(jax.grad(loss, has_aux=True))
+    g, (y, bs) = grad_fn(v["params"], v["batch_stats"])
+    assert y.shape == shape[:4] + (2,)
+    assert y.sharding.spec[0] == "data"  # the batch stays sharded
+    outs[impl] = (y, g, bs)
+  (ya, ga, sa), (yb, gb, sb) = outs["xla"], outs["taps"]
+  assert np.isfinite(ya).all()
+  np.testing.assert_allclose(yb, ya, rtol=1e-3, atol=1e-4)
+  close = lambda a, b: np.testing.assert_allclose(b, a, rtol=2e-3, atol=1e-4)
+  jax.tree_util.tree_map(close, ga, gb)
+  jax.tree_util.tree_map(close, sa, sb)

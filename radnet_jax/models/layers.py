@@ -83,6 +83,21 @@ def _out_size(n: int, k: int, s: int, d: int, lo: int, hi: int) -> int:
   return (n + lo + hi - d * (k - 1) - 1) // s + 1
 
 
+def _reshape_steps(x: Array, shapes: Sequence[Sequence[int]]) -> Array:
+  """Reshapes `x` through `shapes` in turn (row-major, so free in XLA).
+
+  Under jit with explicitly sharded inputs (`jax.make_mesh` axes are
+  `AxisType.Explicit`, the trainer's data-parallel batch), JAX infers a
+  reshape's output sharding only when it splits or merges ONE group of axes;
+  several groups at once raise `ShardingTypeError`. Callers therefore list
+  one split or merge per step. A batch sharded on "data" stays sharded on
+  "data" (merging it as the major axis, `(B, D') -> (B*D')`, is allowed).
+  """
+  for shape in shapes:
+    x = x.reshape(tuple(int(s) for s in shape))
+  return x
+
+
 def conv3d_taps(x: Array, kernel: Array, strides: Sequence[int],
                 padding: Sequence[tuple[int, int]],
                 dilation: Sequence[int]) -> Array:
@@ -121,9 +136,14 @@ def conv3d_taps(x: Array, kernel: Array, strides: Sequence[int],
       and (dd, dh, dw) == (1, 1, 1)):
     od, oh, ow = d // kd, h // kh, w // kw
     xs = x[:, :od * kd, :oh * kh, :ow * kw, :]
-    xs = xs.reshape(b, od, kd, oh, kh, ow, kw, c)
-    xs = xs.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, od, oh, ow,
-                                                      kd * kh * kw * c)
+    # One axis split / merge per reshape (see `_reshape_steps`).
+    xs = _reshape_steps(xs, [(b, od, kd, oh * kh, ow * kw, c),
+                             (b, od, kd, oh, kh, ow * kw, c),
+                             (b, od, kd, oh, kh, ow, kw, c)])
+    xs = xs.transpose(0, 1, 3, 5, 2, 4, 6, 7)  # (b, od, oh, ow, kd, kh, kw, c)
+    xs = _reshape_steps(xs, [(b, od, oh, ow, kd, kh, kw * c),
+                             (b, od, oh, ow, kd, kh * kw * c),
+                             (b, od, oh, ow, kd * kh * kw * c)])
     return jnp.einsum("bdhwk,ko->bdhwo", xs, kernel.reshape(-1, o))
 
   od = _out_size(d, kd, sd, dd, pd0, pd1)
@@ -191,7 +211,9 @@ def conv_transpose3d(x: Array, kernel: Array, strides: Sequence[int],
   if resolve_impl(impl) == "taps" and (kd, kh, kw) == strides:
     b, d, h, w, _ = x.shape
     y = jnp.einsum("bdhwc,xyzco->bdxhywzo", x, kernel)
-    return y.reshape(b, d * kd, h * kh, w * kw, o)
+    return _reshape_steps(y, [(b, d * kd, h, kh, w, kw, o),
+                              (b, d * kd, h * kh, w, kw, o),
+                              (b, d * kd, h * kh, w * kw, o)])
   return lax.conv_transpose(x, kernel[::-1, ::-1, ::-1], strides, "VALID",
                             dimension_numbers=_DN)
 
