@@ -293,7 +293,10 @@ def normalise(voxels: np.ndarray, modality: str | None) -> tuple[np.ndarray, str
   all_finite = bool(finite.all())
   if (modality or "").upper() == "CT":
     lo, hi = CT_WINDOW
-    out = (x - np.float32(lo)) * np.float32(2.0 / (hi - lo)) - np.float32(1.0)
+    # ((x - lo) * 2 / (hi - lo)) - 1 in place: one output array, no temporaries.
+    out = np.subtract(x, np.float32(lo))
+    np.multiply(out, np.float32(2.0 / (hi - lo)), out=out)
+    np.subtract(out, np.float32(1.0), out=out)
     np.clip(out, -1.0, 1.0, out=out)
     if not all_finite:
       out[~finite] = -1.0
@@ -305,7 +308,8 @@ def normalise(voxels: np.ndarray, modality: str | None) -> tuple[np.ndarray, str
   if not hi > lo:
     # A constant volume carries no contrast: map it to 0 rather than divide by 0.
     return np.zeros_like(x), spec
-  out = (x - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+  out = np.subtract(x, np.float32(lo))
+  np.multiply(out, np.float32(1.0 / (hi - lo)), out=out)
   np.clip(out, 0.0, 1.0, out=out)
   if not all_finite:
     out[~finite] = 0.0
