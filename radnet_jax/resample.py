@@ -5,8 +5,10 @@ output is a weighted sum of input voxels with a triangle kernel that is
 stretched by the downsampling factor (a box-like low-pass filter when
 shrinking, plain linear interpolation when enlarging). It is the same operator
 as ``jax.image.resize(..., method="linear", antialias=True)`` (the tests check
-the agreement), computed in numpy with banded matrix products so that a
-512x512x200 CT shrinks to 48x192x192 in a fraction of a second on one core.
+the agreement), computed in numpy with banded BLAS products one slice at a
+time (no full-size intermediate), so that a 512x512x185 CT shrinks to
+48x192x192 in ~0.03 s on one core (about the time it takes to read the volume
+from memory once).
 
 Grid convention ("extent preserving", half-pixel centres): output voxel ``i``
 along an axis of ``n`` input and ``s`` output voxels sits at input index
@@ -64,7 +66,8 @@ def weight_matrix(n_in: int, n_out: int) -> np.ndarray:
   return w / np.where(total > 0, total, 1.0)
 
 
-def _blocks(w: np.ndarray, block: int = _BLOCK) -> list[tuple[int, int, int, int]]:
+def _blocks(w: np.ndarray, block: int = _BLOCK
+            ) -> list[tuple[int, int, int, int]]:
   """(out_start, out_stop, in_start, in_stop) blocks covering the band of w."""
   nz = w != 0
   first = nz.argmax(axis=1)
@@ -164,7 +167,7 @@ def _strategy(ad: _Axis, plane: _Plane, hw_in: int, hw_out: int) -> str:
 
 def _chunks(ad: _Axis, chunk: int) -> list[tuple[int, int, int, int]]:
   """(in_start, in_stop, out_start, out_stop): input slice chunks and the
-  output slices they contribute to (a contiguous range: the band is monotone)."""
+  output slices they contribute to (contiguous: the band is monotone)."""
   nz = ad.w != 0
   out = []
   for z0 in range(0, ad.n_in, chunk):
@@ -199,29 +202,32 @@ def resize(voxels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     raise ValueError(f"target shape must be 3 positive sizes, got {shape}")
   if min(x.shape) < 1:
     raise ValueError(f"cannot resize an empty volume of shape {x.shape}")
-  x = np.ascontiguousarray(x, dtype=np.float32)
+  # Other dtypes and strided views are converted a band of slices at a time
+  # (np.ascontiguousarray is free for contiguous float32): no full-size copy.
+  slab = lambda z0, z1: np.ascontiguousarray(x[z0:z1], np.float32)  # noqa: E731
   (D, H, W), (d, h, w) = x.shape, shape
   ad = _Axis(D, d, row_block=1, col_block=1)
   plane = _Plane(_Axis(H, h), _Axis(W, w))
   out = np.empty(shape, np.float32)
   if ad.identity:
     for z in range(D):
-      plane(x[z], out[z])
+      plane(slab(z, z + 1)[0], out[z])
     return out
   if _strategy(ad, plane, H * W, h * w) == "depth":
-    flat = x.reshape(D, H * W)
     mixed = np.empty(H * W, np.float32)
     for o, _, i0, i1 in ad.row_blocks:
-      np.matmul(ad.w[o, i0:i1], flat[i0:i1], out=mixed)
+      np.matmul(ad.w[o, i0:i1], slab(i0, i1).reshape(i1 - i0, H * W), out=mixed)
       plane(mixed.reshape(H, W), out[o])
     return out
   out.fill(0.0)
   flat_out = out.reshape(d, h * w)
   small = np.empty((_CHUNK, h, w), np.float32)
   for z0, z1, r0, r1 in _chunks(ad, _CHUNK):
+    band = slab(z0, z1)
     for k in range(z1 - z0):
-      plane(x[z0 + k], small[k])
-    flat_out[r0:r1] += ad.w[r0:r1, z0:z1] @ small[:z1 - z0].reshape(z1 - z0, h * w)
+      plane(band[k], small[k])
+    c = z1 - z0
+    flat_out[r0:r1] += ad.w[r0:r1, z0:z1] @ small[:c].reshape(c, h * w)
   return out
 
 

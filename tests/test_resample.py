@@ -93,6 +93,22 @@ def test_resize_accepts_integer_and_non_contiguous_input():
   np.testing.assert_allclose(ref, _dense_reference(flipped, (4, 8, 8)), atol=1e-3)
 
 
+@pytest.mark.parametrize("out_shape", [(16, 48, 48), (80, 48, 48)])
+def test_integer_volume_is_converted_band_by_band(out_shape):
+  import tracemalloc
+  x = np.random.default_rng(4).integers(-1024, 3000, (64, 128, 128),
+                                        dtype=np.int16)
+  tracemalloc.start()
+  try:
+    out = rs.resize(x, out_shape)
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  # A float32 copy of the whole volume would be 2x its int16 size.
+  assert peak < 0.6 * x.nbytes + out.nbytes, peak
+  np.testing.assert_array_equal(out, rs.resize(x.astype(np.float32), out_shape))
+
+
 def test_weight_matrix_rows_sum_to_one_and_identity():
   for n_in, n_out in [(512, 192), (150, 48), (3, 10), (1, 5)]:
     w = rs.weight_matrix(n_in, n_out)
