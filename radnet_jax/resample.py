@@ -149,7 +149,7 @@ class _Plane:
 
 
 def _strategy(ad: _Axis, plane: _Plane, hw_in: int, hw_out: int) -> str:
-  """"depth" (slice mix first) or "plane" (in-plane passes first), by cost.
+  """Picks "depth" (slice mix first) or "plane" (in-plane first) by cost.
 
   depth: every output slice is one weighted sum of its input band (a gemv
   over ``H*W``, no wasted taps) and is then resized in plane: ``d`` plane
@@ -202,9 +202,12 @@ def resize(voxels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     raise ValueError(f"target shape must be 3 positive sizes, got {shape}")
   if min(x.shape) < 1:
     raise ValueError(f"cannot resize an empty volume of shape {x.shape}")
-  # Other dtypes and strided views are converted a band of slices at a time
-  # (np.ascontiguousarray is free for contiguous float32): no full-size copy.
-  slab = lambda z0, z1: np.ascontiguousarray(x[z0:z1], np.float32)  # noqa: E731
+
+  def slab(z0: int, z1: int) -> np.ndarray:
+    # Other dtypes and strided views are converted a band of slices at a time
+    # (free for contiguous float32): never a full-size float32 copy.
+    return np.ascontiguousarray(x[z0:z1], np.float32)
+
   (D, H, W), (d, h, w) = x.shape, shape
   ad = _Axis(D, d, row_block=1, col_block=1)
   plane = _Plane(_Axis(H, h), _Axis(W, w))
