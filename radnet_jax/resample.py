@@ -287,6 +287,57 @@ def normalisation_for(modality: str | None) -> str:
   return f"pct({lo:g},{hi:g})->[0,1]"
 
 
+def _order_stat_pair(flat: np.ndarray, k: int, sample: np.ndarray,
+                     low_tail: bool) -> tuple[float, float] | None:
+  """Values of rank ``k`` and ``k + 1`` (0-based, ascending) of ``flat``,
+  partitioning only the tail beyond a threshold read off the sorted
+  ``sample``; None when the tail turns out too short (the caller falls back).
+
+  All values <= t (low tail) are the first ranks of the sorted array, all
+  values >= t (high tail) the last, so the ranks are exact whatever the ties.
+  """
+  n, m = flat.size, sample.size
+  k1 = min(k + 1, n - 1)
+  if low_tail:
+    # Twice the expected share of the sample, plus a margin for sampling noise.
+    j = min(m - 1, 2 * (k1 + 1) * m // n + 16)
+    tail = flat[flat <= sample[j]]
+    if tail.size <= k1:
+      return None
+    part = np.partition(tail, (k, k1))
+    return float(part[k]), float(part[k1])
+  j = max(0, m - 1 - (2 * (n - k) * m // n + 16))
+  tail = flat[flat >= sample[j]]
+  start = n - tail.size   # rank of tail's smallest value in flat
+  if k < start:
+    return None
+  part = np.partition(tail, (k - start, k1 - start))
+  return float(part[k - start]), float(part[k1 - start])
+
+
+def _percentiles(vals: np.ndarray, qs: Sequence[float]) -> tuple[float, ...]:
+  """``np.percentile(vals, qs)`` (linear method, same float64 arithmetic) for
+  tail percentiles (q <= 5 or q >= 95) without partitioning the whole array:
+  ~4x faster on a 48x192x192 volume. Other q and small arrays use numpy."""
+  flat = np.asarray(vals).reshape(-1)
+  n = flat.size
+  if n < 1 << 16 or any(5 < q < 95 for q in qs):
+    return tuple(float(v) for v in np.percentile(flat, qs))
+  sample = np.sort(flat[::n // (1 << 15)])
+  out = []
+  for q in qs:
+    pos = q / 100.0 * (n - 1)
+    k = int(np.floor(pos))
+    pair = _order_stat_pair(flat, k, sample, low_tail=q < 50)
+    if pair is None:
+      return tuple(float(v) for v in np.percentile(flat, qs))
+    a, b = pair
+    t = pos - k
+    # numpy's _lerp: a + (b - a) t, or b - (b - a)(1 - t) from t = 0.5 on.
+    out.append(b - (b - a) * (1.0 - t) if t >= 0.5 else a + (b - a) * t)
+  return tuple(out)
+
+
 def normalise(voxels: np.ndarray, modality: str | None) -> tuple[np.ndarray, str]:
   """Modality-aware intensity normalisation (see the module docstring).
 
@@ -313,7 +364,7 @@ def normalise(voxels: np.ndarray, modality: str | None) -> tuple[np.ndarray, str
   vals = x if all_finite else x[finite]
   if vals.size == 0:
     return np.zeros_like(x), spec
-  lo, hi = np.percentile(vals, PERCENTILES)
+  lo, hi = _percentiles(vals, PERCENTILES)
   if not hi > lo:
     # A constant volume carries no contrast: map it to 0 rather than divide by 0.
     return np.zeros_like(x), spec

@@ -207,3 +207,36 @@ def test_resize_rejects_bad_input():
     rs.resize(np.zeros((4, 4)), (2, 2, 2))
   with pytest.raises(ValueError, match="positive"):
     rs.resize(np.zeros((4, 4, 4)), (0, 2, 2))
+
+
+@pytest.mark.parametrize("kind", ["gamma", "ties", "mostly_constant", "sorted"])
+def test_tail_percentiles_equal_numpy(kind):
+  rng = np.random.default_rng(5)
+  n = 200_003
+  if kind == "gamma":
+    x = rng.gamma(2.0, 200.0, n).astype(np.float32)
+  elif kind == "ties":
+    x = rng.integers(0, 40, n).astype(np.float32)
+  elif kind == "mostly_constant":
+    x = np.zeros(n, np.float32)
+    x[rng.integers(0, n, 300)] = rng.normal(size=300).astype(np.float32)
+  else:
+    x = np.sort(rng.normal(size=n).astype(np.float32))[::-1].copy()
+  for qs in [(0.5, 99.5), (0.0, 100.0), (2.5, 97.5), (5.0, 95.0)]:
+    np.testing.assert_array_equal(rs._percentiles(x, qs), np.percentile(x, qs))
+  # Central percentiles and small arrays go to numpy itself.
+  np.testing.assert_array_equal(rs._percentiles(x, (25, 75)),
+                                np.percentile(x, (25, 75)))
+  np.testing.assert_array_equal(rs._percentiles(x[:999], (0.5, 99.5)),
+                                np.percentile(x[:999], (0.5, 99.5)))
+
+
+def test_mr_normalisation_of_a_large_volume_uses_exact_percentiles():
+  x = np.random.default_rng(6).gamma(2.0, 150.0, (12, 96, 96)).astype(np.float32)
+  x[0, 0, :2] = [np.nan, np.inf]
+  out, _ = rs.normalise(x, "MR")
+  finite = x[np.isfinite(x)]
+  lo, hi = np.percentile(finite, [0.5, 99.5])
+  ref = np.clip((x - np.float32(lo)) * np.float32(1.0 / (hi - lo)), 0, 1)
+  ref[0, 0, :2] = 0.0
+  np.testing.assert_array_equal(out, ref)
