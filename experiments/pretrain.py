@@ -6,7 +6,7 @@ spacing from DICOM metadata labels). Variants by config argument:
   experiments/pretrain.py          = :demo. CPU-sized run on the embedded
       phantom corpus (480 series, 70/10/20% train/val/test patients; built
       and converted on first use into $RADNET_CACHE or ~/.cache/radnet_jax),
-      ResNetTiny on 32x64x64, 800 steps of batch 16, class-balanced loss.
+      ResNetTiny on 32x64x64, 1600 steps of batch 16, class-balanced loss.
   experiments/pretrain.py:paper    ResNet-50, 48x192x192, bfloat16, batch 64,
       for a GPU/TPU run on real shards: add
       --config.data.shards_dir=/path/to/shards (from data_prep/).
@@ -91,10 +91,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
 
   c.batch_size = 16  # global
   c.eval_batch_size = 32
-  c.num_steps = 800
+  c.num_steps = 1600
   c.log_every = 25
-  c.eval_every = 200
-  c.checkpoint_every = 200
+  c.eval_every = 400
+  c.checkpoint_every = 400
   c.keep_checkpoints = 2
   c.best_metric = "val/mean_accuracy"
   c.best_mode = "max"
