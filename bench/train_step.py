@@ -78,8 +78,11 @@ def time_project(name, shape, batch, steps, warmup, conv_impl, stem):
            tx.init(variables["params"]))
 
   def loss_fn(params, stats):
+    # A fixed dropout key: the timing does not depend on the mask (VNet
+    # uses dropout in training mode, as MONAI's does).
     out, new = model.apply({"params": params, "batch_stats": stats}, x, True,
-                           mutable=["batch_stats"])
+                           mutable=["batch_stats"],
+                           rngs={"dropout": jax.random.key(1)})
     logits = out[0]["sequence"] if kind == "cls" else out
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, new["batch_stats"]
