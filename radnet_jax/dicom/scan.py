@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
-import multiprocessing
 import os
-import sys
 import warnings
 from typing import Any, Iterable, Iterator
 
@@ -51,6 +49,7 @@ from radnet_jax.dicom.metadata import (functional_group, record_from_dataset,
                                        vendor_diffusion_direction)
 from radnet_jax.dicom.reader import is_dicomdir, read_dataset
 from radnet_jax.dicom.types import ScanResult, Skipped, Stack
+from radnet_jax import parallel
 from radnet_jax.privacy import hash_id
 
 # SOP classes (prefix match) that are not images to learn from.
@@ -613,11 +612,8 @@ def scan(root: str, *, salt: str, workers: int = 1, progress: bool = False,
 
   try:
     if workers > 1 and len(paths) > 1:
-      # fork is fast, but forking a process that runs jax's threads can
-      # deadlock: spawn once jax is loaded (e.g. scan called from run.py).
-      method = "spawn" if "jax" in sys.modules else None
-      ctx = multiprocessing.get_context(method)
-      with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+      with cf.ProcessPoolExecutor(max_workers=workers,
+                                  mp_context=parallel.context(),
                                   initializer=_init_worker) as pool:
         chunk = max(1, min(256, len(paths) // (workers * 8) or 1))
         return group_entries(

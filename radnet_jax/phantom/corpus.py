@@ -11,14 +11,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import multiprocessing as mp
 import os
-import sys
 import shutil
 import time
 
 import numpy as np
 
+from radnet_jax import parallel
 from radnet_jax.phantom import acquisition, protocols, truth
 from radnet_jax.phantom.anatomy import make_patient
 from radnet_jax.phantom.noise import HeaderNoise, corrupt
@@ -190,22 +189,11 @@ def make_corpus(out_dir: str, n: int = 200, seed: int = 0, *, workers: int | Non
   if progress:
     from tqdm import tqdm
     bar = tqdm(total=n, desc="phantom series", unit="series")
-  if workers > 1:
-    # fork: workers only use numpy/scipy/pydicom, and fork needs no __main__
-    # guard in the caller's script; but forking a process that already runs
-    # jax's threads can deadlock, so spawn once jax is loaded (run.py demo).
-    method = ("fork" if "fork" in mp.get_all_start_methods()
-              and "jax" not in sys.modules else "spawn")
-    with mp.get_context(method).Pool(workers) as pool:
-      for res in pool.imap_unordered(_patient_job, jobs):
-        results.append(res)
-        if bar:
-          bar.update(len(res[0]))
-  else:
-    for job in jobs:
-      res = _patient_job(job)
-      results.append(res)
-      if bar:
+  for res in parallel.imap_unordered(_patient_job, jobs, workers):
+    results.append(res)
+    if bar:
+      bar.update(len(res[0]))
+  if bar:
         bar.update(len(res[0]))
   if bar:
     bar.close()

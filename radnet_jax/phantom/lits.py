@@ -8,13 +8,12 @@ indexed (x=column, y=row, z=slice) like the LiTS files read with nibabel.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
-import sys
 import time
 
 import numpy as np
 
+from radnet_jax import parallel
 from radnet_jax.phantom import acquisition, physics
 from radnet_jax.phantom.anatomy import T, Grid, make_patient, render_labels
 from radnet_jax.phantom.protocols import SeriesPlan
@@ -124,20 +123,10 @@ def make_lits(out_dir: str, n: int = 20, seed: int = 0, *, workers: int | None =
     from tqdm import tqdm
     bar = tqdm(total=n, desc="lits cases", unit="case")
   infos = []
-  if workers > 1:
-    # spawn once jax is loaded: forking jax's threads can deadlock.
-    method = ("fork" if "fork" in mp.get_all_start_methods()
-              and "jax" not in sys.modules else "spawn")
-    with mp.get_context(method).Pool(workers) as pool:
-      for info in pool.imap_unordered(_job, args):
-        infos.append(info)
-        if bar:
-          bar.update()
-  else:
-    for a in args:
-      infos.append(_job(a))
-      if bar:
-        bar.update()
+  for info in parallel.imap_unordered(_job, args, workers):
+    infos.append(info)
+    if bar:
+      bar.update()
   if bar:
     bar.close()
   summary = {"cases": sorted(infos, key=lambda d: d["case"]), "seconds": round(time.time() - t0, 2)}
