@@ -115,9 +115,22 @@ def load_nifti_canonical(path: str) -> tuple[np.ndarray, np.ndarray, dict]:
     data = data[..., 0]
   if data.ndim != 3:
     raise ValueError(f"{path}: expected a 3D volume, got shape {data.shape}")
-  affine_ras = np.asarray(img.affine, np.float64)
+  return canonicalise(data, np.asarray(img.affine, np.float64), path)
+
+
+def canonicalise(data: np.ndarray, affine_ras: np.ndarray, where: str
+                 ) -> tuple[np.ndarray, np.ndarray, dict]:
+  """A 3D array on any grid -> the axial canonical layout (see
+  ``load_nifti_canonical``); shared by the NIfTI and DICOM inputs.
+
+  Args:
+    data: ``(I, J, K)`` voxels of the source grid (any axis order).
+    affine_ras: ``(4, 4)`` source voxel index -> RAS mm (NIfTI convention;
+      a DICOM LPS affine becomes RAS by negating its first two rows).
+    where: file or series named in errors.
+  """
   if not np.isfinite(affine_ras).all() or abs(np.linalg.det(affine_ras[:3, :3])) < 1e-9:
-    raise ValueError(f"{path}: degenerate or non-finite affine")
+    raise ValueError(f"{where}: degenerate or non-finite affine")
   ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine_ras),
                                          _CANONICAL)
   canon = nib.orientations.apply_orientation(data, ornt)
@@ -252,7 +265,7 @@ def make_record(case: str, vol_path: str, seg_path: str | None,
                 cfg: SegPrepConfig, split: str = "train") -> dict:
   """One LiTS case -> a segmentation record dict (see module docstring)."""
   hu, affine, geometry = load_nifti_canonical(vol_path)
-  vol, grid_affine, geometry = preprocess(hu, affine, geometry, cfg)
+  seg = None
   if seg_path is not None:
     seg, seg_affine, seg_geom = load_nifti_canonical(seg_path)
     if seg_geom["orig_shape"] != geometry["orig_shape"]:
@@ -260,10 +273,22 @@ def make_record(case: str, vol_path: str, seg_path: str | None,
                        f"its volume {geometry['orig_shape']}")
     if not np.allclose(seg_affine, affine, atol=1e-3):
       raise ValueError(f"{seg_path}: affine differs from its volume's")
+  return record_from_canonical(case, hu, affine, geometry, seg, cfg, split,
+                               where=seg_path or vol_path)
+
+
+def record_from_canonical(case: str, hu: np.ndarray, affine: np.ndarray,
+                          geometry: dict, seg: np.ndarray | None,
+                          cfg: SegPrepConfig, split: str = "train",
+                          where: str = "") -> dict:
+  """Canonical HU ``(D, H, W)`` (+ label map on the same grid, or None) ->
+  a segmentation record; the common tail of the NIfTI and DICOM inputs."""
+  vol, grid_affine, geometry = preprocess(hu, affine, geometry, cfg)
+  if seg is not None:
     seg = np.rint(seg)
     bad = np.setdiff1d(np.unique(seg), LABELS)
     if bad.size:
-      raise ValueError(f"{seg_path}: unexpected labels {bad.tolist()} "
+      raise ValueError(f"{where}: unexpected labels {bad.tolist()} "
                        f"(expected 0 background, 1 liver, 2 tumour)")
     mask = resize_labels(seg.astype(np.uint8), vol.shape)
   else:
@@ -275,7 +300,7 @@ def make_record(case: str, vol_path: str, seg_path: str | None,
       "affine": np.asarray(grid_affine, np.float64),
       "case": case,
       "split": split,
-      "has_mask": seg_path is not None,
+      "has_mask": seg is not None,
       "geometry": geometry,
       "normalisation": cfg.normalisation,
   }
@@ -288,39 +313,99 @@ def shard_path(out_dir: str, split: str) -> str:
   return os.path.join(out_dir, f"seg_{split}.array_record")
 
 
+def detect_format(input_dir: str) -> str:
+  """"nifti" when ``input_dir`` holds LiTS ``volume-*.nii[.gz]`` files, else
+  "dicom" (CT series + DICOM SEG objects)."""
+  return "nifti" if find_lits_cases(input_dir) else "dicom"
+
+
+def _dicom_jobs(input_dir: str, out_dir: str, cfg: SegPrepConfig, salt: str | None,
+                label_map: Mapping[str | int, int] | None, workers: int):
+  """(case jobs, splits, problems) for a folder of DICOM CT + SEG cases."""
+  from radnet_jax import privacy  # pylint: disable=g-import-not-at-top
+  from radnet_jax import segdicom  # pylint: disable=g-import-not-at-top
+  salt = privacy.load_or_create_salt(out_dir, salt)
+  cases, problems = segdicom.find_dicom_cases(input_dir, salt, workers=workers)
+  # Split by patient (several series of one patient never straddle splits).
+  by_patient = assign_splits(sorted({c.patient for c in cases}), cfg.val_fraction,
+                             cfg.test_fraction, cfg.seed)
+  splits = {c.case: by_patient[c.patient] for c in cases}
+
+  def job(c):
+    def load():
+      hu, affine, geometry, mask = segdicom.load_case(c, label_map)
+      return record_from_canonical(c.case, hu, affine, geometry, mask, cfg,
+                                   splits[c.case], where=c.seg_path or c.case)
+    where = os.path.relpath(c.seg_path or c.stack.files[0], input_dir)
+    return c.case, where, load
+  return [job(c) for c in cases], splits, problems
+
+
 def build_shards(input_dir: str, out_dir: str, cfg: SegPrepConfig = SegPrepConfig(),
-                 progress: bool = True) -> dict:
-  """Converts a LiTS folder to ``out_dir/seg_{split}.array_record`` shards.
+                 progress: bool = True, *, fmt: str = "auto", salt: str | None = None,
+                 label_map: Mapping[str | int, int] | None = None,
+                 workers: int = 1) -> dict:
+  """Converts a LiTS folder (or DICOM CT + SEG folder) to
+  ``out_dir/seg_{split}.array_record`` shards.
 
   Writes ``out_dir/manifest.json`` (config, splits, per-case shapes, errors)
   and returns it. A case that fails is logged with its file and reason and
   left out; the others are converted.
+
+  fmt: "nifti" (LiTS ``volume-N`` / ``segmentation-N``), "dicom" (every CT
+    series under ``input_dir``, labelled by the DICOM SEG that references it,
+    see ``radnet_jax.segdicom``; case ids are salted series hashes, splits
+    by patient) or "auto" (NIfTI when ``volume-*.nii*`` files exist).
+  salt, label_map, workers: DICOM only: the PHI hashing salt (default
+    ``$RADNET_SALT`` or ``out_dir/.salt``), segment name -> label overrides,
+    header-scan processes.
   """
   from array_record.python.array_record_module import ArrayRecordWriter
-  cases = find_lits_cases(input_dir)
-  if not cases:
-    raise FileNotFoundError(f"{input_dir}: no volume-*.nii[.gz] files")
-  splits = assign_splits([c for c, _, _ in cases], cfg.val_fraction,
-                         cfg.test_fraction, cfg.seed)
+  if fmt == "auto":
+    fmt = detect_format(input_dir)
+  problems: list[dict] = []
+  failures: tuple = (ValueError, OSError)
+  if fmt == "nifti":
+    cases = find_lits_cases(input_dir)
+    if not cases:
+      raise FileNotFoundError(f"{input_dir}: no volume-*.nii[.gz] files")
+    splits = assign_splits([c for c, _, _ in cases], cfg.val_fraction,
+                           cfg.test_fraction, cfg.seed)
+    jobs = [(case, os.path.basename(vp),
+             (lambda case=case, vp=vp, sp=sp: make_record(case, vp, sp, cfg, splits[case])))
+            for case, vp, sp in cases]
+  elif fmt == "dicom":
+    from radnet_jax.dicom.errors import DicomError  # pylint: disable=g-import-not-at-top
+    failures += (DicomError,)
+    jobs, splits, problems = _dicom_jobs(input_dir, out_dir, cfg, salt, label_map, workers)
+    if not jobs:
+      raise FileNotFoundError(f"{input_dir}: no CT DICOM series found")
+  else:
+    raise ValueError(f"fmt must be 'auto', 'nifti' or 'dicom', got {fmt!r}")
   os.makedirs(out_dir, exist_ok=True)
   writers, counts = {}, {s: 0 for s in SPLITS}
   manifest = {"kind": "segmentation", "config": dataclasses.asdict(cfg),
               "normalisation": cfg.normalisation, "labels": {
                   "0": "background", "1": "liver", "2": "tumour"},
               "splits": {s: [] for s in SPLITS}, "cases": {}, "errors": []}
-  it: Iterable = cases
+  if fmt == "dicom":
+    manifest["format"] = "dicom"
+    manifest["errors"].extend(problems)
+    for p in problems:
+      log.warning("%s: %s", p["file"], p["reason"])
+  it: Iterable = jobs
   if progress:
     from tqdm import tqdm
-    it = tqdm(cases, desc="LiTS -> shards", unit="case")
+    it = tqdm(jobs, desc=("LiTS" if fmt == "nifti" else "DICOM") + " -> shards",
+              unit="case")
   try:
-    for case, vp, sp in it:
+    for case, where, load in it:
       split = splits[case]
       try:
-        rec = make_record(case, vp, sp, cfg, split)
-      except (ValueError, OSError) as e:
+        rec = load()
+      except failures as e:
         log.warning("skipping case %s: %s", case, e)
-        manifest["errors"].append({"case": case, "file": os.path.basename(vp),
-                                   "reason": str(e)})
+        manifest["errors"].append({"case": case, "file": where, "reason": str(e)})
         continue
       if split not in writers:
         writers[split] = ArrayRecordWriter(shard_path(out_dir, split), "group_size:1")

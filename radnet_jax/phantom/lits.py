@@ -73,6 +73,10 @@ def _job(args) -> dict:
   out_dir, seed, case, full_size, small, dicom = args
   import nibabel as nib
   hu, seg, affine, info, (patient, plan, grid, hu_kij) = lits_case(seed, case, full_size, small)
+  if dicom:
+    # CT DICOM stores HU in [-1024, 3071] (12-bit, intercept -1024): give the
+    # NIfTI the same values, so both inputs describe the same case exactly.
+    hu = np.clip(hu, -1024, 3071)
   for name, arr in ((f"volume-{case}.nii.gz", hu), (f"segmentation-{case}.nii.gz", seg)):
     img = nib.Nifti1Image(arr, affine)
     img.header.set_xyzt_units("mm", "sec")
@@ -91,8 +95,12 @@ def _job(args) -> dict:
     if plan.contrast == "yes":
       tags.update(ContrastBolusAgent="OMNIPAQUE 350", ContrastBolusRoute="IV")
     k = grid.shape[0]
-    acquisition.write_series(folder, [f"IM{i:04d}.dcm" for i in range(k)], plan, patient, grid, hu_kij,
-                             tags, ids, "20200101", np.arange(k))
+    paths = acquisition.write_series(folder, [f"IM{i:04d}.dcm" for i in range(k)], plan, patient, grid,
+                                     hu_kij, tags, ids, "20200101", np.arange(k))
+    from radnet_jax import segdicom  # pylint: disable=import-outside-toplevel
+    kij = grid_affine(grid)[:, [2, 1, 0, 3]]   # (slice k, row i, column j) -> LPS mm
+    segdicom.write_seg(seg.transpose(2, 1, 0), kij, paths, os.path.join(folder, "SEG.dcm"),
+                       series_description="Liver reference (phantom truth)")
   return info
 
 
@@ -103,11 +111,15 @@ def make_lits(out_dir: str, n: int = 20, seed: int = 0, *, workers: int | None =
 
   Default sizes are scaled down for CPU demos (128-160 in-plane, 40-100
   slices); ``full_size`` gives 512 in-plane and LiTS slice counts; ``small``
-  tiny cases for tests. ``dicom=True`` also writes each CT as a DICOM series
-  under ``out_dir/dicom/case-N`` (no DICOM SEG: masks stay in NIfTI).
+  tiny cases for tests. ``dicom=True`` also writes each case as a CT DICOM
+  series ``out_dir/dicom/case-N/IM*.dcm`` plus its reference mask as a DICOM
+  SEG ``out_dir/dicom/case-N/SEG.dcm`` (segments Liver and Tumour); the
+  NIfTI volumes then hold the same HU as the DICOM (clipped to [-1024, 3071]).
   Returns {"cases": [info...], "seconds": s}; idempotent via ``lits.json``.
   """
   params = {"n": n, "seed": seed, "dicom": dicom, "full_size": full_size, "small": small, "version": 1}
+  if dicom:
+    params["dicom_seg"] = True   # dicom=True folders from before the SEG are redone
   marker = os.path.join(out_dir, MARKER)
   if os.path.exists(marker):
     with open(marker) as f:
