@@ -21,6 +21,7 @@ also labelling and resampling; peak memory under 2x one volume.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -141,20 +142,28 @@ def run_dcm2niix(folder: str, out: str, cpu: int) -> dict:
           "peak_mb": usage.ru_maxrss / 1024}
 
 
-def run_ours(folder: str, shape: str, cpu: int) -> dict:
+def run_ours(folder: str, shape: str, cpu: int, path: str = "stream") -> dict:
   env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
              MKL_NUM_THREADS="1", PYTHONPATH=ROOT)
   out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", folder,
-                        "--shape", shape], env=env, capture_output=True, text=True,
+                        "--shape", shape, "--path", path], env=env, capture_output=True, text=True,
                        preexec_fn=_pin(cpu), check=False)
   if out.returncode != 0:
     raise RuntimeError(f"our child failed on {folder}:\n{out.stderr[-3000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def child(folder: str, shape: tuple, profile: bool = False) -> dict:
-  """One series, in this (fresh) process: times per stage, peak RSS growth."""
+def child(folder: str, shape: tuple, profile: bool = False,
+          path: str = "stream") -> dict:
+  """One series, in this (fresh) process: times per stage, peak RSS growth.
+
+  path "stream": what ``convert`` runs (``dicom.volume.load_resampled``
+  decodes straight onto the shard grid; the "load" stage then includes the
+  resize and "resample" is normalisation + float16); "full": ``load_volume``
+  (full-resolution float32 volume) then ``convert.cache_record``.
+  """
   from radnet_jax import convert, dicom, labels, records
+  from radnet_jax.dicom import volume as dvolume
   from radnet_jax.labels import taxonomy as tx
   import radnet_jax.resample  # noqa: F401 - import cost outside the timing
   base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -170,16 +179,21 @@ def child(folder: str, shape: tuple, profile: bool = False) -> dict:
   stack = res.stacks[0]
   t.append(time.perf_counter())
   c.append(time.process_time())
-  vol = dicom.load_volume(stack)
+  rv = dvolume.load_resampled(stack, shape) if path == "stream" else None
+  vol = dicom.load_volume(stack) if rv is None else None
   t.append(time.perf_counter())
   c.append(time.process_time())
-  shape_in = vol.voxels.shape
-  lab = labels.label(vol.record, taxonomy="paper")
+  shape_in = rv.shape if rv is not None else vol.voxels.shape
+  used = "stream" if rv is not None else "full"
+  lab = labels.label((rv or vol).record, taxonomy="paper")
   targets = tx.Taxonomy("paper").encode(lab)
   t.append(time.perf_counter())
   c.append(time.process_time())
-  cached = convert.cache_record(stack, vol, shape)
-  del vol
+  if rv is not None:
+    cached = convert.resampled_cache_record(stack, rv)
+  else:
+    cached = convert.cache_record(stack, vol, shape)
+  del vol, rv
   t.append(time.perf_counter())
   c.append(time.process_time())
   entry = {"key": stack.key, "md": cached["metadata"], "targets": targets,
@@ -192,7 +206,7 @@ def child(folder: str, shape: tuple, profile: bool = False) -> dict:
   if prof is not None:
     prof.disable()
     import pstats
-    pstats.Stats(prof, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
+    pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
   peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   # Stages in CPU seconds: robust to other load on the machine.
   stages = dict(zip(("scan", "load", "label", "resample", "encode"), np.diff(c)))
@@ -200,7 +214,7 @@ def child(folder: str, shape: tuple, profile: bool = False) -> dict:
           "peak_growth_mb": (peak_kb - base_kb) / 1024, "base_mb": base_kb / 1024,
           "slices": int(shape_in[0]), "shape": list(shape_in),
           "volume_mb": float(np.prod(shape_in)) * 4 / 2**20, "record_mb": len(data) / 2**20,
-          "labels": entry["labels"]}
+          "labels": entry["labels"], "path": used, "sha": hashlib.sha256(data).hexdigest()[:16]}
 
 
 def main() -> None:
@@ -212,12 +226,15 @@ def main() -> None:
   p.add_argument("--cpu", type=int, default=None, help="core to pin to (default: last)")
   p.add_argument("--keep", default=None, help="build/keep the corpus here")
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+  p.add_argument("--path", choices=("stream", "full"), default="stream",
+                 help="stream: decode onto the shard grid (what convert runs); "
+                      "full: load_volume + cache_record")
   p.add_argument("--profile", action="store_true",
                  help="cProfile our path on the first series (to stderr)")
   args = p.parse_args()
   shape = tuple(int(s) for s in args.shape.split(","))
   if args.child:
-    print(json.dumps(child(args.child, shape, args.profile)))
+    print(json.dumps(child(args.child, shape, args.profile, args.path)))
     return
   if not shutil.which("dcm2niix"):
     sys.exit("dcm2niix not found (apt-get install dcm2niix)")
@@ -234,18 +251,19 @@ def main() -> None:
   if args.profile:
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONPATH=ROOT)
     subprocess.run([sys.executable, os.path.abspath(__file__), "--child", folders[0],
-                    "--shape", args.shape, "--profile"], env=env, check=True,
+                    "--shape", args.shape, "--path", args.path, "--profile"], env=env, check=True,
                    preexec_fn=_pin(cpu))
+  load0 = os.getloadavg()[0]
   rows = []
   for folder in folders:
     _warm(folder)
     d = run_dcm2niix(folder, os.path.join(work, "nii", os.path.basename(folder)), cpu)
-    o = run_ours(folder, args.shape, cpu)
+    o = run_ours(folder, args.shape, cpu, args.path)
     rows.append((os.path.basename(folder), d, o))
   hdr = (f"| series | slices | volume MB | dcm2niix s | ours s | ours/dcm2niix | "
          f"dcm2niix cpu s | ours cpu s | cpu ratio | "
          f"scan cpu | load cpu | label cpu | resample cpu | encode cpu | ours peak MB | peak/volume | "
-         f"dcm2niix peak MB |")
+         f"dcm2niix peak MB | path | record sha256 |")
   print(hdr)
   print("|---" * (hdr.count("|") - 1) + "|")
   for name, d, o in rows:
@@ -255,7 +273,8 @@ def main() -> None:
           f"{d['cpu']:.2f} | {o['cpu']:.2f} | {o['cpu'] / d['cpu']:.2f} | "
           f"{st['scan']:.2f} | {st['load']:.2f} | {st['label']:.3f} | "
           f"{st['resample']:.2f} | {st['encode']:.3f} | {o['peak_growth_mb']:.0f} | "
-          f"{o['peak_growth_mb'] / o['volume_mb']:.2f} | {d['peak_mb']:.0f} |")
+          f"{o['peak_growth_mb'] / o['volume_mb']:.2f} | {d['peak_mb']:.0f} | "
+          f"{o['path']} | {o['sha']} |")
   tot_d = sum(d["seconds"] for _, d, _ in rows)
   tot_o = sum(o["seconds"] for _, _, o in rows)
   worst_peak = max(o["peak_growth_mb"] / o["volume_mb"] for _, _, o in rows)
@@ -268,7 +287,8 @@ def main() -> None:
         f"series/s ours {len(rows) / tot_o:.2f}, dcm2niix {len(rows) / tot_d:.2f}; "
         f"worst peak/volume {worst_peak:.2f} (target < 2); "
         f"python baseline after imports {rows[0][2]['base_mb']:.0f} MB")
-  print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+  print(f"load average: {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, "
+        f"on {os.cpu_count()} cores")
   print(f"labels of series 0: {rows[0][2]['labels']}")
   if not args.keep:
     shutil.rmtree(work, ignore_errors=True)

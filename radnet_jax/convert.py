@@ -178,6 +178,39 @@ class _Job:
   cache_path: str
 
 
+def _check_geometry(shape: Sequence[int], affine: Any, spacing: Any
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  if len(shape) != 3 or min(shape) < 1:
+    raise ValueError(f"volume has shape {tuple(shape)}, expected (D, H, W)")
+  affine = np.asarray(affine, np.float64)
+  spacing = np.asarray(spacing, np.float64).reshape(-1)
+  if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+    raise ValueError("volume affine is not a finite 4x4 matrix")
+  if spacing.shape != (3,) or not np.all(spacing > 0):
+    raise ValueError(f"volume spacing {spacing.tolist()} is not 3 positive mm")
+  return affine, spacing
+
+
+def _cached(stack: Any, record: dict, orig_shape: Sequence[int],
+            affine: np.ndarray, spacing: np.ndarray, res: rs.Resampled) -> dict:
+  """The cache record of a resampled volume (see ``cache_record``)."""
+  modality = str(record.get("Modality", "") or "")
+  normed, spec = rs.normalise(res.voxels, modality)
+  return {
+      "kind": "cache", "cache_version": CACHE_VERSION,
+      "volume": normed.astype(np.float16),
+      "affine": res.affine,
+      "stack": stack.key,
+      "modality": modality,
+      "normalisation": spec,
+      "geometry": {"orig_shape": [int(s) for s in orig_shape],
+                   "orig_spacing": [float(s) for s in spacing],
+                   "orig_affine": affine.tolist(),
+                   "spacing": [float(s) for s in res.spacing]},
+      "metadata": safe_metadata(record),
+  }
+
+
 def cache_record(stack: Any, vol: Any, shape: Sequence[int]) -> dict:
   """A loaded Volume -> the cached part of its shard record.
 
@@ -188,53 +221,59 @@ def cache_record(stack: Any, vol: Any, shape: Sequence[int]) -> dict:
   record after volume assembly). Raises ValueError on a malformed volume.
   """
   voxels = np.asarray(vol.voxels)
-  if voxels.ndim != 3 or min(voxels.shape) < 1:
+  if voxels.ndim != 3:
     raise ValueError(f"volume has shape {voxels.shape}, expected (D, H, W)")
-  affine = np.asarray(vol.affine, np.float64)
-  spacing = np.asarray(vol.spacing, np.float64).reshape(-1)
-  if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
-    raise ValueError("volume affine is not a finite 4x4 matrix")
-  if spacing.shape != (3,) or not np.all(spacing > 0):
-    raise ValueError(f"volume spacing {spacing.tolist()} is not 3 positive mm")
-  record = dict(vol.record or stack.record)
-  modality = str(record.get("Modality", "") or "")
+  affine, spacing = _check_geometry(voxels.shape, vol.affine, vol.spacing)
   res = rs.resample(voxels, affine, spacing, shape)
-  normed, spec = rs.normalise(res.voxels, modality)
-  return {
-      "kind": "cache", "cache_version": CACHE_VERSION,
-      "volume": normed.astype(np.float16),
-      "affine": res.affine,
-      "stack": stack.key,
-      "modality": modality,
-      "normalisation": spec,
-      "geometry": {"orig_shape": [int(s) for s in voxels.shape],
-                   "orig_spacing": [float(s) for s in spacing],
-                   "orig_affine": affine.tolist(),
-                   "spacing": [float(s) for s in res.spacing]},
-      "metadata": safe_metadata(record),
-  }
+  return _cached(stack, dict(vol.record or stack.record), voxels.shape, affine,
+                 spacing, res)
+
+
+def resampled_cache_record(stack: Any, rv: Any) -> dict:
+  """``cache_record`` of a ``dicom.volume.ResampledStack`` (from
+  ``load_resampled``): the same dict, bit for bit, as ``cache_record`` of
+  ``load_volume(stack)`` at the shape of ``rv.voxels``."""
+  affine, spacing = _check_geometry(rv.shape, rv.affine, rv.spacing)
+  res = rs.on_grid(np.asarray(rv.voxels, np.float32), rv.shape, affine, spacing)
+  return _cached(stack, dict(rv.record or stack.record), rv.shape, affine,
+                 spacing, res)
 
 
 def convert_stack(stack: Any, shape: Sequence[int]) -> dict:
-  """``load_volume`` + ``cache_record`` for one stack (raises on bad input)."""
-  from radnet_jax import dicom
-  return cache_record(stack, dicom.load_volume(stack), shape)
+  """The cache record of one stack (raises on bad input).
+
+  Classic stacks are decoded straight onto the shard grid
+  (``dicom.volume.load_resampled``: no full-resolution volume); everything
+  else, and every stack that path declines, goes through ``load_volume`` +
+  ``cache_record``. Both give the same record.
+  """
+  from radnet_jax.dicom import volume  # pylint: disable=import-outside-toplevel
+  rv = volume.load_resampled(stack, tuple(int(s) for s in shape))
+  if rv is not None:
+    return resampled_cache_record(stack, rv)
+  return cache_record(stack, volume.load_volume(stack), shape)
 
 
 def _run_job(job: _Job) -> tuple:
   """Pool entry point: converts one stack into its cache file.
 
   Returns ("ok", key) or ("error", key, stage, reason); never raises, so one
-  bad series never stops the conversion. The worker holds one volume.
+  bad series never stops the conversion. The worker holds at most one
+  volume (none on the streaming path).
   """
   key = job.stack.key
   stage = "load"
   try:
-    from radnet_jax import dicom
-    vol = dicom.load_volume(job.stack)
-    stage = "resample"
-    data = records.encode(cache_record(job.stack, vol, job.shape))
-    del vol
+    from radnet_jax.dicom import volume  # pylint: disable=import-outside-toplevel
+    rv = volume.load_resampled(job.stack, tuple(int(s) for s in job.shape))
+    if rv is not None:
+      stage = "resample"
+      data = records.encode(resampled_cache_record(job.stack, rv))
+    else:
+      vol = volume.load_volume(job.stack)
+      stage = "resample"
+      data = records.encode(cache_record(job.stack, vol, job.shape))
+      del vol
     _atomic_write(job.cache_path, data)
     return ("ok", key)
   except Exception as e:  # noqa: BLE001 - any failure is logged per stack

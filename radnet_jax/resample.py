@@ -46,6 +46,8 @@ _BLOCK = 8
 _COL_BLOCK = 16
 # Input slices per chunk when the in-plane passes run first (strategy "plane").
 _CHUNK = 4
+# SliceStream's window, in bands of input slices (see SliceStream.slot).
+_WINDOW_BANDS = 3
 
 
 def weight_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -234,6 +236,116 @@ def resize(voxels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
   return out
 
 
+class SliceStream:
+  """``resize`` fed one input slice at a time, in order (bit-identical).
+
+  For callers that produce the volume slice by slice (DICOM decoding): the
+  full ``(D, H, W)`` input never exists. Each input slice is written by the
+  caller into ``slot()`` (a float32 ``(H, W)`` view of a small window of
+  slices), then ``push()`` runs whatever output work that slice completes.
+  The window holds the band of input slices of the next output slice, so
+  every product sees exactly the operands that ``resize`` gives BLAS for a
+  contiguous float32 volume (same shapes, same order): ``result()`` equals
+  ``resize(volume, shape)`` bit for bit.
+
+  Memory: the ``(D', H', W')`` output plus a window of about two bands of
+  input slices (``window_slices``), instead of the whole input volume.
+  """
+
+  def __init__(self, in_shape: Sequence[int], shape: Sequence[int]):
+    in_shape = tuple(int(s) for s in in_shape)
+    shape = tuple(int(s) for s in shape)
+    if len(in_shape) != 3 or min(in_shape) < 1:
+      raise ValueError(f"cannot resize an empty volume of shape {in_shape}")
+    if len(shape) != 3 or min(shape) < 1:
+      raise ValueError(f"target shape must be 3 positive sizes, got {shape}")
+    (D, H, W), (d, h, w) = in_shape, shape
+    self.in_shape, self.shape = in_shape, shape
+    self._hw = (H, W)
+    self._ad = ad = _Axis(D, d, row_block=1, col_block=1)
+    self._plane = _Plane(_Axis(H, h), _Axis(W, w))
+    self._out = np.empty(shape, np.float32)
+    self._next = 0            # index of the next input slice
+    if ad.identity:
+      self._mode = "identity"
+      rows = 1
+    elif _strategy(ad, self._plane, H * W, h * w) == "depth":
+      self._mode = "depth"
+      # Output o needs input slices [i0, i1); outputs in order.
+      self._bands = [(o, i0, i1) for o, _, i0, i1 in ad.row_blocks]
+      self._o = 0
+      band = max(i1 - i0 for _, i0, i1 in self._bands)
+      # The window is shifted (the live part, under one band, copied to its
+      # start) once per ~(_WINDOW_BANDS - 1) bands of new slices.
+      rows = min(D, _WINDOW_BANDS * band + 1)
+      self._mixed = np.empty(H * W, np.float32)
+    else:
+      self._mode = "plane"
+      self._chunks = _chunks(ad, _CHUNK)
+      self._c = 0
+      self._small = np.empty((_CHUNK, h, w), np.float32)
+      self._out.fill(0.0)
+      rows = _CHUNK
+    self._win = np.empty((rows, H, W), np.float32)
+    self._base = 0            # input index held by window row 0
+
+  @property
+  def window_slices(self) -> int:
+    return int(self._win.shape[0])
+
+  def slot(self) -> np.ndarray:
+    """The float32 ``(H, W)`` buffer to fill with the next input slice."""
+    i = self._next
+    if i >= self.in_shape[0]:
+      raise ValueError(f"all {self.in_shape[0]} input slices were pushed")
+    if self._mode == "depth":
+      row = i - self._base
+      if row >= self._win.shape[0]:
+        # Keep the slices still needed (from the next output's band start).
+        keep = min(self._bands[self._o][1], i) if self._o < len(self._bands) else i
+        n = i - keep
+        if n:
+          self._win[:n] = self._win[keep - self._base:i - self._base]
+        self._base = keep
+        row = i - keep
+      return self._win[row]
+    if self._mode == "plane":
+      return self._win[i - self._chunks[self._c][0]]
+    return self._win[0]
+
+  def push(self) -> None:
+    """Marks the slot as filled and computes the outputs it completes."""
+    i = self._next
+    self._next += 1
+    H, W = self._hw
+    if self._mode == "identity":
+      self._plane(self._win[0], self._out[i])
+    elif self._mode == "depth":
+      ad, win = self._ad, self._win
+      while self._o < len(self._bands) and self._bands[self._o][2] <= i + 1:
+        o, i0, i1 = self._bands[self._o]
+        a, b = i0 - self._base, i1 - self._base
+        np.matmul(ad.w[o, i0:i1], win[a:b].reshape(b - a, H * W), out=self._mixed)
+        self._plane(self._mixed.reshape(H, W), self._out[o])
+        self._o += 1
+    else:
+      z0, z1, r0, r1 = self._chunks[self._c]
+      if i + 1 == z1:
+        c = z1 - z0
+        for k in range(c):
+          self._plane(self._win[k], self._small[k])
+        h, w = self.shape[1:]
+        flat_out = self._out.reshape(self.shape[0], h * w)
+        flat_out[r0:r1] += self._ad.w[r0:r1, z0:z1] @ self._small[:c].reshape(c, h * w)
+        self._c += 1
+
+  def result(self) -> np.ndarray:
+    """float32 ``(D', H', W')``, equal to ``resize`` of the pushed volume."""
+    if self._next != self.in_shape[0]:
+      raise ValueError(f"{self._next} of {self.in_shape[0]} input slices pushed")
+    return self._out
+
+
 def resampled_affine(affine: np.ndarray, in_shape: Sequence[int],
                      out_shape: Sequence[int]) -> np.ndarray:
   """Affine ``(4, 4)`` (voxel index -> LPS mm) of the resampled grid.
@@ -271,10 +383,16 @@ def resample(voxels: np.ndarray, affine: np.ndarray, spacing: Sequence[float],
     spacing: ``(3,)`` mm along (D, H, W).
     shape: target ``(D', H', W')``.
   """
-  in_shape = np.shape(voxels)
-  out = resize(voxels, shape)
-  ratio = np.asarray(in_shape, np.float64) / np.asarray(out.shape, np.float64)
-  return Resampled(out, resampled_affine(affine, in_shape, out.shape),
+  return on_grid(resize(voxels, shape), np.shape(voxels), affine, spacing)
+
+
+def on_grid(resized: np.ndarray, in_shape: Sequence[int], affine: np.ndarray,
+            spacing: Sequence[float]) -> Resampled:
+  """``Resampled`` geometry of a volume of ``in_shape`` (with ``affine``,
+  ``spacing`` in mm) resized to ``resized.shape`` (by ``resize`` or
+  ``SliceStream``)."""
+  ratio = np.asarray(in_shape, np.float64) / np.asarray(resized.shape, np.float64)
+  return Resampled(resized, resampled_affine(affine, in_shape, resized.shape),
                    np.asarray(spacing, np.float64) * ratio)
 
 
