@@ -1,12 +1,16 @@
-"""LiTS-format NIfTI folder -> segmentation ArrayRecord shards.
+"""LiTS-format NIfTI folder (or DICOM CT + SEG folder) -> segmentation shards.
 
   python -m data_prep.build_seg_shards --input LITS_DIR --out DIR \
-      [--spacing 2.5,1.5,1.5] [--window=-200,250] [--range 0,1] \
-      [--val_fraction 0] [--test_fraction 0.25] [--seed 0]
+      [--format auto|nifti|dicom] [--spacing 2.5,1.5,1.5] [--window=-200,250] \
+      [--range 0,1] [--val_fraction 0] [--test_fraction 0.25] [--seed 0] \
+      [--label_map "Liver parenchyma=1,Kidney=0"] [--workers 1]
 
-LITS_DIR holds volume-N.nii[.gz] and segmentation-N.nii[.gz] (any depth).
-Writes DIR/seg_{train,val,test}.array_record and DIR/manifest.json; the logic
-lives in radnet_jax.segdata.
+LITS_DIR holds volume-N.nii[.gz] and segmentation-N.nii[.gz] (any depth), or
+(DICOM) CT series and the DICOM SEG objects that reference them (any layout;
+segments named liver -> 1, tumour/lesion/neoplasm -> 2, others need
+--label_map). DICOM case ids are salted series hashes (salt: $RADNET_SALT or
+DIR/.salt). Writes DIR/seg_{train,val,test}.array_record and DIR/manifest.json;
+the logic lives in radnet_jax.segdata and radnet_jax.segdicom.
 """
 from __future__ import annotations
 
@@ -27,9 +31,28 @@ def _floats(text: str, n: int, what: str) -> tuple:
   return vals
 
 
+def _label_map(text: str) -> dict:
+  out = {}
+  for item in filter(None, (t.strip() for t in text.split(","))):
+    name, sep, value = item.rpartition("=")
+    if not sep or not name.strip():
+      raise argparse.ArgumentTypeError(f"--label_map: expected NAME=VALUE items, got {item!r}")
+    try:
+      out[name.strip()] = int(value)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"--label_map: {item!r}: value must be 0, 1 or 2"
+                                       ) from None
+  return out
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--input", required=True, help="LiTS-format folder")
+  p.add_argument("--input", required=True, help="LiTS-format folder or DICOM CT + SEG folder")
+  p.add_argument("--format", default="auto", choices=("auto", "nifti", "dicom"),
+                 help="input kind (auto: NIfTI when volume-*.nii* files exist)")
+  p.add_argument("--label_map", default="",
+                 help="DICOM SEG segment label -> 0 (ignore) / 1 (liver) / 2 (tumour)")
+  p.add_argument("--workers", type=int, default=1, help="DICOM header-scan processes")
   p.add_argument("--out", required=True, help="output shard folder")
   p.add_argument("--spacing", default="2.5,1.5,1.5",
                  help="target voxel size D,H,W in mm")
@@ -45,9 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         window=_floats(a.window, 2, "window"),
         out_range=_floats(a.range, 2, "range"),
         val_fraction=a.val_fraction, test_fraction=a.test_fraction, seed=a.seed)
+    label_map = _label_map(a.label_map)
   except argparse.ArgumentTypeError as e:
     p.error(str(e))
-  manifest = segdata.build_shards(a.input, a.out, cfg)
+  manifest = segdata.build_shards(a.input, a.out, cfg, fmt=a.format,
+                                  label_map=label_map or None, workers=a.workers)
   return 0 if sum(manifest["counts"].values()) else 1
 
 

@@ -571,14 +571,12 @@ def _jsonsafe(obj: Any) -> Any:
 
 
 # ----------------------------------------------------------------- predict ---
-def predict_nifti(workdir: str, nifti_path: str, out_path: str,
-                  prefer: str = "latest") -> str:
-  """Segments a CT NIfTI (HU) with a trained run; writes the uint8 mask NIfTI
-  on the input's own voxel grid and affine. Returns ``out_path``.
+def load_seg_predictor(workdir: str, prefer: str = "latest"
+                       ) -> tuple[inference.PredictFn, ml_collections.ConfigDict]:
+  """(softmax predictor, run config) of a trained segmentation run.
 
   Uses the run's ``config.json`` (model, spacing, HU window, sliding-window
-  settings) and its best or latest checkpoint. The slab proposal is not
-  applied here (its classifier is not saved with the run).
+  settings) and its best or latest checkpoint (``prefer``).
   """
   params, batch_stats, cfg, _ = checkpoints.restore_params(workdir, prefer)
   if cfg is None:
@@ -588,7 +586,30 @@ def predict_nifti(workdir: str, nifti_path: str, out_path: str,
   variables = {"params": params}
   if batch_stats:
     variables["batch_stats"] = batch_stats
-  hu, affine, geometry = segdata.load_nifti_canonical(nifti_path)
+  return predictor(model, variables), config
+
+
+def predict_canonical(predict_fn: inference.PredictFn, config: ml_collections.ConfigDict,
+                      hu: np.ndarray, affine: np.ndarray, geometry: dict
+                      ) -> tuple[np.ndarray, dict]:
+  """Canonical HU ``(D, H, W)`` (``segdata.load_nifti_canonical`` or
+  ``segdicom.load_ct_canonical``) -> (uint8 label map on the record grid,
+  geometry for ``segdata.to_original_grid`` / ``save_nifti``)."""
   vol, _, geometry = segdata.preprocess(hu, affine, geometry, prep_config(config.data))
-  pred = segment_volume(predictor(model, variables), vol, config.eval.to_dict())
+  return segment_volume(predict_fn, vol, config.eval.to_dict()), geometry
+
+
+def predict_nifti(workdir: str, nifti_path: str, out_path: str,
+                  prefer: str = "latest") -> str:
+  """Segments a CT NIfTI (HU) with a trained run; writes the uint8 mask NIfTI
+  on the input's own voxel grid and affine. Returns ``out_path``.
+
+  Uses the run's ``config.json`` (model, spacing, HU window, sliding-window
+  settings) and its best or latest checkpoint. The slab proposal is not
+  applied here (its classifier is not saved with the run). DICOM input:
+  ``radnet_jax.predict_seg``.
+  """
+  predict_fn, config = load_seg_predictor(workdir, prefer)
+  hu, affine, geometry = segdata.load_nifti_canonical(nifti_path)
+  pred, geometry = predict_canonical(predict_fn, config, hu, affine, geometry)
   return segdata.save_nifti(pred, geometry, out_path)
