@@ -4,7 +4,8 @@
       [--full-size] [--workers N] [--noise-scale 1.0]
 
 Writes DIR/dicom/..., DIR/truth.csv and, with --lits N, DIR/lits/volume-*.nii.gz
-and segmentation-*.nii.gz. The logic lives in ``radnet_jax.phantom``.
+and segmentation-*.nii.gz (with --lits-dicom also DIR/lits/dicom/case-N: the
+CT as a DICOM series plus its mask as a DICOM SEG). The logic lives in ``radnet_jax.phantom``.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def main(argv=None) -> None:
   ap.add_argument("--n", type=int, default=200, help="number of image series")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--lits", type=int, default=0, help="also write N LiTS-layout cases to OUT/lits")
-  ap.add_argument("--lits-dicom", action="store_true", help="LiTS CTs also as DICOM series")
+  ap.add_argument("--lits-dicom", action="store_true",
+                  help="LiTS cases also as CT DICOM series + DICOM SEG (OUT/lits/dicom/case-N)")
   ap.add_argument("--full-size", action="store_true", help="clinical matrix sizes and slice counts")
   ap.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
   ap.add_argument("--noise-scale", type=float, default=1.0, help="header-noise rates x this (0 = clean)")

@@ -61,7 +61,10 @@ _TUMOUR_CODES = {"108369006", "86049000", "52988006", "4147007", "14799000",
                  "109355002", "25370001", "187769009"}  # neoplasm, lesion, mass, ...
 _TUMOUR_WORDS = re.compile(r"tumou?r|lesion|neoplasm|\bmass|cancer|carcinoma|"
                            r"metasta|\bhcc\b|nodule")
-_LIVER_WORDS = re.compile(r"\bliver\b|hepat")
+_LIVER_WORDS = re.compile(r"\bliver\b|\bhepar\b")
+# Liver sub-structures that are not the organ label (MSD hepatic vessels,
+# Couinaud segments, bile ducts): never silently trained as "liver".
+_OTHER_WORDS = re.compile(r"vessel|vein|arter|duct|portal|bile|couinaud|segment [ivx1-8]")
 # Unit-vector and slice-position tolerances when matching SEG frames to the
 # CT grid: orientation / pixel spacing in voxel units, slice position in
 # fractions of the slice spacing.
@@ -118,7 +121,7 @@ def segment_values(segments: Sequence[SegmentInfo], path: str,
   ``label_map`` (SegmentLabel, case-insensitive, or segment number -> value)
   takes precedence; otherwise tumour / lesion / neoplasm / mass words or
   SNOMED codes -> 2, liver -> 1 (tumour is checked first: "liver tumour" is a
-  tumour). A segment that none of these name raises a ValueError naming the
+  tumour; vessels, ducts and Couinaud segments are not "liver"). A segment that none of these name raises a ValueError naming the
   file and the segment, so a kidney is never trained as liver by accident.
   """
   lm = {(k.strip().lower() if isinstance(k, str) else int(k)): int(v)
@@ -134,6 +137,10 @@ def segment_values(segments: Sequence[SegmentInfo], path: str,
     text = f"{s.label} {s.property_type}".lower()
     if s.property_code in _TUMOUR_CODES or _TUMOUR_WORDS.search(text):
       out[s.number] = TUMOUR
+    elif _OTHER_WORDS.search(text):
+      raise ValueError(
+          f"{path}: segment {s.number} ({s.label!r}, type {s.property_type!r}) is a "
+          f"liver sub-structure, not the liver; pass label_map={{'{s.label}': 0|1|2}}")
     elif s.property_code in _LIVER_CODES or _LIVER_WORDS.search(text):
       out[s.number] = LIVER
     else:

@@ -350,3 +350,17 @@ def test_predict_seg_dicom_writes_a_seg_on_the_ct_grid(tmp_path, lits_dicom):
   assert predict_seg.main(["--workdir", wd, "--input", str(empty), "--out",
                            str(tmp_path / "x.dcm")]) == 1
   assert json.load(open(os.path.join(wd, "config.json")))["num_classes"] == 2
+
+
+def test_segment_names_to_labels():
+  seg = lambda n, label, ptype="", code="": segdicom.SegmentInfo(n, label, ptype, code, "")
+  got = segdicom.segment_values(
+      [seg(1, "Liver"), seg(2, "liver tumor"), seg(3, "Lesion 1"),
+       seg(4, "Seg 4", "Neoplasm", "108369006"), seg(5, "organ", "Liver", "10200004")], "f.dcm")
+  assert got == {1: 1, 2: 2, 3: 2, 4: 2, 5: 1}
+  for label in ("Kidney", "Hepatic vessel", "Couinaud segment IV"):
+    with pytest.raises(ValueError, match=rf"f\.dcm: segment 1 \('{label}'"):
+      segdicom.segment_values([seg(1, label)], "f.dcm")
+  assert segdicom.segment_values([seg(1, "Kidney"), seg(2, "Liver")], "f.dcm",
+                                 label_map={"KIDNEY": 0}) == {1: 0, 2: 1}
+  assert segdicom.segment_values([seg(7, "x")], "f.dcm", label_map={7: 2}) == {7: 2}
