@@ -1,9 +1,12 @@
-"""LiTS-format NIfTI -> segmentation ArrayRecord shards, and back.
+"""LiTS-format NIfTI (or DICOM CT + SEG) -> segmentation ArrayRecord shards, and back.
 
 A LiTS folder holds ``volume-N.nii[.gz]`` (CT in HU) and
 ``segmentation-N.nii[.gz]`` (0 background, 1 liver, 2 tumour), possibly in
-sub-folders. Each case becomes one record (``kind == "segmentation"``, see
-``radnet_jax.records``):
+sub-folders. A DICOM folder holds CT series and the DICOM SEG objects that
+reference them (``radnet_jax.segdicom``; ``build_shards(fmt="dicom")`` or
+auto-detected): the "file grid" of such a case is the ``dicom.load_volume``
+grid of the series, its case id the salted series hash. Each case becomes one
+record (``kind == "segmentation"``, see ``radnet_jax.records``):
 
 =============  ============================================================
 volume         float16 ``(D, H, W)``: axial canonical orientation (D

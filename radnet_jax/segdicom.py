@@ -532,6 +532,23 @@ def labels_on_images(labels: np.ndarray, affine: np.ndarray,
       raise ValueError(f"CT images differ in size ({nr}x{nc} vs {rows}x{cols})")
     base = inv[:3, :3] @ p + inv[:3, 3]
     du, dv = inv[:3, :3] @ (c * dr), inv[:3, :3] @ (r * dc)
+    down, right = _axis_step(du), _axis_step(dv)
+    if down is not None and right is not None and down[0] != right[0]:
+      # The image lies on a grid slice (the usual case): gather rows and
+      # columns by index instead of per-pixel coordinates.
+      ax_s = 3 - down[0] - right[0]
+      ks = int(np.rint(base[ax_s]))
+      if not 0 <= ks < labels.shape[ax_s]:
+        continue
+      ri = int(np.rint(base[down[0]])) + down[1] * np.arange(rows)
+      ci = int(np.rint(base[right[0]])) + right[1] * np.arange(cols)
+      ok_r = (ri >= 0) & (ri < labels.shape[down[0]])
+      ok_c = (ci >= 0) & (ci < labels.shape[right[0]])
+      plane = np.moveaxis(labels, ax_s, 0)[ks]      # remaining axes, ascending
+      if down[0] > right[0]:
+        plane = plane.T
+      out[f][np.ix_(ok_r, ok_c)] = plane[np.ix_(ri[ok_r], ci[ok_c])]
+      continue
     idx = np.rint(base[:, None, None] + du[:, None, None] * ii + dv[:, None, None] * jj
                   ).astype(np.int64)
     ok = np.all((idx >= 0) & (idx < np.array(labels.shape)[:, None, None]), axis=0)
@@ -614,9 +631,13 @@ def write_seg(labels: np.ndarray, affine: np.ndarray, ct_files: Sequence[str],
     datasets.sort(key=lambda d: float(np.array([float(v) for v in d.ImagePositionPatient])
                                       @ n))
   per_image = labels_on_images(labels, affine, datasets)
-  stacked = np.stack([per_image == v for v in label_values], axis=-1).astype(np.uint8)
+  # Label-map style input (segment numbers, not one channel per segment):
+  # highdicom checks and casts it several times faster than stacked masks.
+  lut = np.zeros(256, np.uint8)
+  for number, value in enumerate(label_values, start=1):
+    lut[value] = number
   seg = hd.seg.Segmentation(
-      source_images=datasets, pixel_array=stacked, segmentation_type="BINARY",
+      source_images=datasets, pixel_array=lut[per_image], segmentation_type="BINARY",
       segment_descriptions=segment_descriptions(label_values),
       series_instance_uid=hd.UID(), series_number=int(series_number),
       sop_instance_uid=hd.UID(), instance_number=1, manufacturer="RadNet-JAX",
