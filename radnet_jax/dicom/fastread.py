@@ -71,12 +71,28 @@ _LONG_VR = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV",
 _SHORT_VR = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD",
                        b"FL", b"IS", b"LO", b"LT", b"PN", b"SH", b"SL", b"SS",
                        b"ST", b"TM", b"UI", b"UL", b"US"})
+_LONG_VR_NAME = {code: code.decode() for code in _LONG_VR}
+_SHORT_VR_NAME = {code: code.decode() for code in _SHORT_VR}
 _IMPLICIT = "1.2.840.10008.1.2"
 _UNDEFINED = 0xFFFFFFFF
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _TAG = struct.Struct("<HH")
 _FIRST_READ = 8192
+
+
+_UIDS: dict[str, UID] = {}
+
+
+def _uid(text: str) -> UID:
+  """``UID(text)``, shared: building one runs pydicom's regex validation
+  (~30 us), and a series repeats the same few UIDs in every file."""
+  uid = _UIDS.get(text)
+  if uid is None:
+    if len(_UIDS) >= 4096:   # bounded over an archive of many series
+      _UIDS.clear()
+    uid = _UIDS[text] = UID(text)
+  return uid
 
 
 class Unsupported(Exception):
@@ -200,7 +216,7 @@ def _decode(actual_vr: str, vr: str, raw: bytes, multi: bool) -> Any:
       except ValueError as e:
         raise Unsupported("invalid IS") from e
     elif vr == "UI":
-      values = [UID(s) for s in items]
+      values = [_uid(s) for s in items]
     else:
       values = items
   if len(values) == 1:
@@ -316,7 +332,7 @@ def _parse(path: str, buf: _Buffer, size: int, fp) -> Header | None:
     if tag in (0x00020002, 0x00020010):
       value = data[start:start + length].decode("ascii").rstrip("\0 ")
       meta["MediaStorageSOPClassUID" if tag == 0x00020002 else
-           "TransferSyntaxUID"] = UID(value)
+           "TransferSyntaxUID"] = _uid(value)
     pos = start + length
   syntax = meta.get("TransferSyntaxUID")
   implicit = _syntax_implicit(syntax) if syntax is not None else None
@@ -330,8 +346,33 @@ def _parse(path: str, buf: _Buffer, size: int, fp) -> Header | None:
   values: dict[int, tuple[str, bytes]] = {}
   creators: dict[tuple[int, int], bytes] = {}
   pixel_tag, pixel_value, pixel_length = size, None, None
+  data = buf.data
+  # The element header is parsed inline (this loop runs ~40 times a file, and
+  # is most of a header's cost); sequences go through _element_header.
   while pos < size:
-    start, tag, vr, length, nested_implicit = _element_header(buf, pos, implicit)
+    if pos + 12 > len(data):
+      data = buf.need(min(pos + 12, size))
+      if pos + 8 > len(data):
+        raise Unsupported("element runs past the end of the file")
+    group, elem = _TAG.unpack_from(data, pos)
+    tag = (group << 16) | elem
+    if implicit:
+      start, vr, nested_implicit = pos + 8, "", True
+      length = _U32.unpack_from(data, pos + 4)[0]
+    else:
+      code = data[pos + 4:pos + 6]
+      vr = _LONG_VR_NAME.get(code)
+      if vr is not None:
+        if pos + 12 > len(data):
+          raise Unsupported("element runs past the end of the file")
+        start, nested_implicit = pos + 12, vr == "UN"
+        length = _U32.unpack_from(data, pos + 8)[0]
+      else:
+        vr = _SHORT_VR_NAME.get(code)
+        if vr is None:
+          raise Unsupported("unknown VR")
+        start, nested_implicit = pos + 8, False
+        length = _U16.unpack_from(data, pos + 6)[0]
     if tag in _PIXEL_TAGS:
       pixel_tag = pos
       if tag != 0x7FE00010:
@@ -339,19 +380,21 @@ def _parse(path: str, buf: _Buffer, size: int, fp) -> Header | None:
       if length != _UNDEFINED:
         pixel_value, pixel_length = start, length
       break
-    group = tag >> 16
     if length == _UNDEFINED:
       pos = _skip_undefined(buf, start, nested_implicit)
+      data = buf.data
       if tag in _BY_TAG or group & 1:
         values[tag] = ("SQ", b"")  # presence only
       continue
     end = start + length
     if tag in _BY_TAG:
-      data = buf.need(end)
+      if end > len(data):
+        data = buf.need(end)
       values[tag] = (vr, data[start:end])
-    elif group & 1 and 0x10 <= (tag & 0xFFFF) <= 0xFF:
-      data = buf.need(end)
-      creators[(group, tag & 0xFFFF)] = data[start:end]
+    elif group & 1 and 0x10 <= elem <= 0xFF:
+      if end > len(data):
+        data = buf.need(end)
+      creators[(group, elem)] = data[start:end]
     elif group & 1:
       values[tag] = (vr, b"")  # private element: presence only
     elif end > size:
