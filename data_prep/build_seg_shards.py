@@ -3,7 +3,7 @@
   python -m data_prep.build_seg_shards --input LITS_DIR --out DIR \
       [--format auto|nifti|dicom] [--spacing 2.5,1.5,1.5] [--window=-200,250] \
       [--range 0,1] [--val_fraction 0] [--test_fraction 0.25] [--seed 0] \
-      [--label_map "Liver parenchyma=1,Kidney=0"] [--workers 1]
+      [--label_map "Liver parenchyma=1,Kidney=0"] [--workers 1] [--unlabelled]
 
 LITS_DIR holds volume-N.nii[.gz] and segmentation-N.nii[.gz] (any depth), or
 (DICOM) CT series and the DICOM SEG objects that reference them (any layout;
@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--label_map", default="",
                  help="DICOM SEG segment label -> 0 (ignore) / 1 (liver) / 2 (tumour)")
   p.add_argument("--workers", type=int, default=1, help="DICOM header-scan processes")
+  p.add_argument("--unlabelled", action="store_true",
+                 help="DICOM: also convert CT series that no SEG references (no mask)")
   p.add_argument("--out", required=True, help="output shard folder")
   p.add_argument("--spacing", default="2.5,1.5,1.5",
                  help="target voxel size D,H,W in mm")
@@ -72,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
   except argparse.ArgumentTypeError as e:
     p.error(str(e))
   manifest = segdata.build_shards(a.input, a.out, cfg, fmt=a.format,
-                                  label_map=label_map or None, workers=a.workers)
+                                  label_map=label_map or None, workers=a.workers,
+                                  unlabelled=a.unlabelled)
   return 0 if sum(manifest["counts"].values()) else 1
 
 

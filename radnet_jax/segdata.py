@@ -323,12 +323,17 @@ def detect_format(input_dir: str) -> str:
 
 
 def _dicom_jobs(input_dir: str, out_dir: str, cfg: SegPrepConfig, salt: str | None,
-                label_map: Mapping[str | int, int] | None, workers: int):
-  """(case jobs, splits, problems) for a folder of DICOM CT + SEG cases."""
+                label_map: Mapping[str | int, int] | None, workers: int,
+                unlabelled: bool):
+  """(case jobs, splits, problems, CT series left out for lack of a SEG) for
+  a folder of DICOM CT + SEG cases."""
   from radnet_jax import privacy  # pylint: disable=g-import-not-at-top
   from radnet_jax import segdicom  # pylint: disable=g-import-not-at-top
   salt = privacy.load_or_create_salt(out_dir, salt)
   cases, problems = segdicom.find_dicom_cases(input_dir, salt, workers=workers)
+  n_all = len(cases)
+  if not unlabelled:
+    cases = [c for c in cases if c.seg_path is not None]
   # Split by patient (several series of one patient never straddle splits).
   by_patient = assign_splits(sorted({c.patient for c in cases}), cfg.val_fraction,
                              cfg.test_fraction, cfg.seed)
@@ -341,13 +346,13 @@ def _dicom_jobs(input_dir: str, out_dir: str, cfg: SegPrepConfig, salt: str | No
                                    splits[c.case], where=c.seg_path or c.case)
     where = os.path.relpath(c.seg_path or c.stack.files[0], input_dir)
     return c.case, where, load
-  return [job(c) for c in cases], splits, problems
+  return [job(c) for c in cases], splits, problems, n_all - len(cases)
 
 
 def build_shards(input_dir: str, out_dir: str, cfg: SegPrepConfig = SegPrepConfig(),
                  progress: bool = True, *, fmt: str = "auto", salt: str | None = None,
                  label_map: Mapping[str | int, int] | None = None,
-                 workers: int = 1) -> dict:
+                 workers: int = 1, unlabelled: bool = False) -> dict:
   """Converts a LiTS folder (or DICOM CT + SEG folder) to
   ``out_dir/seg_{split}.array_record`` shards.
 
@@ -359,9 +364,11 @@ def build_shards(input_dir: str, out_dir: str, cfg: SegPrepConfig = SegPrepConfi
     series under ``input_dir``, labelled by the DICOM SEG that references it,
     see ``radnet_jax.segdicom``; case ids are salted series hashes, splits
     by patient) or "auto" (NIfTI when ``volume-*.nii*`` files exist).
-  salt, label_map, workers: DICOM only: the PHI hashing salt (default
-    ``$RADNET_SALT`` or ``out_dir/.salt``), segment name -> label overrides,
-    header-scan processes.
+  salt, label_map, workers, unlabelled: DICOM only: the PHI hashing salt
+    (default ``$RADNET_SALT`` or ``out_dir/.salt``), segment name -> label
+    overrides, header-scan processes, and whether CT series without a SEG
+    become records (``has_mask`` False; by default they are left out and
+    counted in the manifest's ``unlabelled_series_left_out``).
   """
   from array_record.python.array_record_module import ArrayRecordWriter
   if fmt == "auto":
@@ -380,9 +387,11 @@ def build_shards(input_dir: str, out_dir: str, cfg: SegPrepConfig = SegPrepConfi
   elif fmt == "dicom":
     from radnet_jax.dicom.errors import DicomError  # pylint: disable=g-import-not-at-top
     failures += (DicomError,)
-    jobs, splits, problems = _dicom_jobs(input_dir, out_dir, cfg, salt, label_map, workers)
+    jobs, splits, problems, left_out = _dicom_jobs(input_dir, out_dir, cfg, salt,
+                                                   label_map, workers, unlabelled)
     if not jobs:
-      raise FileNotFoundError(f"{input_dir}: no CT DICOM series found")
+      raise FileNotFoundError(f"{input_dir}: no CT DICOM series"
+                              + (" with a DICOM SEG" if left_out else "") + " found")
   else:
     raise ValueError(f"fmt must be 'auto', 'nifti' or 'dicom', got {fmt!r}")
   os.makedirs(out_dir, exist_ok=True)
@@ -393,6 +402,7 @@ def build_shards(input_dir: str, out_dir: str, cfg: SegPrepConfig = SegPrepConfi
               "splits": {s: [] for s in SPLITS}, "cases": {}, "errors": []}
   if fmt == "dicom":
     manifest["format"] = "dicom"
+    manifest["unlabelled_series_left_out"] = left_out
     manifest["errors"].extend(problems)
     for p in problems:
       log.warning("%s: %s", p["file"], p["reason"])

@@ -273,6 +273,26 @@ def test_shards_from_dicom_equal_shards_from_nifti(tmp_path, lits_dicom):
   assert "2.25." not in text and "LITS0" not in text and "PHANTOM" not in text
 
 
+def test_dicom_tree_with_unlabelled_series_and_orphan_seg(tmp_path, lits_dicom):
+  import shutil
+  tree = tmp_path / "tree"
+  shutil.copytree(os.path.join(lits_dicom, "dicom", "case-0"), tree / "case-0")
+  grid, _ = GRIDS["flipped"]
+  _write_ct(str(tree / "plain-ct"), grid, np.arange(grid.shape[0]), series=7)
+  other = _write_ct(str(tmp_path / "elsewhere"), grid, np.arange(grid.shape[0]), series=8)
+  segdicom.write_seg(_box_mask(grid.shape), _kij_affine(grid), other,
+                     str(tree / "orphan-seg.dcm"))
+  cfg = segdata.SegPrepConfig(spacing=(10.0, 8.0, 8.0), test_fraction=0.0)
+  m = segdata.build_shards(str(tree), str(tmp_path / "a"), cfg, progress=False, salt=SALT)
+  assert m["counts"]["train"] == 1 and m["unlabelled_series_left_out"] == 1
+  assert m["errors"] == [{"file": "orphan-seg.dcm", "reason":
+                          "SEG references no CT series found under the input folder"}]
+  m = segdata.build_shards(str(tree), str(tmp_path / "b"), cfg, progress=False, salt=SALT,
+                           unlabelled=True)
+  recs = segdata.load_records(str(tmp_path / "b"), "train")
+  assert sorted(r["has_mask"] for r in recs) == [False, True]
+
+
 # ------------------------------------------------------------------ predict
 
 
