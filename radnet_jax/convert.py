@@ -5,7 +5,10 @@
 1. **scan** (``radnet_jax.dicom.scan``): headers only, stacks + skip reasons.
 2. **convert** each stack in a process pool (all cores by default):
    ``load_volume`` -> ``resample.resample`` to ``shape`` -> modality-aware
-   ``resample.normalise`` -> float16. Each worker holds one volume and writes
+   ``resample.normalise`` -> float16 (``convert_stack``; classic stacks take
+   ``dicom.volume.load_resampled``, which decodes the slices straight onto
+   the ``shape`` grid without the full-resolution volume and gives the same
+   record bit for bit). Each worker holds at most one volume and writes
    its result to the *work cache* ``out_dir/.work/<config>/<stack>.rec``
    (write to a temporary name, then atomic rename). A stack whose cache file
    exists is not converted again: this is what makes a killed run resumable.

@@ -32,6 +32,13 @@ Only one volume is held in memory: slices are decoded straight into one
 preallocated float32 array (rescaled in the same pass), in the stack's order,
 and the canonical flips / transpose rewrite that array in place, so the peak
 is one volume plus a slice for classic series.
+
+``load_resampled(stack, shape)`` is the converter's path for classic stacks:
+the same checks and geometry, but each slice goes straight into a
+``resample.SliceStream`` (only a window of a few slices and the small output
+are held), with a result equal bit for bit to ``load_volume`` then
+``resample.resize``; it declines (None) whatever needs the whole volume
+(duplicates, tilt, non-uniform spacing) or is not a classic stack.
 """
 from __future__ import annotations
 
