@@ -63,7 +63,7 @@ def build_project(name: str, conv_impl: str, stem: str):
 
 
 def time_project(name, shape, batch, steps, warmup, conv_impl, stem):
-  """Returns (median step s, all step times, GFLOP per step)."""
+  """Returns (median wall s, median CPU s per step, GFLOP per step)."""
   model, kind = build_project(name, conv_impl, stem)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(batch, *shape, 1)), jnp.float32)
@@ -97,20 +97,21 @@ def time_project(name, shape, batch, steps, warmup, conv_impl, stem):
   ca = compiled.cost_analysis()
   ca = ca[0] if isinstance(ca, (list, tuple)) else ca
   gflop = float(ca.get("flops", float("nan"))) / 1e9
-  times = []
+  times, cpu = [], []
   for i in range(warmup + steps):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     state, loss = compiled(state)
     loss.block_until_ready()
     if i >= warmup:
       times.append(time.perf_counter() - t)
+      cpu.append(time.process_time() - c)
   if not np.isfinite(float(loss)):
     raise SystemExit(f"project {name}: non-finite loss")
-  return statistics.median(times), times, gflop
+  return statistics.median(times), statistics.median(cpu), gflop
 
 
 def time_monai(name, shape, batch, steps, warmup):
-  """MONAI equivalent; returns (median s, times) or None if unavailable."""
+  """MONAI equivalent; returns (median wall s, median CPU s) or None."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
     from monai.networks import nets  # pylint: disable=g-import-not-at-top
@@ -133,16 +134,17 @@ def time_monai(name, shape, batch, steps, warmup):
   opt = torch.optim.Adam(net.parameters(), lr=1e-4)
   loss_fn = torch.nn.CrossEntropyLoss()
   net.train()
-  times = []
+  times, cpu = [], []
   for i in range(warmup + steps):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     opt.zero_grad(set_to_none=True)
     loss = loss_fn(net(x), y)
     loss.backward()
     opt.step()
     if i >= warmup:
       times.append(time.perf_counter() - t)
-  return statistics.median(times), times
+      cpu.append(time.process_time() - c)
+  return statistics.median(times), statistics.median(cpu)
 
 
 def main(argv=None) -> None:
@@ -167,21 +169,26 @@ def main(argv=None) -> None:
         f"{peak:.0f} GFLOP/s, load avg {load:.1f}, jax {jax.__version__}, "
         f"conv_impl={a.conv_impl}")
 
-  med, _, gflop = time_project(a.model, shape, a.batch, a.steps, a.warmup,
-                               a.conv_impl, a.stem)
-  rows = [("jax/flax", med)]
+  med, cpu, gflop = time_project(a.model, shape, a.batch, a.steps, a.warmup,
+                                 a.conv_impl, a.stem)
+  rows = [("jax/flax", med, cpu)]
   if not a.no_monai:
     r = time_monai(a.model, shape, a.batch, a.steps, a.warmup)
     if r is not None:
-      rows.append(("monai/torch", r[0]))
+      rows.append(("monai/torch", *r))
   shape_s = "x".join(map(str, shape))
   print(f"{'framework':<12} {'model':<12} {'shape':<12} {'batch':>5} "
-        f"{'step s':>8} {'vol/s':>7} {'GFLOP':>8} {'GFLOP/s':>8} {'%peak':>6}")
-  for fw, t in rows:
+        f"{'step s':>8} {'cpu s':>7} {'vol/s':>7} {'GFLOP':>8} {'GFLOP/s':>8} "
+        f"{'%peak':>6}")
+  for fw, t, c in rows:
     print(f"{fw:<12} {a.model:<12} {shape_s:<12} {a.batch:>5} {t:>8.3f} "
-          f"{a.batch / t:>7.2f} {gflop:>8.1f} {gflop / t:>8.1f} "
+          f"{c:>7.3f} {a.batch / t:>7.2f} {gflop:>8.1f} {gflop / t:>8.1f} "
           f"{100 * gflop / t / peak:>5.1f}%")
+  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+  print(f"# load avg at the end {load:.1f}; cpu s = process CPU time per step "
+        f"(all threads), the fairer figure when other jobs share the cores")
   if len(rows) == 2:
+    print(f"ratio project/monai (cpu s): {rows[0][2] / rows[1][2]:.2f}")
     print(f"ratio project/monai: {rows[0][1] / rows[1][1]:.2f}")
   else:
     print("ratio project/monai: n/a (no MONAI equivalent for this model)")

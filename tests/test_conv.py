@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from jax import lax
 
+from radnet_jax.models import layers
 from radnet_jax.models.layers import (
-    Conv3D, ConvTranspose3D, conv3d, conv_transpose3d, resolve_impl,
-    resolve_padding)
+    Conv3D, ConvTranspose3D, conv3d, conv_transpose3d, max_pool3d,
+    resolve_impl, resolve_padding)
 
 # (kernel, strides, dilation, padding, input shape (B, D, H, W, C), out ch)
 CASES = [
@@ -26,8 +27,13 @@ CASES = [
 ]
 
 
+# IM2COL_MAX_PLANE: 0 = depth taps + 2D convs always, 10**9 = full im2col
+# always, None = the default size rule; every case runs on both lowerings.
+@pytest.mark.parametrize("im2col_plane", [0, 10**9])
 @pytest.mark.parametrize("kernel,strides,dilation,padding,shape,out", CASES)
-def test_taps_equals_lax(kernel, strides, dilation, padding, shape, out):
+def test_taps_equals_lax(kernel, strides, dilation, padding, shape, out,
+                         im2col_plane, monkeypatch):
+  monkeypatch.setattr(layers, "IM2COL_MAX_PLANE", im2col_plane)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=shape), jnp.float32)
   w = jnp.asarray(rng.normal(size=(*kernel, shape[-1], out)) / 5, jnp.float32)
@@ -139,3 +145,33 @@ def test_taps_under_sharded_batch(op, kernel, strides):
   np.testing.assert_allclose(yb, ya, rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(gxb, gxa, rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(gwb, gwa, rtol=1e-5, atol=2e-4)
+
+
+@pytest.mark.parametrize("window,strides,padding,shape", [
+    (3, 2, ((1, 1),) * 3, (2, 8, 9, 6, 3)),       # ResNet stem pool
+    (2, 2, ((0, 0),) * 3, (1, 6, 4, 5, 2)),       # kernel == stride, odd size
+    ((1, 3, 3), (1, 2, 2), None, (1, 3, 7, 8, 2)),
+])
+def test_max_pool_taps_equals_xla(window, strides, padding, shape):
+  # Rounded ReLU outputs: many ties (zeros and repeated values), where the
+  # gradient must still go to the first maximum of each window, like XLA's
+  # select-and-scatter.
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(np.maximum(np.round(rng.normal(size=shape) * 2), 0),
+                  jnp.float32)
+
+  def run(impl):
+    y, vjp = jax.vjp(lambda x: max_pool3d(x, window, strides, padding, impl),
+                     x)
+    ct = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
+    return y, vjp(ct)[0]
+
+  ya, ga = jax.jit(lambda x: run("xla"))(x)
+  yb, gb = jax.jit(lambda x: run("taps"))(x)
+  assert yb.shape == ya.shape
+  np.testing.assert_array_equal(yb, ya)
+  np.testing.assert_allclose(gb, ga, rtol=1e-6, atol=1e-6)
+  # Every output's cotangent lands on exactly one input (sums agree).
+  np.testing.assert_allclose(
+      gb.sum(), jnp.cos(jnp.arange(ya.size, dtype=jnp.float32)).sum(),
+      rtol=1e-4, atol=1e-4)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
-from radnet_jax.models.layers import Conv3D, batch_norm
+from radnet_jax.models.layers import Conv3D, batch_norm, max_pool3d
 
 Array = jax.Array
 
@@ -151,7 +151,7 @@ class ResNetTrunk(nn.Module):
     x = nn.relu(norm(name="stem_bn")(x))
     features = [x]
     if self.stem_pool:
-      x = nn.max_pool(x, (3, 3, 3), (2, 2, 2), padding=((1, 1),) * 3)
+      x = max_pool3d(x, 3, 2, ((1, 1),) * 3, impl=self.conv_impl)
     strides_all = self._cfg("stage_strides")
     dil_all = self._cfg("dilations")
     for i, n_blocks in enumerate(self.stage_sizes):
