@@ -133,7 +133,10 @@ def _warm(folder: str) -> None:
 
 
 def run_dcm2niix(folder: str, out: str, cpu: int) -> dict:
-  os.makedirs(out, exist_ok=True)
+  # A fresh folder each run: dcm2niix never overwrites (it adds a suffix
+  # letter, and fails after 26 runs).
+  shutil.rmtree(out, ignore_errors=True)
+  os.makedirs(out)
   t0 = time.perf_counter()
   p = subprocess.Popen(["dcm2niix", "-z", "n", "-b", "n", "-o", out, "-f", "vol", folder],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
