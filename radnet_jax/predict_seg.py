@@ -49,8 +49,10 @@ def select_ct_stack(input_path: str, series_number: int | None = None):
                      + (f" with SeriesNumber {series_number}" if series_number is not None
                         else "")
                      + (f" (skipped files: {'; '.join(reasons)})" if reasons else ""))
-  listing = ", ".join(f"SeriesNumber {s.record.get('SeriesNumber', '?')} "
-                      f"({s.record.get('NumberOfSlices', len(s.files))} slices)" for s in cts)
+  root = input_path if os.path.isdir(input_path) else os.path.dirname(input_path)
+  listing = "; ".join(f"{os.path.relpath(os.path.dirname(s.files[0]), root)}: SeriesNumber "
+                      f"{s.record.get('SeriesNumber', '?')}, "
+                      f"{s.record.get('NumberOfSlices', len(s.files))} slices" for s in cts)
   raise ValueError(f"{input_path}: {len(cts)} CT stacks ({listing}); pass --series N "
                    f"or a folder with one series")
 
@@ -121,10 +123,12 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--series", type=int, default=None, help="SeriesNumber to segment")
   a = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
+  logging.getLogger("highdicom").setLevel(logging.WARNING)   # per-module chatter
+  from radnet_jax.dicom.errors import DicomError  # pylint: disable=import-outside-toplevel
   try:
     res = predict_path(a.workdir, a.input, a.out, prefer=a.prefer,
                        nifti_out=a.nifti_out or None, series_number=a.series)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, DicomError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   for k, v in res.items():
