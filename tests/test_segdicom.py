@@ -167,7 +167,7 @@ def test_fractional_seg_thresholds_at_half(tmp_path):
 
 def test_real_seg_test_file():
   """pydicom-data's liver.dcm: 3 frames of 512 x 512, one segment "Liver"."""
-  path = pydicom.data.get_testdata_file("liver.dcm")
+  path = pydicom.data.get_testdata_file("liver.dcm", download=False)
   if path is None:
     pytest.skip("pydicom-data is not installed")
   ds = pydicom.dcmread(path)
