@@ -370,12 +370,15 @@ class DicomCase:
   """A CT stack and the SEG that labels it (None: unlabelled).
 
   case: the salted series hash (PHI-free case id); patient: salted patient
-  hash (splits are by patient); stack: the ``dicom.Stack``.
+  hash (splits are by patient); stack: the ``dicom.Stack``; more_segs:
+  further SEGs of the same series (e.g. liver and lesions in separate
+  objects), merged into one label map (the larger label wins).
   """
   case: str
   patient: str
   stack: dicom_lib.Stack
   seg_path: str | None
+  more_segs: tuple[str, ...] = ()
 
 
 def _seg_headers(paths: Sequence[str]) -> list[tuple[str, Dataset]]:
@@ -395,8 +398,8 @@ def find_dicom_cases(root: str, salt: str, workers: int = 1
   """CT stacks under ``root`` paired with the SEG referencing each.
 
   Returns (cases sorted by case id, problems): problems are
-  ``{"file", "reason"}`` rows (SEGs that match no CT series, CT series
-  labelled by several SEGs: the first SEG in path order is used).
+  ``{"file", "reason"}`` rows for SEGs that match no (or several) CT
+  stacks. Several SEGs of one series are all used (``DicomCase.more_segs``).
   """
   if not os.path.isdir(root):
     raise FileNotFoundError(f"{root}: not a directory")
@@ -407,7 +410,7 @@ def find_dicom_cases(root: str, salt: str, workers: int = 1
   by_series: dict[str, list[dicom_lib.Stack]] = {}
   for s in cts:
     by_series.setdefault(s.record.get("SeriesHash", ""), []).append(s)
-  chosen: dict[str, str] = {}
+  chosen: dict[str, list[str]] = {}
   refs_cache: dict[str, CTReference] = {}
 
   def ref_of(stack):
@@ -432,20 +435,16 @@ def find_dicom_cases(root: str, salt: str, workers: int = 1
       problems.append({"file": rel, "reason": f"SEG matches {len(targets)} CT "
                                               f"stacks; not used"})
       continue
-    key = targets[0].key
-    if key in chosen:
-      problems.append({"file": rel, "reason": "a second SEG for the same CT "
-                                              f"series (using {chosen[key]})"})
-      continue
-    chosen[key] = path
+    chosen.setdefault(targets[0].key, []).append(path)
   cases = []
   for s in cts:
-    seg = chosen.get(s.key)
+    segs_of = chosen.get(s.key, [])
     case = s.record.get("SeriesHash") or s.key
     if len(by_series.get(s.record.get("SeriesHash", ""), [])) > 1:
       case = s.key   # a series split into stacks: one case per stack
     cases.append(DicomCase(case=case, patient=s.record.get("PatientHash", "") or case,
-                           stack=s, seg_path=seg))
+                           stack=s, seg_path=segs_of[0] if segs_of else None,
+                           more_segs=tuple(segs_of[1:])))
   cases.sort(key=lambda c: c.case)
   return cases, problems
 
@@ -475,8 +474,12 @@ def load_case(case: DicomCase, label_map: Mapping[str | int, int] | None = None
   hu, affine, geometry, vol = load_ct_canonical(case.stack)
   if case.seg_path is None:
     return hu, affine, geometry, None
-  mask = rasterise(case.seg_path, vol.affine, vol.voxels.shape,
-                   ct=ct_reference(case.stack.files), label_map=label_map)
+  ref = ct_reference(case.stack.files)
+  mask = rasterise(case.seg_path, vol.affine, vol.voxels.shape, ct=ref,
+                   label_map=label_map)
+  for extra in case.more_segs:
+    np.maximum(mask, rasterise(extra, vol.affine, vol.voxels.shape, ct=ref,
+                               label_map=label_map), out=mask)
   canon, _, _ = segdata.canonicalise(mask, _RAS_TO_LPS @ vol.affine, case.seg_path)
   return hu, affine, geometry, np.rint(canon).astype(np.uint8)
 

@@ -282,6 +282,21 @@ def test_dicom_tree_with_unlabelled_series_and_orphan_seg(tmp_path, lits_dicom):
   other = _write_ct(str(tmp_path / "elsewhere"), grid, np.arange(grid.shape[0]), series=8)
   segdicom.write_seg(_box_mask(grid.shape), _kij_affine(grid), other,
                      str(tree / "orphan-seg.dcm"))
+  # A second SEG of case 0 holding a lesion only: merged with the first.
+  (stack,) = dicom.scan(str(tree / "case-0"), salt=SALT).stacks
+  vol = dicom.load_volume(stack)
+  lesion = np.zeros(vol.voxels.shape, np.uint8)
+  lesion[5:7, 1:4, 1:4] = 2
+  segdicom.write_seg(lesion, vol.affine, stack.files, str(tree / "case-0" / "SEG-lesion.dcm"),
+                     label_values=(segdicom.TUMOUR,))
+  cases, _ = segdicom.find_dicom_cases(str(tree), SALT)
+  (c0,) = [c for c in cases if c.seg_path]
+  assert len(cases) == 2 and sorted(os.path.basename(p) for p in (c0.seg_path, *c0.more_segs)) \
+      == ["SEG-lesion.dcm", "SEG.dcm"]
+  liver = segdicom.rasterise(str(tree / "case-0" / "SEG.dcm"), vol.affine, vol.voxels.shape)
+  want, _, _ = segdata.canonicalise(np.maximum(liver, lesion),
+                                    np.diag([-1.0, -1, 1, 1]) @ vol.affine, "x")
+  np.testing.assert_array_equal(segdicom.load_case(c0)[3], want)
   cfg = segdata.SegPrepConfig(spacing=(10.0, 8.0, 8.0), test_fraction=0.0)
   m = segdata.build_shards(str(tree), str(tmp_path / "a"), cfg, progress=False, salt=SALT)
   assert m["counts"]["train"] == 1 and m["unlabelled_series_left_out"] == 1
