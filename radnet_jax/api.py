@@ -16,10 +16,12 @@ device, whatever device count or host count wrote it, and rebuilds the model
 from the ``config.json`` saved beside the checkpoints.
 
 Inputs go through exactly the preprocessing of the shards the network was
-trained on: ``dicom.scan`` -> ``dicom.load_volume`` ->
-``convert.cache_record`` (resample to the shard shape, modality-aware
-normalisation, float16) -> ``input_pipeline.to_example`` (centre crop to the
-model input shape), i.e. what evaluation saw.
+trained on: ``dicom.scan`` -> ``convert.convert_stack_staged`` (the shard
+converter's path: classic stacks stream onto the shard grid, others go
+through ``dicom.load_volume`` + ``convert.cache_record``; resample to the
+shard shape, modality-aware normalisation, float16) ->
+``input_pipeline.to_example`` (centre crop to the model input shape), i.e.
+what evaluation saw. NIfTI inputs take ``load_nifti`` + ``preprocess``.
 """
 from __future__ import annotations
 
@@ -371,9 +373,15 @@ def preprocess(volume: Any, shard_shape: Sequence[int], input_shape: Sequence[in
     (x float32 ``(D, H, W, 1)`` = ``input_shape + (1,)``, cached record
     without its volume: modality, normalisation, geometry, metadata).
   """
-  from radnet_jax import convert, input_pipeline  # pylint: disable=g-import-not-at-top
+  from radnet_jax import convert  # pylint: disable=g-import-not-at-top
   stack = types.SimpleNamespace(key=key, record=dict(volume.record or {}))
   cached = convert.cache_record(stack, volume, tuple(int(s) for s in shard_shape))
+  return _model_input(cached, input_shape)
+
+
+def _model_input(cached: dict, input_shape: Sequence[int]) -> tuple[np.ndarray, dict]:
+  """Cache record -> (centre-cropped float32 ``input_shape + (1,)``, the rest)."""
+  from radnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   ex = input_pipeline.to_example({"volume": cached.pop("volume")},
                                  tuple(int(s) for s in input_shape))
   return ex["volume"], cached
@@ -389,14 +397,16 @@ def _label_record(metadata: Mapping[str, Any], key: str, taxonomy: str, priors: 
 
 def _prepare_stack(stack: Any, shard_shape: tuple, input_shape: tuple, taxonomy: str,
                    priors: Any) -> Prepared | SkippedInput:
-  """load_volume + preprocess + labels for one DICOM stack; never raises."""
-  from radnet_jax import dicom  # pylint: disable=g-import-not-at-top
+  """Model input + labels for one DICOM stack; never raises."""
+  from radnet_jax import convert  # pylint: disable=g-import-not-at-top
   stage = "load"
   series = str(stack.record.get("SeriesHash", ""))
   try:
-    vol = dicom.load_volume(stack)
+    # The shard converter's own path (streaming onto the shard grid, or
+    # load_volume when it declines): the same record as the training shards.
+    cached = convert.convert_stack_staged(stack, shard_shape)
     stage = "preprocess"
-    x, cached = preprocess(vol, shard_shape, input_shape, stack.key)
+    x, cached = _model_input(cached, input_shape)
     stage = "label"
     md = cached["metadata"]
     labels = _label_record(md, stack.key, taxonomy, priors)
@@ -412,6 +422,9 @@ def _prepare_stack(stack: Any, shard_shape: tuple, input_shape: tuple, taxonomy:
     return Prepared(stack.key, x, info, labels)
   except Exception as e:  # noqa: BLE001 - one bad series never stops the run
     where = stack.files[0] if stack.files else ""
+    if isinstance(e, convert.StageError):
+      stage = "load" if e.stage == "load" else "preprocess"
+      e = e.error
     return SkippedInput(where, f"{type(e).__name__}: {e}", series, stage)
 
 

@@ -1,8 +1,8 @@
 """DICOM -> ArrayRecord shards on Apache Beam (Direct, Dataflow, Flink, Spark).
 
 The same conversion as ``radnet_jax.convert.build_shards`` (one stack in, one
-record out, through the *same* functions: ``convert.convert_stack`` for
-load + resample + normalise, ``convert._label`` + ``Taxonomy.encode`` for the
+record out, through the *same* functions: ``convert.convert_stack_staged``
+for load + resample + normalise, ``convert._label`` + ``Taxonomy.encode`` for the
 labels, ``convert.split_of`` for the patient split and
 ``convert._shard_record`` + ``records.encode`` for the bytes), distributed by
 an existing engine instead of a local process pool:
@@ -91,24 +91,25 @@ class Options:
     self.records_per_shard = int(records_per_shard)
 
 
+# A stack failed at ``stage`` ("load" | "resample" | "label").
+StageError = convert.StageError
+
+
 def stack_record(stack: Any, opts: Options, priors_obj: Any = None,
                  overrides_table: Any = None) -> tuple[str, bytes, dict]:
   """One stack -> (split, encoded shard record, label-report row).
 
-  Exactly ``build_shards``' per-stack path: the cached record goes through
-  ``records.encode``/``decode`` as it does through the work cache there, so
-  the bytes are identical. Raises on a bad stack (the caller logs it).
+  Exactly ``build_shards``' per-stack path: ``convert.convert_stack_staged``
+  (streaming onto the shard grid for classic stacks, ``load_volume``
+  otherwise), then the cached record goes through ``records.encode``/
+  ``decode`` as it does through the work cache there, so the bytes are
+  identical. Raises ``StageError`` on a bad stack (the caller logs it).
   """
-  from radnet_jax import dicom  # pylint: disable=g-import-not-at-top
+  cached = convert.convert_stack_staged(stack, opts.shape)  # raises StageError
   try:
-    vol = dicom.load_volume(stack)
-  except Exception as e:  # noqa: BLE001
-    raise StageError("load", e) from e
-  try:
-    cached = records.decode(records.encode(convert.cache_record(stack, vol, opts.shape)))
+    cached = records.decode(records.encode(cached))
   except Exception as e:  # noqa: BLE001
     raise StageError("resample", e) from e
-  del vol
   md = cached["metadata"]
   try:
     labels = convert._label(md, stack.key, opts.taxonomy, priors_obj,  # pylint: disable=protected-access
@@ -128,14 +129,6 @@ def stack_record(stack: Any, opts: Options, priors_obj: Any = None,
          **{f"{t}_provenance": provs[t] for t in tx.TASKS},
          "_targets": {k: v for k, v in targets.items()}}
   return sp, records.encode(rec), row
-
-
-class StageError(Exception):
-  """A stack failed at ``stage`` ("load" | "resample" | "label")."""
-
-  def __init__(self, stage: str, error: Exception):
-    super().__init__(f"{type(error).__name__}: {error}")
-    self.stage = stage
 
 
 class _ConvertBase(beam.DoFn):

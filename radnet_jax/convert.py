@@ -242,19 +242,57 @@ def resampled_cache_record(stack: Any, rv: Any) -> dict:
                  spacing, res)
 
 
+class StageError(Exception):
+  """A stack failed at ``stage``; ``error`` is the original exception.
+
+  Stages: "load" (reading and assembling the voxels), "resample" (resampling,
+  normalising, encoding), and for callers that label: "label". The message
+  is ``"{ErrorType}: {error}"``, the reason written to ``errors.csv``.
+  """
+
+  def __init__(self, stage: str, error: BaseException):
+    super().__init__(f"{type(error).__name__}: {error}")
+    self.stage = stage
+    self.error = error
+
+
+def convert_stack_staged(stack: Any, shape: Sequence[int]) -> dict:
+  """``convert_stack``, with any failure raised as ``StageError`` naming the
+  stage ("load" or "resample"). The one place that picks the streaming path
+  or the ``load_volume`` fallback: ``build_shards``, the Beam pipeline and
+  ``radnet_jax.predict`` all call it, so they give the same record.
+  """
+  from radnet_jax.dicom import volume  # pylint: disable=import-outside-toplevel
+  shape = tuple(int(s) for s in shape)
+  rv = volume.load_resampled(stack, shape)   # never raises; None = declined
+  if rv is not None:
+    try:
+      return resampled_cache_record(stack, rv)
+    except Exception as e:  # noqa: BLE001 - re-raised with its stage
+      raise StageError("resample", e) from e
+  try:
+    vol = volume.load_volume(stack)
+  except Exception as e:  # noqa: BLE001
+    raise StageError("load", e) from e
+  try:
+    return cache_record(stack, vol, shape)
+  except Exception as e:  # noqa: BLE001
+    raise StageError("resample", e) from e
+
+
 def convert_stack(stack: Any, shape: Sequence[int]) -> dict:
-  """The cache record of one stack (raises on bad input).
+  """The cache record of one stack (raises the original error on bad input).
 
   Classic stacks are decoded straight onto the shard grid
   (``dicom.volume.load_resampled``: no full-resolution volume); everything
   else, and every stack that path declines, goes through ``load_volume`` +
   ``cache_record``. Both give the same record.
   """
-  from radnet_jax.dicom import volume  # pylint: disable=import-outside-toplevel
-  rv = volume.load_resampled(stack, tuple(int(s) for s in shape))
-  if rv is not None:
-    return resampled_cache_record(stack, rv)
-  return cache_record(stack, volume.load_volume(stack), shape)
+  try:
+    return convert_stack_staged(stack, shape)
+  except StageError as e:
+    error = e.error
+  raise error   # outside the handler: the original error, cause and traceback
 
 
 def _run_job(job: _Job) -> tuple:
@@ -265,22 +303,14 @@ def _run_job(job: _Job) -> tuple:
   volume (none on the streaming path).
   """
   key = job.stack.key
-  stage = "load"
   try:
-    from radnet_jax.dicom import volume  # pylint: disable=import-outside-toplevel
-    rv = volume.load_resampled(job.stack, tuple(int(s) for s in job.shape))
-    if rv is not None:
-      stage = "resample"
-      data = records.encode(resampled_cache_record(job.stack, rv))
-    else:
-      vol = volume.load_volume(job.stack)
-      stage = "resample"
-      data = records.encode(cache_record(job.stack, vol, job.shape))
-      del vol
+    data = records.encode(convert_stack_staged(job.stack, job.shape))
     _atomic_write(job.cache_path, data)
     return ("ok", key)
+  except StageError as e:
+    return ("error", key, e.stage, str(e))
   except Exception as e:  # noqa: BLE001 - any failure is logged per stack
-    return ("error", key, stage, f"{type(e).__name__}: {e}")
+    return ("error", key, "resample", f"{type(e).__name__}: {e}")
 
 
 @contextlib.contextmanager
