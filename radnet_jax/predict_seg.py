@@ -109,8 +109,10 @@ def predict_path(workdir: str, input_path: str, out_path: str, *, prefer: str = 
                        series_number=series_number)
 
 
-def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def build_parser() -> argparse.ArgumentParser:
+  """The command-line parser (``tests/test_docs.py`` checks docs against it)."""
+  p = argparse.ArgumentParser(prog="python -m radnet_jax.predict_seg",
+                              description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=__doc__.split("\n\n", 1)[1])
   p.add_argument("--workdir", required=True, help="trained segmentation run")
@@ -121,7 +123,11 @@ def main(argv: list[str] | None = None) -> int:
                  help="checkpoint (best falls back to latest when the run has none)")
   p.add_argument("--nifti_out", default="", help="DICOM input: also write a NIfTI mask")
   p.add_argument("--series", type=int, default=None, help="SeriesNumber to segment")
-  a = p.parse_args(argv)
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  a = build_parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   logging.getLogger("highdicom").setLevel(logging.WARNING)   # per-module chatter
   from radnet_jax.dicom.errors import DicomError  # pylint: disable=import-outside-toplevel

@@ -1,6 +1,9 @@
 """docs/usage.md: every ```python block runs (in order, one namespace) against a
-tiny checkpoint and phantom corpus; the ```bash CLI lines parse with the real CLI."""
+tiny checkpoint, a phantom corpus and a phantom CT + DICOM SEG case; the ```bash
+command lines of the library's CLIs parse with their real argparse parsers."""
+import argparse
 import contextlib
+import importlib
 import os
 import re
 import shlex
@@ -61,8 +64,13 @@ def test_usage_snippets_run(tmp_path, monkeypatch, capsys):
   monkeypatch.setenv("RADNET_CHECKPOINT", wd)
   monkeypatch.setenv("RADNET_DICOM", os.path.join(corpus, "dicom"))
   monkeypatch.setenv("RADNET_SALT", "docs-salt")
+  lits = tmp_path / "lits"
+  phantom.make_lits(str(lits), n=1, seed=0, workers=1, progress=False, small=True,
+                    dicom=True)
+  monkeypatch.setenv("RADNET_SEG_DICOM", str(lits / "dicom"))
   code = blocks("python")
-  assert len(code) == 5, "usage.md: setup, load, predict, embed, MedicalNet"
+  # setup, load, predict, embed, MedicalNet, DICOM SEG (more may come).
+  assert len(code) >= 6, f"usage.md has {len(code)} python blocks"
   try:
     import torch
     pth = str(tmp_path / "resnet_10.pth")
@@ -71,7 +79,8 @@ def test_usage_snippets_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MEDICALNET_PTH", pth)
   except ImportError:
     torch = None
-    code = code[:-1]   # reading .pth files needs torch
+    # reading .pth files needs torch
+    code = [b for b in code if "load_medicalnet" not in b]
   monkeypatch.chdir(tmp_path)
   ns = {"__name__": "usage_md"}
   for i, block in enumerate(code):
@@ -90,15 +99,92 @@ def test_usage_snippets_run(tmp_path, monkeypatch, capsys):
     assert ns["mn"].embedding.shape == (2, 512)
     assert "tensors mapped" in out and ns["mn_report"].shortcut_type == "B"
     assert any(k == "conv_seg.0.weight" for k, _ in ns["mn_report"].left_out)
+  # The SEG section: the phantom case's reference SEG painted onto its CT grid,
+  # written back as a SEG and read again unchanged.
+  assert len(ns["cases"]) == 1 and not ns["problems"]
+  labels = ns["labels"]
+  assert labels.shape == ns["vol"].voxels.shape and labels.dtype == np.uint8
+  assert (labels == 1).sum() > 1000 and set(np.unique(labels)) <= {0, 1, 2}
+  np.testing.assert_array_equal(ns["again"], labels)
+  assert (tmp_path / "out" / "liver_seg.dcm").exists()
+  assert "SEG round trip identical: True" in out
 
 
-def test_usage_cli_lines_parse():
-  from radnet_jax import predict as cli
+class _Parsed(Exception):
+  """Raised by the patched parse_args: stops a CLI's main() once it has parsed."""
+
+  def __init__(self, namespace: argparse.Namespace):
+    super().__init__()
+    self.namespace = namespace
+
+
+def parse_cli(module: str, argv: list[str], monkeypatch) -> argparse.Namespace:
+  """``argv`` parsed by ``module``'s own parser (SystemExit on a bad flag).
+
+  Uses the module's ``build_parser()`` when it has one; otherwise runs its
+  ``main(argv)`` with ``ArgumentParser.parse_args`` patched to stop right
+  after parsing, so nothing is built or written.
+  """
+  mod = importlib.import_module(module)
+  with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+    if hasattr(mod, "build_parser"):
+      return mod.build_parser().parse_args(argv)
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_and_stop(self, args=None, namespace=None):
+      raise _Parsed(real(self, args, namespace))
+
+    with monkeypatch.context() as m:
+      m.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
+      try:
+        mod.main(argv)
+      except _Parsed as e:
+        return e.namespace
+  raise AssertionError(f"{module}.main did not parse its arguments")
+
+
+# The CLIs whose lines in usage.md are checked, and what each must be given.
+_CLIS = {
+    "radnet_jax.predict": ("checkpoint", "input"),
+    "radnet_jax.predict_seg": ("workdir", "input", "out"),
+    "data_prep.build_seg_shards": ("input", "out"),
+    "data_prep.make_phantoms": ("out",),
+}
+_CLI_RE = re.compile(r"\bpython -m (" + "|".join(re.escape(m) for m in _CLIS) + r")(?![\w.])")
+
+
+def cli_commands() -> list[list[str]]:
+  """Every ``python -m <one of _CLIS>`` line of the bash blocks, split."""
   lines = [b.replace("\\\n", " ") for b in blocks("bash")]
-  cmds = [shlex.split(l) for b in lines for l in b.splitlines() if "radnet_jax.predict" in l]
-  assert cmds
+  return [shlex.split(l) for b in lines for l in b.splitlines() if _CLI_RE.search(l)]
+
+
+def test_cli_line_matching_is_exact():
+  # radnet_jax.predict_seg is not radnet_jax.predict, and a prefix is no match.
+  assert _CLI_RE.search("python -m radnet_jax.predict_seg --workdir W").group(1) == \
+      "radnet_jax.predict_seg"
+  assert _CLI_RE.search("python -m radnet_jax.predict --checkpoint C").group(1) == \
+      "radnet_jax.predict"
+  assert not _CLI_RE.search("python -m radnet_jax.predictor --x 1")
+  assert not _CLI_RE.search("python -m data_prep.make_phantoms_v2 --out P")
+
+
+def test_usage_cli_lines_parse(monkeypatch):
+  cmds = cli_commands()
+  seen = {cmd[2] for cmd in cmds}
+  assert seen == set(_CLIS), f"usage.md shows no command line for {set(_CLIS) - seen}"
   for cmd in cmds:
-    assert cmd[:3] == ["python", "-m", "radnet_jax.predict"]
-    with contextlib.redirect_stderr(open(os.devnull, "w")):
-      args = cli.build_parser().parse_args(cmd[3:])   # SystemExit on an unknown flag
-    assert args.checkpoint and args.input
+    assert cmd[:2] == ["python", "-m"] and cmd[2] in _CLIS, cmd
+    args = parse_cli(cmd[2], cmd[3:], monkeypatch)   # SystemExit on an unknown flag
+    for name in _CLIS[cmd[2]]:
+      assert getattr(args, name), (cmd, name)
+    if cmd[2] == "data_prep.build_seg_shards" and args.label_map:
+      from data_prep import build_seg_shards
+      mapping = build_seg_shards._label_map(args.label_map)  # pylint: disable=protected-access
+      assert mapping and set(mapping.values()) <= {0, 1, 2}
+
+
+def test_parse_cli_rejects_unknown_flags(monkeypatch):
+  for module in ("radnet_jax.predict_seg", "data_prep.build_seg_shards"):
+    with pytest.raises(SystemExit):
+      parse_cli(module, ["--input", "x", "--out", "y", "--no-such-flag"], monkeypatch)
