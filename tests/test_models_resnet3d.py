@@ -162,3 +162,38 @@ def test_registry_and_errors():
                                     jnp.zeros((1, 8, 8, 8, 1)), False)
   with pytest.raises(ValueError, match=r"\(B, D, H, W, C\)"):
     ResNetTiny().init(jax.random.PRNGKey(0), jnp.zeros((8, 8, 8, 1)), False)
+
+
+def test_input_windows_curve_and_trunk_shapes():
+  """The soft-tissue input curve: known values at init, 3 learnable scalars,
+  and a trunk with exactly the parameter shapes of the plain model (so a
+  pretrained trunk still transfers to ResNetVNet)."""
+  from radnet_jax.models.intensity import InputWindows, window
+  # CT shards: HU h -> h / 1000. Window -160..240 HU.
+  hu = np.array([-1000.0, -160.0, 40.0, 240.0, 1000.0], np.float32)
+  np.testing.assert_allclose(np.asarray(window(jnp.asarray(hu / 1000), -0.16, 0.24)),
+                             [-1.0, -1.0, 0.0, 1.0, 1.0], atol=1e-6)
+  x = jnp.asarray((hu / 1000).reshape(1, 1, 1, 5, 1))
+  mod = InputWindows(((-0.16, 0.24),))
+  v = mod.init(jax.random.key(0), x)
+  assert {k: p.shape for k, p in v["params"].items()} == {
+      "scale": (1,), "window_scales": (1,), "bias": (1,)}
+  # At init y = x + window(x): 50 HU of enhancement on soft tissue (0.05 in
+  # the shard's units) becomes 0.3, six times more.
+  y = np.asarray(mod.apply(v, x)).reshape(-1)
+  np.testing.assert_allclose(y, hu / 1000 + np.array([-1, -1, 0, 1, 1]), atol=1e-6)
+  x2 = jnp.asarray(np.array([0.04, 0.09], np.float32).reshape(1, 1, 1, 2, 1))
+  d = np.diff(np.asarray(mod.apply(v, x2)).reshape(-1))[0]
+  np.testing.assert_allclose(d, 0.05 * 6, rtol=1e-5)
+  with pytest.raises(ValueError, match="hi > lo"):
+    window(x, 0.2, 0.1)
+
+  xin = jnp.zeros((1, 8, 16, 16, 1))
+  plain = _init(ResNetTiny(heads={"contrast": 2}), xin)
+  win = _init(ResNetTiny(heads={"contrast": 2}, input_windows=((-0.16, 0.24),)), xin)
+  shapes = lambda t: jax.tree.map(lambda a: a.shape, t)
+  assert shapes(win["params"]["trunk"]) == shapes(plain["params"]["trunk"])
+  assert count_params(win) == count_params(plain) + 3
+  out, _ = ResNetTiny(heads={"contrast": 2}, input_windows=((-0.16, 0.24),)).apply(
+      win, xin, False)
+  assert out["contrast"].shape == (1, 2)

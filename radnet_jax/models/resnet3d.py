@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
+from radnet_jax.models.intensity import InputWindows
 from radnet_jax.models.layers import Conv3D, batch_norm, max_pool3d
 
 Array = jax.Array
@@ -183,6 +184,9 @@ class ResNet3D(nn.Module):
     layout: "radnet" or "medicalnet".
     dtype: compute dtype; param_dtype: parameter dtype.
     conv_impl: "auto" | "xla" | "taps" (see `layers.py`).
+    input_windows: ``((lo, hi), ...)`` in input units: a learnable intensity
+      curve stretching those windows before the trunk (`intensity.py`); empty
+      = the input goes to the trunk as is.
 
   `__call__(x, train)`: `x` `(B, D, H, W, C)` -> `(outputs, features)`; see
   the module docstring. Dropout needs a "dropout" rng when train and
@@ -203,6 +207,7 @@ class ResNet3D(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   conv_impl: str = "auto"
+  input_windows: Sequence[Sequence[float]] = ()
 
   def trunk_kwargs(self) -> dict[str, Any]:
     """The kwargs that build this model's `ResNetTrunk` (for ResNetVNet)."""
@@ -217,6 +222,9 @@ class ResNet3D(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool
                ) -> tuple[dict[str, Array], list[Array]]:
+    if self.input_windows:
+      x = InputWindows(tuple(tuple(float(v) for v in w) for w in self.input_windows),
+                       name="input_windows")(x)
     features = ResNetTrunk(**self.trunk_kwargs(), name="trunk")(x, train)
     emb = jnp.mean(features[-1].astype(jnp.float32), axis=(1, 2, 3))
     outputs = {"embedding": emb}
