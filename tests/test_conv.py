@@ -175,3 +175,34 @@ def test_max_pool_taps_equals_xla(window, strides, padding, shape):
   np.testing.assert_allclose(
       gb.sum(), jnp.cos(jnp.arange(ya.size, dtype=jnp.float32)).sum(),
       rtol=1e-4, atol=1e-4)
+
+
+def test_batch_sharding_kept_on_unit_volume_and_channel_dropout():
+  # A 1x1x1 volume (VNet's deepest level at 16^3) lost the "data" sharding
+  # in the taps transposed conv, and flax Dropout's broadcast mask was
+  # unsharded: both raised ShardingTypeError inside VNet under the trainer.
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from radnet_jax import trainer
+  from radnet_jax.models import vnet
+  mesh = trainer.make_mesh()
+  n = mesh.devices.size
+  rng = np.random.default_rng(4)
+  x = jax.device_put(jnp.asarray(rng.normal(size=(n, 1, 1, 1, 3)), jnp.float32),
+                     NamedSharding(mesh, P("data")))
+  w = jnp.asarray(rng.normal(size=(2, 2, 2, 3, 4)), jnp.float32)
+  y = jax.jit(lambda x: conv_transpose3d(x, w, 2, impl="taps"))(x)
+  assert y.shape == (n, 2, 2, 2, 4) and y.sharding.spec[0] == "data"
+  np.testing.assert_allclose(y, conv_transpose3d(np.asarray(x), w, 2, "xla"),
+                             rtol=1e-5, atol=1e-5)
+
+  drop = vnet._Dropout3d(0.5)  # pylint: disable=protected-access
+  v = jax.device_put(jnp.ones((n, 2, 3, 3, 6)), NamedSharding(mesh, P("data")))
+  out = jax.jit(lambda v: drop.apply({}, v, False,
+                                     rngs={"dropout": jax.random.key(0)}))(v)
+  assert out.sharding.spec[0] == "data"
+  out = np.asarray(out)
+  # Whole channels of each example are dropped (0) or kept (scaled by 2).
+  per_channel = out.reshape(n, -1, 6)
+  assert set(np.unique(per_channel)) <= {0.0, 2.0}
+  assert np.all(per_channel.min(axis=1) == per_channel.max(axis=1))

@@ -132,6 +132,20 @@ def _conv3d_im2col(x: Array, kernel: Array, out_size: Sequence[int],
   return jnp.einsum("bdhwk,ko->bdhwo", xs, kernel.reshape(-1, o))
 
 
+def _keep_batch_sharding(y: Array, x: Array) -> Array:
+  """Gives `y` the batch-axis sharding of `x` if a reshape dropped it.
+
+  Under an Explicit mesh, reshapes that merge size-1 axes (a 1x1x1 volume at
+  the deepest VNet level) can lose the "data" sharding of the batch axis.
+  """
+  sx, sy = jax.typeof(x).sharding, jax.typeof(y).sharding
+  if (sx.mesh.empty or not len(sx.spec) or sx.spec[0] is None
+      or (len(sy.spec) and sy.spec[0] == sx.spec[0])):
+    return y
+  return jax.sharding.reshard(y, jax.sharding.NamedSharding(
+      sx.mesh, jax.sharding.PartitionSpec(sx.spec[0])))
+
+
 def conv3d_taps(x: Array, kernel: Array, strides: Sequence[int],
                 padding: Sequence[tuple[int, int]],
                 dilation: Sequence[int]) -> Array:
@@ -224,7 +238,8 @@ def conv3d(x: Array, kernel: Array, strides: Sequence[int] = (1, 1, 1),
     return lax.conv_general_dilated(
         x, kernel, window_strides=strides, padding=pads,
         rhs_dilation=dilation, dimension_numbers=_DN)
-  return conv3d_taps(x, kernel, strides, pads, dilation)
+  return _keep_batch_sharding(conv3d_taps(x, kernel, strides, pads, dilation),
+                              x)
 
 
 def conv_transpose3d(x: Array, kernel: Array, strides: Sequence[int],
@@ -250,9 +265,10 @@ def conv_transpose3d(x: Array, kernel: Array, strides: Sequence[int],
   if resolve_impl(impl) == "taps" and (kd, kh, kw) == strides:
     b, d, h, w, _ = x.shape
     y = jnp.einsum("bdhwc,xyzco->bdxhywzo", x, kernel)
-    return _reshape_steps(y, [(b, d * kd, h, kh, w, kw, o),
-                              (b, d * kd, h * kh, w, kw, o),
-                              (b, d * kd, h * kh, w * kw, o)])
+    y = _reshape_steps(y, [(b, d * kd, h, kh, w, kw, o),
+                           (b, d * kd, h * kh, w, kw, o),
+                           (b, d * kd, h * kh, w * kw, o)])
+    return _keep_batch_sharding(y, x)
   return lax.conv_transpose(x, kernel[::-1, ::-1, ::-1], strides, "VALID",
                             dimension_numbers=_DN)
 

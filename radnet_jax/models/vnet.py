@@ -55,11 +55,35 @@ def _act(name: str) -> Any:
   raise ValueError(f"act must be 'elu', 'prelu' or 'relu', got {name!r}")
 
 
+class _Dropout3d(nn.Module):
+  """PyTorch Dropout3d: drops whole channels of each example (rate p).
+
+  The `(B, 1, 1, 1, C)` mask takes the batch sharding of `x`: under the
+  trainer's jit with an Explicit "data" mesh, flax's `nn.Dropout(...,
+  broadcast_dims=...)` broadcast an unsharded mask against the batch-sharded
+  activations and raised ShardingTypeError.
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep,
+                                (x.shape[0], 1, 1, 1, x.shape[-1]))
+    sharding = jax.typeof(x).sharding
+    if not sharding.mesh.empty and len(sharding.spec) and sharding.spec[0]:
+      mask = jax.sharding.reshard(mask, jax.sharding.NamedSharding(
+          sharding.mesh, jax.sharding.PartitionSpec(sharding.spec[0])))
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+
+
 def _channel_dropout(rate: float | None, train: bool, x: Array) -> Array:
   """Dropout3d: drops whole channels (mask broadcast over D, H, W)."""
   if not rate:
     return x
-  return nn.Dropout(rate, broadcast_dims=(1, 2, 3), deterministic=not train)(x)
+  return _Dropout3d(rate)(x, deterministic=not train)
 
 
 class _ConvBlocks(nn.Module):

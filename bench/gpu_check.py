@@ -1,0 +1,275 @@
+"""Accelerator check: paper-scale train steps, step time and model FLOP utilisation.
+
+    bash bench/gpu_check.sh                    # on a lent GPU (H100 / H200)
+    bash bench/gpu_check.sh --batch 16         # ResNet batch (default 8)
+    python bench/gpu_check.py --smoke          # tiny shapes, any backend
+
+Two rows, each the project's own jitted train step (`trainer.make_train_step`,
+donated state, AdamW, bfloat16 compute with float32 parameters, `conv_impl`
+"auto" = XLA's native convolutions off CPU):
+  resnet50  experiments/pretrain.py:paper (3x7x7 stem stride 1x2x2), the
+            5-task masked loss, input 48x192x192, batch --batch (default 8).
+  vnet      MONAI-layout VNet 16..256, cross-entropy + soft Dice, input
+            128^3, batch --vnet-batch (default 1).
+For each: compile time, median step time of --steps timed steps after
+--warmup, FLOP per step from XLA's cost analysis of the compiled step
+(`jit(step).lower(...).compile().cost_analysis()`; the pre-optimisation
+count of `lower(...).cost_analysis()` is printed beside it, because a
+backend may not count the FLOPs of library calls), achieved TFLOP/s and
+model FLOP utilisation against the card's dense bfloat16 peak (H100 / H200
+SXM: 989 TFLOP/s; --peak-tflops overrides). Correctness: the loss of every
+timed step must be finite, and the bfloat16 forward must agree with a
+float32 forward (highest precision) of the same parameters on the same batch
+(relative L2 error of the logits and their cosine similarity).
+
+--smoke shrinks everything (ResNet-10 at 8x32x32, VNet 8..128 at 16^3,
+3 steps) so the script's logic can be checked on a CPU in ~1-2 minutes; its
+timings mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from radnet_jax import segment, train, trainer  # noqa: E402
+from radnet_jax.labels import taxonomy as tax  # noqa: E402
+from radnet_jax.models import vnet  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Dense bfloat16 tensor-core peaks (TFLOP/s, no sparsity), by device name.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIE": 756.0, "H100": 989.0,
+                    "A100": 312.0, "L4": 121.0, "B200": 2250.0}
+# Thresholds of the bf16-vs-f32 forward check.
+MAX_REL_L2 = 0.05
+MIN_COSINE = 0.995
+
+
+def device_name() -> str:
+  """nvidia-smi's GPU name if there is one, else JAX's device_kind."""
+  if jax.default_backend() == "gpu":
+    try:
+      out = subprocess.run(["nvidia-smi", "--query-gpu=name",
+                            "--format=csv,noheader"], capture_output=True,
+                           text=True, timeout=20, check=True).stdout
+      if out.strip():
+        return out.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+      pass
+  return jax.devices()[0].device_kind
+
+
+def peak_tflops(name: str) -> float | None:
+  """Dense bf16 peak of a known card (longest matching key first)."""
+  up = name.upper()
+  for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+    if key in up:
+      return PEAK_BF16_TFLOPS[key]
+  return None
+
+
+def load_pretrain_config(variant: str):
+  """experiments/pretrain.py:<variant> (the file is not a package)."""
+  path = os.path.join(ROOT, "experiments", "pretrain.py")
+  spec = importlib.util.spec_from_file_location("pretrain_config", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(variant)
+
+
+def _flops(cost) -> float:
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", float("nan")))
+
+
+def resnet_case(batch: int, shape: tuple[int, int, int], smoke: bool):
+  """(model, loss_fn, batch dict, f32 model) for the paper pretraining step."""
+  config = load_pretrain_config("paper")
+  if smoke:
+    config.model.name = "resnet10"
+  taxonomy = tax.Taxonomy(config.taxonomy)
+  model = train.build_model(config, taxonomy)
+  model_f32 = model.clone(dtype=jnp.float32)
+  weights = dict(config.loss.weights)
+  rng = np.random.default_rng(0)
+  n = taxonomy.num_classes
+  data = {
+      "volume": rng.normal(size=(batch, *shape, 1)).astype(np.float32),
+      "mask": np.ones((batch,), np.float32),
+      "coverage": (rng.random((batch, n["coverage"])) < 0.3).astype(np.float32),
+      "coverage_mask": np.ones((batch,), np.float32),
+      "spacing": rng.uniform(0.5, 5.0, batch).astype(np.float32),
+  }
+  for task in ("sequence", "plane", "contrast"):
+    data[task] = rng.integers(0, n[task], batch).astype(np.int32)
+
+  def loss_fn(out, b):
+    return train.multitask_loss(out[0], b, weights=weights)
+
+  def logits(out):
+    outs = out[0]
+    return jnp.concatenate([outs[t].astype(jnp.float32) for t in sorted(outs)
+                            if t != "embedding"], axis=-1)
+  return model, loss_fn, data, model_f32, logits
+
+
+def vnet_case(batch: int, shape: tuple[int, int, int], smoke: bool):
+  """(model, loss_fn, batch dict, f32 model) for the VNet segmentation step."""
+  filters = (8, 16, 32, 64, 128) if smoke else (16, 32, 64, 128, 256)
+  model = vnet.VNet(out_channels=2, filters=filters, dtype=jnp.bfloat16)
+  model_f32 = model.clone(dtype=jnp.float32)
+  rng = np.random.default_rng(1)
+  data = {"volume": rng.normal(size=(batch, *shape, 1)).astype(np.float32),
+          "label": (rng.random((batch, *shape)) < 0.2).astype(np.int32)}
+
+  def loss_fn(out, b):
+    return segment.seg_loss(out, b["label"], 2)
+  return model, loss_fn, data, model_f32, lambda out: out.astype(jnp.float32)
+
+
+def run_case(name: str, case, steps: int, warmup: int,
+             peak: float | None) -> dict:
+  model, loss_fn, data, model_f32, logits_fn = case
+  mesh = trainer.make_mesh(1)
+  tx, schedule = trainer.make_optimizer(
+      {"name": "adamw", "lr": 1e-4, "warmup_steps": 0, "weight_decay": 5e-5},
+      total_steps=1000)
+  shape = data["volume"].shape
+  state = trainer.create_train_state(model, tx, shape[1:], 0, mesh)
+  batch = trainer.put_batch(data, mesh)
+  step = trainer.make_train_step(model, tx, loss_fn, mesh, schedule)
+
+  t0 = time.perf_counter()
+  lowered = step.lower(state, batch)
+  flops_lowered = _flops(lowered.cost_analysis())
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  flops = _flops(compiled.cost_analysis())
+  if not np.isfinite(flops) or flops <= 0:
+    flops = flops_lowered
+
+  # Keep a copy of the initial variables for the bf16-vs-f32 check (the
+  # state buffers are donated to the step).
+  variables = jax.device_get({"params": state.params,
+                              "batch_stats": state.batch_stats})
+  times, losses = [], []
+  for i in range(warmup + steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    loss = metrics["loss"].block_until_ready()
+    if i >= warmup:
+      times.append(time.perf_counter() - t)
+      losses.append(float(loss))
+  step_s = statistics.median(times)
+
+  # bf16 vs f32 forward on the same parameters and batch (training-mode
+  # BatchNorm, batch statistics; dropout off).
+  x = batch["volume"]
+
+  def fwd(m):
+    def f(v, x):
+      out, _ = m.apply(v, x, train=True, mutable=["batch_stats"],
+                       rngs={"dropout": jax.random.key(0)})
+      return logits_fn(out)
+    return jax.jit(f)
+  ya = fwd(model)(variables, x)
+  with jax.default_matmul_precision("highest"):
+    yb = fwd(model_f32)(variables, x)
+  ya, yb = np.asarray(ya, np.float64).ravel(), np.asarray(yb, np.float64).ravel()
+  rel_l2 = float(np.linalg.norm(ya - yb) / max(np.linalg.norm(yb), 1e-30))
+  cosine = float(ya @ yb / max(np.linalg.norm(ya) * np.linalg.norm(yb), 1e-30))
+  ok = (all(np.isfinite(losses)) and rel_l2 <= MAX_REL_L2
+        and cosine >= MIN_COSINE)
+  tflops = flops / step_s / 1e12
+  return {
+      "model": name, "input": "x".join(map(str, shape[1:4])),
+      "batch": shape[0], "compile_s": compile_s, "step_s": step_s,
+      "step_s_min": min(times), "volumes_per_s": shape[0] / step_s,
+      "tflop_per_step": flops / 1e12,
+      "tflop_per_step_lowered": flops_lowered / 1e12,
+      "tflops": tflops, "mfu": (tflops / peak) if peak else float("nan"),
+      "loss_first": losses[0], "loss_last": losses[-1],
+      "bf16_vs_f32_rel_l2": rel_l2, "bf16_vs_f32_cosine": cosine, "ok": ok,
+  }
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--models", default="resnet50,vnet",
+                 help="comma list of resnet50, vnet")
+  p.add_argument("--batch", type=int, default=8, help="ResNet-50 batch")
+  p.add_argument("--vnet-batch", type=int, default=1)
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--peak-tflops", type=float, default=None,
+                 help="dense bf16 peak; default from the detected card")
+  p.add_argument("--smoke", action="store_true",
+                 help="tiny shapes and models (logic check on CPU)")
+  p.add_argument("--json", default=None, help="also write the rows here")
+  a = p.parse_args(argv)
+  if a.steps < 1 or a.warmup < 1:
+    p.error("--steps and --warmup must be >= 1")
+
+  name = device_name()
+  peak = a.peak_tflops or peak_tflops(name)
+  res_shape, vnet_shape = (48, 192, 192), (128, 128, 128)
+  batch, vbatch, steps, warmup = a.batch, a.vnet_batch, a.steps, a.warmup
+  if a.smoke:
+    res_shape, vnet_shape = (8, 32, 32), (16, 16, 16)
+    batch, vbatch, steps, warmup = min(batch, 2), 1, min(steps, 3), 1
+  print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+        f", device: {name} ({jax.default_backend()}, {jax.device_count()} "
+        f"device(s)), jax {jax.__version__}, bf16 dense peak "
+        f"{peak if peak else 'unknown'} TFLOP/s"
+        f"{', SMOKE (timings meaningless)' if a.smoke else ''}", flush=True)
+  if not a.smoke and jax.default_backend() == "cpu":
+    print("# warning: no accelerator backend; these full-size steps will be "
+          "very slow on CPU (use --smoke)", flush=True)
+
+  rows = []
+  for model in a.models.split(","):
+    model = model.strip()
+    if model == "resnet50":
+      case = resnet_case(batch, res_shape, a.smoke)
+    elif model == "vnet":
+      case = vnet_case(vbatch, vnet_shape, a.smoke)
+    else:
+      p.error(f"unknown model {model!r} (resnet50, vnet)")
+    print(f"# {model}: compiling and timing ...", flush=True)
+    label = f"{model}-smoke" if a.smoke else model  # smoke: smaller nets
+    rows.append(run_case(label, case, steps, warmup, peak))
+    r = rows[-1]
+    print(f"#   compile {r['compile_s']:.1f} s, loss {r['loss_first']:.4f} -> "
+          f"{r['loss_last']:.4f}", flush=True)
+
+  print(f"{'model':<14} {'input':<11} {'batch':>5} {'step ms':>9} {'vol/s':>8} "
+        f"{'TFLOP/step':>10} {'(lowered)':>9} {'TFLOP/s':>8} {'MFU':>6} "
+        f"{'bf16/f32 relL2':>14} {'cos':>7} {'check':>5}")
+  for r in rows:
+    mfu = f"{100 * r['mfu']:5.1f}%" if np.isfinite(r["mfu"]) else "  n/a"
+    print(f"{r['model']:<14} {r['input']:<11} {r['batch']:>5} "
+          f"{1e3 * r['step_s']:>9.1f} {r['volumes_per_s']:>8.2f} "
+          f"{r['tflop_per_step']:>10.3f} {r['tflop_per_step_lowered']:>9.3f} "
+          f"{r['tflops']:>8.1f} {mfu:>6} {r['bf16_vs_f32_rel_l2']:>14.4f} "
+          f"{r['bf16_vs_f32_cosine']:>7.4f} {'ok' if r['ok'] else 'FAIL':>5}")
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump({"device": name, "peak_tflops": peak, "smoke": a.smoke,
+                 "jax": jax.__version__, "rows": rows}, f, indent=1)
+  return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
