@@ -12,12 +12,16 @@ donated state, AdamW, bfloat16 compute with float32 parameters, `conv_impl`
   vnet      MONAI-layout VNet 16..256, cross-entropy + soft Dice, input
             128^3, batch --vnet-batch (default 1).
 For each: compile time, median step time of --steps timed steps after
---warmup, FLOP per step from XLA's cost analysis of the compiled step
-(`jit(step).lower(...).compile().cost_analysis()`; the pre-optimisation
-count of `lower(...).cost_analysis()` is printed beside it, because a
-backend may not count the FLOPs of library calls), achieved TFLOP/s and
-model FLOP utilisation against the card's dense bfloat16 peak (H100 / H200
-SXM: 989 TFLOP/s; --peak-tflops overrides). Correctness: the loss of every
+--warmup, FLOP per step, achieved TFLOP/s and model FLOP utilisation against
+the card's dense bfloat16 peak (H100 / H200 SXM: 989 TFLOP/s; --peak-tflops
+overrides). The FLOP count used is the sum over the step's jaxpr of every
+convolution and matmul (2 x multiply-adds; input-dilated convs counted on
+their non-zero taps). XLA's own counts are printed beside it:
+`jit(step).lower(...).compile().cost_analysis()` (on GPU it does not see
+inside cuDNN/cuBLAS calls, so it undercounts) and the pre-optimisation
+`lower(...).cost_analysis()` (nan where the backend does not provide it); on
+CPU XLA's counts are 0-20% higher than the jaxpr count (they add elementwise
+and normalisation FLOPs and padded im2col taps). Correctness: the loss of every
 timed step must be finite, and the bfloat16 forward must agree with a
 float32 forward (highest precision) of the same parameters on the same batch
 (relative L2 error of the logits and their cosine similarity).
@@ -44,9 +48,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from radnet_jax import segment, train, trainer  # noqa: E402
+# Only jax/flax/optax/numpy/pandas are needed: a lent GPU machine's image has
+# those but not grain / array_record / ml_collections, which `train`,
+# `segment` and the experiment configs import (see `_project_losses`).
+from radnet_jax import trainer  # noqa: E402
 from radnet_jax.labels import taxonomy as tax  # noqa: E402
-from radnet_jax.models import vnet  # noqa: E402
+from radnet_jax.models import resnet3d, vnet  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Dense bfloat16 tensor-core peaks (TFLOP/s, no sparsity), by device name.
@@ -80,13 +87,107 @@ def peak_tflops(name: str) -> float | None:
   return None
 
 
-def load_pretrain_config(variant: str):
-  """experiments/pretrain.py:<variant> (the file is not a package)."""
-  path = os.path.join(ROOT, "experiments", "pretrain.py")
-  spec = importlib.util.spec_from_file_location("pretrain_config", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(variant)
+# experiments/pretrain.py:paper, for machines without ml_collections.
+PAPER_FALLBACK = {"name": "resnet50", "dtype": "bfloat16",
+                  "kwargs": {"stem_kernel": (3, 7, 7), "stem_strides": (1, 2, 2)},
+                  "taxonomy": "paper",
+                  "weights": {"sequence": 1.0, "plane": 1.0, "contrast": 1.0,
+                              "coverage": 1.0, "spacing": 0.5}}
+
+
+def paper_config() -> tuple[dict, str]:
+  """The paper pretraining model/loss settings and where they came from."""
+  try:
+    path = os.path.join(ROOT, "experiments", "pretrain.py")
+    spec = importlib.util.spec_from_file_location("pretrain_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config("paper")
+  except ImportError as e:
+    return dict(PAPER_FALLBACK), f"built-in copy ({e.name} not installed)"
+  return {"name": c.model.name, "dtype": c.model.dtype,
+          "kwargs": dict(c.model.kwargs), "taxonomy": c.taxonomy,
+          "weights": dict(c.loss.weights)}, "experiments/pretrain.py:paper"
+
+
+def _project_losses():
+  """(multitask_loss, seg_loss) of the library, or equivalents without grain.
+
+  The fallbacks compute the same terms (softmax CE, sigmoid BCE, Huber on
+  log spacing; CE + foreground soft Dice) without the unknown-label masks,
+  which change no FLOP count that matters here.
+  """
+  try:
+    from radnet_jax import segment, train
+    return train.multitask_loss, segment.seg_loss, "radnet_jax losses"
+  except ImportError as e:
+    import optax
+
+    def multitask_loss(outputs, batch, *, weights):
+      total = jnp.zeros((), jnp.float32)
+      for task in ("sequence", "plane", "contrast"):
+        if weights.get(task) and task in outputs:
+          # One-hot, not integer labels: the latter's gather has no
+          # unambiguous sharding under the trainer's Explicit batch mesh.
+          logits = outputs[task].astype(jnp.float32)
+          total += weights[task] * optax.softmax_cross_entropy(
+              logits, jax.nn.one_hot(batch[task], logits.shape[-1])).mean()
+      if weights.get("coverage") and "coverage" in outputs:
+        total += weights["coverage"] * optax.sigmoid_binary_cross_entropy(
+            outputs["coverage"].astype(jnp.float32), batch["coverage"]).mean()
+      if weights.get("spacing") and "spacing" in outputs:
+        err = (outputs["spacing"].astype(jnp.float32).reshape(-1)
+               - jnp.log(batch["spacing"]))
+        total += weights["spacing"] * optax.huber_loss(err, delta=0.1).mean()
+      return total, {}
+
+    def seg_loss(logits, labels, num_classes):
+      logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+      onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+      ce = -jnp.mean(jnp.sum(onehot * logp, axis=-1))
+      p = jnp.exp(logp)
+      inter = jnp.sum(p * onehot, axis=(0, 1, 2, 3))[1:]
+      denom = (jnp.sum(p, axis=(0, 1, 2, 3)) + jnp.sum(onehot, axis=(0, 1, 2, 3)))[1:]
+      dice = jnp.mean((2 * inter + 1e-5) / (denom + 1e-5))
+      return ce + 1.0 - dice, {}
+    return multitask_loss, seg_loss, f"built-in equivalents ({e.name} not installed)"
+
+
+def _eqn_flops(eqn) -> float:
+  """Multiply-add FLOPs (x2) of one convolution or dot_general equation."""
+  name = eqn.primitive.name
+  if name == "conv_general_dilated":
+    rhs = eqn.invars[1].aval.shape
+    out = eqn.outvars[0].aval.shape
+    rhs_spec = eqn.params["dimension_numbers"].rhs_spec
+    window = float(np.prod([rhs[d] for d in rhs_spec[2:]]))
+    # Input-dilated convs (the input gradient of a strided conv) only touch
+    # one tap in prod(lhs_dilation) of their window.
+    window /= float(np.prod(eqn.params.get("lhs_dilation") or (1,)))
+    return 2.0 * float(np.prod(out)) * rhs[rhs_spec[1]] * window
+  if name == "dot_general":
+    (lc, _), _ = eqn.params["dimension_numbers"]
+    lhs = eqn.invars[0].aval.shape
+    k = float(np.prod([lhs[d] for d in lc])) if lc else 1.0
+    return 2.0 * float(np.prod(eqn.outvars[0].aval.shape)) * k
+  return 0.0
+
+
+def jaxpr_flops(jaxpr) -> float:
+  """Convolution + matmul FLOPs of a (closed) jaxpr, sub-jaxprs included.
+
+  The backend-independent count: on GPU, XLA's cost analysis of the compiled
+  step does not see inside cuDNN / cuBLAS library calls.
+  """
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    total += _eqn_flops(eqn)
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (list, tuple)) else (v,)):
+        if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+          total += jaxpr_flops(sub)
+  return total
 
 
 def _flops(cost) -> float:
@@ -96,13 +197,16 @@ def _flops(cost) -> float:
 
 def resnet_case(batch: int, shape: tuple[int, int, int], smoke: bool):
   """(model, loss_fn, batch dict, f32 model) for the paper pretraining step."""
-  config = load_pretrain_config("paper")
-  if smoke:
-    config.model.name = "resnet10"
-  taxonomy = tax.Taxonomy(config.taxonomy)
-  model = train.build_model(config, taxonomy)
+  cfg, source = paper_config()
+  multitask_loss, _, loss_source = _project_losses()
+  print(f"#   model/loss settings: {source}; losses: {loss_source}", flush=True)
+  taxonomy = tax.Taxonomy(cfg["taxonomy"])
+  weights = cfg["weights"]
+  heads = {t: taxonomy.num_classes[t] for t in tax.TASKS
+           if float(weights.get(t, 0.0)) > 0}
+  model = resnet3d.get_model("resnet10" if smoke else cfg["name"], heads=heads,
+                             dtype=jnp.dtype(cfg["dtype"]), **cfg["kwargs"])
   model_f32 = model.clone(dtype=jnp.float32)
-  weights = dict(config.loss.weights)
   rng = np.random.default_rng(0)
   n = taxonomy.num_classes
   data = {
@@ -116,7 +220,7 @@ def resnet_case(batch: int, shape: tuple[int, int, int], smoke: bool):
     data[task] = rng.integers(0, n[task], batch).astype(np.int32)
 
   def loss_fn(out, b):
-    return train.multitask_loss(out[0], b, weights=weights)
+    return multitask_loss(out[0], b, weights=weights)
 
   def logits(out):
     outs = out[0]
@@ -128,6 +232,7 @@ def resnet_case(batch: int, shape: tuple[int, int, int], smoke: bool):
 def vnet_case(batch: int, shape: tuple[int, int, int], smoke: bool):
   """(model, loss_fn, batch dict, f32 model) for the VNet segmentation step."""
   filters = (8, 16, 32, 64, 128) if smoke else (16, 32, 64, 128, 256)
+  _, seg_loss, _ = _project_losses()
   model = vnet.VNet(out_channels=2, filters=filters, dtype=jnp.bfloat16)
   model_f32 = model.clone(dtype=jnp.float32)
   rng = np.random.default_rng(1)
@@ -135,7 +240,7 @@ def vnet_case(batch: int, shape: tuple[int, int, int], smoke: bool):
           "label": (rng.random((batch, *shape)) < 0.2).astype(np.int32)}
 
   def loss_fn(out, b):
-    return segment.seg_loss(out, b["label"], 2)
+    return seg_loss(out, b["label"], 2)
   return model, loss_fn, data, model_f32, lambda out: out.astype(jnp.float32)
 
 
@@ -156,9 +261,8 @@ def run_case(name: str, case, steps: int, warmup: int,
   flops_lowered = _flops(lowered.cost_analysis())
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-  flops = _flops(compiled.cost_analysis())
-  if not np.isfinite(flops) or flops <= 0:
-    flops = flops_lowered
+  flops_xla = _flops(compiled.cost_analysis())
+  flops = jaxpr_flops(jax.make_jaxpr(step)(state, batch))
 
   # Keep a copy of the initial variables for the bf16-vs-f32 check (the
   # state buffers are donated to the step).
@@ -198,7 +302,8 @@ def run_case(name: str, case, steps: int, warmup: int,
       "batch": shape[0], "compile_s": compile_s, "step_s": step_s,
       "step_s_min": min(times), "volumes_per_s": shape[0] / step_s,
       "tflop_per_step": flops / 1e12,
-      "tflop_per_step_lowered": flops_lowered / 1e12,
+      "tflop_per_step_xla": flops_xla / 1e12,
+      "tflop_per_step_xla_lowered": flops_lowered / 1e12,
       "tflops": tflops, "mfu": (tflops / peak) if peak else float("nan"),
       "loss_first": losses[0], "loss_last": losses[-1],
       "bf16_vs_f32_rel_l2": rel_l2, "bf16_vs_f32_cosine": cosine, "ok": ok,
@@ -255,13 +360,15 @@ def main(argv=None) -> int:
           f"{r['loss_last']:.4f}", flush=True)
 
   print(f"{'model':<14} {'input':<11} {'batch':>5} {'step ms':>9} {'vol/s':>8} "
-        f"{'TFLOP/step':>10} {'(lowered)':>9} {'TFLOP/s':>8} {'MFU':>6} "
+        f"{'TFLOP/step':>10} {'XLA comp.':>9} {'XLA low.':>9} {'TFLOP/s':>8} "
+        f"{'MFU':>6} "
         f"{'bf16/f32 relL2':>14} {'cos':>7} {'check':>5}")
   for r in rows:
     mfu = f"{100 * r['mfu']:5.1f}%" if np.isfinite(r["mfu"]) else "  n/a"
     print(f"{r['model']:<14} {r['input']:<11} {r['batch']:>5} "
           f"{1e3 * r['step_s']:>9.1f} {r['volumes_per_s']:>8.2f} "
-          f"{r['tflop_per_step']:>10.3f} {r['tflop_per_step_lowered']:>9.3f} "
+          f"{r['tflop_per_step']:>10.4f} {r['tflop_per_step_xla']:>9.4f} "
+          f"{r['tflop_per_step_xla_lowered']:>9.4f} "
           f"{r['tflops']:>8.1f} {mfu:>6} {r['bf16_vs_f32_rel_l2']:>14.4f} "
           f"{r['bf16_vs_f32_cosine']:>7.4f} {'ok' if r['ok'] else 'FAIL':>5}")
   if a.json:
