@@ -34,6 +34,12 @@ N_CLASSES = 5
 N_SEG = 2
 
 
+def _usable_cores() -> int:
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
 def measure_peak_gflops(n: int = 2048, reps: int = 5) -> float:
   """float32 matmul GFLOP/s (best of reps), a proxy for the FMA peak."""
   a = jnp.ones((n, n), jnp.float32)
@@ -118,7 +124,9 @@ def time_monai(name, shape, batch, steps, warmup):
   except ImportError:
     print("torch/monai not installed (pip install -r bench/requirements.txt)")
     return None
-  torch.set_num_threads(os.cpu_count() or 1)
+  # The cores this process may use (`taskset -c 0 python ...` pins the whole
+  # comparison to one core; os.cpu_count() ignores the affinity mask).
+  torch.set_num_threads(_usable_cores())
   torch.manual_seed(0)
   if name in RESNETS:
     net = getattr(nets, name)(spatial_dims=3, n_input_channels=1,
@@ -165,7 +173,7 @@ def main(argv=None) -> None:
   shape = tuple(int(s) for s in a.shape.split(","))
   peak = a.peak_gflops or measure_peak_gflops()
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-  print(f"# {jax.default_backend()} x{os.cpu_count()} cores, fp32 peak "
+  print(f"# {jax.default_backend()} x{_usable_cores()} cores, fp32 peak "
         f"{peak:.0f} GFLOP/s, load avg {load:.1f}, jax {jax.__version__}, "
         f"conv_impl={a.conv_impl}")
 
