@@ -59,9 +59,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Dense bfloat16 tensor-core peaks (TFLOP/s, no sparsity), by device name.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIE": 756.0, "H100": 989.0,
                     "A100": 312.0, "L4": 121.0, "B200": 2250.0}
-# Thresholds of the bf16-vs-f32 forward check.
-MAX_REL_L2 = 0.05
-MIN_COSINE = 0.995
+# Thresholds of the bf16-vs-f32 forward check (bf16 keeps 8 significant
+# bits; an implementation error gives a relative error ~1, cosine ~0).
+MAX_REL_L2 = 0.1
+MIN_COSINE = 0.99
 
 
 def device_name() -> str:
@@ -244,8 +245,41 @@ def vnet_case(batch: int, shape: tuple[int, int, int], smoke: bool):
   return model, loss_fn, data, model_f32, lambda out: out.astype(jnp.float32)
 
 
+def profile_top(compiled, state, batch, top: int, out_dir: str):
+  """Traces 2 steps; prints the ops/kernels with the most device time.
+
+  Returns the state (the step donates it). Time per event name is summed
+  over the trace's device planes (GPU streams), or over XLA's CPU threads
+  when there is no device plane.
+  """
+  import collections
+  import glob
+  import shutil
+  shutil.rmtree(out_dir, ignore_errors=True)
+  with jax.profiler.trace(out_dir):
+    for _ in range(2):
+      state, metrics = compiled(state, batch)
+      metrics["loss"].block_until_ready()
+  path = glob.glob(os.path.join(out_dir, "**", "*.xplane.pb"), recursive=True)
+  data = jax.profiler.ProfileData.from_file(path[0])
+  per = collections.defaultdict(float)
+  planes = [pl for pl in data.planes if pl.name.startswith("/device:")]
+  for plane in planes or [pl for pl in data.planes if pl.name == "/host:CPU"]:
+    for line in plane.lines:
+      if not planes and not line.name.startswith("tf_XLA"):
+        continue
+      for ev in line.events:
+        if "Execute" not in ev.name:
+          per[ev.name] += ev.duration_ns / 2e6  # ms per step
+  total = sum(per.values())
+  print(f"#   profile: {total:.1f} ms of op time per step; top {top}:")
+  for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:top]:
+    print(f"#   {v:9.2f} ms {100 * v / max(total, 1e-9):5.1f}%  {k[:110]}")
+  return state
+
+
 def run_case(name: str, case, steps: int, warmup: int,
-             peak: float | None) -> dict:
+             peak: float | None, profile: int = 0) -> dict:
   model, loss_fn, data, model_f32, logits_fn = case
   mesh = trainer.make_mesh(1)
   tx, schedule = trainer.make_optimizer(
@@ -277,6 +311,9 @@ def run_case(name: str, case, steps: int, warmup: int,
       times.append(time.perf_counter() - t)
       losses.append(float(loss))
   step_s = statistics.median(times)
+  if profile:
+    state = profile_top(compiled, state, batch, profile,
+                        os.path.join("/tmp", f"gpu_check_trace_{name}"))
 
   # bf16 vs f32 forward on the same parameters and batch (training-mode
   # BatchNorm, batch statistics; dropout off).
@@ -323,6 +360,9 @@ def main(argv=None) -> int:
   p.add_argument("--smoke", action="store_true",
                  help="tiny shapes and models (logic check on CPU)")
   p.add_argument("--json", default=None, help="also write the rows here")
+  p.add_argument("--profile", type=int, default=0, metavar="N",
+                 help="trace 2 extra steps and print the N ops with the "
+                      "most device time")
   a = p.parse_args(argv)
   if a.steps < 1 or a.warmup < 1:
     p.error("--steps and --warmup must be >= 1")
@@ -354,7 +394,7 @@ def main(argv=None) -> int:
       p.error(f"unknown model {model!r} (resnet50, vnet)")
     print(f"# {model}: compiling and timing ...", flush=True)
     label = f"{model}-smoke" if a.smoke else model  # smoke: smaller nets
-    rows.append(run_case(label, case, steps, warmup, peak))
+    rows.append(run_case(label, case, steps, warmup, peak, a.profile))
     r = rows[-1]
     print(f"#   compile {r['compile_s']:.1f} s, loss {r['loss_first']:.4f} -> "
           f"{r['loss_last']:.4f}", flush=True)
