@@ -27,7 +27,7 @@ float32 forward (highest precision) of the same parameters on the same batch
 (relative L2 error of the logits and their cosine similarity).
 
 --smoke shrinks everything (ResNet-10 at 8x32x32, VNet 8..128 at 16^3,
-3 steps) so the script's logic can be checked on a CPU in ~1-2 minutes; its
+3 steps) so the script's logic can be checked on a CPU in ~3 minutes; its
 timings mean nothing.
 """
 from __future__ import annotations
