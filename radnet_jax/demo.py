@@ -52,6 +52,12 @@ def shards_name(data_cfg: Mapping) -> str:
   return "shards-" + "-".join(f"{x:g}" for x in split)
 
 
+def demo_salt(seed: int) -> str:
+  """The fixed salt of the phantom demo's shards (synthetic data only: never
+  use a public salt for patient data, see ``radnet_jax.privacy``)."""
+  return f"radnet-jax-phantom-demo-seed{int(seed)}"
+
+
 def _manifest_ok(shards: str) -> bool:
   return os.path.exists(os.path.join(shards, "manifest.json"))
 
@@ -84,6 +90,12 @@ def ensure_phantom_shards(data_cfg: Mapping, taxonomy: str = "paper") -> str:
   log.info("data: phantom corpus ready in %.0f s", time.time() - t0)
   tmp = shards + ".partial"
   shutil.rmtree(tmp, ignore_errors=True)
+  # The split is by salted patient hash. Synthetic patients carry no PHI, so
+  # the demo uses a fixed, public salt: every machine gets the same split
+  # (and byte-identical shards), and the documented results are comparable.
+  os.makedirs(tmp)
+  with open(os.path.join(tmp, ".salt"), "w") as f:
+    f.write(demo_salt(seed))
   shape = tuple(int(s) for s in data_cfg["shard_shape"])
   log.info("data: converting the phantom corpus to %s-voxel shards in %s", shape, shards)
   t0 = time.time()
