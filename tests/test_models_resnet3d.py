@@ -197,3 +197,19 @@ def test_input_windows_curve_and_trunk_shapes():
   out, _ = ResNetTiny(heads={"contrast": 2}, input_windows=((-0.16, 0.24),)).apply(
       win, xin, False)
   assert out["contrast"].shape == (1, 2)
+
+
+def test_global_pool_avgmax_embedding():
+  """avgmax: embedding = [mean, max] of the last stage, heads read both."""
+  xin = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 16, 16, 1)), jnp.float32)
+  model = ResNetTiny(heads={"contrast": 2}, global_pool="avgmax")
+  v = _init(model, xin)
+  out, feats = model.apply(v, xin, False)
+  last = np.asarray(feats[-1], np.float32)
+  emb = np.asarray(out["embedding"])
+  assert emb.shape == (2, 2 * last.shape[-1])
+  np.testing.assert_allclose(emb[:, :last.shape[-1]], last.mean(axis=(1, 2, 3)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(emb[:, last.shape[-1]:], last.max(axis=(1, 2, 3)), rtol=1e-6)
+  assert v["params"]["head_contrast"]["kernel"].shape == (2 * last.shape[-1], 2)
+  with pytest.raises(ValueError, match="global_pool"):
+    _init(ResNetTiny(heads={"contrast": 2}, global_pool="sum"), xin)

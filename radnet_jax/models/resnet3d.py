@@ -184,6 +184,9 @@ class ResNet3D(nn.Module):
     layout: "radnet" or "medicalnet".
     dtype: compute dtype; param_dtype: parameter dtype.
     conv_impl: "auto" | "xla" | "taps" (see `layers.py`).
+    global_pool: "avg" (embedding = mean of the last stage) or "avgmax"
+      (mean and max concatenated: twice the width; the max keeps small bright
+      structures such as enhanced vessels that a mean over the volume dilutes).
     input_windows: ``((lo, hi), ...)`` in input units: a learnable intensity
       curve stretching those windows before the trunk (`intensity.py`); empty
       = the input goes to the trunk as is.
@@ -208,6 +211,7 @@ class ResNet3D(nn.Module):
   param_dtype: Any = jnp.float32
   conv_impl: str = "auto"
   input_windows: Sequence[Sequence[float]] = ()
+  global_pool: str = "avg"
 
   def trunk_kwargs(self) -> dict[str, Any]:
     """The kwargs that build this model's `ResNetTrunk` (for ResNetVNet)."""
@@ -226,7 +230,12 @@ class ResNet3D(nn.Module):
       x = InputWindows(tuple(tuple(float(v) for v in w) for w in self.input_windows),
                        name="input_windows")(x)
     features = ResNetTrunk(**self.trunk_kwargs(), name="trunk")(x, train)
-    emb = jnp.mean(features[-1].astype(jnp.float32), axis=(1, 2, 3))
+    last = features[-1].astype(jnp.float32)
+    emb = jnp.mean(last, axis=(1, 2, 3))
+    if self.global_pool == "avgmax":
+      emb = jnp.concatenate([emb, jnp.max(last, axis=(1, 2, 3))], axis=-1)
+    elif self.global_pool != "avg":
+      raise ValueError(f"global_pool must be 'avg' or 'avgmax', got {self.global_pool!r}")
     outputs = {"embedding": emb}
     h = emb
     if self.head_dropout > 0:
