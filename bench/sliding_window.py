@@ -59,20 +59,24 @@ def main():
                                            sw_batch_size=a.sw_batch)
   jax.block_until_ready(out)
   first = time.perf_counter() - t0
-  times = []
+  times, cpu = [], []
   for _ in range(a.repeats):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     jax.block_until_ready(inference.sliding_window_inference(
         vol, a.roi, predict, overlap=a.overlap, sw_batch_size=a.sw_batch))
     times.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
   dev = jax.devices()[0]
   rows.append(("radnet_jax (JAX " + jax.__version__ + ")", f"{dev.platform}:{dev.device_kind}",
-               first, float(np.median(times))))
+               first, float(np.median(times)), float(np.median(cpu))))
 
   # ---- MONAI
   if not a.skip_monai:
     import torch
     import monai
+    # As many threads as cores this process may use (fair under `taskset`).
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                          else (os.cpu_count() or 1))
     from monai.inferers import sliding_window_inference
     from monai.networks.nets import VNet as MonaiVNet
     # MONAI's VNet has fixed widths 16..256 (scaled by in_channels=1).
@@ -94,23 +98,28 @@ def main():
     t0 = time.perf_counter()
     run()
     first_m = time.perf_counter() - t0
-    tm = []
+    tm, cm = [], []
     for _ in range(a.repeats):
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       run()
       tm.append(time.perf_counter() - t0)
+      cm.append(time.process_time() - c0)
     rows.append((f"MONAI {monai.__version__} (torch {torch.__version__}, "
-                 f"{torch.get_num_threads()} threads)", device, first_m, float(np.median(tm))))
+                 f"{torch.get_num_threads()} threads)", device, first_m, float(np.median(tm)),
+                 float(np.median(cm))))
 
   print(f"\nSliding-window inference, VNet filters {a.filters}, volume {a.volume}, "
         f"ROI {a.roi}, overlap {a.overlap}, sw_batch {a.sw_batch}, {n_win} windows, "
         f"Gaussian blending; {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs\n")
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
   print("| implementation | device | first call (s) | per volume, median of "
-        f"{a.repeats} (s) |")
-  print("|---|---|---|---|")
-  for name, d, f, m in rows:
-    print(f"| {name} | {d} | {f:.2f} | {m:.2f} |")
+        f"{a.repeats} (s) | CPU s per volume |")
+  print("|---|---|---|---|---|")
+  for name, d, f, m, c in rows:
+    print(f"| {name} | {d} | {f:.2f} | {m:.2f} | {c:.2f} |")
+  if len(rows) == 2:
+    print(f"\nratio radnet_jax/monai per volume: {rows[0][3] / rows[1][3]:.2f} "
+          f"(CPU time: {rows[0][4] / rows[1][4]:.2f})")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ spacing from DICOM metadata labels). Variants by config argument:
   experiments/pretrain.py          = :demo. CPU-sized run on the embedded
       phantom corpus (480 series, 70/10/20% train/val/test patients; built
       and converted on first use into $RADNET_CACHE or ~/.cache/radnet_jax),
-      ResNetTiny on 32x64x64, 1600 steps of batch 16, class-balanced loss.
+      ResNetTiny on 32x64x64, 1000 steps of batch 16, class-balanced loss
+      (~13 min on 2 CPU cores from an empty cache; bench/RESULTS.md).
   experiments/pretrain.py:paper    ResNet-50, 48x192x192, bfloat16, batch 64,
       for a GPU/TPU run on real shards: add
       --config.data.shards_dir=/path/to/shards (from data_prep/).
@@ -75,7 +76,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   # Loss.
   c.loss = ml_collections.ConfigDict()
   c.loss.weights = ml_collections.ConfigDict(
-      {"sequence": 1.0, "plane": 1.0, "contrast": 2.0, "coverage": 1.0, "spacing": 0.5})
+      {"sequence": 1.0, "plane": 1.0, "contrast": 2.0, "coverage": 1.5, "spacing": 0.5})
   c.loss.class_balanced = True  # inverse-frequency class weights (sequence: CT/MR mix)
   c.loss.max_class_weight = 10.0
   c.loss.label_smoothing = 0.0
@@ -95,10 +96,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
 
   c.batch_size = 16  # global
   c.eval_batch_size = 32
-  c.num_steps = 1600
+  c.num_steps = 1000
   c.log_every = 25
-  c.eval_every = 400
-  c.checkpoint_every = 400
+  c.eval_every = 250
+  c.checkpoint_every = 250
   c.keep_checkpoints = 2
   c.best_metric = "val/mean_accuracy"
   c.best_mode = "max"
