@@ -5,6 +5,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import pytest
 
 from experiments import pretrain
@@ -118,6 +119,7 @@ def tiny_config(shards_dir, steps=4):
   c = pretrain.get_config("tiny")
   c.data.shards_dir = shards_dir
   c.model.name = "tests.synthetic_shards:TinyCNN"
+  c.model.kwargs = ml_collections.ConfigDict()  # kwargs belong to the named model
   c.num_steps = steps
   c.num_devices = 2
   return c
