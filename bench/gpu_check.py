@@ -50,8 +50,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 # Only jax/flax/optax/numpy/pandas are needed: a lent GPU machine's image has
 # those but not grain / array_record / ml_collections, which `train`,
-# `segment` and the experiment configs import (see `_project_losses`).
-from radnet_jax import trainer  # noqa: E402
+# `segment` and the experiment configs import: losses come from the
+# grain-free `radnet_jax.losses`, the paper settings from PAPER_FALLBACK.
+from radnet_jax import losses, trainer  # noqa: E402
 from radnet_jax.labels import taxonomy as tax  # noqa: E402
 from radnet_jax.models import resnet3d, vnet  # noqa: E402
 
@@ -89,11 +90,13 @@ def peak_tflops(name: str) -> float | None:
 
 
 # experiments/pretrain.py:paper, for machines without ml_collections.
+# tests/test_gpu_check.py keeps it equal to the config.
 PAPER_FALLBACK = {"name": "resnet50", "dtype": "bfloat16",
-                  "kwargs": {"stem_kernel": (3, 7, 7), "stem_strides": (1, 2, 2)},
+                  "kwargs": {"input_windows": ((-0.16, 0.24),),
+                             "stem_kernel": (3, 7, 7), "stem_strides": (1, 2, 2)},
                   "taxonomy": "paper",
-                  "weights": {"sequence": 1.0, "plane": 1.0, "contrast": 1.0,
-                              "coverage": 1.0, "spacing": 0.5}}
+                  "weights": {"sequence": 1.0, "plane": 1.0, "contrast": 2.0,
+                              "coverage": 1.5, "spacing": 0.5}}
 
 
 def paper_config() -> tuple[dict, str]:
@@ -109,49 +112,6 @@ def paper_config() -> tuple[dict, str]:
   return {"name": c.model.name, "dtype": c.model.dtype,
           "kwargs": dict(c.model.kwargs), "taxonomy": c.taxonomy,
           "weights": dict(c.loss.weights)}, "experiments/pretrain.py:paper"
-
-
-def _project_losses():
-  """(multitask_loss, seg_loss) of the library, or equivalents without grain.
-
-  The fallbacks compute the same terms (softmax CE, sigmoid BCE, Huber on
-  log spacing; CE + foreground soft Dice) without the unknown-label masks,
-  which change no FLOP count that matters here.
-  """
-  try:
-    from radnet_jax import segment, train
-    return train.multitask_loss, segment.seg_loss, "radnet_jax losses"
-  except ImportError as e:
-    import optax
-
-    def multitask_loss(outputs, batch, *, weights):
-      total = jnp.zeros((), jnp.float32)
-      for task in ("sequence", "plane", "contrast"):
-        if weights.get(task) and task in outputs:
-          # One-hot, not integer labels: the latter's gather has no
-          # unambiguous sharding under the trainer's Explicit batch mesh.
-          logits = outputs[task].astype(jnp.float32)
-          total += weights[task] * optax.softmax_cross_entropy(
-              logits, jax.nn.one_hot(batch[task], logits.shape[-1])).mean()
-      if weights.get("coverage") and "coverage" in outputs:
-        total += weights["coverage"] * optax.sigmoid_binary_cross_entropy(
-            outputs["coverage"].astype(jnp.float32), batch["coverage"]).mean()
-      if weights.get("spacing") and "spacing" in outputs:
-        err = (outputs["spacing"].astype(jnp.float32).reshape(-1)
-               - jnp.log(batch["spacing"]))
-        total += weights["spacing"] * optax.huber_loss(err, delta=0.1).mean()
-      return total, {}
-
-    def seg_loss(logits, labels, num_classes):
-      logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-      onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-      ce = -jnp.mean(jnp.sum(onehot * logp, axis=-1))
-      p = jnp.exp(logp)
-      inter = jnp.sum(p * onehot, axis=(0, 1, 2, 3))[1:]
-      denom = (jnp.sum(p, axis=(0, 1, 2, 3)) + jnp.sum(onehot, axis=(0, 1, 2, 3)))[1:]
-      dice = jnp.mean((2 * inter + 1e-5) / (denom + 1e-5))
-      return ce + 1.0 - dice, {}
-    return multitask_loss, seg_loss, f"built-in equivalents ({e.name} not installed)"
 
 
 def _eqn_flops(eqn) -> float:
@@ -199,8 +159,7 @@ def _flops(cost) -> float:
 def resnet_case(batch: int, shape: tuple[int, int, int], smoke: bool):
   """(model, loss_fn, batch dict, f32 model) for the paper pretraining step."""
   cfg, source = paper_config()
-  multitask_loss, _, loss_source = _project_losses()
-  print(f"#   model/loss settings: {source}; losses: {loss_source}", flush=True)
+  print(f"#   model/loss settings: {source}; losses: radnet_jax.losses", flush=True)
   taxonomy = tax.Taxonomy(cfg["taxonomy"])
   weights = cfg["weights"]
   heads = {t: taxonomy.num_classes[t] for t in tax.TASKS
@@ -221,7 +180,7 @@ def resnet_case(batch: int, shape: tuple[int, int, int], smoke: bool):
     data[task] = rng.integers(0, n[task], batch).astype(np.int32)
 
   def loss_fn(out, b):
-    return multitask_loss(out[0], b, weights=weights)
+    return losses.multitask_loss(out[0], b, weights=weights)
 
   def logits(out):
     outs = out[0]
@@ -233,7 +192,6 @@ def resnet_case(batch: int, shape: tuple[int, int, int], smoke: bool):
 def vnet_case(batch: int, shape: tuple[int, int, int], smoke: bool):
   """(model, loss_fn, batch dict, f32 model) for the VNet segmentation step."""
   filters = (8, 16, 32, 64, 128) if smoke else (16, 32, 64, 128, 256)
-  _, seg_loss, _ = _project_losses()
   model = vnet.VNet(out_channels=2, filters=filters, dtype=jnp.bfloat16)
   model_f32 = model.clone(dtype=jnp.float32)
   rng = np.random.default_rng(1)
@@ -241,7 +199,7 @@ def vnet_case(batch: int, shape: tuple[int, int, int], smoke: bool):
           "label": (rng.random((batch, *shape)) < 0.2).astype(np.int32)}
 
   def loss_fn(out, b):
-    return seg_loss(out, b["label"], 2)
+    return losses.seg_loss(out, b["label"], 2)
   return model, loss_fn, data, model_f32, lambda out: out.astype(jnp.float32)
 
 

@@ -41,6 +41,7 @@ import ml_collections
 import numpy as np
 
 from radnet_jax import checkpoints
+from radnet_jax.losses import seg_loss  # noqa: F401 (re-exported)
 from radnet_jax import inference
 from radnet_jax import records
 from radnet_jax import seg_metrics
@@ -221,33 +222,6 @@ def train_dataset(shards_dir: str, cases: Sequence[str], *, patch: Sequence[int]
         .random_map(draw, seed=seed + 1).batch(batch_size, drop_remainder=True))
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=max(num_threads, 1),
                                               prefetch_buffer_size=max(prefetch, 1)))
-
-
-# -------------------------------------------------------------------- loss ---
-def seg_loss(logits: jax.Array, labels: jax.Array, num_classes: int,
-             dice_weight: float = 1.0, ce_weight: float = 1.0,
-             smooth: float = 1e-5) -> tuple[jax.Array, dict]:
-  """Cross-entropy + soft Dice over the batch, foreground classes only.
-
-  logits: ``(B, D, H, W, K)``; labels: int ``(B, D, H, W)``. The soft Dice
-  pools intersections over the whole batch (stable for patches without
-  liver). Metrics: ce, soft_dice, and a hard ``dice`` of the argmax.
-  """
-  logits = logits.astype(jnp.float32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-  ce = -jnp.mean(jnp.sum(onehot * logp, axis=-1))
-  p = jnp.exp(logp)
-  axes = (0, 1, 2, 3)
-  inter = jnp.sum(p * onehot, axis=axes)[1:]
-  denom = jnp.sum(p, axis=axes)[1:] + jnp.sum(onehot, axis=axes)[1:]
-  soft_dice = jnp.mean((2 * inter + smooth) / (denom + smooth))
-  loss = ce_weight * ce + dice_weight * (1.0 - soft_dice)
-  hard = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes, dtype=jnp.float32)
-  hi = jnp.sum(hard * onehot, axis=axes)[1:]
-  hd = jnp.sum(hard, axis=axes)[1:] + jnp.sum(onehot, axis=axes)[1:]
-  dice = jnp.mean(jnp.where(hd > 0, 2 * hi / jnp.maximum(hd, 1), 1.0))
-  return loss, {"ce": ce, "soft_dice": soft_dice, "dice": dice}
 
 
 def _logits(out):
