@@ -15,6 +15,7 @@ from data_prep import build_seg_shards
 from radnet_jax import dicom, privacy, segdata, segdicom
 from radnet_jax.phantom import acquisition, make_lits
 from radnet_jax.phantom.anatomy import Grid
+from radnet_jax.phantom.lits import grid_affine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SALT = "test-salt"
@@ -24,13 +25,8 @@ SALT = "test-salt"
 
 
 def _kij_affine(grid: Grid) -> np.ndarray:
-  """(slice k, row i, column j, 1) -> LPS mm of a phantom grid."""
-  a = np.eye(4)
-  a[:3, 0] = grid.n * grid.spacing[0]
-  a[:3, 1] = grid.c * grid.spacing[1]
-  a[:3, 2] = grid.r * grid.spacing[2]
-  a[:3, 3] = grid.origin
-  return a
+  """(slice k, row i, column j, 1) -> LPS mm: lits.grid_affine's (j, i, k) columns reversed."""
+  return grid_affine(grid)[:, [2, 1, 0, 3]]
 
 
 def _write_ct(folder: str, grid: Grid, order: np.ndarray, series: int = 1) -> list[str]:
