@@ -10,11 +10,16 @@ NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
 
 
 def _text(cell) -> str:
+  """A cell's output as a reader sees it: consecutive stream chunks joined as
+  written (the kernel may deliver one print in several messages), display
+  data on lines of their own."""
   out = []
   for o in cell.get("outputs", []):
-    out.append(o.get("text", ""))
-    out.append(str(o.get("data", {}).get("text/plain", "")))
-  return "\n".join(out)
+    if o.get("output_type") == "stream":
+      out.append(o.get("text", ""))
+    else:
+      out.append("\n" + str(o.get("data", {}).get("text/plain", "")) + "\n")
+  return "".join(out)
 
 
 def test_quickstart_notebook_executes(tmp_path, monkeypatch):
