@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from radnet_jax.models import layers  # noqa: E402
 
 
 def _ints(s):
@@ -75,8 +76,7 @@ def main():
     import torch
     import monai
     # As many threads as cores this process may use (fair under `taskset`).
-    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                          else (os.cpu_count() or 1))
+    torch.set_num_threads(layers.usable_cores())
     from monai.inferers import sliding_window_inference
     from monai.networks.nets import VNet as MonaiVNet
     # MONAI's VNet has fixed widths 16..256 (scaled by in_channels=1).

@@ -28,16 +28,11 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from radnet_jax.models import resnet3d, vnet  # noqa: E402
+from radnet_jax.models.layers import usable_cores as _usable_cores  # noqa: E402
 
 RESNETS = ("resnet10", "resnet18", "resnet34", "resnet50")
 N_CLASSES = 5
 N_SEG = 2
-
-
-def _usable_cores() -> int:
-  if hasattr(os, "sched_getaffinity"):
-    return len(os.sched_getaffinity(0))
-  return os.cpu_count() or 1
 
 
 def measure_peak_gflops(n: int = 2048, reps: int = 5) -> float:

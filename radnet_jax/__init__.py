@@ -4,7 +4,37 @@
 ``radnet_jax.api``) are imported lazily, so ``import radnet_jax`` stays cheap
 (no jax import).
 """
+import os
+
 __version__ = "0.1.0"
+
+# XLA:CPU (jaxlib 0.10) sends 2D convolutions to YNNPACK, which runs each one
+# on a single thread; its Eigen convolution uses the whole intra-op pool. The
+# CPU conv lowering here (radnet_jax.models.layers) is 2D convolutions, and
+# on 2 cores the Eigen path made the ResNet-18 64^3 train step ~10% and the
+# VNet step ~5-10% faster (bench/RESULTS.md). The flag only takes effect if
+# set before jax creates its CPU backend, and only jaxlib versions known to
+# accept it get it (XLA aborts on unknown flags). A user's own
+# `ynn_fusion_type` setting wins; RADNET_KEEP_XLA_FLAGS=1 leaves XLA_FLAGS
+# untouched.
+CPU_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+_FLAG_JAXLIB = ("0.10.",)
+
+
+def _configure_xla_cpu() -> None:
+  flags = os.environ.get("XLA_FLAGS", "")
+  if os.environ.get("RADNET_KEEP_XLA_FLAGS") or "ynn_fusion_type" in flags:
+    return
+  try:
+    from importlib import metadata  # pylint: disable=g-import-not-at-top
+    jaxlib_version = metadata.version("jaxlib")
+  except Exception:  # pylint: disable=broad-except
+    return
+  if jaxlib_version.startswith(_FLAG_JAXLIB):
+    os.environ["XLA_FLAGS"] = f"{flags} {CPU_CONV_FLAG}".strip()
+
+
+_configure_xla_cpu()
 
 _API = ("load", "predict", "embed", "Loaded")
 

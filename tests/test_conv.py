@@ -24,16 +24,24 @@ CASES = [
     ((5, 5, 5), 1, 1, None, (1, 6, 5, 7, 2), 3),         # VNet conv
     ((1, 3, 3), 1, 1, "VALID", (1, 4, 7, 7, 2), 3),      # depth kernel 1
     ((3, 3, 3), (2, 1, 2), 1, ((0, 2), (1, 0), (2, 1)), (1, 6, 5, 7, 2), 3),
+    # Few output channels: depth taps folded into the output (out-taps).
+    ((5, 5, 5), 1, 1, None, (2, 6, 5, 7, 8), 2),         # VNet head 32 -> 2
+    ((3, 3, 3), 1, 2, None, (1, 7, 6, 6, 8), 2),         # dilated
+    ((3, 3, 3), (1, 2, 2), 1, ((0, 2), (1, 1), (0, 1)), (1, 5, 7, 8, 8), 1),
 ]
 
 
 # IM2COL_MAX_PLANE: 0 = depth taps + 2D convs always, 10**9 = full im2col
-# always, None = the default size rule; every case runs on both lowerings.
-@pytest.mark.parametrize("im2col_plane", [0, 10**9])
+# always; every case runs on both lowerings. split: the depth-tap conv in 1
+# piece, or in 3 independent pieces along the output depth (the multi-core
+# CPU path; fewer output slices than 3 give fewer pieces).
+@pytest.mark.parametrize("im2col_plane,split", [(0, 1), (0, 3), (10**9, 1)])
 @pytest.mark.parametrize("kernel,strides,dilation,padding,shape,out", CASES)
 def test_taps_equals_lax(kernel, strides, dilation, padding, shape, out,
-                         im2col_plane, monkeypatch):
+                         im2col_plane, split, monkeypatch):
   monkeypatch.setattr(layers, "IM2COL_MAX_PLANE", im2col_plane)
+  monkeypatch.setattr(layers, "CONV_SPLIT", split)
+  monkeypatch.setattr(layers, "CONV_SPLIT_MIN_FLOPS", 0)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=shape), jnp.float32)
   w = jnp.asarray(rng.normal(size=(*kernel, shape[-1], out)) / 5, jnp.float32)
@@ -95,6 +103,39 @@ def test_modules_share_params_across_impls():
       "params": {"kernel": (3, 3, 3, 2, 3)}}
   assert shapes[("ConvTranspose3D", "xla")] == \
       shapes[("ConvTranspose3D", "taps")]
+
+
+def test_depth_pieces_follow_cores_size_and_sharding(monkeypatch):
+  # One piece per usable core, never more than output slices, none smaller
+  # than CONV_SPLIT_MIN_FLOPS; a batch already split over devices is not
+  # split again.
+  x = jnp.ones((1, 8, 6, 6, 2))   # 6x6 planes: above IM2COL_MAX_PLANE
+  monkeypatch.setattr(layers, "CONV_SPLIT", None)
+  monkeypatch.setattr(layers, "usable_cores", lambda: 4)
+  assert layers._n_pieces(x, 8, 1e12) == 4   # pylint: disable=protected-access
+  assert layers._n_pieces(x, 3, 1e12) == 3   # pylint: disable=protected-access
+  assert layers._n_pieces(x, 8, 1.2e8) == 2  # pylint: disable=protected-access
+  assert layers._n_pieces(x, 8, 1e6) == 1    # pylint: disable=protected-access
+  monkeypatch.setattr(layers, "CONV_SPLIT", 1)
+  assert layers._n_pieces(x, 8, 1e12) == 1   # pylint: disable=protected-access
+  # The split shows in the compiled program: 2 pieces = 2 convolutions.
+  monkeypatch.setattr(layers, "CONV_SPLIT", 2)
+  monkeypatch.setattr(layers, "CONV_SPLIT_MIN_FLOPS", 0)
+  w = jnp.ones((3, 3, 3, 2, 3))
+  hlo = jax.jit(lambda x, w: conv3d(x, w, impl="taps")).lower(x, w).as_text()
+  assert hlo.count("stablehlo.convolution") == 2
+
+
+def test_out_taps_chosen_for_few_output_channels(monkeypatch):
+  calls = []
+  real = layers._conv3d_out_taps  # pylint: disable=protected-access
+  monkeypatch.setattr(layers, "_conv3d_out_taps",
+                      lambda *a: calls.append(a[1].shape) or real(*a))
+  x = jnp.ones((1, 6, 8, 8, 8))
+  conv3d(x, jnp.ones((5, 5, 5, 8, 2)), impl="taps")   # 8 -> 2: out-taps
+  conv3d(x, jnp.ones((5, 5, 5, 8, 8)), impl="taps")   # 8 -> 8: input taps
+  conv3d(x, jnp.ones((3, 3, 3, 8, 2)), 2, impl="taps")  # depth stride 2
+  assert calls == [(5, 5, 5, 8, 2)]
 
 
 def test_resolve_impl():
