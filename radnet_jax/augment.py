@@ -71,6 +71,38 @@ def rotate_in_plane(volume: np.ndarray, degrees: float) -> np.ndarray:
                         prefilter=False).astype(volume.dtype, copy=False)
 
 
+def rotated_crop(volume: np.ndarray, degrees: float, starts: Sequence[int],
+                 shape: Sequence[int]) -> np.ndarray:
+  """``rotate_in_plane(volume, degrees)`` cropped to ``shape`` at ``starts``,
+  interpolating only the voxels kept.
+
+  The rotation is in-plane, so the depth crop comes first, and each kept
+  slice is resampled straight into the output window (the same map as
+  ``scipy.ndimage.rotate``: about the plane centre, linear, edges = volume
+  minimum). For a 52x208x208 shard cropped to 48x192x192 this interpolates
+  79% of the voxels. Needs ``volume.shape >= shape`` on every axis.
+  """
+  volume = np.asarray(volume, np.float32)
+  if any(h < w for h, w in zip(volume.shape, shape)):
+    raise ValueError(f"rotated_crop needs a volume at least {tuple(shape)}, "
+                     f"got {volume.shape}")
+  d0, h0, w0 = (int(v) for v in starts)
+  cval = float(volume.min())
+  a = np.deg2rad(degrees)
+  rot = np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])
+  centre = (np.array(volume.shape[1:], np.float64) - 1) / 2
+  # Full-plane output voxel o samples input rot @ o + (centre - rot @ centre);
+  # the window's voxel w is o = w + (h0, w0).
+  offset = rot @ np.array([h0, w0], np.float64) + centre - rot @ centre
+  out = np.empty(tuple(shape), np.float32)
+  for i in range(shape[0]):
+    ndimage.affine_transform(volume[d0 + i], rot, offset=offset,
+                             output_shape=tuple(shape[1:]), output=out[i],
+                             order=1, mode="constant", cval=cval,
+                             prefilter=False)
+  return out
+
+
 def intensity(volume: np.ndarray, rng: np.random.Generator, *,
               scale: float = 0.1, shift: float = 0.1, gamma: float = 0.2,
               noise_std: float = 0.02) -> np.ndarray:
@@ -91,7 +123,8 @@ def intensity(volume: np.ndarray, rng: np.random.Generator, *,
   if shift > 0:
     v += rng.uniform(-shift, shift)
   if noise_std > 0:
-    v += rng.normal(0.0, rng.uniform(0.0, noise_std), size=v.shape).astype(np.float32)
+    v += rng.standard_normal(v.shape, dtype=np.float32) * np.float32(
+        rng.uniform(0.0, noise_std))
   return v
 
 
@@ -111,8 +144,15 @@ def augment(volume: np.ndarray, shape: Sequence[int], rng: np.random.Generator,
   v = np.asarray(volume, dtype=np.float32)
   if cfg.get("rotate_degrees", 0.0) > 0 and rng.uniform() < cfg.get("rotate_prob", 0.5):
     deg = float(cfg["rotate_degrees"])
-    v = rotate_in_plane(v, float(rng.uniform(-deg, deg)))
-  v = crop_or_pad(v, shape, rng)
+    angle = float(rng.uniform(-deg, deg))
+    if all(h >= w for h, w in zip(v.shape, shape)):
+      # Crop offsets drawn as crop_or_pad draws them; interpolate only the crop.
+      starts = [int(rng.integers(0, h - w + 1)) for h, w in zip(v.shape, shape)]
+      v = rotated_crop(v, angle, starts, shape)
+    else:
+      v = crop_or_pad(rotate_in_plane(v, angle), shape, rng)
+  else:
+    v = crop_or_pad(v, shape, rng)
   if rng.uniform() < cfg.get("flip_lr_prob", 0.0):
     v = v[:, :, ::-1]
   v = intensity(v, rng, scale=cfg.get("scale", 0.0), shift=cfg.get("shift", 0.0),

@@ -23,6 +23,24 @@ def test_crop_or_pad_centre_and_random():
   assert r.shape == (2, 4, 4)
 
 
+def test_rotated_crop_equals_rotate_then_crop():
+  # Interpolating only the kept window gives the voxels of rotating the whole
+  # volume (scipy.ndimage.rotate about the plane centre) and then cropping.
+  rng = np.random.default_rng(5)
+  v = rng.normal(size=(7, 21, 18)).astype(np.float32)
+  for deg, starts, shape in [(7.5, (1, 3, 2), (5, 16, 15)),
+                             (-10.0, (0, 0, 0), (7, 21, 18)),
+                             (3.0, (2, 5, 0), (4, 9, 18))]:
+    full = augment.rotate_in_plane(v, deg)
+    d, h, w = starts
+    want = full[d:d + shape[0], h:h + shape[1], w:w + shape[2]]
+    got = augment.rotated_crop(v, deg, starts, shape)
+    assert got.shape == tuple(shape) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="at least"):
+    augment.rotated_crop(v, 5.0, (0, 0, 0), (8, 21, 18))
+
+
 def test_augment_keeps_the_slice_axis():
   # A bright slab across the D axis must stay a D slab (plane label kept).
   v = np.zeros((10, 20, 20), np.float32)
