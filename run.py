@@ -4,12 +4,19 @@ All logic lives in the library; this file only parses flags. The workdir
 defaults to ./workdirs/<config file name>[-<variant>].
 """
 import os
+import sys
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
+if __name__ == "__main__":
+  # Before anything else: glibc reads GLIBC_TUNABLES only at process start
+  # (huge pages for malloc, radnet_jax/hostenv.py).
+  from radnet_jax import hostenv
+  hostenv.reexec_with_hugepage_malloc(sys.orig_argv[1:])
 
-from radnet_jax import distributed
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from radnet_jax import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "experiments/pretrain.py",
