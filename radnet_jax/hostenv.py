@@ -73,7 +73,7 @@ def reexec_with_hugepage_malloc(argv: Sequence[str]) -> None:
   applies (see the module docstring); returns only when it does not. Pass
   ``sys.orig_argv[1:]`` to keep the interpreter's own options (-u, -X, -m)."""
   env = hugepage_malloc_env(os.environ)
-  if env is None:
+  if env is None or not sys.executable or not argv:
     return
   sys.stdout.flush()
   sys.stderr.flush()
