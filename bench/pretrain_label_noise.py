@@ -23,7 +23,7 @@ TASKS = ("sequence", "plane", "contrast", "coverage")
 def main(root: str) -> None:
   shards = os.path.join(root, "shards")
   truth = load_truth(os.path.join(root, "corpus", "truth.csv"),
-                     privacy.load_or_create_salt(shards))
+                     privacy.load_salt(shards))
   print(f"| split | task | records | known | disagree with truth | ceiling |")
   print("|---|---|---|---|---|---|")
   for split in ("train", "val", "test"):

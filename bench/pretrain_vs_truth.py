@@ -39,7 +39,7 @@ def main() -> None:
   model, variables, config = loaded
   taxonomy = tax.Taxonomy(config.get("taxonomy", "paper"))
   shape = tuple(int(s) for s in config.input_shape)
-  truth = load_truth(os.path.join(a.corpus, "truth.csv"), privacy.load_or_create_salt(a.shards))
+  truth = load_truth(os.path.join(a.corpus, "truth.csv"), privacy.load_salt(a.shards))
   fwd = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
 
   bands = list(tax.COVERAGE_BANDS)

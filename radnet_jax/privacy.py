@@ -28,23 +28,36 @@ def hash_id(value: object, salt: str) -> str:
   return hmac.new(salt.encode(), text.encode(), hashlib.sha256).hexdigest()[:16]
 
 
+def load_salt(shards_dir: str, salt: str | None = None) -> str:
+  """The salt existing shards were written with: explicit > $RADNET_SALT >
+  ``shards_dir/.salt``. For readers that join on hashes (never creates one:
+  a new salt would silently match nothing); FileNotFoundError if absent."""
+  if salt:
+    return salt
+  if os.environ.get(SALT_ENV):
+    return os.environ[SALT_ENV]
+  path = os.path.join(shards_dir, ".salt")
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{path}: no salt file, so the series hashes in these shards cannot be "
+        f"reproduced; pass the conversion's salt or set ${SALT_ENV}")
+  with open(path) as f:
+    return f.read().strip()
+
+
 def load_or_create_salt(out_dir: str, salt: str | None = None) -> str:
   """Returns the corpus salt: explicit > $RADNET_SALT > ``out_dir/.salt`` > new.
 
   A new salt is written to ``out_dir/.salt`` so that a resumed or repeated
   conversion of the same input produces identical hashes (and shards).
   """
-  if salt:
-    return salt
-  if os.environ.get(SALT_ENV):
-    return os.environ[SALT_ENV]
-  path = os.path.join(out_dir, ".salt")
-  if os.path.exists(path):
-    with open(path) as f:
-      return f.read().strip()
+  try:
+    return load_salt(out_dir, salt)
+  except FileNotFoundError:
+    pass
   os.makedirs(out_dir, exist_ok=True)
   new = secrets.token_hex(16)
-  with open(path, "w") as f:
+  with open(os.path.join(out_dir, ".salt"), "w") as f:
     f.write(new)
   return new
 

@@ -57,3 +57,17 @@ def test_hash_id_salted_and_stable():
   assert a != privacy.hash_id("PAT-001", "s2")
   assert "PAT" not in a and privacy.hash_id("", "s1") == ""
   assert privacy.safe_name("T1 +C/ax: 3mm") == "T1_C_ax_3mm"
+
+
+def test_load_salt_reads_but_never_creates(tmp_path, monkeypatch):
+  from radnet_jax import privacy
+  monkeypatch.delenv(privacy.SALT_ENV, raising=False)
+  d = str(tmp_path / "shards")
+  with pytest.raises(FileNotFoundError, match="no salt file"):
+    privacy.load_salt(d)
+  assert not (tmp_path / "shards").exists()          # nothing was written
+  made = privacy.load_or_create_salt(d)               # the converter's call
+  assert len(made) == 32 and privacy.load_salt(d) == made
+  assert privacy.load_salt(d, "explicit") == "explicit"
+  monkeypatch.setenv(privacy.SALT_ENV, "from-env")
+  assert privacy.load_salt(d) == "from-env"
