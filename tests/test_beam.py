@@ -125,34 +125,19 @@ def test_units_and_shard_helpers(corpus, tmp_path, monkeypatch):
   assert records.SCHEMA_VERSION >= 1
 
 
-def test_beam_and_local_converter_stream_classic_stacks(corpus, tmp_path, monkeypatch):
+def test_beam_and_local_converter_stream_classic_stacks(corpus, tmp_path, stack_loads):
   # Both engines decode classic stacks straight onto the shard grid
   # (dicom.volume.load_resampled); the full-resolution path (load_volume) is
   # never needed for the phantom's classic CT / MR stacks.
-  from radnet_jax.dicom import volume
   dicom_dir, _ = corpus
-  calls = {"resampled": 0, "full": 0}
-  real_resampled, real_full = volume.load_resampled, volume.load_volume
-
-  def resampled(*a, **k):
-    out = real_resampled(*a, **k)
-    calls["resampled"] += out is not None
-    return out
-
-  def full(*a, **k):
-    calls["full"] += 1
-    return real_full(*a, **k)
-
-  monkeypatch.setattr(volume, "load_resampled", resampled)
-  monkeypatch.setattr(volume, "load_volume", full)
   beam_pipeline.run(dicom_dir, str(tmp_path / "beam"), shape=SHAPE, salt=SALT,
                     records_per_shard=3, split=(0.5, 0.25, 0.25), priors="builtin",
                     mode="stacks", scan_depth=1,
                     pipeline_args=["--runner=DirectRunner"])
   n_beam = sum(convert.read_manifest(str(tmp_path / "beam"))["num_records"].values())
-  assert n_beam >= 6 and calls == {"resampled": n_beam, "full": 0}
-  calls.update(resampled=0, full=0)
+  assert n_beam >= 6 and stack_loads == {"resampled": n_beam, "full": 0}
+  stack_loads.update(resampled=0, full=0)
   convert.build_shards(dicom_dir, str(tmp_path / "local"), shape=SHAPE, workers=1,
                        salt=SALT, split=(0.5, 0.25, 0.25), priors="builtin",
                        progress=False)
-  assert calls == {"resampled": n_beam, "full": 0}
+  assert stack_loads == {"resampled": n_beam, "full": 0}

@@ -187,26 +187,11 @@ def test_nifti_input_matches_dicom_orientation(corpus, forced_ckpt, tmp_path):
   assert one.rows[0]["modality_source"] == "guessed from intensities"
 
 
-def test_predict_streams_classic_stacks(corpus, forced_ckpt, monkeypatch):
+def test_predict_streams_classic_stacks(corpus, forced_ckpt, stack_loads):
   # radnet_jax.predict on a DICOM folder converts through the shard
   # converter's streaming path (slices decoded straight onto the shard grid),
   # never through the full-resolution volume.
   import radnet_jax
-  from radnet_jax.dicom import volume
-  calls = {"resampled": 0, "full": 0}
-  real_resampled, real_full = volume.load_resampled, volume.load_volume
-
-  def resampled(*a, **k):
-    out = real_resampled(*a, **k)
-    calls["resampled"] += out is not None
-    return out
-
-  def full(*a, **k):
-    calls["full"] += 1
-    return real_full(*a, **k)
-
-  monkeypatch.setattr(volume, "load_resampled", resampled)
-  monkeypatch.setattr(volume, "load_volume", full)
   report = radnet_jax.predict(forced_ckpt, corpus["dicom"], salt=SALT, batch_size=3)
   assert len(report.rows) == len(corpus["truth"]) > 0
-  assert calls == {"resampled": len(report.rows), "full": 0}
+  assert stack_loads == {"resampled": len(report.rows), "full": 0}
