@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import pretrain  # noqa: E402
-from radnet_jax import demo, input_pipeline  # noqa: E402
+from radnet_jax import demo, input_pipeline, records  # noqa: E402
 from radnet_jax.models.layers import usable_cores  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def per_core(paths, shape, augment_cfg, n: int, seed: int = 0):
   recs = [src[i % len(src)] for i in range(min(n, len(src)))]
   t, c = time.perf_counter(), time.process_time()
   for i in range(n):
-    rec = input_pipeline._decode(recs[i % len(recs)], "record")  # pylint: disable=protected-access
+    rec = records.decode(recs[i % len(recs)])
     ex = input_pipeline.to_example(rec, shape, rng, augment_cfg)
   wall, cpu = time.perf_counter() - t, time.process_time() - c
   assert ex["volume"].shape[:3] == tuple(shape), ex["image"].shape

@@ -178,6 +178,13 @@ def _n_pieces(x: Array, depth: int, flops: float) -> int:
   return max(1, min(n, depth))
 
 
+def _pieces(x: Array, depth: int, flops: float) -> list[tuple[int, int]]:
+  """`(lo, hi)` ranges of `depth` slices, one per independent piece."""
+  n = _n_pieces(x, depth, flops)
+  bounds = [depth * i // n for i in range(n + 1)]
+  return list(zip(bounds[:-1], bounds[1:]))
+
+
 def _keep_batch_sharding(y: Array, x: Array) -> Array:
   """Gives `y` the batch-axis sharding of `x` if a reshape dropped it.
 
@@ -192,7 +199,7 @@ def _keep_batch_sharding(y: Array, x: Array) -> Array:
       sx.mesh, jax.sharding.PartitionSpec(sx.spec[0])))
 
 
-def _conv3d_out_taps(x: Array, kernel: Array, od: int,
+def _conv3d_out_taps(x: Array, kernel: Array, out_size: Sequence[int],
                      strides: Sequence[int],
                      padding: Sequence[tuple[int, int]],
                      dilation: Sequence[int]) -> Array:
@@ -208,26 +215,22 @@ def _conv3d_out_taps(x: Array, kernel: Array, od: int,
   """
   b, _, h, w, c = x.shape
   kd, kh, kw, _, o = kernel.shape
+  od, oh, ow = out_size
   (pd0, pd1), (ph0, ph1), (pw0, pw1) = padding
   _, sh, sw = strides
   dd, dh, dw = dilation
   if pd0 or pd1:
     x = jnp.pad(x, ((0, 0), (pd0, pd1), (0, 0), (0, 0), (0, 0)))
   used = od + (kd - 1) * dd          # input slices that feed some output
-  k2 = kernel.transpose(1, 2, 3, 0, 4).reshape(kh, kw, c, kd * o)
-  k2 = k2.astype(x.dtype)
-  oh = _out_size(h, kh, sh, dh, ph0, ph1)
-  ow = _out_size(w, kw, sw, dw, pw0, pw1)
-  n = _n_pieces(x, used, 2.0 * b * used * oh * ow * kh * kw * c * kd * o)
-  bounds = [used * i // n for i in range(n + 1)]
+  k2 = kernel.transpose(1, 2, 3, 0, 4).reshape(kh, kw, c, kd * o).astype(x.dtype)
   pieces = []
-  for lo, hi in zip(bounds[:-1], bounds[1:]):
+  for lo, hi in _pieces(x, used, 2.0 * b * used * oh * ow * kh * kw * c * kd * o):
     z = lax.slice_in_dim(x, lo, hi, axis=1).reshape(b * (hi - lo), h, w, c)
     z = lax.conv_general_dilated(
         z, k2, window_strides=(sh, sw), padding=((ph0, ph1), (pw0, pw1)),
         rhs_dilation=(dh, dw), dimension_numbers=_DN2)
     pieces.append(z.reshape(b, hi - lo, oh, ow, kd * o))
-  z = pieces[0] if n == 1 else jnp.concatenate(pieces, axis=1)
+  z = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=1)
   z = z.reshape(b, used, oh, ow, kd, o)
   y = None
   for t in range(kd):
@@ -293,14 +296,13 @@ def conv3d_taps(x: Array, kernel: Array, strides: Sequence[int],
   if oh * ow <= IM2COL_MAX_PLANE:
     return _conv3d_im2col(x, kernel, (od, oh, ow), strides, padding, dilation)
   if sd == 1 and kd > 1 and OUT_TAPS_MAX_RATIO * o <= c:
-    return _conv3d_out_taps(x, kernel, od, strides, padding, dilation)
+    return _conv3d_out_taps(x, kernel, (od, oh, ow), strides, padding,
+                            dilation)
   if pd0 or pd1:
     x = jnp.pad(x, ((0, 0), (pd0, pd1), (0, 0), (0, 0), (0, 0)))
   k2 = kernel.transpose(1, 2, 0, 3, 4).reshape(kh, kw, kd * c, o).astype(dt)
-  n = _n_pieces(x, od, 2.0 * b * od * oh * ow * kd * kh * kw * c * o)
-  bounds = [od * i // n for i in range(n + 1)]
   pieces = []
-  for lo, hi in zip(bounds[:-1], bounds[1:]):
+  for lo, hi in _pieces(x, od, 2.0 * b * od * oh * ow * kd * kh * kw * c * o):
     # Output depths [lo, hi): view t takes input depths t*dd + i*sd.
     m = hi - lo
     views = [lax.slice_in_dim(x, t * dd + lo * sd, t * dd + (hi - 1) * sd + 1,
@@ -311,7 +313,7 @@ def conv3d_taps(x: Array, kernel: Array, strides: Sequence[int],
         xs, k2, window_strides=(sh, sw), padding=((ph0, ph1), (pw0, pw1)),
         rhs_dilation=(dh, dw), dimension_numbers=_DN2)
     pieces.append(y.reshape(b, m, *y.shape[1:]))
-  return pieces[0] if n == 1 else jnp.concatenate(pieces, axis=1)
+  return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=1)
 
 
 def conv3d(x: Array, kernel: Array, strides: Sequence[int] = (1, 1, 1),
