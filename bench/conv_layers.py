@@ -1,0 +1,91 @@
+"""Per-layer CPU timing of the VNet's 3D convolutions (the CPU "taps" path).
+
+    python bench/conv_layers.py                         # as the models run
+    python bench/conv_layers.py --out-taps-ratio 1      # output-side taps for C >= O
+    python bench/conv_layers.py --split 1               # no depth pieces
+    RADNET_KEEP_XLA_FLAGS=1 python bench/conv_layers.py # YNNPACK convs (flag off)
+
+Each row: one `layers.conv3d` of MONAI's VNet 16..256 at a 64^3 input,
+batch 1, float32, jitted; forward alone and forward + input and weight
+gradients; best of --repeats; GFLOP/s counts 1x (forward) or 3x (with
+gradients) the forward FLOPs. The knobs set the module constants of
+`radnet_jax.models.layers` for this process only.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import radnet_jax  # noqa: E402,F401  (sets the CPU XLA flag before jax runs)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from radnet_jax.models import layers  # noqa: E402
+
+# name, input side, C, O, kernel, stride (MONAI VNet at a 64^3 input)
+LAYERS = [
+    ("in 1->16 5^3 @64", 64, 1, 16, 5, 1),
+    ("down 16->32 2^3/2 @64", 64, 16, 32, 2, 2),
+    ("32 5^3 @32", 32, 32, 32, 5, 1),
+    ("64 5^3 @16", 16, 64, 64, 5, 1),
+    ("128 5^3 @8", 8, 128, 128, 5, 1),
+    ("256 5^3 @8 (up)", 8, 256, 256, 5, 1),
+    ("128 5^3 @16 (up)", 16, 128, 128, 5, 1),
+    ("64 5^3 @32 (up)", 32, 64, 64, 5, 1),
+    ("32 5^3 @64 (up)", 64, 32, 32, 5, 1),
+    ("head 32->2 5^3 @64", 64, 32, 2, 5, 1),
+]
+
+
+def best_time(fn, *args, repeats: int) -> tuple[float, float]:
+  jax.block_until_ready(fn(*args))
+  runs = []
+  for _ in range(repeats):
+    t, c = time.perf_counter(), time.process_time()
+    jax.block_until_ready(fn(*args))
+    runs.append((time.perf_counter() - t, time.process_time() - c))
+  return min(runs)
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--out-taps-ratio", type=float, default=None,
+                 help="layers.OUT_TAPS_MAX_RATIO (default: the module's)")
+  p.add_argument("--split", type=int, default=None,
+                 help="layers.CONV_SPLIT (default: one piece per core)")
+  p.add_argument("--repeats", type=int, default=3)
+  a = p.parse_args(argv)
+  if a.out_taps_ratio is not None:
+    layers.OUT_TAPS_MAX_RATIO = a.out_taps_ratio
+  if a.split is not None:
+    layers.CONV_SPLIT = a.split
+  print(f"# {jax.default_backend()} x{layers.usable_cores()} cores, jax "
+        f"{jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+        f"OUT_TAPS_MAX_RATIO={layers.OUT_TAPS_MAX_RATIO}, "
+        f"CONV_SPLIT={layers.CONV_SPLIT}")
+  print(f"{'layer':<24} {'GFLOP':>6} {'fwd ms':>8} {'GFLOP/s':>8} "
+        f"{'fwd+grad ms':>12} {'GFLOP/s':>8} {'CPU ms':>8}")
+  total = 0.0
+  for name, n, c, o, k, s in LAYERS:
+    x = jax.random.normal(jax.random.key(0), (1, n, n, n, c))
+    w = jax.random.normal(jax.random.key(1), (k, k, k, c, o)) * 0.05
+    pad = 0 if s == k else None
+
+    def conv(x, w, s=s, pad=pad):
+      return layers.conv3d(x, w, s, pad, impl="taps")
+    fwd = jax.jit(conv)
+    grad = jax.jit(jax.grad(lambda x, w: (conv(x, w) ** 2).sum(), argnums=(0, 1)))
+    gflop = 2 * (n // s) ** 3 * k ** 3 * c * o / 1e9
+    tf, _ = best_time(fwd, x, w, repeats=a.repeats)
+    tg, cg = best_time(grad, x, w, repeats=a.repeats)
+    total += tg
+    print(f"{name:<24} {gflop:>6.2f} {1e3 * tf:>8.1f} {gflop / tf:>8.1f} "
+          f"{1e3 * tg:>12.1f} {3 * gflop / tg:>8.1f} {1e3 * cg:>8.0f}")
+  print(f"# sum of fwd+grad over the rows (each conv once): {total:.2f} s")
+
+
+if __name__ == "__main__":
+  main()
