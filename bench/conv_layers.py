@@ -3,13 +3,18 @@
     python bench/conv_layers.py                         # as the models run
     python bench/conv_layers.py --out-taps-ratio 1      # output-side taps for C >= O
     python bench/conv_layers.py --split 1               # no depth pieces
+    python bench/conv_layers.py --no-fft                # direct convs only
     RADNET_KEEP_XLA_FLAGS=1 python bench/conv_layers.py # YNNPACK convs (flag off)
+    python bench/conv_layers.py --torch                 # + PyTorch peer columns
 
 Each row: one `layers.conv3d` of MONAI's VNet 16..256 at a 64^3 input,
 batch 1, float32, jitted; forward alone and forward + input and weight
 gradients; best of --repeats; GFLOP/s counts 1x (forward) or 3x (with
 gradients) the forward FLOPs. The knobs set the module constants of
-`radnet_jax.models.layers` for this process only.
+`radnet_jax.models.layers` for this process only. With --torch, the same conv
+in PyTorch (`torch.nn.functional.conv3d`, NCDHW, what MONAI's VNet runs) is
+timed in the same process, and a last column gives project/torch for
+forward + gradients.
 """
 from __future__ import annotations
 
@@ -56,19 +61,27 @@ def main(argv=None) -> None:
                  help="layers.OUT_TAPS_MAX_RATIO (default: the module's)")
   p.add_argument("--split", type=int, default=None,
                  help="layers.CONV_SPLIT (default: one piece per core)")
+  p.add_argument("--no-fft", action="store_true",
+                 help="layers.CONV_FFT = False (no Fourier-domain convs)")
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--torch", action="store_true",
+                 help="also time PyTorch's conv3d (bench/requirements.txt)")
   a = p.parse_args(argv)
   if a.out_taps_ratio is not None:
     layers.OUT_TAPS_MAX_RATIO = a.out_taps_ratio
   if a.split is not None:
     layers.CONV_SPLIT = a.split
+  if a.no_fft:
+    layers.CONV_FFT = False
   print(f"# {jax.default_backend()} x{layers.usable_cores()} cores, jax "
         f"{jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
         f"OUT_TAPS_MAX_RATIO={layers.OUT_TAPS_MAX_RATIO}, "
-        f"CONV_SPLIT={layers.CONV_SPLIT}")
+        f"CONV_SPLIT={layers.CONV_SPLIT}, CONV_FFT={layers.CONV_FFT}")
   print(f"{'layer':<24} {'GFLOP':>6} {'fwd ms':>8} {'GFLOP/s':>8} "
-        f"{'fwd+grad ms':>12} {'GFLOP/s':>8} {'CPU ms':>8}")
-  total = 0.0
+        f"{'fwd+grad ms':>12} {'GFLOP/s':>8} {'CPU ms':>8}"
+        + (f" {'torch fwd':>10} {'torch f+g':>10} {'ratio':>6}" if a.torch
+           else ""))
+  total = total_t = 0.0
   for name, n, c, o, k, s in LAYERS:
     x = jax.random.normal(jax.random.key(0), (1, n, n, n, c))
     w = jax.random.normal(jax.random.key(1), (k, k, k, c, o)) * 0.05
@@ -82,9 +95,46 @@ def main(argv=None) -> None:
     tf, _ = best_time(fwd, x, w, repeats=a.repeats)
     tg, cg = best_time(grad, x, w, repeats=a.repeats)
     total += tg
-    print(f"{name:<24} {gflop:>6.2f} {1e3 * tf:>8.1f} {gflop / tf:>8.1f} "
-          f"{1e3 * tg:>12.1f} {3 * gflop / tg:>8.1f} {1e3 * cg:>8.0f}")
-  print(f"# sum of fwd+grad over the rows (each conv once): {total:.2f} s")
+    row = (f"{name:<24} {gflop:>6.2f} {1e3 * tf:>8.1f} {gflop / tf:>8.1f} "
+           f"{1e3 * tg:>12.1f} {3 * gflop / tg:>8.1f} {1e3 * cg:>8.0f}")
+    if a.torch:
+      pf, pg = torch_times(n, c, o, k, s, 0 if s == k else (k - 1) // 2,
+                           a.repeats)
+      total_t += pg
+      row += f" {1e3 * pf:>10.1f} {1e3 * pg:>10.1f} {tg / pg:>6.2f}"
+    print(row)
+  print(f"# sum of fwd+grad over the rows (each conv once): {total:.2f} s"
+        + (f", torch {total_t:.2f} s, ratio {total / total_t:.2f}"
+           if a.torch else ""))
+
+
+def torch_times(n: int, c: int, o: int, k: int, s: int, pad: int,
+                repeats: int) -> tuple[float, float]:
+  """Best forward and forward + both gradients of torch's conv3d, seconds."""
+  import torch  # bench-only dependency
+  torch.set_num_threads(layers.usable_cores())
+  x = torch.randn(1, c, n, n, n, requires_grad=True)
+  w = (torch.randn(o, c, k, k, k) * 0.05).requires_grad_(True)
+
+  def fwd():
+    with torch.no_grad():
+      torch.nn.functional.conv3d(x, w, stride=s, padding=pad)
+
+  def grad():
+    y = torch.nn.functional.conv3d(x, w, stride=s, padding=pad)
+    gx, gw = torch.autograd.grad((y ** 2).sum(), (x, w))
+    return gx, gw
+
+  out = []
+  for fn in (fwd, grad):
+    fn()
+    runs = []
+    for _ in range(repeats):
+      t = time.perf_counter()
+      fn()
+      runs.append(time.perf_counter() - t)
+    out.append(min(runs))
+  return out[0], out[1]
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ Both frameworks run the same architecture (ResNet with MONAI's 7^3 stride-2
 stem and stage strides 1, 2, 2, 2; VNet with MONAI's layout), Adam, float32,
 cross-entropy loss, on the same shapes in the same process. Warm-up steps are
 excluded; the table reports the median of --steps timed steps, volumes/s,
-GFLOP per step (XLA cost analysis of the compiled project step, used for both
-rows), achieved GFLOP/s and % of this CPU's float32 peak (measured with a
+GFLOP per step (XLA's cost analysis of the same step with XLA's native
+convolutions, before compilation: the model's FLOPs whatever the CPU lowering
+computes, e.g. far fewer in Fourier-domain convs; used for both rows), achieved GFLOP/s and % of this CPU's float32 peak (measured with a
 large matmul unless --peak-gflops is given). The last line is the ratio of
 median step times project/monai. torch and monai: bench/requirements.txt.
 """
@@ -63,20 +64,19 @@ def build_project(name: str, conv_impl: str, stem: str):
   raise SystemExit(f"unknown --model {name}")
 
 
-def time_project(name, shape, batch, steps, warmup, conv_impl, stem):
-  """Returns (median wall s, median CPU s per step, GFLOP per step)."""
+def make_step(name, conv_impl, stem, x, y, abstract=False):
+  """(initial state, train step) of the project model `name`.
+
+  abstract: the state as shapes only (for lowering without running).
+  """
   model, kind = build_project(name, conv_impl, stem)
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(batch, *shape, 1)), jnp.float32)
-  if kind == "cls":
-    y = jnp.asarray(rng.integers(0, N_CLASSES, batch))
-  else:
-    y = jnp.asarray(rng.integers(0, N_SEG, (batch, *shape)))
-  variables = jax.jit(lambda r: model.init(r, x, False))(
-      jax.random.key(0, impl="unsafe_rbg"))
+  def run(f, *args):
+    return jax.eval_shape(f, *args) if abstract else jax.jit(f)(*args)
+  variables = run(lambda r: model.init(r, x, False),
+                  jax.random.key(0, impl="unsafe_rbg"))
   tx = optax.adam(1e-4)
   state = (variables["params"], variables["batch_stats"],
-           tx.init(variables["params"]))
+           run(tx.init, variables["params"]))
 
   def loss_fn(params, stats):
     # A fixed dropout key: the timing does not depend on the mask (VNet
@@ -93,11 +93,25 @@ def time_project(name, shape, batch, steps, warmup, conv_impl, stem):
     (loss, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(params, stats)
     upd, opt = tx.update(g, opt, params)
     return (optax.apply_updates(params, upd), stats, opt), loss
+  return state, step
 
-  compiled = jax.jit(step, donate_argnums=0).lower(state).compile()
-  ca = compiled.cost_analysis()
+
+def time_project(name, shape, batch, steps, warmup, conv_impl, stem):
+  """Returns (median wall s, median CPU s per step, GFLOP per step)."""
+  _, kind = build_project(name, conv_impl, stem)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(batch, *shape, 1)), jnp.float32)
+  if kind == "cls":
+    y = jnp.asarray(rng.integers(0, N_CLASSES, batch))
+  else:
+    y = jnp.asarray(rng.integers(0, N_SEG, (batch, *shape)))
+  # The model's FLOPs: the same step with native convs, lowered only.
+  ref_state, ref_step = make_step(name, "xla", stem, x, y, abstract=True)
+  ca = jax.jit(ref_step).lower(ref_state).cost_analysis()
   ca = ca[0] if isinstance(ca, (list, tuple)) else ca
   gflop = float(ca.get("flops", float("nan"))) / 1e9
+  state, step = make_step(name, conv_impl, stem, x, y)
+  compiled = jax.jit(step, donate_argnums=0).lower(state).compile()
   times, cpu = [], []
   for i in range(warmup + steps):
     t, c = time.perf_counter(), time.process_time()

@@ -72,6 +72,124 @@ def test_taps_equals_lax(kernel, strides, dilation, padding, shape, out,
   np.testing.assert_allclose(gwb, gwa, rtol=1e-5, atol=2e-4)
 
 
+# The Fourier path (`_conv3d_fft`), forced onto small volumes with 4^3 tiles
+# so that several tiles, partial last tiles, a tile forced up to kernel - 1
+# and depth pieces are all exercised: (kernel, padding, shape, out ch).
+FFT_CASES = [
+    ((5, 5, 5), None, (1, 9, 10, 11, 3), 4),       # VNet conv, 3 tiles/axis
+    ((5, 5, 5), "VALID", (2, 12, 9, 8, 2), 3),      # no padding, batch 2
+    ((5, 3, 5), ((0, 2), (1, 1), (3, 0)), (1, 7, 6, 9, 2), 2),  # uneven
+    ((5, 5, 5), None, (1, 2, 9, 7, 2), 2),          # depth 2 < kernel - 1
+]
+
+
+@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("kernel,padding,shape,out", FFT_CASES)
+def test_fft_equals_lax(kernel, padding, shape, out, split, monkeypatch):
+  monkeypatch.setattr(layers, "FFT_MIN_WORK", 0)
+  monkeypatch.setattr(layers, "FFT_MIN_TAPS", 1)
+  monkeypatch.setattr(layers, "FFT_MIN_CHANNELS", 1)
+  monkeypatch.setattr(layers, "FFT_TILE", 4)
+  monkeypatch.setattr(layers, "CONV_SPLIT", split)
+  monkeypatch.setattr(layers, "CONV_SPLIT_MIN_FLOPS", 0)
+  calls = []
+  real = layers._conv3d_fft  # pylint: disable=protected-access
+  monkeypatch.setattr(layers, "_conv3d_fft",
+                      lambda *a: calls.append(a[2]) or real(*a))
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(*kernel, shape[-1], out)) / 5, jnp.float32)
+  pads = resolve_padding(padding, shape[1:4], kernel, (1,) * 3, (1,) * 3)
+
+  def ref(x, w):
+    return lax.conv_general_dilated(
+        x, w, (1, 1, 1), pads, dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+        precision=lax.Precision.HIGHEST)
+
+  def fft(x, w):
+    return conv3d(x, w, 1, padding, impl="taps")
+
+  ya, vjp_a = jax.vjp(ref, x, w)
+  yb, vjp_b = jax.vjp(fft, x, w)
+  assert calls and calls[0] == ya.shape[1:4]
+  ct = jnp.cos(jnp.arange(ya.size, dtype=jnp.float32)).reshape(ya.shape)
+  (gxa, gwa), (gxb, gwb) = vjp_a(ct), vjp_b(ct)
+  assert yb.shape == ya.shape and yb.dtype == jnp.float32
+  np.testing.assert_allclose(yb, ya, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(gxb, gxa, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(gwb, gwa, rtol=1e-5, atol=5e-4)
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_fft_under_data_mesh(devices, monkeypatch):
+  # The trainer's jit on a 1-device Explicit mesh takes the Fourier path (its
+  # reshapes merge the batch axis with the tiles and must keep the batch
+  # sharding); a batch split over 2 devices uses the direct path.
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from radnet_jax import trainer
+  monkeypatch.setattr(layers, "FFT_MIN_WORK", 0)
+  monkeypatch.setattr(layers, "FFT_TILE", 4)
+  calls = []
+  real = layers._conv3d_fft  # pylint: disable=protected-access
+  monkeypatch.setattr(layers, "_conv3d_fft",
+                      lambda *a: calls.append(1) or real(*a))
+  mesh = trainer.make_mesh(devices)
+  rng = np.random.default_rng(5)
+  x = jax.device_put(jnp.asarray(rng.normal(size=(2, 7, 6, 9, 8)),
+                                 jnp.float32), NamedSharding(mesh, P("data")))
+  w = jax.device_put(jnp.asarray(rng.normal(size=(5, 5, 5, 8, 8)) / 5,
+                                 jnp.float32), NamedSharding(mesh, P()))
+
+  def loss(x, w, impl):
+    y = conv3d(x, w, impl=impl)
+    return jnp.sum(jnp.sin(y)), y
+  grads = {impl: jax.jit(jax.grad(loss, (0, 1), has_aux=True),
+                         static_argnums=2)(x, w, impl)
+           for impl in ("xla", "taps")}
+  assert len(calls) == (devices == 1)
+  (gxa, gwa), ya = grads["xla"]
+  (gxb, gwb), yb = grads["taps"]
+  assert yb.sharding.spec[0] == "data" and gxb.sharding.spec[0] == "data"
+  np.testing.assert_allclose(yb, ya, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(gxb, gxa, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(gwb, gwa, rtol=1e-5, atol=5e-4)
+
+
+def test_fft_chosen_for_big_kernels_on_large_volumes():
+  # The rule on shapes only (nothing is computed): VNet's 5^3 convs at a 64^3
+  # input with 8..64 channels go through the Fourier path, thin, strided,
+  # small-kernel and small-volume convs do not.
+  use = layers._use_fft  # pylint: disable=protected-access
+
+  def rule(shape, kernel, strides=(1, 1, 1), out=None, pad=2):
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    return use(x, jax.ShapeDtypeStruct(kernel, jnp.float32), strides,
+               [(pad, pad)] * 3, (1, 1, 1), out or shape[1:4])
+  assert rule((1, 64, 64, 64, 32), (5, 5, 5, 32, 32))
+  assert rule((2, 64, 64, 64, 64), (5, 5, 5, 64, 64))
+  assert rule((1, 32, 64, 64, 16), (5, 5, 5, 16, 32))     # sliding-window ROI
+  assert not rule((1, 64, 64, 64, 1), (5, 5, 5, 1, 16))    # input transition
+  assert not rule((1, 64, 64, 64, 32), (5, 5, 5, 32, 2))   # head: out-taps
+  assert rule((1, 32, 32, 32, 64), (5, 5, 5, 64, 64))      # VNet up64
+  assert not rule((1, 24, 24, 24, 32), (5, 5, 5, 32, 32))  # small volume
+  assert not rule((1, 32, 32, 32, 16), (5, 5, 5, 16, 16))
+  assert not rule((1, 64, 64, 64, 32), (3, 3, 3, 32, 32))  # 3^3
+  assert not rule((1, 64, 64, 64, 128), (5, 5, 5, 128, 128))
+  assert not rule((1, 64, 64, 64, 32), (5, 5, 5, 32, 32), (2, 2, 2),
+                  (32, 32, 32))
+  assert not rule((1, 64, 64, 64, 32), (5, 5, 5, 32, 32), pad=-1,
+                  out=(58, 58, 58))
+  # Tiles: 16^3, halved while a batch holds fewer than 16 tiles (not below
+  # 8), at least kernel - 1 along a short axis.
+  tiles = layers._fft_tiles  # pylint: disable=protected-access
+  assert tiles(1, (64, 64, 64), (5, 5, 5)) == [16, 16, 16]
+  assert tiles(1, (32, 32, 32), (5, 5, 5)) == [8, 8, 8]
+  assert tiles(2, (32, 32, 32), (5, 5, 5)) == [16, 16, 16]
+  assert tiles(1, (2, 70, 66), (5, 5, 5)) == [4, 16, 16]
+  assert tiles(1, (2, 20, 20), (5, 5, 5)) == [4, 8, 8]
+
+
 def test_transpose_matches_torch_semantics_and_impls():
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(2, 3, 4, 5, 3)), jnp.float32)
