@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # those but not grain / array_record / ml_collections, which `train`,
 # `segment` and the experiment configs import: losses come from the
 # grain-free `radnet_jax.losses`, the paper settings from PAPER_FALLBACK.
-from radnet_jax import losses, trainer  # noqa: E402
+from radnet_jax import device_augment, losses, trainer  # noqa: E402
 from radnet_jax.labels import taxonomy as tax  # noqa: E402
 from radnet_jax.models import resnet3d, vnet  # noqa: E402
 
@@ -178,6 +178,12 @@ def resnet_case(batch: int, shape: tuple[int, int, int], smoke: bool):
   }
   for task in ("sequence", "plane", "contrast"):
     data[task] = rng.integers(0, n[task], batch).astype(np.int32)
+  # What the host leaves for the step under augment.on_device ("auto" = on
+  # an accelerator): half the volumes rotated by up to 5 degrees, noise.
+  data["rotate_degrees"] = np.where(rng.random(batch) < 0.5,
+                                    rng.uniform(-5, 5, batch), 0.0
+                                    ).astype(np.float32)
+  data["noise_std"] = rng.uniform(0, 0.03, batch).astype(np.float32)
 
   def loss_fn(out, b):
     return losses.multitask_loss(out[0], b, weights=weights)
@@ -237,7 +243,8 @@ def profile_top(compiled, state, batch, top: int, out_dir: str):
 
 
 def run_case(name: str, case, steps: int, warmup: int,
-             peak: float | None, profile: int = 0) -> dict:
+             peak: float | None, profile: int = 0,
+             preprocess=None) -> dict:
   model, loss_fn, data, model_f32, logits_fn = case
   mesh = trainer.make_mesh(1)
   tx, schedule = trainer.make_optimizer(
@@ -246,7 +253,8 @@ def run_case(name: str, case, steps: int, warmup: int,
   shape = data["volume"].shape
   state = trainer.create_train_state(model, tx, shape[1:], 0, mesh)
   batch = trainer.put_batch(data, mesh)
-  step = trainer.make_train_step(model, tx, loss_fn, mesh, schedule)
+  step = trainer.make_train_step(model, tx, loss_fn, mesh, schedule,
+                                 preprocess=preprocess)
 
   t0 = time.perf_counter()
   lowered = step.lower(state, batch)
@@ -318,6 +326,9 @@ def main(argv=None) -> int:
   p.add_argument("--smoke", action="store_true",
                  help="tiny shapes and models (logic check on CPU)")
   p.add_argument("--json", default=None, help="also write the rows here")
+  p.add_argument("--host-augment", action="store_true",
+                 help="ResNet step without the rotation + noise that "
+                      "augment.on_device runs in the step (default: with)")
   p.add_argument("--profile", type=int, default=0, metavar="N",
                  help="trace 2 extra steps and print the N ops with the "
                       "most device time")
@@ -352,18 +363,22 @@ def main(argv=None) -> int:
       p.error(f"unknown model {model!r} (resnet50, vnet)")
     print(f"# {model}: compiling and timing ...", flush=True)
     label = f"{model}-smoke" if a.smoke else model  # smoke: smaller nets
-    rows.append(run_case(label, case, steps, warmup, peak, a.profile))
+    pre = None
+    if model == "resnet50" and not a.host_augment:
+      pre = device_augment.augment
+      label += "+aug"
+    rows.append(run_case(label, case, steps, warmup, peak, a.profile, pre))
     r = rows[-1]
     print(f"#   compile {r['compile_s']:.1f} s, loss {r['loss_first']:.4f} -> "
           f"{r['loss_last']:.4f}", flush=True)
 
-  print(f"{'model':<14} {'input':<11} {'batch':>5} {'step ms':>9} {'vol/s':>8} "
+  print(f"{'model':<18} {'input':<11} {'batch':>5} {'step ms':>9} {'vol/s':>8} "
         f"{'TFLOP/step':>10} {'XLA comp.':>9} {'XLA low.':>9} {'TFLOP/s':>8} "
         f"{'MFU':>6} "
         f"{'bf16/f32 relL2':>14} {'cos':>7} {'check':>5}")
   for r in rows:
     mfu = f"{100 * r['mfu']:5.1f}%" if np.isfinite(r["mfu"]) else "  n/a"
-    print(f"{r['model']:<14} {r['input']:<11} {r['batch']:>5} "
+    print(f"{r['model']:<18} {r['input']:<11} {r['batch']:>5} "
           f"{1e3 * r['step_s']:>9.1f} {r['volumes_per_s']:>8.2f} "
           f"{r['tflop_per_step']:>10.4f} {r['tflop_per_step_xla']:>9.4f} "
           f"{r['tflop_per_step_xla_lowered']:>9.4f} "

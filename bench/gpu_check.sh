@@ -5,6 +5,7 @@
 #   bash bench/gpu_check.sh                  # ResNet-50 48x192x192 batch 8, VNet 128^3 batch 1
 #   bash bench/gpu_check.sh --batch 16 --vnet-batch 2
 #   bash bench/gpu_check.sh --smoke          # tiny shapes, runs on CPU too
+#   bash bench/gpu_check.sh --host-augment   # ResNet step without the on-device rotation + noise
 #
 # Needs the project's Python environment with a CUDA build of jaxlib (the
 # machine has no network: install before). Exits non-zero if a correctness

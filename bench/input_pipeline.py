@@ -2,6 +2,8 @@
 
     python bench/input_pipeline.py                   # the demo config
     python bench/input_pipeline.py --variant paper   # paper shapes (no CPU step)
+    python bench/input_pipeline.py --variant paper --on-device
+        # rotation + noise left to the jitted step (augment.on_device)
 
 Builds (or reuses, in --cache) a small phantom shard set with the config's
 shard shape, then measures on this machine:
@@ -15,6 +17,11 @@ shard shape, then measures on this machine:
 3. the train step of the config's model at its batch size (jitted, Adam,
    float32 on CPU), volumes/s and CPU-s per volume (demo variant only: the
    paper model is sized for an accelerator).
+
+With --on-device the host rows draw but do not apply the rotation and
+noise (`config.augment.on_device`), and one more row times
+`radnet_jax.device_augment.augment` jitted on this machine's JAX backend
+(on CPU a stand-in: on a GPU those gathers are a small part of a step).
 
 The last lines give pipeline volumes/s over train-step volumes/s (>= 1: the
 pipeline keeps up) and the share of CPU time the pipeline takes when both
@@ -79,6 +86,30 @@ def pipeline(paths, shape, batch, augment_cfg, data_cfg, workers: int,
   return n_batches * batch / wall, cpu / (n_batches * batch)
 
 
+def jax_backend() -> str:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.default_backend()
+
+
+def device_side(paths, shape, augment_cfg, batch: int, steps: int):
+  """`device_augment.augment` jitted on one batch; (vol/s, CPU-s per vol)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from radnet_jax import device_augment  # pylint: disable=g-import-not-at-top
+  ds = input_pipeline.train_dataset(paths, shape=shape, batch_size=batch,
+                                    seed=0, augment_cfg=augment_cfg)
+  b = jax.device_put({k: v for k, v in next(iter(ds)).items()
+                      if k in ("volume",) + device_augment.FIELDS})
+  f = jax.jit(device_augment.augment)
+  jax.block_until_ready(f(b, jax.random.key(0)))
+  times, cpu = [], []
+  for i in range(steps):
+    t, c = time.perf_counter(), time.process_time()
+    jax.block_until_ready(f(b, jax.random.key(i)))
+    times.append(time.perf_counter() - t)
+    cpu.append(time.process_time() - c)
+  return batch / statistics.median(times), statistics.median(cpu) / batch
+
+
 def train_step(config, batch: int, steps: int):
   """The config's model train step on CPU; (vol/s, CPU-s per volume)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -138,6 +169,8 @@ def main(argv=None) -> None:
                  help="batch size (default: the config's, capped at the "
                       "number of train records)")
   p.add_argument("--feed-vol-s", type=float, default=250.0)
+  p.add_argument("--on-device", action="store_true",
+                 help="augment.on_device: rotation + noise in the jitted step")
   a = p.parse_args(argv)
   from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():   # grain worker processes read absl flags
@@ -152,11 +185,13 @@ def main(argv=None) -> None:
   paths = input_pipeline.split_paths(shards, "train")
   shape = tuple(config.input_shape)
   aug = config.augment.to_dict() if config.augment.enabled else None
+  if aug is not None:
+    aug["on_device"] = a.on_device
   n_rec = input_pipeline.count_records(paths)
   batch = min(a.batch or config.batch_size, n_rec)
   print(f"# {usable_cores()} cores, variant {a.variant}: {n_rec} train records "
         f"{tuple(data['shard_shape'])} -> input {shape}, batch {batch}, "
-        f"augment {'on' if aug else 'off'} (shards ready in {time.time() - t:.0f} s)")
+        f"augment {'off' if not aug else 'on, rotation + noise in the step' if a.on_device else 'on'} (shards ready in {time.time() - t:.0f} s)")
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
   print(f"# load average {load:.1f}")
 
@@ -170,6 +205,9 @@ def main(argv=None) -> None:
     vs_w, _ = pipeline(paths, shape, batch, aug, config.data, a.workers,
                        a.batches)
     rows.append((f"grain pipeline, {a.workers} worker processes", vs_w, float("nan")))
+  if a.on_device and aug:
+    rows.append((f"rotation + noise jitted ({jax_backend()}), batch {batch}",
+                 *device_side(paths, shape, aug, batch, a.steps)))
   step = None
   if a.variant == "demo":
     step = train_step(config, batch, a.steps)

@@ -129,7 +129,7 @@ def intensity(volume: np.ndarray, rng: np.random.Generator, *,
 
 
 def augment(volume: np.ndarray, shape: Sequence[int], rng: np.random.Generator,
-            cfg: Mapping) -> np.ndarray:
+            cfg: Mapping, deferred: dict | None = None) -> np.ndarray:
   """Training augmentation: random crop/pad, rotation, flip, intensity.
 
   Args:
@@ -138,13 +138,19 @@ def augment(volume: np.ndarray, shape: Sequence[int], rng: np.random.Generator,
     rng: numpy generator (grain seeds it per element and epoch).
     cfg: mapping with ``rotate_degrees``, ``rotate_prob``, ``flip_lr_prob``,
       ``scale``, ``shift``, ``gamma``, ``noise_std`` (see experiments/).
+    deferred: None to apply everything here. A dict: the rotation and the
+      noise are drawn but not applied; their parameters go into it as
+      ``rotate_degrees`` (0 = none) and ``noise_std``, for
+      `radnet_jax.device_augment.augment` inside the train step.
   Returns:
     float32 (D, H, W) = ``shape``.
   """
   v = np.asarray(volume, dtype=np.float32)
+  angle = 0.0
   if cfg.get("rotate_degrees", 0.0) > 0 and rng.uniform() < cfg.get("rotate_prob", 0.5):
     deg = float(cfg["rotate_degrees"])
     angle = float(rng.uniform(-deg, deg))
+  if angle and deferred is None:
     if all(h >= w for h, w in zip(v.shape, shape)):
       # Crop offsets drawn as crop_or_pad draws them; interpolate only the crop.
       starts = [int(rng.integers(0, h - w + 1)) for h, w in zip(v.shape, shape)]
@@ -155,6 +161,12 @@ def augment(volume: np.ndarray, shape: Sequence[int], rng: np.random.Generator,
     v = crop_or_pad(v, shape, rng)
   if rng.uniform() < cfg.get("flip_lr_prob", 0.0):
     v = v[:, :, ::-1]
+  noise_std = cfg.get("noise_std", 0.0)
   v = intensity(v, rng, scale=cfg.get("scale", 0.0), shift=cfg.get("shift", 0.0),
-                gamma=cfg.get("gamma", 0.0), noise_std=cfg.get("noise_std", 0.0))
+                gamma=cfg.get("gamma", 0.0),
+                noise_std=0.0 if deferred is not None else noise_std)
+  if deferred is not None:
+    deferred["rotate_degrees"] = np.float32(angle)
+    deferred["noise_std"] = np.float32(
+        rng.uniform(0.0, noise_std) if noise_std > 0 else 0.0)
   return np.ascontiguousarray(v, dtype=np.float32)

@@ -11,6 +11,10 @@ An *example* (one volume) and a *batch* are flat dicts of numpy arrays::
   spacing        float32 ()             slice spacing in mm, NaN = unknown
   mask           float32 ()             1 = real example, 0 = padding (eval)
 
+With ``augment.on_device`` training examples also carry ``rotate_degrees``
+and ``noise_std`` (float32 ``()``): the rotation and noise drawn here but
+applied inside the train step (``radnet_jax.device_augment``).
+
 Batches add a leading ``B`` axis. Training (``train_dataset``) reads this
 process's slice of the records (``jax.process_index()`` of
 ``jax.process_count()``), shuffles by seed with a fresh order each epoch
@@ -57,12 +61,17 @@ def to_example(rec: Mapping, shape: Sequence[int],
   otherwise it is centre-cropped/padded to ``shape`` (evaluation).
   """
   vol = rec["volume"]
+  deferred = None
   if rng is not None and augment_cfg is not None:
-    vol = augment_lib.augment(vol, shape, rng, augment_cfg)
+    if augment_cfg.get("on_device"):
+      deferred = {}
+    vol = augment_lib.augment(vol, shape, rng, augment_cfg, deferred)
   else:
     vol = augment_lib.crop_or_pad(np.asarray(vol, np.float32), shape)
   t = rec.get("targets", {})
   ex = {"volume": np.asarray(vol, np.float32)[..., None]}
+  if deferred is not None:
+    ex.update(deferred)   # applied in the train step (device_augment)
   for task in CLASS_TASKS:
     v = t.get(task, -1)
     ex[task] = np.int32(-1 if v is None else v)

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from radnet_jax import checkpoints
+from radnet_jax import device_augment
 from radnet_jax.losses import class_weights_from_counts, multitask_loss  # noqa: F401 (re-exported)
 from radnet_jax import input_pipeline
 from radnet_jax import metrics as metrics_lib
@@ -172,9 +173,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     class_weights = class_weights_from_counts(label_counts, config.loss.max_class_weight)
     log.info("class weights: %s", {k: np.round(v, 2).tolist()
                                    for k, v in class_weights.items()})
+  augment_cfg = config.augment.to_dict() if config.augment.enabled else None
+  aug_on_device = bool(augment_cfg) and device_augment.resolve_on_device(
+      augment_cfg.get("on_device", False))
+  if augment_cfg is not None:
+    augment_cfg["on_device"] = aug_on_device
+    log.info("augmentation: rotation and noise %s", "in the jitted train step"
+             if aug_on_device else "on the host (input pipeline)")
   train_ds = input_pipeline.train_dataset(
       paths["train"], shape=shape, batch_size=local_batch, seed=config.seed,
-      augment_cfg=config.augment.to_dict() if config.augment.enabled else None,
+      augment_cfg=augment_cfg,
       balance_keys=tuple(config.data.balance_keys), balance_power=config.data.balance_power,
       num_threads=config.data.threads, prefetch=config.data.prefetch,
       workers=config.data.workers, process_index=jax.process_index(),
@@ -206,7 +214,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                           class_weights=cw, label_smoothing=loss_cfg.label_smoothing,
                           spacing_loss=loss_cfg.spacing_loss, huber_delta=loss_cfg.huber_delta)
 
-  train_step = trainer.make_train_step(model, tx, loss_fn, mesh, schedule)
+  train_step = trainer.make_train_step(
+      model, tx, loss_fn, mesh, schedule,
+      preprocess=device_augment.augment if aug_on_device else None)
   eval_step = trainer.make_eval_step(model, mesh, _eval_output)
 
   # --------------------------------------------------------------- restore --

@@ -178,8 +178,12 @@ def param_count(params) -> int:
 def make_train_step(model: flax.linen.Module, tx: optax.GradientTransformation,
                     loss_fn: LossFn, mesh: Mesh,
                     schedule: optax.Schedule | None = None,
-                    apply_kwargs: Mapping | None = None) -> Callable:
+                    apply_kwargs: Mapping | None = None,
+                    preprocess: Callable | None = None) -> Callable:
   """Jitted ``step(state, batch) -> (state, metrics)``; ``state`` is donated.
+
+  ``preprocess(batch, key)``, if given, transforms the batch first inside the
+  step (device-side augmentation) with key ``fold_in(fold_in(rng, step), 1)``.
 
   The model is called as ``model.apply(vars, batch["volume"], train=True)``
   with mutable batch_stats and a ``dropout`` key ``fold_in(rng, step)``;
@@ -192,6 +196,8 @@ def make_train_step(model: flax.linen.Module, tx: optax.GradientTransformation,
 
   def step(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
+    if preprocess is not None:
+      batch = preprocess(batch, jax.random.fold_in(rng, 1))
 
     def objective(params):
       variables = {"params": params}

@@ -154,6 +154,25 @@ def test_train_and_evaluate_end_to_end(straight_run):
   assert isinstance(jax.tree.leaves(params)[0], np.ndarray) and jax.tree.leaves(bs)
 
 
+def test_train_with_rotation_and_noise_in_the_step(shards, tmp_path, monkeypatch):
+  # augment.on_device: the host batches carry the drawn angle and noise level,
+  # the jitted step (2-device mesh) applies them, traced once.
+  from radnet_jax import device_augment
+  seen = []
+  real = device_augment.augment
+  monkeypatch.setattr(device_augment, "augment",
+                      lambda b, k: seen.append(sorted(b)) or real(b, k))
+  cfg = tiny_config(shards, steps=3)
+  assert cfg.augment.enabled and cfg.augment.rotate_degrees > 0
+  cfg.augment.on_device = "true"   # a string field: "auto", "true", "false"
+  out = train.train_and_evaluate(cfg, str(tmp_path))
+  assert len(seen) == 1 and {"rotate_degrees", "noise_std"} <= set(seen[0])
+  assert out["test"]["sequence"]["n"] == 10
+  losses = [l["train/loss"] for l in map(json.loads, open(
+      os.path.join(tmp_path, "metrics.jsonl"))) if "train/loss" in l]
+  assert losses and np.isfinite(losses).all()
+
+
 def test_kill_and_resume_matches_uninterrupted(shards, straight_run, tmp_path, monkeypatch):
   cfg = tiny_config(shards, steps=4)
   straight, ref = straight_run
