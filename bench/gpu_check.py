@@ -40,6 +40,7 @@ import os
 import statistics
 import subprocess
 import sys
+import re
 import time
 
 import jax
@@ -209,6 +210,67 @@ def vnet_case(batch: int, shape: tuple[int, int, int], smoke: bool):
   return model, loss_fn, data, model_f32, lambda out: out.astype(jnp.float32)
 
 
+_CONV_TARGET = re.compile(r'custom_call_target="(__cudnn\$conv[A-Za-z]*)"')
+_SHAPE = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+
+
+# "[dtype[dims]{layout} ]%name" inside an op's operand list.
+_OPERAND = re.compile(r"(?:([a-z]+[0-9]*)\[([0-9,]*)\](?:\{[^}]*\})?\s+)?%([\w.\-]+)")
+_DEF = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\(?([a-z]+[0-9]*)\[([0-9,]*)\]")
+
+
+def conv_report(hlo_text: str) -> list[dict]:
+  """The convolutions of an optimised HLO module, one dict per op.
+
+  GPU: cuDNN custom calls (``__cudnn$convForward`` / ``BackwardInput`` /
+  ``BackwardFilter`` and fused variants) with the algorithm autotuning
+  picked (``algo_id``, empty if the backend config does not say). CPU: XLA
+  ``convolution`` ops. Keys: op, kind, result, operands (dtype[dims] text;
+  operand shapes are looked up by name where the HLO text omits them),
+  window, dim_labels, algo.
+  """
+  lines = hlo_text.splitlines()
+  shapes = {}
+  for line in lines:
+    d = _DEF.match(line)
+    if d:
+      shapes[d.group(1)] = f"{d.group(2)}[{d.group(3)}]"
+  rows = []
+  for line in lines:
+    m = _CONV_TARGET.search(line)
+    if m:
+      kind = m.group(1).replace("__cudnn$conv", "") or "conv"
+    elif " convolution(" in line:
+      kind = "xla-convolution"
+    else:
+      continue
+    d = _DEF.match(line)
+    args = line.split("custom-call(" if m else "convolution(", 1)[1]
+    args = args.split(")", 1)[0]
+    operands = [f"{t}[{dims}]" if t else shapes.get(name, name)
+                for t, dims, name in _OPERAND.findall(args)]
+    window = re.search(r"window=\{([^}]*)\}", line)
+    labels = re.search(r"dim_labels=([^,\s]+)", line)
+    algo = re.search(r'"algo_id":"?(-?[0-9]+)', line)
+    rows.append({"op": d.group(1) if d else "",
+                 "kind": kind,
+                 "result": f"{d.group(2)}[{d.group(3)}]" if d else "",
+                 "operands": operands,
+                 "window": window.group(1) if window else "",
+                 "dim_labels": labels.group(1) if labels else "",
+                 "algo": algo.group(1) if algo else ""})
+  return rows
+
+
+def print_convs(compiled) -> None:
+  rows = conv_report(compiled.as_text())
+  print(f"#   {len(rows)} convolutions in the compiled step "
+        f"(kind, operands -> result, window, algorithm):")
+  for r in rows:
+    print(f"#     {r['kind']:<22} {' x '.join(r['operands'])} -> {r['result']}"
+          f"  {{{r['window']}}}  {r['dim_labels']}  algo {r['algo'] or '?'}")
+
+
 def profile_top(compiled, state, batch, top: int, out_dir: str):
   """Traces 2 steps; prints the ops/kernels with the most device time.
 
@@ -244,7 +306,7 @@ def profile_top(compiled, state, batch, top: int, out_dir: str):
 
 def run_case(name: str, case, steps: int, warmup: int,
              peak: float | None, profile: int = 0,
-             preprocess=None) -> dict:
+             preprocess=None, convs: bool = False) -> dict:
   model, loss_fn, data, model_f32, logits_fn = case
   mesh = trainer.make_mesh(1)
   tx, schedule = trainer.make_optimizer(
@@ -261,6 +323,8 @@ def run_case(name: str, case, steps: int, warmup: int,
   flops_lowered = _flops(lowered.cost_analysis())
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
+  if convs:
+    print_convs(compiled)
   flops_xla = _flops(compiled.cost_analysis())
   flops = jaxpr_flops(jax.make_jaxpr(step)(state, batch))
 
@@ -326,6 +390,9 @@ def main(argv=None) -> int:
   p.add_argument("--smoke", action="store_true",
                  help="tiny shapes and models (logic check on CPU)")
   p.add_argument("--json", default=None, help="also write the rows here")
+  p.add_argument("--convs", action="store_true",
+                 help="list every convolution of the compiled step with its "
+                      "shapes and the cuDNN algorithm picked")
   p.add_argument("--host-augment", action="store_true",
                  help="ResNet step without the rotation + noise that "
                       "augment.on_device runs in the step (default: with)")
@@ -367,7 +434,8 @@ def main(argv=None) -> int:
     if model == "resnet50" and not a.host_augment:
       pre = device_augment.augment
       label += "+aug"
-    rows.append(run_case(label, case, steps, warmup, peak, a.profile, pre))
+    rows.append(run_case(label, case, steps, warmup, peak, a.profile, pre,
+                         a.convs))
     r = rows[-1]
     print(f"#   compile {r['compile_s']:.1f} s, loss {r['loss_first']:.4f} -> "
           f"{r['loss_last']:.4f}", flush=True)

@@ -6,6 +6,7 @@
 #   bash bench/gpu_check.sh --batch 16 --vnet-batch 2
 #   bash bench/gpu_check.sh --smoke          # tiny shapes, runs on CPU too
 #   bash bench/gpu_check.sh --host-augment   # ResNet step without the on-device rotation + noise
+#   bash bench/gpu_check.sh --convs --profile 12  # + every conv with its cuDNN algorithm, top kernels
 #
 # Needs the project's Python environment with a CUDA build of jaxlib (the
 # machine has no network: install before). Exits non-zero if a correctness

@@ -17,3 +17,53 @@ def test_paper_fallback_matches_config():
   # JSON round trip: tuples and lists compare alike.
   norm = lambda d: json.loads(json.dumps(d, sort_keys=True))
   assert norm(mod.PAPER_FALLBACK) == norm(cfg)
+
+
+def _load():
+  spec = importlib.util.spec_from_file_location(
+      "gpu_check", os.path.join(ROOT, "bench", "gpu_check.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_conv_report_reads_cudnn_calls_and_cpu_convolutions():
+  mod = _load()
+  gpu = (
+      '  %custom-call.12 = (bf16[8,48,96,96,64]{4,3,2,1,0}, u8[0]{0}) '
+      'custom-call(bf16[8,48,192,192,1]{4,3,2,1,0} %param.1, '
+      'bf16[3,7,7,1,64]{4,3,2,1,0} %copy.5), window={size=3x7x7 '
+      'stride=1x2x2 pad=1_1x3_3x3_3}, dim_labels=b012f_012io->b012f, '
+      'custom_call_target="__cudnn$convForward", backend_config={'
+      '"cudnn_conv_backend_config":{"activation_mode":"kNone"},'
+      '"algorithm":{"algo_id":"28","math_type":"TENSOR_OP_MATH"}}\n'
+      '  %add.3 = f32[4]{0} add(f32[4]{0} %a, f32[4]{0} %b)\n'
+      # Operand shapes left out of the call, as newer HLO text prints it.
+      '  %p.2 = bf16[8,48,96,96,64]{4,3,2,1,0} parameter(2)\n'
+      '  %w.7 = bf16[3,3,3,64,64]{4,3,2,1,0} parameter(3)\n'
+      '  ROOT %custom-call.13 = (bf16[8,48,96,96,64]{4,3,2,1,0}, u8[0]{0}) '
+      'custom-call(%p.2, %w.7), window={size=3x3x3 pad=1_1x1_1x1_1}, '
+      'dim_labels=b012f_012io->b012f, '
+      'custom_call_target="__cudnn$convBackwardInput"\n')
+  first, second = mod.conv_report(gpu)
+  assert first == {"op": "custom-call.12", "kind": "Forward",
+                   "result": "bf16[8,48,96,96,64]",
+                   "operands": ["bf16[8,48,192,192,1]", "bf16[3,7,7,1,64]"],
+                   "window": "size=3x7x7 stride=1x2x2 pad=1_1x3_3x3_3",
+                   "dim_labels": "b012f_012io->b012f", "algo": "28"}
+  assert second["kind"] == "BackwardInput" and second["algo"] == ""
+  assert second["operands"] == ["bf16[8,48,96,96,64]", "bf16[3,3,3,64,64]"]
+  assert second["op"] == "custom-call.13"
+  # On CPU: XLA's own convolution ops of a real compiled function.
+  import jax
+  import jax.numpy as jnp
+  from jax import lax
+  f = jax.jit(lambda x, w: lax.conv_general_dilated(
+      x, w, (1, 1), [(1, 1), (1, 1)],
+      dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  txt = f.lower(jnp.ones((1, 8, 8, 2)), jnp.ones((3, 3, 2, 4))).compile().as_text()
+  rows = mod.conv_report(txt)
+  assert [r["kind"] for r in rows] == ["xla-convolution"]
+  assert rows[0]["result"] == "f32[1,8,8,4]"
+  assert rows[0]["operands"] == ["f32[1,8,8,2]", "f32[3,3,2,4]"]
+  assert rows[0]["window"].startswith("size=3x3")
