@@ -26,6 +26,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Array = jax.Array
@@ -310,6 +311,32 @@ def _windows(x: Array, axis: int, n: int, t: int, size: int) -> Array:
   return jnp.concatenate([blocks(0), halo], axis=axis + 1)
 
 
+def _dft_matrix(n: int, taps: int, half: bool = False) -> np.ndarray:
+  """(n or n // 2 + 1, taps) complex DFT rows of a length-n zero-padded
+  signal whose first `taps` samples are non-zero."""
+  f = np.arange(n // 2 + 1 if half else n)[:, None]
+  return np.exp(-2j * np.pi * f * np.arange(taps)[None, :] / n).astype(
+      np.complex64)
+
+
+def _kernel_spectrum(kernel: Array, size: Sequence[int]) -> Array:
+  """`rfftn` of the flipped, zero-padded kernel, `(Sd, Sh, Sw//2+1, C, O)`.
+
+  Correlation = convolution with the flipped kernel. Computed as three small
+  DFT matmuls over the kD/kH/kW taps instead of FFTs of C*O mostly-zero
+  `size` volumes, and already frequency-major (no transpose); its gradient
+  is the same matmuls transposed instead of C*O inverse FFTs.
+  """
+  kd, kh, kw = kernel.shape[:3]
+  g = jnp.flip(kernel.astype(jnp.float32), (0, 1, 2)).astype(jnp.complex64)
+  ed = _dft_matrix(size[0], kd)
+  eh = _dft_matrix(size[1], kh)
+  ew = _dft_matrix(size[2], kw, half=True)
+  g = jnp.einsum("zyxco,Xx->zyXco", g, ew)
+  g = jnp.einsum("zyXco,Yy->zYXco", g, eh)
+  return jnp.einsum("zYXco,Zz->ZYXco", g, ed)
+
+
 def _conv3d_fft(x: Array, kernel: Array, out_size: Sequence[int],
                 padding: Sequence[tuple[int, int]]) -> Array:
   """Stride-1, undilated 3D conv by overlap-save FFT over output tiles.
@@ -336,10 +363,7 @@ def _conv3d_fft(x: Array, kernel: Array, out_size: Sequence[int],
                           in zip(padding, nt, tile, (d, h, w))], (0, 0)))
   freq = (size[0], size[1], size[2] // 2 + 1)
   nf = math.prod(freq)
-  # Correlation = convolution with the flipped kernel; spectrum (F, C, O).
-  kf = jnp.flip(kernel.astype(jnp.float32), (0, 1, 2)).transpose(3, 4, 0, 1, 2)
-  kf = jnp.fft.rfftn(kf, s=size, axes=(-3, -2, -1))
-  kf = kf.reshape(c, o, nf).transpose(2, 0, 1)
+  kf = _kernel_spectrum(kernel, size).reshape(nf, c, o)
   pieces = []
   for lo, hi in _pieces(x, nt[0], 8.0 * b * math.prod(nt) * nf * c * o):
     n0 = hi - lo
