@@ -81,8 +81,10 @@ def pipeline(paths, shape, batch, augment_cfg, data_cfg, workers: int,
   for _ in range(n_batches):
     next(it)
   wall, cpu = time.perf_counter() - t, time.process_time() - c
+  if hasattr(it, "close"):          # stops worker processes (as train.py does)
+    it.close()
   del it, ds
-  gc.collect()                      # stops worker processes, frees buffers
+  gc.collect()                      # frees buffers
   return n_batches * batch / wall, cpu / (n_batches * batch)
 
 
