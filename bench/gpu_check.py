@@ -39,8 +39,8 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import re
+import sys
 import time
 
 import jax
@@ -211,9 +211,6 @@ def vnet_case(batch: int, shape: tuple[int, int, int], smoke: bool):
 
 
 _CONV_TARGET = re.compile(r'custom_call_target="(__cudnn\$conv[A-Za-z]*)"')
-_SHAPE = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
-
-
 # "[dtype[dims]{layout} ]%name" inside an op's operand list.
 _OPERAND = re.compile(r"(?:([a-z]+[0-9]*)\[([0-9,]*)\](?:\{[^}]*\})?\s+)?%([\w.\-]+)")
 _DEF = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\(?([a-z]+[0-9]*)\[([0-9,]*)\]")

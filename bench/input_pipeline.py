@@ -57,7 +57,7 @@ def per_core(paths, shape, augment_cfg, n: int, seed: int = 0):
     rec = records.decode(recs[i % len(recs)])
     ex = input_pipeline.to_example(rec, shape, rng, augment_cfg)
   wall, cpu = time.perf_counter() - t, time.process_time() - c
-  assert ex["volume"].shape[:3] == tuple(shape), ex["image"].shape
+  assert ex["volume"].shape[:3] == tuple(shape), ex["volume"].shape
   return n / wall, cpu / n
 
 

@@ -10,8 +10,9 @@ cross-entropy loss, on the same shapes in the same process. Warm-up steps are
 excluded; the table reports the median of --steps timed steps, volumes/s,
 GFLOP per step (XLA's cost analysis of the same step with XLA's native
 convolutions, before compilation: the model's FLOPs whatever the CPU lowering
-computes, e.g. far fewer in Fourier-domain convs; used for both rows), achieved GFLOP/s and % of this CPU's float32 peak (measured with a
-large matmul unless --peak-gflops is given). The last line is the ratio of
+computes, e.g. far fewer in Fourier-domain convs; used for both rows),
+achieved GFLOP/s and % of this CPU's float32 peak (measured with a large
+matmul unless --peak-gflops is given). The last line is the ratio of
 median step times project/monai. torch and monai: bench/requirements.txt.
 """
 from __future__ import annotations
@@ -98,10 +99,9 @@ def make_step(name, conv_impl, stem, x, y, abstract=False):
 
 def time_project(name, shape, batch, steps, warmup, conv_impl, stem):
   """Returns (median wall s, median CPU s per step, GFLOP per step)."""
-  _, kind = build_project(name, conv_impl, stem)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(batch, *shape, 1)), jnp.float32)
-  if kind == "cls":
+  if name in RESNETS:    # classification (build_project's "cls")
     y = jnp.asarray(rng.integers(0, N_CLASSES, batch))
   else:
     y = jnp.asarray(rng.integers(0, N_SEG, (batch, *shape)))
