@@ -373,8 +373,10 @@ def test_cli_hash_paths_and_clean_work(corpus, tmp_path):
   assert cli.main(["--input", sub, "--out", out, "--shape", "2,8,8", "--workers", "1",
                    "--hash-paths", "--clean-work", "--quiet"]) == 0
   rows = list(csv.DictReader(open(os.path.join(out, "errors.csv"))))
-  # 3 broken files, 3 CR images (scan), 1 CT stack with a gap (load).
-  assert len(rows) == 7 and sum(r["stage"] == "load" for r in rows) == 1
+  # 3 broken files, 3 CR images and the 1-slice fragment that a 202.5 mm gap
+  # cuts off the CT series (all at scan; its 3-slice part converts).
+  assert len(rows) == 7 and all(r["stage"] == "scan" for r in rows)
+  assert sum("fragment of 1 slice(s)" in r["reason"] for r in rows) == 1
   for r in rows:
     assert len(r["path"]) == 16 and "broken" not in r["path"] and ".dcm" not in r["reason"]
   # With hashed paths no PHI string (folder names included) is left anywhere.
@@ -386,5 +388,5 @@ def test_cli_hash_paths_and_clean_work(corpus, tmp_path):
       assert not [s for s in phi if s.encode() in data], path
   assert not os.path.exists(os.path.join(out, convert.WORK_DIR))
   m = json.load(open(os.path.join(out, "manifest.json")))
-  assert m["shape"] == [2, 8, 8] and sum(m["num_records"].values()) == 1
+  assert m["shape"] == [2, 8, 8] and sum(m["num_records"].values()) == 2
   assert cli.main(["--input", str(tmp_path / "nope"), "--out", out, "--quiet"]) == 2

@@ -37,7 +37,8 @@ def test_real_dicomdir_tree_stacks_and_reasons():
   root = _need(os.path.join(PYDICOM_FILES, "dicomdirtests"))
   res = dicom.scan(root, salt=SALT)
   sizes = sorted(len(s.files) for s in res.stacks)
-  assert sizes == [4, 5]  # CT2 (4 slices, has a gap) and CT5N (5 slices)
+  # CT2 (3 slices, then a 202.5 mm gap and a 1-slice fragment) and CT5N.
+  assert sizes == [3, 5]
   ct5 = next(s for s in res.stacks if len(s.files) == 5)
   # Files sorted along the normal in canonical order (axial: superior first,
   # z descending), not by name or InstanceNumber.
@@ -57,6 +58,7 @@ def test_real_dicomdir_tree_stacks_and_reasons():
   assert reasons["README.txt"] == "not a DICOM file"
   assert "not a cross-sectional image" in reasons["6154"]  # CR radiograph
   assert "too few slices" in reasons["15820"]
+  assert "fragment of 1 slice(s) cut off by a gap of 202.5 mm" in reasons["17106"]
   assert len(res.stacks) + len(res.skipped) >= 2 + 70
 
 

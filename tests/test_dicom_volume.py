@@ -116,18 +116,72 @@ def test_gantry_tilt_is_resampled(tmp_path):
   np.testing.assert_allclose(vol.voxels[inside], truth[inside], atol=1.0)
 
 
-def test_missing_slice_raises(tmp_path):
-  pos = sd.linear_positions([0, 0, 0], [0, 0, 1.0], 6)
-  del pos[3]
-  sd.write_series(str(tmp_path), np.zeros((5, 3, 3), np.int16), pos, AXIAL)
-  with pytest.raises(dicom.DicomError, match="missing slice"):
+def test_one_missing_slice_is_interpolated(tmp_path):
+  # Slices at z = 0..5 mm holding 10 * z HU, the file of z = 3 mm is lost.
+  z = [0, 1, 2, 4, 5]
+  stored = np.stack([np.full((3, 3), 10 * k, np.int16) for k in z])
+  sd.write_series(str(tmp_path), stored,
+                  [np.array([0, 0, k], float) for k in z], AXIAL)
+  vol = dicom.load_volume(_one_stack(tmp_path))
+  assert vol.voxels.shape == (6, 3, 3)
+  assert vol.record["MissingSlicesInterpolated"] == 1
+  np.testing.assert_allclose(vol.spacing[0], 1.0)
+  # AX canonical order is superior first: z = 5 .. 0.
+  np.testing.assert_allclose(vol.voxels[:, 1, 1], [50, 40, 30, 20, 10, 0])
+
+
+def test_too_many_missing_slices_raise(tmp_path):
+  # 3 single-slice holes in 20 slices (15% > 10%): no interpolation.
+  z = [k for k in range(20) if k not in (4, 9, 14)]
+  sd.write_series(str(tmp_path), np.zeros((len(z), 3, 3), np.int16),
+                  [np.array([0, 0, k], float) for k in z], AXIAL)
+  with pytest.raises(dicom.DicomError, match=r"missing slice.*3 slice\(s\) missing"):
     dicom.load_volume(_one_stack(tmp_path))
 
 
-def test_real_ct_with_gap_raises():
+def test_wide_gap_splits_the_stack(tmp_path):
+  # 5 + 4 slices 2 mm apart, 20 mm of missing files between them.
+  z = [0, 2, 4, 6, 8, 28, 30, 32, 34]
+  stored = np.stack([np.full((3, 3), k, np.int16) for k in z])
+  sd.write_series(str(tmp_path), stored,
+                  [np.array([0, 0, k], float) for k in z], AXIAL)
+  res = dicom.scan(str(tmp_path), salt=SALT)
+  assert not res.skipped
+  lo, hi = sorted(res.stacks, key=lambda st: len(st.files))
+  assert len(lo.files) == 4 and len(hi.files) == 5 and lo.key != hi.key
+  for st, want in ((hi, [8, 6, 4, 2, 0]), (lo, [34, 32, 30, 28])):
+    vol = dicom.load_volume(st)
+    np.testing.assert_allclose(vol.voxels[:, 0, 0], want)
+    np.testing.assert_allclose(vol.spacing[0], 2.0)
+    assert vol.affine[2, 3] == want[0]          # superior-most slice first
+  # Fragments below min_slices are skipped, naming the gap.
+  res = dicom.scan(str(tmp_path), salt=SALT, min_slices=5)
+  assert [len(st.files) for st in res.stacks] == [5]
+  assert len(res.skipped) == 4
+  assert all("gap of 20.0 mm" in k.reason for k in res.skipped)
+
+
+def test_real_ct_with_gap_is_split():
+  # A real GE head CT series: 3 slices, a 202.5 mm gap, 1 slice.
   root = _need(os.path.join(PYDICOM_FILES, "dicomdirtests", "77654033", "CT2"))
-  with pytest.raises(dicom.DicomError, match=r"gap of 202\.500 mm"):
-    dicom.load_volume(_one_stack(root))
+  res = dicom.scan(root, salt=SALT)
+  (stack,) = res.stacks
+  (frag,) = res.skipped
+  assert "fragment of 1 slice(s)" in frag.reason
+  assert "gap of 202.5 mm" in frag.reason
+  vol = dicom.load_volume(stack)
+  assert vol.voxels.shape[0] == 3
+  np.testing.assert_allclose(vol.spacing[0], 1.25, atol=1e-3)
+  parts = dicom.scan(root, salt=SALT, min_slices=1).stacks
+  vols = sorted((dicom.load_volume(st) for st in parts),
+                key=lambda v: v.voxels.shape[0])
+  assert [v.voxels.shape[0] for v in vols] == [1, 3]
+  np.testing.assert_array_equal(vols[1].voxels, vol.voxels)
+  # The fragment lies 202.5 mm from the nearest slice of the 3-slice part.
+  ends = [vols[1].affine[2, 3], vols[1].affine[2, 3] - 2 * 1.25]
+  gap = min(abs(vols[0].affine[2, 3] - e) for e in ends)
+  np.testing.assert_allclose(gap, 202.5, atol=1e-3)
+
 
 
 def test_duplicates_identical_dropped_different_rejected(tmp_path):

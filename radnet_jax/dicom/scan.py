@@ -12,7 +12,12 @@ SeriesInstanceUID and splits each series into 3D stacks the way dcm2niix does:
    inside a stack, it is split by the first of TemporalPositionIdentifier /
    TemporalPositionIndex, AcquisitionNumber, TriggerTime, AcquisitionTime that
    makes every position unique (a CT series whose slices carry different
-   AcquisitionNumbers but distinct positions stays one stack).
+   AcquisitionNumbers but distinct positions stays one stack);
+4. *gaps*: a stack is cut where consecutive positions are more than 2.5x its
+   median spacing apart (files missing from an archive, separate slabs), into
+   stacks keyed ``part=k``; a part with fewer than ``min_slices`` slices is
+   skipped as a fragment. A gap of one missing slice is not cut:
+   ``load_volume`` fills it by interpolation.
 
 Rejected, each with a reason in ``ScanResult.skipped``: non-DICOM files,
 DICOMDIRs, non-image objects (SR, RT structure sets/plans/doses, presentation
@@ -89,6 +94,7 @@ _TEMPORAL_KEYS = ("TemporalPositionIdentifier", "TemporalPositionIndex",
                   "AcquisitionNumber", "TriggerTime", "AcquisitionTime")
 _IOP_TOL = 1e-3
 _DUP_TOL_MM = 1e-2
+SPLIT_GAP_FACTOR = 2.5      # a wider gap cuts a stack (volume.FILL_FACTOR)
 
 
 @dataclasses.dataclass
@@ -525,22 +531,61 @@ def _series_stacks(entries: list[_Entry], records: dict[tuple, dict],
           continue
         n = geometry.stack_direction(group[0].iop)
         group.sort(key=lambda e: (float(e.position @ n), e.path, e.frame or 0))
-        iop_txt = ",".join(f"{v:.3f}" for v in group[0].iop)
-        split = f"{hard!r}|{iop_txt}|{tkey}"
-        key = hash_id(f"{series_uid}|{split}", salt)
-        files: list[str] = []
-        index: dict[str, int] = {}
-        for e in group:
-          if e.path not in index:
-            index[e.path] = len(files)
-            files.append(e.path)
-        frames = None
-        if group[0].frame is not None:
-          frames = tuple((index[e.path], int(e.frame)) for e in group)
-        stacks.append(Stack(key=key, files=tuple(files),
-                            record=_stack_record(group, records[hard], key),
-                            frames=frames))
+        parts = _split_gaps(group, n)
+        for part_no, (part, gap) in enumerate(parts):
+          if len(parts) > 1 and len(part) < min_slices:
+            skip(part, f"fragment of {len(part)} slice(s) cut off by a gap "
+                       f"of {gap:.1f} mm in the stack (fewer than "
+                       f"{min_slices}; missing files?)")
+            continue
+          iop_txt = ",".join(f"{v:.3f}" for v in part[0].iop)
+          split = f"{hard!r}|{iop_txt}|{tkey}"
+          if len(parts) > 1:
+            split += f"|part={part_no}"
+          stacks.append(_make_stack(part, records[hard],
+                                    hash_id(f"{series_uid}|{split}", salt)))
   return stacks, skipped
+
+
+def _split_gaps(group: list[_Entry], n: np.ndarray
+                ) -> list[tuple[list[_Entry], float]]:
+  """Cuts a position-sorted stack at gaps wider than ``SPLIT_GAP_FACTOR``
+  times its median slice spacing (missing files, separate slabs): each part
+  with the widest gap next to it. Narrower gaps (one missing slice) are left
+  to ``load_volume``, which interpolates them."""
+  if len(group) < 3 or group[0].n_slices > 1:
+    return [(group, 0.0)]
+  s = np.array([float(e.position @ n) for e in group])
+  diffs = np.diff(s)
+  steps = diffs[diffs >= _DUP_TOL_MM]
+  if not len(steps):
+    return [(group, 0.0)]
+  med = float(np.median(steps))
+  cuts = [i + 1 for i in np.flatnonzero(diffs > SPLIT_GAP_FACTOR * med)]
+  if not cuts:
+    return [(group, 0.0)]
+  bounds = [0] + cuts + [len(group)]
+  out = []
+  for a, b in zip(bounds[:-1], bounds[1:]):
+    near = [diffs[a - 1]] if a else []
+    near += [diffs[b - 1]] if b < len(group) else []
+    out.append((group[a:b], float(max(near))))
+  return out
+
+
+def _make_stack(group: list[_Entry], record: dict[str, Any], key: str
+                ) -> Stack:
+  files: list[str] = []
+  index: dict[str, int] = {}
+  for e in group:
+    if e.path not in index:
+      index[e.path] = len(files)
+      files.append(e.path)
+  frames = None
+  if group[0].frame is not None:
+    frames = tuple((index[e.path], int(e.frame)) for e in group)
+  return Stack(key=key, files=tuple(files),
+               record=_stack_record(group, record, key), frames=frames)
 
 
 def group_entries(results: Iterable[list[_Entry] | Skipped], salt: str,

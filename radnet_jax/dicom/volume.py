@@ -14,14 +14,19 @@ RLE all work), then:
 3. duplicates (same position within 0.01 mm): identical pixels -> one is kept
    (the first in the stack's deterministic order); different pixels ->
    ``DicomError`` (the series mixes acquisitions that scan could not split);
-4. missing slices: a gap > 1.5x the median spacing -> ``DicomError``;
+4. missing slices: a gap of one missing slice (1.5x to 2.5x the median
+   spacing; one, or at most 10% of the slices, missing in all) is filled by linear
+   interpolation along D like dcm2niix's equidistant ``_Eq_`` output
+   (``record["MissingSlicesInterpolated"]`` counts them); anything larger
+   -> ``DicomError`` (``scan`` already splits a stack at gaps wider than
+   2.5x, so that is a stack built by hand or too many holes);
 5. gantry tilt (slices shifted in-plane from one to the next, i.e. the stack
    direction is not the slice normal): **resampled** onto the orthogonal grid
    like dcm2niix does: each slice is shifted in-plane (linear interpolation,
    outside filled with the volume minimum) so that the D axis becomes n;
    ``record["GantryTiltCorrected"]`` gives the angle in degrees;
 6. non-uniform spacing (some slice deviates from the uniform grid by more than
-   1% of the spacing, but no gap > 1.5x): **resampled** along D onto a uniform
+   1% of the spacing, but no gap > 1.5x) and filled gaps: **resampled** along D onto a uniform
    grid at the median spacing (linear interpolation);
    ``record["ResampledSliceSpacing"] = True``;
 7. Siemens mosaics are unpacked (NumberOfImagesInMosaic, CSA slice normal);
@@ -58,6 +63,8 @@ from radnet_jax.dicom.types import Stack, Volume
 
 DUPLICATE_TOL_MM = 1e-2
 GAP_FACTOR = 1.5
+FILL_FACTOR = 2.5           # widest gap filled by interpolation (one slice)
+FILL_MAX_FRACTION = 0.1     # more than one filled slice: at most this fraction
 UNIFORM_TOL = 1e-2          # relative to the spacing
 TILT_TOL_PX = 0.05          # in-plane drift over the whole stack, in pixels
 
@@ -417,9 +424,14 @@ def _grid(s: np.ndarray, pos: np.ndarray, n: np.ndarray, iop: np.ndarray,
     med = float(np.median(diffs))
     big = np.flatnonzero(diffs > GAP_FACTOR * med)
     if len(big):
-      i = int(big[0])
-      raise DicomError(where, f"missing slice(s): gap of {diffs[i]:.3f} mm "
-                              f"after slice {i} (median spacing {med:.3f} mm)")
+      missing = int(np.sum(np.maximum(np.round(diffs[big] / med) - 1, 1)))
+      i = int(big[np.argmax(diffs[big])])
+      if (diffs[i] > FILL_FACTOR * med or
+          missing > max(1, FILL_MAX_FRACTION * (count + missing))):
+        raise DicomError(where, f"missing slice(s): gap of {diffs[i]:.3f} mm "
+                                f"after slice {i} (median spacing {med:.3f} "
+                                f"mm; {missing} slice(s) missing in all)")
+      info["MissingSlicesInterpolated"] = missing
     dz = float((s[-1] - s[0]) / (count - 1))
   # --- gantry tilt: in-plane drift of the positions ---------------------------
   offsets = (pos - pos[0]) - np.outer(s - s[0], n)
@@ -434,7 +446,7 @@ def _grid(s: np.ndarray, pos: np.ndarray, n: np.ndarray, iop: np.ndarray,
   uniform = None
   if count > 2:
     resid = np.abs(s - (s[0] + dz * np.arange(count)))
-    if np.max(resid) > UNIFORM_TOL * dz:
+    if "MissingSlicesInterpolated" in info or np.max(resid) > UNIFORM_TOL * dz:
       dz = float(np.median(np.diff(s)))
       k = int(np.floor((s[-1] - s[0]) / dz + 1e-3)) + 1
       target = s[0] + dz * np.arange(k)
