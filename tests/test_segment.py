@@ -150,3 +150,27 @@ def test_train_and_evaluate_end_to_end(tmp_path, rbg_prng):
   img = nib.load(out)
   assert img.shape == FILE_SHAPE and img.get_data_dtype() == np.uint8
   np.testing.assert_allclose(img.affine, AFFINE_RAS, atol=1e-6)
+
+
+def test_liver_and_tumour_classes_end_to_end(tmp_path):
+  # num_classes=3: background / liver / tumour, from scratch; the evaluation
+  # reports tumour next to liver and the saved masks use LiTS labels.
+  lits = _write_lits(str(tmp_path / "lits"), n=3)
+  c = _config("tiny,scratch")
+  c.num_classes = 3
+  c.data.lits_dir = lits
+  c.data.cache_dir = str(tmp_path / "cache")
+  c.data.spacing = (2.5, 1.5, 1.5)
+  c.model.kwargs.conv_impl = "xla"
+  c.proposal.enabled = False
+  c.num_devices = 1
+  workdir = str(tmp_path / "wd")
+  segment.train_and_evaluate(c, workdir)
+  t = json.load(open(os.path.join(workdir, "results.json")))["test"]
+  for key in ("liver/dice_global", "tumour/dice_global", "tumour/dice_per_case"):
+    assert 0.0 <= t[key] <= 1.0, key
+  (case,) = t["cases"]
+  assert "tumour/dice" in t["cases"][case]
+  img = nib.load(os.path.join(workdir, "predictions", f"case-{case}.nii.gz"))
+  assert img.shape == FILE_SHAPE
+  assert set(np.unique(np.asarray(img.dataobj))) <= {0, 1, 2}
