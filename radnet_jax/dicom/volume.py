@@ -325,20 +325,26 @@ def _read_mosaic(stack: Stack) -> _Slices:
     raise DicomError(path, "mosaic without NumberOfImagesInMosaic")
   arr = _pixels(ds, path)
   grid = int(math.ceil(math.sqrt(n)))
+  # Tiles fill the mosaic from its top-left corner; a remainder of rows or
+  # columns (a mosaic not divisible by the grid) is padding, dropped as
+  # dcm2niix and nibabel do.
   rows, cols = arr.shape[0] // grid, arr.shape[1] // grid
-  if rows * grid != arr.shape[0] or cols * grid != arr.shape[1]:
-    raise DicomError(path, f"mosaic {arr.shape} does not divide into "
-                           f"{grid}x{grid} tiles")
-  tiles = arr.reshape(grid, rows, grid, cols).transpose(0, 2, 1, 3)
+  if rows < 1 or cols < 1:
+    raise DicomError(path, f"mosaic {arr.shape} is smaller than its "
+                           f"{grid}x{grid} grid of {n} images")
+  tiles = arr[:rows * grid, :cols * grid]
+  tiles = tiles.reshape(grid, rows, grid, cols).transpose(0, 2, 1, 3)
   tiles = tiles.reshape(grid * grid, rows, cols)[:n]
   iop = _vec(ds.ImageOrientationPatient, 6, path, "ImageOrientationPatient")
   ipp = _vec(ds.ImagePositionPatient, 3, path, "ImagePositionPatient")
   spacing = _vec(ds.PixelSpacing, 2, path, "PixelSpacing")
   r, c = iop[:3], iop[3:]
   # Siemens puts the mosaic's position at the corner of the whole mosaic;
-  # move it to the corner of the first tile (as nibabel and dcm2niix do).
-  ipp = ipp + c * spacing[0] * (arr.shape[0] - rows) / 2 \
-      + r * spacing[1] * (arr.shape[1] - cols) / 2
+  # move it to the corner of the first tile (as nibabel and dcm2niix do). The
+  # shift counts a tile as 1/grid of the mosaic, like dcm2niix, which matters
+  # only for mosaics that do not divide evenly.
+  ipp = ipp + c * spacing[0] * arr.shape[0] * (grid - 1) / (2 * grid) \
+      + r * spacing[1] * arr.shape[1] * (grid - 1) / (2 * grid)
   normal = geometry.slice_normal(iop)
   try:
     with warnings.catch_warnings():  # nibabel warns that nicom is experimental
