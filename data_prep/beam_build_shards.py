@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_prep.build_shards import _shape, _split
+from data_prep.build_shards import add_conversion_flags
 from radnet_jax import convert
 
 
@@ -32,25 +32,12 @@ def main(argv: list[str] | None = None) -> int:
   if "--" in argv:
     i = argv.index("--")
     argv, beam_args = argv[:i], argv[i + 1:]
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(prog="python -m data_prep.beam_build_shards",
+                              description=__doc__.split("\n\n")[0])
   p.add_argument("--input", required=True,
                  help="DICOM root: a local folder, or gs://... / s3://... prefix")
   p.add_argument("--out", required=True, help="output folder (local or gs://...)")
-  p.add_argument("--shape", type=_shape, default=convert.DEFAULT_SHAPE,
-                 help="D,H,W voxels of every stored volume")
-  p.add_argument("--overrides", default=None, help="curator's labels CSV")
-  p.add_argument("--taxonomy", choices=("paper", "extended"), default="paper")
-  p.add_argument("--priors", default="builtin",
-                 help="'builtin', 'none' or a priors CSV/JSON file")
-  p.add_argument("--salt", default=None,
-                 help="hashing salt (default $RADNET_SALT or OUT/.salt)")
-  p.add_argument("--records-per-shard", type=int,
-                 default=convert.DEFAULT_RECORDS_PER_SHARD)
-  p.add_argument("--split", type=_split, default=convert.DEFAULT_SPLIT,
-                 help="train,val,test fractions")
-  p.add_argument("--seed", type=int, default=0, help="split seed")
-  p.add_argument("--hash-paths", action="store_true",
-                 help="salted hashes instead of relative paths in errors.csv")
+  add_conversion_flags(p)
   p.add_argument("--mode", choices=("auto", "stacks", "units"), default="auto",
                  help="stacks: scan on the driver, distribute stacks; units: "
                       "workers scan the folders --scan-depth levels down (no "

@@ -38,17 +38,13 @@ def _split(text: str) -> tuple[float, float, float]:
   return split  # type: ignore[return-value]
 
 
-def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m data_prep.build_shards",
-                              description=__doc__.split("\n\n")[0])
-  p.add_argument("--input", required=True, help="root folder of DICOM files")
-  p.add_argument("--out", required=True, help="output folder for shards + reports")
+def add_conversion_flags(p: argparse.ArgumentParser) -> None:
+  """The flags that set what a conversion writes (shared with
+  ``data_prep.beam_build_shards``): grid, labels, salt, sharding, split."""
   p.add_argument("--shape", type=_shape, default=convert.DEFAULT_SHAPE,
                  help="D,H,W voxels of the stored volumes (default 48,192,192)")
   p.add_argument("--overrides", default=None,
                  help="curated labels CSV (an edited labels.csv); its labels win")
-  p.add_argument("--workers", type=int, default=None,
-                 help="processes (default: all cores; 1 = in-process)")
   p.add_argument("--taxonomy", choices=("paper", "extended"), default="paper")
   p.add_argument("--priors", default="builtin",
                  help="dataset-level label priors: 'builtin' (default: the "
@@ -64,9 +60,24 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--hash-paths", action="store_true",
                  help="write salted hashes instead of relative paths in errors.csv "
                       "(when folder names may contain patient names)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m data_prep.build_shards",
+                              description=__doc__.split("\n\n")[0])
+  p.add_argument("--input", required=True, help="root folder of DICOM files")
+  p.add_argument("--out", required=True, help="output folder for shards + reports")
+  p.add_argument("--workers", type=int, default=None,
+                 help="processes (default: all cores; 1 = in-process)")
+  add_conversion_flags(p)
   p.add_argument("--clean-work", action="store_true",
                  help="delete the work cache OUT/.work after a successful run")
   p.add_argument("--quiet", action="store_true", help="no progress bars / table")
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = build_parser()
   args = p.parse_args(argv)
   try:
     convert.build_shards(
