@@ -57,9 +57,14 @@ def add_conversion_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--split", type=_split, default=convert.DEFAULT_SPLIT,
                  help="train,val,test fractions by patient (default 0.8,0.1,0.1)")
   p.add_argument("--seed", type=int, default=0, help="split seed")
-  p.add_argument("--hash-paths", action="store_true",
-                 help="write salted hashes instead of relative paths in errors.csv "
-                      "(when folder names may contain patient names)")
+  paths = p.add_mutually_exclusive_group()
+  paths.add_argument("--plain-paths", dest="hash_paths", action="store_false",
+                     help="write paths relative to --input in errors.csv (for "
+                          "de-identified archives; the default writes salted "
+                          "hashes, which python -m data_prep.locate maps back)")
+  paths.add_argument("--hash-paths", dest="hash_paths", action="store_true",
+                     help="salted hashes of the paths in errors.csv (default)")
+  p.set_defaults(hash_paths=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

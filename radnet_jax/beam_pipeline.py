@@ -78,7 +78,7 @@ class Options:
 
   def __init__(self, *, shape: Sequence[int], taxonomy: str, salt: str,
                split: Sequence[float], seed: int, priors: Any = None,
-               overrides: str | None = None, hash_paths: bool = False,
+               overrides: str | None = None, hash_paths: bool = True,
                records_per_shard: int = convert.DEFAULT_RECORDS_PER_SHARD):
     self.shape = tuple(int(s) for s in shape)
     self.taxonomy = taxonomy
@@ -445,7 +445,7 @@ def run(input_dir: str, out_dir: str, *, shape: Sequence[int] = convert.DEFAULT_
         taxonomy: str = "paper", priors: Any = None, overrides: str | None = None,
         salt: str | None = None, records_per_shard: int = convert.DEFAULT_RECORDS_PER_SHARD,
         seed: int = 0, split: Sequence[float] = convert.DEFAULT_SPLIT,
-        hash_paths: bool = False, mode: str = "auto", scan_depth: int = 1,
+        hash_paths: bool = True, mode: str = "auto", scan_depth: int = 1,
         pipeline_args: Sequence[str] = ()) -> None:
   """Runs the conversion on the runner named in ``pipeline_args``.
 

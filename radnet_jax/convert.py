@@ -41,9 +41,12 @@ then the series hash (they cannot be grouped across studies).
 
 PHI: records carry salted hashes only, and the metadata record stored in the
 shards is filtered again here (no names, IDs, dates, instance UIDs). Paths in
-``errors.csv`` are relative to the input root (archive folder names may
-contain patient names: use ``hash_paths=True`` / ``--hash-paths`` to replace
-them by salted hashes); the input root itself is never written.
+``errors.csv`` are salted hashes of the path relative to the input root by
+default, because archive folders and files are often named after patients;
+``locate(input_dir, out_dir, hashes)`` (``python -m data_prep.locate``) finds
+the files behind them on the machine that holds the archive. With
+``hash_paths=False`` (``--plain-paths``, for de-identified archives) the
+relative paths are written; the input root itself is never written.
 """
 from __future__ import annotations
 
@@ -468,6 +471,38 @@ class _PathScrubber:
     return text.replace("\n", " ").replace("\r", " ")
 
 
+def locate(input_dir: str, out_dir: str, hashes: Sequence[str], *,
+           salt: str | None = None) -> dict[str, str]:
+  """The input paths behind hashed ``errors.csv`` paths.
+
+  Walks ``input_dir`` (the root the conversion was given) and hashes every
+  file's and folder's path relative to it with the conversion's salt
+  (``privacy.load_salt(out_dir, salt)``). Returns {hash: relative path} for
+  the hashes found; run it where the archive is, and print rather than
+  store the result (it is PHI wherever the names are).
+  """
+  salt = privacy.load_salt(out_dir, salt)
+  want = set(hashes)
+  found: dict[str, str] = {}
+  root = os.path.abspath(input_dir)
+  if os.path.isfile(root):
+    rel = os.path.basename(root)
+    if privacy.hash_id(rel, salt) in want:
+      found[privacy.hash_id(rel, salt)] = rel
+    return found
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames.sort()
+    for name in [""] + sorted(filenames):
+      rel = os.path.relpath(os.path.join(dirpath, name), root) if name else \
+          os.path.relpath(dirpath, root)
+      h = privacy.hash_id(rel, salt)
+      if h in want:
+        found[h] = rel
+    if len(found) == len(want):
+      break
+  return found
+
+
 def _stack_dir(files: Sequence[str]) -> str:
   if not files:
     return ""
@@ -582,7 +617,7 @@ def build_shards(input_dir: str, out_dir: str, *,
                  records_per_shard: int = DEFAULT_RECORDS_PER_SHARD,
                  seed: int = 0,
                  split: Sequence[float] = DEFAULT_SPLIT,
-                 hash_paths: bool = False,
+                 hash_paths: bool = True,
                  keep_work: bool = True,
                  progress: bool = True) -> dict:
   """Converts a DICOM folder tree into labelled ArrayRecord shards.
@@ -602,7 +637,8 @@ def build_shards(input_dir: str, out_dir: str, *,
     records_per_shard: records per ArrayRecord file.
     seed: split seed (patients -> splits).
     split: train/val/test fractions (normalised to sum 1).
-    hash_paths: write salted hashes instead of relative paths in errors.csv.
+    hash_paths: write salted hashes of the relative paths in errors.csv
+      (default; ``locate`` maps them back); False writes the relative paths.
     keep_work: keep the per-stack work cache (fast resume and re-labelling).
     progress: tqdm bars and a summary table on stdout.
   Returns:

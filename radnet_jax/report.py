@@ -2,7 +2,8 @@
 
 Everything written here is PHI-free by construction: rows carry salted hashes
 (series, stack), label texts and provenance; file paths in ``errors.csv`` are
-relative to the input root (or hashed with ``hash_paths``); montage file names
+salted hashes (``convert.locate`` maps them back), or paths relative to the
+input root with ``hash_paths=False``; montage file names
 come from task names, never from tag values.
 
 Files (in the conversion's output directory):

@@ -18,7 +18,7 @@ beam = pytest.importorskip(
 
 from array_record.python.array_record_module import ArrayRecordReader  # noqa: E402
 
-from radnet_jax import beam_pipeline, convert, phantom, records  # noqa: E402
+from radnet_jax import beam_pipeline, convert, phantom, privacy, records  # noqa: E402
 
 SALT = "beam-test-salt"
 SHAPE = (4, 16, 16)
@@ -80,11 +80,14 @@ def test_beam_matches_local_converter(corpus, tmp_path, mode):
   assert rec["split"] == "train" and len(rec["series"]) == 16
   errors = open(os.path.join(out, "errors.csv")).read()
   local_errors = open(os.path.join(local, "errors.csv")).read()
-  assert "broken.dcm" in local_errors
+  # Paths are salted hashes in both (the default); the broken file's is the
+  # hash of its relative path.
+  assert privacy.hash_id("broken.dcm", SALT) in local_errors
+  assert "broken.dcm" not in local_errors
   if mode == "stacks":
     assert errors == local_errors
-  # The unreadable file is reported by relative path only (units mode scans
-  # patient folders, so the loose root-level file is out of any unit).
+  # Units mode scans patient folders, so the loose root-level file is out of
+  # any unit; the rest is the same hashed rows.
   assert os.path.dirname(dicom_dir) not in errors
 
 

@@ -292,7 +292,11 @@ def test_errors_csv_lists_broken_inputs(corpus, built):
   out, summary = built
   rows = list(csv.DictReader(open(os.path.join(out, "errors.csv"))))
   assert summary["skipped_by_scan"] == sum(r["stage"] == "scan" for r in rows)
-  by_path = {r["path"]: r for r in rows}
+  # Paths are salted hashes by default; locate maps every one back.
+  assert all(len(r["path"]) == 16 for r in rows)
+  where = convert.locate(root, out, [r["path"] for r in rows], salt=SALT)
+  assert len(where) == len({r["path"] for r in rows})
+  by_path = {where[r["path"]]: r for r in rows}
   for name in ("truncated.dcm", "random.dcm", "report_sr.dcm"):
     row = by_path[os.path.join("broken", name)]
     assert row["reason"], name
@@ -316,15 +320,9 @@ def test_no_phi_anywhere_in_output(corpus, built):
     if not os.path.isfile(path):
       continue
     data = open(path, "rb").read()
-    if os.path.basename(path) == "errors.csv":
-      # Without --hash-paths the path column shows paths relative to the input
-      # root, and archive folders may be named after patients (here the
-      # dicomdir folder 77654033 is a PatientID): documented; checked below
-      # with --hash-paths. Every other column must be clean.
-      rows = list(csv.DictReader(open(path)))
-      data = "\n".join(",".join(v for k, v in r.items() if k != "path")
-                       for r in rows).encode()
-    for s in phi:
+    # errors.csv included: its paths are hashed by default (the dicomdir
+    # folder 77654033 is named by a PatientID).
+    for s in phi | {"77654033"}:
       assert s.encode() not in data, (os.path.relpath(path, out), s)
 
 
@@ -362,8 +360,10 @@ def test_deterministic_parallel_rerun_and_resume(corpus, built, tmp_path):
   assert not os.path.exists(os.path.join(out2, "train-00099-of-00100.array_record"))
 
 
-def test_cli_hash_paths_and_clean_work(corpus, tmp_path):
+def test_cli_hashed_paths_by_default_locate_and_clean_work(corpus, tmp_path,
+                                                           capsys):
   from data_prep import build_shards as cli
+  from data_prep import locate
   root, _ = corpus
   sub = str(tmp_path / "in")
   shutil.copytree(os.path.join(root, "broken"), os.path.join(sub, "broken"))
@@ -371,7 +371,7 @@ def test_cli_hash_paths_and_clean_work(corpus, tmp_path):
   shutil.copytree(os.path.join(root, "real", "77654033"), os.path.join(sub, "77654033"))
   out = str(tmp_path / "out")
   assert cli.main(["--input", sub, "--out", out, "--shape", "2,8,8", "--workers", "1",
-                   "--hash-paths", "--clean-work", "--quiet"]) == 0
+                   "--clean-work", "--quiet"]) == 0
   rows = list(csv.DictReader(open(os.path.join(out, "errors.csv"))))
   # 3 broken files, 3 CR images and the 1-slice fragment that a 202.5 mm gap
   # cuts off the CT series (all at scan; its 3-slice part converts).
@@ -389,4 +389,19 @@ def test_cli_hash_paths_and_clean_work(corpus, tmp_path):
   assert not os.path.exists(os.path.join(out, convert.WORK_DIR))
   m = json.load(open(os.path.join(out, "manifest.json")))
   assert m["shape"] == [2, 8, 8] and sum(m["num_records"].values()) == 2
+  # locate prints (never writes) the path behind every errors.csv row.
+  capsys.readouterr()
+  before = sorted(os.listdir(out))
+  assert locate.main(["--input", sub, "--shards", out]) == 0
+  printed = dict(line.split("\t")[:2] for line in capsys.readouterr().out.splitlines())
+  assert sorted(printed) == sorted(r["path"] for r in rows)
+  assert os.path.join("broken", "random.dcm") in printed.values()
+  assert os.path.join("77654033", "CT2", "17106") in printed.values()
+  assert sorted(os.listdir(out)) == before  # nothing written
+  # --plain-paths writes the relative paths instead.
+  out2 = str(tmp_path / "out2")
+  assert cli.main(["--input", sub, "--out", out2, "--shape", "2,8,8", "--workers",
+                   "1", "--plain-paths", "--quiet"]) == 0
+  rows2 = list(csv.DictReader(open(os.path.join(out2, "errors.csv"))))
+  assert sorted(r["path"] for r in rows2) == sorted(printed.values())
   assert cli.main(["--input", str(tmp_path / "nope"), "--out", out, "--quiet"]) == 2
