@@ -163,6 +163,12 @@ CONTRAST_CASES = [
     (dict(Modality="CT", ContrastBolusAgent="ORAL", ContrastBolusRoute="ORAL"), None, "unknown:"),
     (dict(Modality="MR", ContrastBolusAgent="11 ml Omniscan"), "yes", "tag:"),
     (dict(Modality="MR", SeriesDescription="t2_tse_tra"), None, "unknown:"),
+    # "Enhanced" as the DICOM IOD (nibabel's Philips MPRAGE) is not contrast;
+    # "enhanced CT" still is.
+    (dict(Modality="MR", StudyDescription="R3.2.2 Enhanced Dicom Phantom",
+          SeriesDescription="MPRAGE_S2"), None, "unknown:"),
+    (dict(Modality="MR", SeriesDescription="Enhanced MR Image export"), None, "unknown:"),
+    (dict(Modality="CT", StudyDescription="ENHANCED CT ABDOMEN"), "yes", "desc:"),
 ]
 
 

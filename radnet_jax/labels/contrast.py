@@ -66,7 +66,10 @@ _POSITIVE = keywords(
 _NOT_CONTRAST = keywords(
     r"(?:POST|PRE) ?-?(?:OP\w*|SURG\w*|TREAT\w*|TX|CHEMO\w*|RT|RAD\w*|THERAPY|"
     r"BIOPSY|PROC\w*|RESECTION|ABLATION|TACE|NAC|NACT|TRANSPLANT|VOID)",
-    r"POSTERIOR", r"PREP\w*", r"PRESAT\w*", r"PRESCAN")
+    r"POSTERIOR", r"PREP\w*", r"PRESAT\w*", r"PRESCAN",
+    # The DICOM "Enhanced" IODs (Enhanced MR / CT image, "Enhanced DICOM"
+    # exports), not contrast enhancement.
+    r"ENHANCED ?(?:DICOM|DCM|IOD|MULTI ?-?FRAME|MF|(?:MR|CT|PET) ?(?:IMAGE|STORAGE|OBJECT)S?)")
 _CT_ANGIO = keywords(r"CTA", r"CT ?ANGIO\w*", r"ANGIO\w*", r"PULMONARY EMBOL\w*",
                      r"PE PROTOCOL")
 
