@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 
+# Gaps in a stack, in multiples of its median slice spacing: up to this wide
+# (one missing slice) load_volume fills them; scan cuts a stack at wider ones.
+GAP_FILL_FACTOR = 2.5
 PLANES = ("SAG", "COR", "AX")  # indexed by the dominant LPS axis of the normal
 _X, _Y, _Z = np.eye(3)
 # Target direction of (D, H, W) for each plane.

@@ -94,7 +94,6 @@ _TEMPORAL_KEYS = ("TemporalPositionIdentifier", "TemporalPositionIndex",
                   "AcquisitionNumber", "TriggerTime", "AcquisitionTime")
 _IOP_TOL = 1e-3
 _DUP_TOL_MM = 1e-2
-SPLIT_GAP_FACTOR = 2.5      # a wider gap cuts a stack (volume.FILL_FACTOR)
 
 
 @dataclasses.dataclass
@@ -549,7 +548,7 @@ def _series_stacks(entries: list[_Entry], records: dict[tuple, dict],
 
 def _split_gaps(group: list[_Entry], n: np.ndarray
                 ) -> list[tuple[list[_Entry], float]]:
-  """Cuts a position-sorted stack at gaps wider than ``SPLIT_GAP_FACTOR``
+  """Cuts a position-sorted stack at gaps wider than ``GAP_FILL_FACTOR``
   times its median slice spacing (missing files, separate slabs): each part
   with the widest gap next to it. Narrower gaps (one missing slice) are left
   to ``load_volume``, which interpolates them."""
@@ -561,7 +560,7 @@ def _split_gaps(group: list[_Entry], n: np.ndarray
   if not len(steps):
     return [(group, 0.0)]
   med = float(np.median(steps))
-  cuts = [i + 1 for i in np.flatnonzero(diffs > SPLIT_GAP_FACTOR * med)]
+  cuts = [i + 1 for i in np.flatnonzero(diffs > geometry.GAP_FILL_FACTOR * med)]
   if not cuts:
     return [(group, 0.0)]
   bounds = [0] + cuts + [len(group)]

@@ -63,7 +63,6 @@ from radnet_jax.dicom.types import Stack, Volume
 
 DUPLICATE_TOL_MM = 1e-2
 GAP_FACTOR = 1.5
-FILL_FACTOR = 2.5           # widest gap filled by interpolation (one slice)
 FILL_MAX_FRACTION = 0.1     # more than one filled slice: at most this fraction
 UNIFORM_TOL = 1e-2          # relative to the spacing
 TILT_TOL_PX = 0.05          # in-plane drift over the whole stack, in pixels
@@ -421,6 +420,7 @@ def _grid(s: np.ndarray, pos: np.ndarray, n: np.ndarray, iop: np.ndarray,
   r, c = iop[:3], iop[3:]
   dr, dc = spacing
   count = len(s)
+  filled = False    # slices missing in gaps, filled by the uniform resampling
   # --- spacing and gaps ---------------------------------------------------
   if count == 1:
     dz = float(record.get("SpacingBetweenSlices") or
@@ -430,9 +430,10 @@ def _grid(s: np.ndarray, pos: np.ndarray, n: np.ndarray, iop: np.ndarray,
     med = float(np.median(diffs))
     big = np.flatnonzero(diffs > GAP_FACTOR * med)
     if len(big):
+      filled = True
       missing = int(np.sum(np.maximum(np.round(diffs[big] / med) - 1, 1)))
       i = int(big[np.argmax(diffs[big])])
-      if (diffs[i] > FILL_FACTOR * med or
+      if (diffs[i] > geometry.GAP_FILL_FACTOR * med or
           missing > max(1, FILL_MAX_FRACTION * (count + missing))):
         raise DicomError(where, f"missing slice(s): gap of {diffs[i]:.3f} mm "
                                 f"after slice {i} (median spacing {med:.3f} "
@@ -452,7 +453,7 @@ def _grid(s: np.ndarray, pos: np.ndarray, n: np.ndarray, iop: np.ndarray,
   uniform = None
   if count > 2:
     resid = np.abs(s - (s[0] + dz * np.arange(count)))
-    if "MissingSlicesInterpolated" in info or np.max(resid) > UNIFORM_TOL * dz:
+    if filled or np.max(resid) > UNIFORM_TOL * dz:
       dz = float(np.median(np.diff(s)))
       k = int(np.floor((s[-1] - s[0]) / dz + 1e-3)) + 1
       target = s[0] + dz * np.arange(k)
