@@ -171,6 +171,12 @@ def test_liver_and_tumour_classes_end_to_end(tmp_path):
     assert 0.0 <= t[key] <= 1.0, key
   (case,) = t["cases"]
   assert "tumour/dice" in t["cases"][case]
+  # The saved network predicts 3 classes (a run that ignored num_classes
+  # would give 2 and still report a tumour Dice).
+  predict_fn, cfg = segment.load_seg_predictor(workdir)
+  probs = np.asarray(predict_fn(jnp.zeros((1, *cfg.patch_shape, 1), jnp.float32)))
+  assert probs.shape == (1, *cfg.patch_shape, 3)
+  np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
   img = nib.load(os.path.join(workdir, "predictions", f"case-{case}.nii.gz"))
   assert img.shape == FILE_SHAPE
   assert set(np.unique(np.asarray(img.dataobj))) <= {0, 1, 2}
