@@ -66,7 +66,7 @@ def main() -> None:
   a = p.parse_args()
 
   import ingest  # bench/ingest.py: the synthetic CT corpus
-  from radnet_jax import convert
+  from radnet_jax.shards import convert
 
   shape = tuple(int(s) for s in a.shape.split(","))
   tmp = tempfile.mkdtemp(prefix="ingest_scaling_")

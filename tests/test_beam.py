@@ -18,7 +18,10 @@ beam = pytest.importorskip(
 
 from array_record.python.array_record_module import ArrayRecordReader  # noqa: E402
 
-from radnet_jax import beam_pipeline, convert, phantom, privacy, records  # noqa: E402
+from radnet_jax import phantom, privacy
+from radnet_jax.shards import beam as beam_pipeline
+from radnet_jax.shards import convert
+from radnet_jax.shards import records  # noqa: E402
 
 SALT = "beam-test-salt"
 SHAPE = (4, 16, 16)

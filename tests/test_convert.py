@@ -17,7 +17,8 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from radnet_jax import convert, records
+from radnet_jax.shards import convert
+from radnet_jax.shards import records
 from radnet_jax.labels import taxonomy as tx
 
 lb = pytest.importorskip("radnet_jax.labels")

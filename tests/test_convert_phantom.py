@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from radnet_jax import convert
+from radnet_jax.shards import convert
 from radnet_jax.privacy import hash_id
 
 phantom = pytest.importorskip("radnet_jax.phantom")

@@ -1,6 +1,6 @@
 """DICOM -> ArrayRecord shards on Apache Beam (Direct, Dataflow, Flink, Spark).
 
-The same conversion as ``radnet_jax.convert.build_shards`` (one stack in, one
+The same conversion as ``radnet_jax.shards.convert.build_shards`` (one stack in, one
 record out, through the *same* functions: ``convert.convert_stack_staged``
 for load + resample + normalise, ``convert._label`` + ``Taxonomy.encode`` for the
 labels, ``convert.split_of`` for the patient split and
@@ -46,7 +46,9 @@ from typing import Any, Iterator, Mapping, Sequence
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from radnet_jax import convert, privacy, records
+from radnet_jax import privacy
+from radnet_jax.shards import convert
+from radnet_jax.shards import records
 from radnet_jax import resample as rs
 from radnet_jax.labels import taxonomy as tx
 
@@ -70,7 +72,7 @@ def shard_of(key: str, num_shards: int) -> int:
 
 
 # ----------------------------------------------------------------------------
-# The per-stack conversion (shared with radnet_jax.convert)
+# The per-stack conversion (shared with radnet_jax.shards.convert)
 # ----------------------------------------------------------------------------
 
 class Options:
@@ -314,7 +316,7 @@ class WriteReports(beam.DoFn):
     self.opts = opts
 
   def process(self, _, shards, labels, errors):
-    from radnet_jax import report  # pylint: disable=g-import-not-at-top
+    from radnet_jax.shards import report  # pylint: disable=g-import-not-at-top
     tax = tx.Taxonomy(self.opts.taxonomy)
     by_split = {s: sorted((x for x in shards if x["split"] == s), key=lambda x: x["index"])
                 for s in convert.SPLITS}

@@ -17,7 +17,7 @@
 3. **assemble** in sorted StackKey order (deterministic): label each cached
    stack (``radnet_jax.labels.label`` + curator overrides, which win and are
    recorded as ``override:...`` provenance), assign its split from the hashed
-   patient, encode the record (schema in ``radnet_jax.records``) and write
+   patient, encode the record (schema in ``radnet_jax.shards.records``) and write
    ``{split}-{index:05d}-of-{count:05d}.array_record`` shards
    (``group_size:1`` for cheap random access by grain). Shards are written to
    temporary names and renamed, so a kill during assembly leaves no
@@ -25,7 +25,7 @@
    re-run with a corrected ``--overrides`` file reuses every cached volume and
    only rewrites the shards.
 4. **report**: ``manifest.json``, ``errors.csv``, ``labels.csv``,
-   ``report.md``, ``montage_<task>.png`` (see ``radnet_jax.report``).
+   ``report.md``, ``montage_<task>.png`` (see ``radnet_jax.shards.report``).
 
 Determinism: same input + same salt (``out_dir/.salt``, see
 ``radnet_jax.privacy.load_or_create_salt``) -> byte-identical shards, manifest
@@ -66,7 +66,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from radnet_jax import privacy, records, report
+from radnet_jax import privacy
+from radnet_jax.shards import records
+from radnet_jax.shards import report
 from radnet_jax import resample as rs
 from radnet_jax.labels import taxonomy as tx
 
@@ -847,7 +849,7 @@ def build_shards(input_dir: str, out_dir: str, *,
 
 def _shard_record(cached: Mapping[str, Any], entry: Mapping[str, Any], split: str,
                   taxonomy: str) -> dict:
-  """The pretraining record (schema in radnet_jax.records) of one stack."""
+  """The pretraining record (schema in radnet_jax.shards.records) of one stack."""
   targets = dict(entry["targets"])
   coverage = np.asarray(targets.pop("coverage"), np.float32)
   md = entry["md"]

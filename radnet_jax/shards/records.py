@@ -40,7 +40,7 @@ metadata            the PHI-free DICOM metadata record the labels were
                     can be re-labelled without the DICOM files
 =================  ==========================================================
 
-Pretraining shards are written by ``radnet_jax.convert.build_shards``
+Pretraining shards are written by ``radnet_jax.shards.convert.build_shards``
 (``{split}-{index:05d}-of-{count:05d}.array_record``, ``group_size:1``) with a
 ``manifest.json`` listing them; ``convert.shard_paths(out_dir, split)``.
 
