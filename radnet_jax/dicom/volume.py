@@ -486,9 +486,11 @@ def _assemble(sl: _Slices, where: str, record: dict[str, Any]
       while j in dup:
         j -= 1
       if not np.array_equal(vox[i], vox[j]):
+        tried = record.get("VolumeSplitTried")
         raise DicomError(where, f"two slices at the same position "
                                 f"({s[i]:.3f} mm along the normal) with "
-                                "different pixels: mixed acquisitions")
+                                "different pixels: mixed acquisitions"
+                                + (f" ({tried})" if tried else ""))
     keep = np.setdiff1d(np.arange(len(s)), dup)
     vox, pos, s = vox[keep], pos[keep], s[keep]
     info["DuplicateSlicesDropped"] = int(len(dup))
