@@ -5,14 +5,16 @@ same voxels."""
 import glob
 import os
 import shutil
-import subprocess
 import collections
+import subprocess
 
 import numpy as np
 import pytest
 
 from radnet_jax import dicom
+from radnet_jax.labels import OTHER, label
 from radnet_jax.phantom import layouts
+from radnet_jax.privacy import hash_id
 
 SALT = "test-salt"
 
@@ -62,6 +64,27 @@ def test_every_volume_is_its_own_stack_with_its_key(corpus, style):
   # The volumes of a series really differ (a wrong split would mix them).
   flat = {v.voxels.tobytes() for v in vols}
   assert len(flat) == len(vols)
+
+
+@pytest.mark.parametrize("descriptions", [True, False])
+def test_labels_of_every_volume_match_the_truth(corpus, descriptions):
+  out, truth = corpus
+  expected = {(r["series_uid"], r["volume_index"]): r for r in truth}
+  by_hash = {hash_id(r["series_uid"], SALT): r["series_uid"] for r in truth}
+  res = dicom.scan(os.path.join(out, "dicom"), salt=SALT)
+  assert len(res.stacks) == len(truth)
+  for st in res.stacks:
+    rec = dict(st.record)
+    if not descriptions:  # the tags alone decide
+      for key in ("SeriesDescription", "ProtocolName"):
+        rec.pop(key, None)
+    row = expected[(by_hash[rec["SeriesHash"]], rec["VolumeIndex"])]
+    labels = label(rec, "extended")
+    assert labels["sequence"].value == row["sequence"], (row, labels["sequence"])
+    if row["contrast"]:
+      assert labels["contrast"].value == row["contrast"], (row, labels["contrast"])
+    paper = label(rec, "paper")["sequence"]
+    assert paper.value in (OTHER, None), (row, paper)   # masked, never T1/T2
 
 
 def test_unorderable_repeats_name_the_tags_tried(corpus, tmp_path):

@@ -760,12 +760,16 @@ def _number_volumes(stacks: list[Stack], entries: list[_Entry]) -> None:
         rec["DiffusionBValueInferred"] = True
   for group in grids.values():
     group.sort(key=_volume_order)
+    hard_by = _hard_split_names([st.record.get("_Hard") for st in group])
     times = [st.record.get("_FirstTime") for st in group]
     t0 = min((t for t in times if t is not None), default=None)
     for i, st in enumerate(group):
       rec = st.record
       if len(group) > 1:
         rec["VolumeIndex"], rec["NumberOfVolumes"] = i, len(group)
+        if hard_by:
+          by = rec.get("VolumeSplitBy")
+          rec["VolumeSplitBy"] = "+".join(hard_by + ([by] if by else []))
         if t0 is not None and rec.get("_FirstTime") is not None:
           rec["VolumeTimeS"] = round(rec["_FirstTime"] - t0, 3)
       bolus = _tm_seconds(rec.get("ContrastBolusStartTime"))
@@ -774,6 +778,21 @@ def _number_volumes(stacks: list[Stack], entries: list[_Entry]) -> None:
   for st in stacks:
     st.record.pop("_FirstInstance", None)
     st.record.pop("_FirstTime", None)
+    st.record.pop("_Hard", None)
+
+
+# What each position of the hard key means, for ``VolumeSplitBy``.
+_HARD_NAMES = (None, None, None, "EchoNumbers", "EchoTime", "DiffusionBValue",
+               "DiffusionGradientOrientation", "ImageType", "file")
+
+
+def _hard_split_names(keys: list) -> list[str]:
+  """Names of the hard-key parts that differ between the volumes of a grid."""
+  keys = [k for k in keys if k is not None]
+  if len(keys) < 2:
+    return []
+  return [name for i, name in enumerate(_HARD_NAMES)
+          if name and len({k[i] for k in keys}) > 1]
 
 
 def _split_gaps(group: list[_Entry], n: np.ndarray
@@ -826,6 +845,7 @@ def _make_stack(group: list[_Entry], record: dict[str, Any], key: str,
   times = [e.keys["AcquisitionTime"] for e in group if "AcquisitionTime" in e.keys]
   rec["_FirstInstance"] = min(inst) if inst else math.inf
   rec["_FirstTime"] = min(times) if times else None
+  rec["_Hard"] = group[0].hard_key
   return Stack(key=key, files=tuple(files), record=rec, frames=frames)
 
 

@@ -232,7 +232,9 @@ def _write_series(folder: str, style: str, ids: dict, n_slices: int,
   iop, spacing, positions = _geometry(n_slices, rows, cols)
   body, fibre = _phantom((n_slices, rows, cols))
   start = 8 * 3600.0 + 15 * 60.0
-  bolus = start + 0.5 * (vols[0].time_s + vols[1].time_s) if kind == "dce" else None
+  # The injection starts 15 s before the second phase: phase 1 is the
+  # pre-contrast mask, the others follow the bolus arrival.
+  bolus = start + vols[1].time_s - 15.0 if kind == "dce" else None
   truth = []
   n_dir = {}
   os.makedirs(folder, exist_ok=True)
