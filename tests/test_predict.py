@@ -106,7 +106,7 @@ def test_report_flags_headers_the_network_contradicts(corpus, forced_ckpt):
 
 
 def test_cli_writes_phi_free_csvs(corpus, forced_ckpt, tmp_path, capsys):
-  from radnet_jax import predict as cli
+  from radnet_jax.cli import predict as cli
   out = str(tmp_path / "qa" / "predictions.csv")
   assert cli.main(["--checkpoint", forced_ckpt, "--input", corpus["dicom"], "--out", out,
                    "--salt", SALT, "--threshold", "0.95", "--no-progress"]) == 0

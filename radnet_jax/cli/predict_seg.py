@@ -1,7 +1,7 @@
 """Liver segmentation of a new CT with a trained run: NIfTI in -> NIfTI mask,
 DICOM series in -> DICOM SEG (optionally also a NIfTI mask).
 
-  python -m radnet_jax.predict_seg --workdir RUN --input PATH --out PATH \
+  python -m radnet_jax.cli.predict_seg --workdir RUN --input PATH --out PATH \
       [--prefer best|latest] [--nifti_out MASK.nii.gz] [--series N]
 
 PATH is a ``.nii``/``.nii.gz`` CT (HU) -> ``--out`` is the uint8 mask NIfTI
@@ -81,17 +81,20 @@ def predict_dicom(workdir: str, input_path: str, out_path: str, *, prefer: str =
   Returns {"seg": out_path, "nifti": path or None, "voxels": {label: count}}
   with voxel counts on the CT grid.
   """
-  from radnet_jax import segdata, segdicom, segment  # pylint: disable=import-outside-toplevel
+  from radnet_jax.shards import seg as segdata
+  from radnet_jax.dicom import nifti
+  from radnet_jax.dicom import seg as segdicom
+  from radnet_jax.tasks import segment  # pylint: disable=import-outside-toplevel
   stack = select_ct_stack(input_path, series_number)
   predict_fn, config = predictor or segment.load_seg_predictor(workdir, prefer)
   hu, affine, geometry, vol = segdicom.load_ct_canonical(stack)
   pred, geometry = segment.predict_canonical(predict_fn, config, hu, affine, geometry)
-  labels = segdata.to_original_grid(pred, geometry)
+  labels = nifti.to_original_grid(pred, geometry)
   values = (segdicom.LIVER,) if int(config.num_classes) == 2 else (
       segdicom.LIVER, segdicom.TUMOUR)
   segdicom.write_seg(labels, vol.affine, stack.files, out_path, label_values=values)
   if nifti_out:
-    segdata.save_nifti(pred, geometry, nifti_out)
+    nifti.save_nifti(pred, geometry, nifti_out)
   counts = np.bincount(labels.ravel(), minlength=3)
   return {"seg": out_path, "nifti": nifti_out or None,
           "voxels": {"liver": int(counts[1]), "tumour": int(counts[2])}}
@@ -100,7 +103,7 @@ def predict_dicom(workdir: str, input_path: str, out_path: str, *, prefer: str =
 def predict_path(workdir: str, input_path: str, out_path: str, *, prefer: str = "best",
                  nifti_out: str | None = None, series_number: int | None = None) -> dict:
   """NIfTI in -> NIfTI mask; anything else -> DICOM series -> SEG."""
-  from radnet_jax import segment  # pylint: disable=import-outside-toplevel
+  from radnet_jax.tasks import segment  # pylint: disable=import-outside-toplevel
   if not os.path.exists(input_path):
     raise FileNotFoundError(f"{input_path}: no such file or directory")
   if _is_nifti(input_path):
@@ -111,7 +114,7 @@ def predict_path(workdir: str, input_path: str, out_path: str, *, prefer: str = 
 
 def build_parser() -> argparse.ArgumentParser:
   """The command-line parser (``tests/test_docs.py`` checks docs against it)."""
-  p = argparse.ArgumentParser(prog="python -m radnet_jax.predict_seg",
+  p = argparse.ArgumentParser(prog="python -m radnet_jax.cli.predict_seg",
                               description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=__doc__.split("\n\n", 1)[1])

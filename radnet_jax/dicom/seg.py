@@ -16,8 +16,8 @@ Input side (``segdata.build_shards`` with DICOM cases):
   SegmentLabel / SegmentedPropertyType (``segment_values``); overlaps keep
   the larger label (tumour inside liver).
 * ``load_ct_canonical(stack)``: the CT in the same axial canonical layout and
-  geometry dict as ``segdata.load_nifti_canonical``, so ``segdata.preprocess``
-  and ``segdata.to_original_grid`` work unchanged; the "original grid" of a
+  geometry dict as ``nifti.load_nifti_canonical``, so ``segdata.preprocess``
+  and ``nifti.to_original_grid`` work unchanged; the "original grid" of a
   DICOM case is the ``load_volume`` grid (sorted slices, slice axis first).
 
 Output side: ``write_seg(labels, affine, ct_files, out_path)`` samples a label
@@ -43,6 +43,7 @@ from pydicom.dataset import Dataset
 
 from radnet_jax import dicom as dicom_lib
 from radnet_jax.dicom import geometry as dicom_geometry
+from radnet_jax.dicom import nifti
 from radnet_jax.dicom.errors import DicomError
 from radnet_jax.dicom.metadata import functional_group
 from radnet_jax.dicom.reader import read_dataset
@@ -54,7 +55,6 @@ SEG_SOP = "1.2.840.10008.5.1.4.1.1.66.4"
 LABELMAP_SEG_SOP = "1.2.840.10008.5.1.4.1.1.66.7"
 LIVER, TUMOUR = 1, 2
 LABEL_NAMES = {LIVER: "liver", TUMOUR: "tumour"}
-_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # SNOMED CT codes that identify a segment's meaning (SegmentedPropertyType).
 _LIVER_CODES = {"10200004"}                       # Liver
 _TUMOUR_CODES = {"108369006", "86049000", "52988006", "4147007", "14799000",
@@ -455,13 +455,12 @@ def load_ct_canonical(stack: dicom_lib.Stack) -> tuple[np.ndarray, np.ndarray, d
 
   Returns:
     voxels float32 ``(D, H, W)`` HU (axial canonical), affine ``(4, 4)`` ->
-    LPS mm, geometry (``segdata.canonicalise``: ``orig_*`` describe the
+    LPS mm, geometry (``nifti.canonicalise``: ``orig_*`` describe the
     ``load_volume`` grid, plus ``source: "dicom"``), and the Volume itself
     (its grid is where SEG masks are rasterised and predictions written).
   """
-  from radnet_jax import segdata  # pylint: disable=import-outside-toplevel
   vol = dicom_lib.load_volume(stack)
-  hu, affine, geometry = segdata.canonicalise(vol.voxels, _RAS_TO_LPS @ vol.affine,
+  hu, affine, geometry = nifti.canonicalise(vol.voxels, nifti.RAS_TO_LPS @ vol.affine,
                                               f"stack {stack.key}")
   geometry["source"] = "dicom"
   return hu, affine, geometry, vol
@@ -470,7 +469,6 @@ def load_ct_canonical(stack: dicom_lib.Stack) -> tuple[np.ndarray, np.ndarray, d
 def load_case(case: DicomCase, label_map: Mapping[str | int, int] | None = None
               ) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray | None]:
   """(HU, affine, geometry, mask or None), canonical, for ``segdata.make_record``."""
-  from radnet_jax import segdata  # pylint: disable=import-outside-toplevel
   hu, affine, geometry, vol = load_ct_canonical(case.stack)
   if case.seg_path is None:
     return hu, affine, geometry, None
@@ -480,7 +478,7 @@ def load_case(case: DicomCase, label_map: Mapping[str | int, int] | None = None
   for extra in case.more_segs:
     np.maximum(mask, rasterise(extra, vol.affine, vol.voxels.shape, ct=ref,
                                label_map=label_map), out=mask)
-  canon, _, _ = segdata.canonicalise(mask, _RAS_TO_LPS @ vol.affine, case.seg_path)
+  canon, _, _ = nifti.canonicalise(mask, nifti.RAS_TO_LPS @ vol.affine, case.seg_path)
   return hu, affine, geometry, np.rint(canon).astype(np.uint8)
 
 
@@ -604,7 +602,7 @@ def write_seg(labels: np.ndarray, affine: np.ndarray, ct_files: Sequence[str],
   Args:
     labels: uint8 ``(D, H, W)`` (0 background, 1 liver, 2 tumour) on the grid
       of ``affine`` (voxel index -> LPS mm), e.g. the ``load_volume`` grid of
-      the series (``segdata.to_original_grid`` of a prediction).
+      the series (``nifti.to_original_grid`` of a prediction).
     ct_files: the CT images of that series (any order).
     out_path: the ``.dcm`` file to write (folders are created).
     label_values: the labels that get a segment, in segment order (segment 1
