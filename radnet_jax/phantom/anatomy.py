@@ -421,6 +421,6 @@ def render_labels(patient: Patient, grid: Grid) -> np.ndarray:
   box = None if head is None else grid.box(head.lo, head.hi)
   if box is not None:   # the template head wins wherever it has tissue
     sl = tuple(slice(a, b) for a, b in box)
-    h = head.sample(grid.points(box))
+    h = head.render(grid, box)
     np.copyto(lab[sl], h, where=h > 0)
   return lab

@@ -108,14 +108,60 @@ class TemplateHead:
     return np.stack([ndimage.map_coordinates(field[a], idx.T, order=1, mode="nearest", prefilter=False)
                      for a in range(3)], -1)
 
+  def _template_coords(self, p: np.ndarray) -> np.ndarray:
+    """Patient LPS points (N, 3) -> deformed template RAS points (N, 3), float32."""
+    m = (self.A_inv @ _RAS_TO_LPS).T.astype(np.float32)   # LPS world -> template RAS
+    u = (p.astype(np.float32) - self.t.astype(np.float32)) @ m
+    return u + self._warp(self.coarse, u) + self._warp(self.fine, u)
+
+  def _lookup(self, u: np.ndarray) -> np.ndarray:
+    """Nearest template label at template points u (..., 3) -> anatomy ids."""
+    lab = template()["labels"]
+    idx = np.rint((u - self.origin.astype(np.float32)) / np.float32(self.spacing)).astype(np.int32)
+    ok = np.all((idx >= 0) & (idx < np.array(lab.shape, np.int32)), -1)
+    flat = np.ravel_multi_index(tuple(np.moveaxis(np.where(ok[..., None], idx, 0), -1, 0)), lab.shape)
+    out = self.lut[lab.ravel()[flat]]
+    out[~ok] = 0
+    return out
+
   def sample(self, p: np.ndarray) -> np.ndarray:
     """Tissue ids (anatomy.T, int8) at patient LPS points p (..., 3); 0 = air."""
-    shp = p.shape[:-1]
-    q = p.reshape(-1, 3).astype(np.float32)
-    m = (self.A_inv @ _RAS_TO_LPS).T.astype(np.float32)   # LPS world -> template RAS
-    u = (q - self.t.astype(np.float32)) @ m
-    u = u + self._warp(self.coarse, u) + self._warp(self.fine, u)
-    idx = (u - self.origin.astype(np.float32)) / np.float32(self.spacing)
-    lab = ndimage.map_coordinates(template()["labels"], idx.T, order=0, mode="constant", cval=0,
-                                  prefilter=False)
-    return self.lut[lab].reshape(shp)
+    return self._lookup(self._template_coords(p.reshape(-1, 3))).reshape(p.shape[:-1])
+
+  def render(self, grid, box, step_mm: float = 6.0) -> np.ndarray:
+    """Tissue ids (int8) of the grid's voxels in index ``box``.
+
+    The template coordinates of the voxel centres are computed exactly on a
+    sub-grid of about ``step_mm`` and interpolated linearly in between
+    (exact for the affine part; the warp varies over ~25 mm), then the
+    nearest template label is read: ~10x fewer warp evaluations than
+    ``sample`` on every voxel.
+    """
+    (k0, k1), (i0, i1), (j0, j1) = box
+    counts = [k1 - k0, i1 - i0, j1 - j0]
+    knots = [np.unique(np.round(np.linspace(a, b - 1, max(2, int(np.ceil((b - 1 - a) * sp / step_mm)) + 1))))
+             if b - a > 1 else np.array([float(a)]) for (a, b), sp in zip(box, grid.spacing)]
+    kk, ii, jj = np.meshgrid(*knots, indexing="ij")
+    dz, di, dj = grid.spacing
+    pts = (grid.origin + kk[..., None] * dz * grid.n + ii[..., None] * di * grid.c + jj[..., None] * dj * grid.r)
+    u = self._template_coords(pts.reshape(-1, 3)).reshape(pts.shape)
+    w = [_lerp_matrix(np.arange(a, b, dtype=np.float64), kn) for (a, b), kn in zip(box, knots)]
+    out = np.empty(counts + [3], np.float32)
+    for a in range(3):
+      f = np.einsum("ka,abc->kbc", w[0], u[..., a])
+      f = np.einsum("kbc,ib->kic", f, w[1])
+      out[..., a] = f @ w[2].T
+    return self._lookup(out)
+
+
+def _lerp_matrix(x: np.ndarray, knots: np.ndarray) -> np.ndarray:
+  """(len(x), len(knots)) float32 linear-interpolation weights from knot values to x."""
+  w = np.zeros((len(x), len(knots)), np.float32)
+  if len(knots) == 1:
+    w[:, 0] = 1.0
+    return w
+  seg = np.clip(np.searchsorted(knots, x, side="right") - 1, 0, len(knots) - 2)
+  f = (x - knots[seg]) / (knots[seg + 1] - knots[seg])
+  w[np.arange(len(x)), seg] = 1.0 - f
+  w[np.arange(len(x)), seg + 1] = f
+  return w
