@@ -4,7 +4,7 @@
 
 WORKDIR: a pretraining run (``run.py --config=experiments/pretrain.py``);
 CORPUS_DIR holds the phantom's ``truth.csv``; SHARDS_DIR the converted shards
-(for the demo: ``<cache>/phantom-n480-s0-36x72x72/{corpus,shards-0.7-0.1-0.2}``).
+(for the demo: ``<cache>/phantom-v2-n480-s0-36x72x72/{corpus,shards-0.7-0.1-0.2}``).
 The model is trained and tested on header-derived labels; the simulator knows
 the true sequence / plane / contrast / coverage of every series, so this
 prints, per task, the accuracy against the header labels (records whose

@@ -51,6 +51,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   # a test accuracy by 1-2 points (240 series / 10% left 21, and 6).
   c.data.phantom_n = 480  # series in the phantom corpus
   c.data.phantom_seed = 0
+  # Domain randomisation of the phantom's MR intensities, bias, blur and noise
+  # (the SynthSeg idea, radnet_jax.phantom.physics.mr_image); off by default
+  # (bench/RESULTS.md, phantom heads).
+  c.data.phantom_randomise = False
   c.data.phantom_split = (0.7, 0.1, 0.2)  # train / val / test patients
   c.data.shard_shape = (36, 72, 72)  # (D, H, W) voxels stored in the shards
   c.data.convert_workers = 2

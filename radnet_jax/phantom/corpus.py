@@ -23,6 +23,9 @@ from radnet_jax.phantom.anatomy import make_patient
 from radnet_jax.phantom.noise import HeaderNoise, corrupt
 
 MARKER = "phantom.json"
+# Bumped whenever the same seed gives other images (2: template heads, head protocols);
+# the demo cache folder names it, so shards of an older phantom are never reused.
+VERSION = 2
 CT_AGENTS = ("OMNIPAQUE 350", "ISOVUE-370", "Iohexol", "VISIPAQUE 320", "ULTRAVIST 370")
 MR_AGENTS = ("GADAVIST", "DOTAREM", "MAGNEVIST", "gadobutrol", "MultiHance")
 
@@ -189,7 +192,7 @@ def make_corpus(out_dir: str, n: int = 200, seed: int = 0, *, workers: int | Non
   """
   noise = HeaderNoise() if noise is None else noise
   params = {"n": n, "seed": seed, "noise": dataclasses.asdict(noise), "full_size": full_size, "small": small,
-            "randomise": bool(randomise), "version": 2}
+            "randomise": bool(randomise), "version": VERSION}
   marker = os.path.join(out_dir, MARKER)
   if os.path.exists(marker):
     with open(marker) as f:

@@ -98,6 +98,10 @@ class TemplateHead:
     self.z_vertex = float(skin[:, 2].max())
     self.z_bottom = float(corners[:, 2].min())
 
+  def to_patient(self, u) -> np.ndarray:
+    """Template RAS points (..., 3) -> this patient's LPS mm (affine part only)."""
+    return self._forward(np.asarray(u, float), self.t)
+
   def _forward(self, u: np.ndarray, t: np.ndarray) -> np.ndarray:
     return (u @ _RAS_TO_LPS.T) @ self.A.T + t
 

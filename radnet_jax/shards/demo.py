@@ -16,6 +16,8 @@ import shutil
 import time
 from typing import Mapping
 
+from radnet_jax.phantom import corpus as phantom_corpus
+
 log = logging.getLogger("radnet_jax")
 
 CACHE_ENV = "RADNET_CACHE"
@@ -31,7 +33,8 @@ def cache_root(cache_dir: str = "") -> str:
 def phantom_dir(data_cfg: Mapping) -> str:
   """Cache directory of the phantom corpus + shards for ``data_cfg``."""
   shape = "x".join(str(int(s)) for s in data_cfg["shard_shape"])
-  name = f"phantom-n{int(data_cfg['phantom_n'])}-s{int(data_cfg['phantom_seed'])}-{shape}"
+  dr = "-dr" if data_cfg.get("phantom_randomise", False) else ""
+  name = f"phantom-v{phantom_corpus.VERSION}-n{int(data_cfg['phantom_n'])}-s{int(data_cfg['phantom_seed'])}{dr}-{shape}"
   return os.path.join(cache_root(data_cfg.get("cache_dir", "")), name)
 
 
@@ -65,7 +68,8 @@ def _manifest_ok(shards: str) -> bool:
 def ensure_phantom_shards(data_cfg: Mapping, taxonomy: str = "paper") -> str:
   """Builds (or reuses) the phantom corpus and its shards; returns the shards dir.
 
-  data_cfg keys: phantom_n (series), phantom_seed, shard_shape (D, H, W),
+  data_cfg keys: phantom_n (series), phantom_seed, phantom_randomise (domain
+  randomisation of the MR intensities, ``make_corpus(randomise=...)``), shard_shape (D, H, W),
   phantom_split (train, val, test patient fractions), convert_workers,
   cache_dir. Shards of another split are written beside the same corpus. The corpus generator resumes by itself; shards
   are written to ``shards.partial`` and renamed when complete, so a killed
@@ -86,7 +90,8 @@ def ensure_phantom_shards(data_cfg: Mapping, taxonomy: str = "paper") -> str:
   log.info("data: phantom demo corpus (synthetic DICOM, not patient data): %d series, "
            "seed %d, in %s (built once, reused afterwards)", n, seed, corpus)
   t0 = time.time()
-  phantom.make_corpus(corpus, n=n, seed=seed, workers=workers)  # resumable, idempotent
+  phantom.make_corpus(corpus, n=n, seed=seed, workers=workers,  # resumable, idempotent
+                      randomise=bool(data_cfg.get("phantom_randomise", False)))
   log.info("data: phantom corpus ready in %.0f s", time.time() - t0)
   tmp = shards + ".partial"
   shutil.rmtree(tmp, ignore_errors=True)
