@@ -31,11 +31,13 @@ import argparse
 import gzip
 import os
 import shutil
+import sys
 import tempfile
 
 import numpy as np
 
-import radnet_jax
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import radnet_jax  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def _nibabel_data() -> tuple[str, str]:
@@ -70,7 +72,7 @@ def main(argv=None) -> None:
   ap.add_argument("--inputs-png", default="")
   ap.add_argument("--phantom", default="", help="phantom corpus folder for the side-by-side inputs")
   args = ap.parse_args(argv)
-  loaded = radnet_jax.api.load(args.workdir)
+  loaded = radnet_jax.load(args.workdir)
   rows, arrays = [], []
   with tempfile.TemporaryDirectory() as tmp:
     for name, path, truth in real_inputs(tmp):
