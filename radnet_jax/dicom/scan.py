@@ -13,8 +13,10 @@ SeriesInstanceUID and splits each series into 3D stacks the way dcm2niix does:
    TemporalPositionIndex, AcquisitionNumber, TriggerTime, AcquisitionTime that
    makes every position unique (a CT series whose slices carry different
    AcquisitionNumbers but distinct positions stays one stack);
-4. *gaps*: a stack is cut where consecutive positions are more than 2.5x its
-   median spacing apart (files missing from an archive, separate slabs), into
+4. *gaps*: a stack is cut where one step between consecutive positions is
+   more than 2.5x the spacing next to it (files missing from an archive,
+   separate slabs; ``geometry.classify_spacing``; a change of spacing, as in
+   head CTs at two or three spacings, is not a gap), into
    stacks keyed ``part=k``; a part with fewer than ``min_slices`` slices is
    skipped as a fragment. A gap of one missing slice is not cut:
    ``load_volume`` fills it by interpolation.
@@ -548,19 +550,16 @@ def _series_stacks(entries: list[_Entry], records: dict[tuple, dict],
 
 def _split_gaps(group: list[_Entry], n: np.ndarray
                 ) -> list[tuple[list[_Entry], float]]:
-  """Cuts a position-sorted stack at gaps wider than ``GAP_FILL_FACTOR``
-  times its median slice spacing (missing files, separate slabs): each part
-  with the widest gap next to it. Narrower gaps (one missing slice) are left
-  to ``load_volume``, which interpolates them."""
+  """Cuts a position-sorted stack where ``geometry.classify_spacing`` finds
+  a cut: a single step wider than ``GAP_FILL_FACTOR`` times the spacing next
+  to it (missing files, separate slabs); each part with the widest gap next
+  to it. Narrower gaps (one missing slice) and changes of spacing (variable
+  spacing) are left to ``load_volume``, which interpolates them."""
   if len(group) < 3 or group[0].n_slices > 1:
     return [(group, 0.0)]
   s = np.array([float(e.position @ n) for e in group])
   diffs = np.diff(s)
-  steps = diffs[diffs >= _DUP_TOL_MM]
-  if not len(steps):
-    return [(group, 0.0)]
-  med = float(np.median(steps))
-  cuts = [i + 1 for i in np.flatnonzero(diffs > geometry.GAP_FILL_FACTOR * med)]
+  cuts = [i + 1 for i in geometry.classify_spacing(diffs).cuts]
   if not cuts:
     return [(group, 0.0)]
   bounds = [0] + cuts + [len(group)]
