@@ -53,7 +53,7 @@ from pydicom.dataset import Dataset
 from radnet_jax.dicom import fastread, geometry
 from radnet_jax.dicom.errors import DicomError
 from radnet_jax.dicom.metadata import (functional_group, record_from_dataset,
-                                       vendor_b_value,
+                                       sop_class_uid, vendor_b_value,
                                        vendor_diffusion_direction)
 from radnet_jax.dicom.reader import is_dicomdir, read_dataset
 from radnet_jax.dicom.types import ScanResult, Skipped, Stack
@@ -158,7 +158,7 @@ def _round(value: Any, ndigits: int = 3) -> Any:
 
 
 def _non_image_reason(ds: Dataset) -> str | None:
-  sop = str(ds.get("SOPClassUID", ""))
+  sop = sop_class_uid(ds)
   for prefix, what in NON_IMAGE_SOP:
     if sop.startswith(prefix):
       return f"non-image object: {what}"
@@ -359,7 +359,7 @@ def _entries(path: str, ds: Dataset | fastread.Header, salt: str,
   fast = isinstance(ds, fastread.Header)
   if is_dicomdir(ds):
     return Skipped(path, "DICOMDIR (media directory), not an image")
-  if "SOPClassUID" not in ds and "Modality" not in ds:
+  if not sop_class_uid(ds) and not str(ds.get("Modality", "") or "").strip():
     return Skipped(path, "corrupt or empty header (no SOPClassUID/Modality)")
   series = hash_id(ds.get("SeriesInstanceUID"), salt)
   reason = _non_image_reason(ds)

@@ -14,21 +14,30 @@ RLE all work), then:
 3. duplicates (same position within 0.01 mm): identical pixels -> one is kept
    (the first in the stack's deterministic order); different pixels ->
    ``DicomError`` (the series mixes acquisitions that scan could not split);
-4. missing slices: a gap of one missing slice (1.5x to 2.5x the median
-   spacing; one, or at most 10% of the slices, missing in all) is filled by linear
-   interpolation along D like dcm2niix's equidistant ``_Eq_`` output
-   (``record["MissingSlicesInterpolated"]`` counts them); anything larger
-   -> ``DicomError`` (``scan`` already splits a stack at gaps wider than
-   2.5x, so that is a stack built by hand or too many holes);
+4. slice spacing (``geometry.classify_spacing``: runs of equal steps):
+   - *missing slices* (an isolated step of 1.5x to 2.5x the spacing on both
+     sides; one, or at most 10% of the slices, missing in all) are filled
+     by linear interpolation along D onto the uniform grid at the median
+     spacing (``record["MissingSlicesInterpolated"]`` counts them); wider
+     single steps -> ``DicomError`` (``scan`` already cuts a stack there, so
+     that is a stack built by hand), as are too many holes;
+   - *variable spacing* (two or more spacings that each hold for several
+     slices, e.g. a head CT at 2.5 mm through the posterior fossa and 5 mm
+     above) is resampled like dcm2niix's ``_Eq_`` output: the smallest
+     spacing, laid from the inferior end of the stack (dcm2niix's first
+     slice), linear along the normal, at most twice the slice count (then
+     the spacing grows to span the stack); ``record["SliceSpacings"]`` lists
+     the spacings found;
+   - jitter (one spacing, a slice off the grid by more than 1% of it):
+     resampled onto the uniform grid at the median spacing;
+   every resampled stack has ``record["ResampledSliceSpacing"] = True``;
 5. gantry tilt (slices shifted in-plane from one to the next, i.e. the stack
-   direction is not the slice normal): **resampled** onto the orthogonal grid
-   like dcm2niix does: each slice is shifted in-plane (linear interpolation,
-   outside filled with the volume minimum) so that the D axis becomes n;
-   ``record["GantryTiltCorrected"]`` gives the angle in degrees;
-6. non-uniform spacing (some slice deviates from the uniform grid by more than
-   1% of the spacing, but no gap > 1.5x) and filled gaps: **resampled** along D onto a uniform
-   grid at the median spacing (linear interpolation);
-   ``record["ResampledSliceSpacing"] = True``;
+   direction is not the slice normal), either sign: **resampled** onto the
+   orthogonal grid like dcm2niix's ``_Tilt`` output: the plane grows by the
+   whole drift so that every slice fits, each slice is shifted in-plane
+   (linear, outside filled with the volume minimum) so that the D axis
+   becomes n; ``record["GantryTiltCorrected"]`` gives the angle in degrees;
+6. (tilt and variable spacing combine: tilt first, then along D);
 7. Siemens mosaics are unpacked (NumberOfImagesInMosaic, CSA slice normal);
 8. reorients to the canonical orientation (flips and an in-plane transpose
    only; see ``geometry``).

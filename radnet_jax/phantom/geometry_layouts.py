@@ -14,10 +14,12 @@ ct_missing_slice     regular 2 mm stack with one file missing (a gap, not a
 ct_tilt_pos          Philips head CT, gantry tilt +16 degrees
 ct_tilt_neg          Philips head CT, gantry tilt -18 degrees
 ct_tilt_spacing      tilt +12 degrees and two spacings at once
-ct_anonymised        empty SOPClassUID (file meta keeps it), Study / Series /
-                     SOP UIDs replaced by non-UID strings, empty PatientID,
-                     no InstanceNumber, no SliceThickness
-mr_anonymised        SOPClassUID absent, UIDs as above, no PatientID tag
+ct_anonymised        empty SOPClassUID (the file meta keeps it), empty
+                     PatientID and PatientName, no InstanceNumber, no
+                     SliceThickness, no birth date / accession / study ID
+ct_anon_text_uids    as ct_anonymised, and Study / Series / SOP UIDs
+                     replaced by non-UID strings ("ANON-SERIES-...")
+mr_anonymised        SOPClassUID and PatientID absent, no InstanceNumber
 ===================  =====================================================
 
 Geometry follows the scanner: the table moves along the patient z axis by a
@@ -35,6 +37,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -45,7 +48,7 @@ from radnet_jax.phantom.acquisition import SOP, uid
 
 STYLES = ("ct_spacing_two", "ct_spacing_three", "ct_missing_slice",
           "ct_tilt_pos", "ct_tilt_neg", "ct_tilt_spacing", "ct_anonymised",
-          "mr_anonymised")
+          "ct_anon_text_uids", "mr_anonymised")
 TRUTH_COLUMNS = ("folder", "style", "modality", "n_files", "spacing_kind",
                  "spacings", "min_spacing", "span_mm", "tilt_deg", "rows",
                  "columns", "pixel_spacing", "anonymised", "field")
@@ -123,9 +126,17 @@ def write_ct_series(folder: str, style: str, *, seed: int = 0, rows: int = 48,
                     cols: int = 48, pixel_spacing: float = 4.0,
                     field: str = "head") -> dict[str, Any]:
   """Writes one style's series into ``folder``; returns its truth row."""
+  with warnings.catch_warnings():  # pydicom warns about the text UIDs (on purpose)
+    warnings.simplefilter("ignore")
+    return _write_ct_series(folder, style, seed, rows, cols, pixel_spacing, field)
+
+
+def _write_ct_series(folder: str, style: str, seed: int, rows: int, cols: int,
+                     pixel_spacing: float, field: str) -> dict[str, Any]:
   steps, tilt = _steps(style)
   modality = "MR" if style.startswith("mr_") else "CT"
-  anonymised = style.endswith("anonymised")
+  anonymised = "anon" in style
+  text_uids = style == "ct_anon_text_uids"
   iop = _iop(tilt)
   r, c = iop[:3], iop[3:]
   # Centred on the head, the plane's corner at the top-left of the FOV.
@@ -134,26 +145,32 @@ def write_ct_series(folder: str, style: str, *, seed: int = 0, rows: int = 48,
   positions = [np.array([0.0, 0.0, zk]) - half[0] * r - half[1] * c
                for zk in z]
   ids = {k: uid(seed, style, k) for k in ("study", "series")}
-  if anonymised:
+  if text_uids:
     ids = {"study": f"ANON-STUDY-{seed}-{style}",
            "series": f"ANON-SERIES-{seed}-{style}"}
   ds = Dataset()
   meta = FileMetaDataset()
   meta.MediaStorageSOPClassUID = SOP[modality]
   ds.file_meta = meta
-  if style == "ct_anonymised":
+  if style.startswith("ct_anon"):
     ds.SOPClassUID = ""            # blanked, the file meta still has it
   elif style != "mr_anonymised":
     ds.SOPClassUID = SOP[modality]
   ds.SOPInstanceUID = ""           # replaced per slice
   ds.Modality = modality
   ds.PatientName = "" if anonymised else "Phantom^Geometry"
-  if style == "ct_anonymised":
+  if style.startswith("ct_anon"):
     ds.PatientID = ""
   elif style != "mr_anonymised":
     ds.PatientID = f"PHANTOM-{seed}"
+  if not anonymised:
+    ds.PatientBirthDate, ds.PatientSex = "", "O"
+    ds.StudyDate, ds.StudyTime, ds.StudyID = "20200101", "120000", "1"
+    ds.AccessionNumber = ""
   ds.StudyInstanceUID = ids["study"]
   ds.SeriesInstanceUID = ids["series"]
+  ds.FrameOfReferenceUID = (f"ANON-FOR-{seed}-{style}" if text_uids else
+                            uid(seed, style, "for"))
   ds.SeriesNumber = 2 + STYLES.index(style) if style in STYLES else 2
   vendor = "Philips" if "tilt" in style else "GE"
   ds.Manufacturer = _VENDOR[vendor]
@@ -192,7 +209,7 @@ def write_ct_series(folder: str, style: str, *, seed: int = 0, rows: int = 48,
     if modality == "MR":
       value = np.clip(value + 1000.0, 0, None)
     stored = np.clip(np.round(value - offset), -32768, 32767)
-    sop_uid = (f"ANON-IMAGE-{seed}-{style}-{k}" if anonymised else
+    sop_uid = (f"ANON-IMAGE-{seed}-{style}-{k}" if text_uids else
                uid(seed, style, "image", k))
     out = _slice(ds, stored, pos, None if anonymised else k + 1, sop_uid)
     out.save_as(os.path.join(folder, f"IM{k:04d}"), enforce_file_format=True)
