@@ -250,7 +250,7 @@ def _volume_keys(ds: Any) -> dict[str, Any]:
       value = str(value).strip()
     elif k == "AcquisitionTime":
       value = _tm_seconds(value)
-    else:
+    elif not isinstance(value, int):   # IS / UL values stay integers
       value = _round(value, 3)
     if value not in (None, ""):
       keys[k] = value
@@ -290,10 +290,8 @@ def _missing_geometry(path: str, ds: Any, iop, ipp) -> DicomError:
                                   ("ImageOrientationPatient (0020,0037)", iop))
              if v is None]
   vendor = str(ds.get("Manufacturer") or "").strip() or "unknown"
-  return DicomError(path, f"no {' or '.join(missing)} at the top level, in "
-                          "functional groups or in a vendor layout this "
-                          f"reader knows (vendor {vendor}): not a "
-                          "cross-sectional image")
+  return DicomError(path, f"no {' or '.join(missing)} (vendor {vendor}): "
+                          "not a cross-sectional image")
 
 
 def _classic_entries(path: str, ds: Dataset) -> list[_Entry]:
@@ -693,7 +691,7 @@ def _series_stacks(entries: list[_Entry], records: dict[tuple, dict],
   mixed = len(all_iop) > 1
   for hard in sorted(hard_groups, key=repr):
     for cluster in _cluster_iop(hard_groups[hard]):
-      for tkey, group, fields in _split_volumes(cluster):
+      for rank, (tkey, group, fields) in enumerate(_split_volumes(cluster)):
         count = group[0].n_slices if group[0].n_slices > 1 else len(group)
         if count < min_slices:
           if mixed:
@@ -718,15 +716,18 @@ def _series_stacks(entries: list[_Entry], records: dict[tuple, dict],
             split += f"|part={part_no}"
           stacks.append(_make_stack(part, records[hard],
                                     hash_id(f"{series_uid}|{split}", salt),
-                                    fields))
+                                    fields, rank))
   _number_volumes(stacks, entries)
   return stacks, skipped
 
 
 def _volume_order(stack: Stack) -> tuple:
+  """Acquisition order: AcquisitionTime, then InstanceNumber (dcm2niix's
+  order), then the order of the split key's values."""
   rec = stack.record
-  return (rec.get("_FirstInstance", math.inf), _sort_value(
-      rec.get("_FirstTime", math.inf)), rec.get("StackKey", ""))
+  t = rec.get("_FirstTime")
+  return (math.inf if t is None else t, rec.get("_FirstInstance", math.inf),
+          rec.get("_SplitRank", 0), rec.get("StackKey", ""))
 
 
 def _number_volumes(stacks: list[Stack], entries: list[_Entry]) -> None:
@@ -735,8 +736,8 @@ def _number_volumes(stacks: list[Stack], entries: list[_Entry]) -> None:
   Stacks of one series on the same grid (orientation, matrix, slice count)
   are the volumes of one 4D acquisition (b-values / directions split by the
   hard keys, time points by ``_split_volumes``, one mosaic per file):
-  ``VolumeIndex`` (0-based, in InstanceNumber order like dcm2niix, then
-  time), ``NumberOfVolumes``, ``VolumeTimeS`` (start of this volume after the
+  ``VolumeIndex`` (0-based, in acquisition order: ``_volume_order``),
+  ``NumberOfVolumes``, ``VolumeTimeS`` (start of this volume after the
   first one, s, from AcquisitionTime), ``VolumeTimeAfterBolusS`` (after
   ContrastBolusStartTime, s; negative = before the injection) and
   ``SeriesBValues`` (the b-values of the whole series; a file without one in
@@ -779,6 +780,7 @@ def _number_volumes(stacks: list[Stack], entries: list[_Entry]) -> None:
     st.record.pop("_FirstInstance", None)
     st.record.pop("_FirstTime", None)
     st.record.pop("_Hard", None)
+    st.record.pop("_SplitRank", None)
 
 
 # What each position of the hard key means, for ``VolumeSplitBy``.
@@ -822,7 +824,7 @@ def _split_gaps(group: list[_Entry], n: np.ndarray
 
 
 def _make_stack(group: list[_Entry], record: dict[str, Any], key: str,
-                fields: dict[str, Any] | None = None) -> Stack:
+                fields: dict[str, Any] | None = None, rank: int = 0) -> Stack:
   files: list[str] = []
   index: dict[str, int] = {}
   for e in group:
@@ -846,6 +848,7 @@ def _make_stack(group: list[_Entry], record: dict[str, Any], key: str,
   rec["_FirstInstance"] = min(inst) if inst else math.inf
   rec["_FirstTime"] = min(times) if times else None
   rec["_Hard"] = group[0].hard_key
+  rec["_SplitRank"] = rank
   return Stack(key=key, files=tuple(files), record=rec, frames=frames)
 
 
