@@ -173,3 +173,55 @@ def test_vendor_diffusion_tags_read_fast_and_equal_to_pydicom(tmp_path, monkeypa
                       lambda p, **kw: calls.append(p) or real(p, **kw))
   res = dicom.scan(str(tmp_path / "dicom" / "ge_dti"), salt=SALT)
   assert len(res.stacks) == 6 and len(calls) == 6
+
+
+@pytest.fixture(scope="module")
+def uih(tmp_path_factory):
+  out = tmp_path_factory.mktemp("uih")
+  layouts.make_layouts(str(out), styles=("uih_dti_vframe", "uih_dwi"))
+  return out / "dicom"
+
+
+def _rewrite(src, dst, edit, implicit=False):
+  os.makedirs(dst, exist_ok=True)
+  for name in sorted(os.listdir(src)):
+    ds = pydicom.dcmread(os.path.join(src, name))
+    edit(ds)
+    if implicit:
+      ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    ds.save_as(os.path.join(dst, name), enforce_file_format=True)
+
+
+@pytest.mark.parametrize("variant", ["implicit", "top_level_position"])
+def test_uih_vframe_variants_read_like_the_original(uih, tmp_path, variant):
+  ref = [dicom.load_volume(s).voxels for s in sorted(
+      dicom.scan(str(uih / "uih_dti_vframe"), salt=SALT).stacks,
+      key=lambda s: s.record["VolumeIndex"])]
+
+  def edit(ds):
+    if variant == "top_level_position":   # a corner of the tiled image
+      ds.ImagePositionPatient = ["-50", "-50", "-30"]
+  _rewrite(uih / "uih_dti_vframe", tmp_path, edit, implicit=variant == "implicit")
+  stacks = sorted(dicom.scan(str(tmp_path), salt=SALT).stacks,
+                  key=lambda s: s.record["VolumeIndex"])
+  assert len(stacks) == len(ref)
+  for st, expected in zip(stacks, ref):
+    assert st.record["MosaicLayout"] == "UIH VFRAME"
+    np.testing.assert_array_equal(dicom.load_volume(st).voxels, expected)
+
+
+def test_uih_files_without_geometry_are_skipped_naming_tag_and_vendor(uih, tmp_path):
+  def strip_position(ds):
+    del ds.ImagePositionPatient
+  _rewrite(uih / "uih_dwi", tmp_path / "slices", strip_position)
+
+  def strip_vframe(ds):
+    del ds[(0x0065, 0x1051)]
+  _rewrite(uih / "uih_dti_vframe", tmp_path / "vframe", strip_vframe)
+  res = dicom.scan(str(tmp_path), salt=SALT)
+  assert not res.stacks
+  reasons = {os.path.basename(os.path.dirname(k.path)): k.reason for k in res.skipped}
+  assert "ImagePositionPatient (0020,0032)" in reasons["slices"]
+  assert "vendor UIH" in reasons["slices"]
+  assert "MR VFrame Sequence (0065,1051)" in reasons["vframe"]
+  assert "vendor UIH" in reasons["vframe"]

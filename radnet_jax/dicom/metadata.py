@@ -32,6 +32,7 @@ import warnings
 from typing import Any
 
 import pydicom
+import pydicom.values
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import DSfloat, IS, PersonName
@@ -155,6 +156,25 @@ def functional_group(ds: Dataset, frame: int, keyword: str) -> Dataset | None:
     if item is not None:
       return item
   return _first_item(_first_item(ds, "SharedFunctionalGroupsSequence"), keyword)
+
+
+def uih_vframe_items(ds: Dataset) -> list[Dataset]:
+  """Items of UIH's MR VFrame Sequence (0065,1051), one per slice; [] if
+  absent. An implicit-VR file whose reader did not know the private tag
+  gives it as raw bytes (VR UN): parsed here as the sequence it is."""
+  elem = ds.get((0x0065, 0x1051))
+  if elem is None:
+    return []
+  value = elem.value
+  if isinstance(value, bytes):
+    try:
+      value = pydicom.values.convert_SQ(value, True, True)
+    except Exception:  # pylint: disable=broad-except
+      return []
+  try:
+    return [item for item in value if isinstance(item, Dataset)]
+  except TypeError:
+    return []
 
 
 def _private(ds: Dataset, group: int, creator: str, offset: int) -> Any:

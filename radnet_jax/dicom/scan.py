@@ -51,6 +51,7 @@ from pydicom.dataset import Dataset
 from radnet_jax.dicom import fastread, geometry
 from radnet_jax.dicom.errors import DicomError
 from radnet_jax.dicom.metadata import (functional_group, record_from_dataset,
+                                       uih_vframe_items,
                                        vendor_b_value,
                                        vendor_diffusion_direction)
 from radnet_jax.dicom.reader import is_dicomdir, read_dataset
@@ -272,8 +273,7 @@ def _uih_vframe(path: str, ds: Any, iop: np.ndarray | None
     return None
   if isinstance(ds, fastread.Header):
     raise fastread.Unsupported("UIH VFRAME")
-  seq = ds.get((0x0065, 0x1051))
-  items = list(seq.value) if seq is not None and seq.VR == "SQ" else []
+  items = uih_vframe_items(ds)
   if not items:
     raise DicomError(path, "UIH VFRAME image without its MR VFrame Sequence "
                            "(0065,1051): no slice positions (vendor UIH)")
@@ -298,11 +298,10 @@ def _classic_entries(path: str, ds: Dataset) -> list[_Entry]:
   iop = _floats(ds.get("ImageOrientationPatient", []), 6)
   ipp = _floats(ds.get("ImagePositionPatient", []), 3)
   spacing = _floats(ds.get("PixelSpacing", []), 2)
-  vframe = None
-  if ipp is None:
-    vframe = _uih_vframe(path, ds, iop)
-    if vframe is not None:
-      ipp = vframe[0]
+  # UIH VFRAME first: its top-level position (if any) is not the slices'.
+  vframe = _uih_vframe(path, ds, iop)
+  if vframe is not None:
+    ipp = vframe[0]
   if iop is None or ipp is None:
     raise _missing_geometry(path, ds, iop, ipp)
   if spacing is None or np.any(spacing <= 0):

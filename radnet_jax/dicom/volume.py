@@ -59,7 +59,7 @@ from pydicom.dataset import Dataset
 
 from radnet_jax.dicom import fastread, geometry
 from radnet_jax.dicom.errors import DicomError
-from radnet_jax.dicom.metadata import functional_group
+from radnet_jax.dicom.metadata import functional_group, uih_vframe_items
 from radnet_jax.dicom.reader import read_dataset
 from radnet_jax.dicom.types import Stack, Volume
 
@@ -373,8 +373,7 @@ def _read_uih_vframe(stack: Stack) -> _Slices:
   in an item of the private MR VFrame Sequence (0065,1051)."""
   path = stack.files[0]
   ds = read_dataset(path, stop_before_pixels=False)
-  seq = ds.get((0x0065, 0x1051))
-  items = list(seq.value) if seq is not None and seq.VR == "SQ" else []
+  items = uih_vframe_items(ds)
   n = len(items)
   if n == 0:
     raise DicomError(path, "UIH VFRAME image without its MR VFrame Sequence "
