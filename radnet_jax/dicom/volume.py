@@ -38,7 +38,9 @@ RLE all work), then:
    (linear, outside filled with the volume minimum) so that the D axis
    becomes n; ``record["GantryTiltCorrected"]`` gives the angle in degrees;
 6. (tilt and variable spacing combine: tilt first, then along D);
-7. Siemens mosaics are unpacked (NumberOfImagesInMosaic, CSA slice normal);
+7. Siemens mosaics are unpacked (NumberOfImagesInMosaic, CSA slice normal),
+   and UIH VFRAME images (tiles ceil(sqrt(n)) wide, slice positions from
+   the private MR VFrame Sequence);
 8. reorients to the canonical orientation (flips and an in-plane transpose
    only; see ``geometry``).
 
@@ -66,7 +68,7 @@ from pydicom.dataset import Dataset
 
 from radnet_jax.dicom import fastread, geometry
 from radnet_jax.dicom.errors import DicomError
-from radnet_jax.dicom.metadata import functional_group
+from radnet_jax.dicom.metadata import functional_group, uih_vframe_items
 from radnet_jax.dicom.reader import read_dataset
 from radnet_jax.dicom.types import Stack, Volume
 
@@ -374,6 +376,37 @@ def _read_mosaic(stack: Stack) -> _Slices:
   return slices
 
 
+def _read_uih_vframe(stack: Stack) -> _Slices:
+  """UIH VFRAME: one volume per file, its n slices tiled ceil(sqrt(n)) wide
+  and ceil(n / wide) high from the top-left corner, each slice's position
+  in an item of the private MR VFrame Sequence (0065,1051)."""
+  path = stack.files[0]
+  ds = read_dataset(path, stop_before_pixels=False)
+  items = uih_vframe_items(ds)
+  n = len(items)
+  if n == 0:
+    raise DicomError(path, "UIH VFRAME image without its MR VFrame Sequence "
+                           "(0065,1051) (vendor UIH)")
+  arr = _pixels(ds, path)
+  wide = int(math.ceil(math.sqrt(n)))
+  high = int(math.ceil(n / wide))
+  rows, cols = arr.shape[0] // high, arr.shape[1] // wide
+  if rows < 1 or cols < 1 or arr.ndim != 2:
+    raise DicomError(path, f"UIH VFRAME image {arr.shape} does not hold a "
+                           f"{high}x{wide} grid of {n} slices")
+  iop = _vec(ds.ImageOrientationPatient, 6, path, "ImageOrientationPatient")
+  spacing = _vec(ds.PixelSpacing, 2, path, "PixelSpacing")
+  slope, inter = _rescale(ds)
+  slices = _Slices(n, rows, cols)
+  for i, item in enumerate(items):
+    r0, c0 = (i // wide) * rows, (i % wide) * cols
+    ipp = _vec(item.get("ImagePositionPatient"), 3,
+               f"{path} (0065,1051) item {i + 1}", "ImagePositionPatient")
+    slices.add(arr[r0:r0 + rows, c0:c0 + cols], ipp, iop, spacing, slope,
+               inter, path)
+  return slices
+
+
 def _shift_axis(img: np.ndarray, axis: int, start: float, size: int,
                 fill: float, hold_first: bool) -> np.ndarray:
   """Resamples ``img`` (H, W) along ``axis`` at coordinates start + 0..size-1
@@ -589,9 +622,11 @@ def _assemble(sl: _Slices, where: str, record: dict[str, Any]
       while j in dup:
         j -= 1
       if not np.array_equal(vox[i], vox[j]):
+        tried = record.get("VolumeSplitTried")
         raise DicomError(where, f"two slices at the same position "
                                 f"({s[i]:.3f} mm along the normal) with "
-                                "different pixels: mixed acquisitions")
+                                "different pixels: mixed acquisitions"
+                                + (f" ({tried})" if tried else ""))
     keep = np.setdiff1d(np.arange(len(s)), dup)
     vox, pos, s = vox[keep], pos[keep], s[keep]
     info["DuplicateSlicesDropped"] = int(len(dup))
@@ -647,6 +682,8 @@ def load_volume(stack: Stack) -> Volume:
   try:
     if stack.frames is not None:
       sl = _read_enhanced(stack)
+    elif record.get("MosaicLayout") == "UIH VFRAME":
+      sl = _read_uih_vframe(stack)
     elif record.get("NumberOfImagesInMosaic"):
       sl = _read_mosaic(stack)
     else:
