@@ -114,7 +114,7 @@ class _Entry:
   rows: int
   cols: int
   pixel_spacing: tuple[float, float]
-  keys: dict[str, Any]        # VOLUME_KEYS values + InstanceNumber
+  keys: dict[str, Any]        # VOLUME_KEYS values + InstanceNumber / FrameOrder
   n_slices: int = 1           # > 1 for a mosaic (images in the mosaic)
   localizer: bool = False
   record: dict[str, Any] | None = None
@@ -378,6 +378,7 @@ def _enhanced_entries(path: str, ds: Dataset, frames: int) -> list[_Entry]:
       keys["TemporalPositionIndex"] = int(content.TemporalPositionIndex)
     if "FrameAcquisitionNumber" in content:
       keys["AcquisitionNumber"] = int(content.FrameAcquisitionNumber)
+    keys["FrameOrder"] = f
     if "FrameAcquisitionDateTime" in content:
       dt = str(content.FrameAcquisitionDateTime)
       seconds = _tm_seconds(dt[8:]) if len(dt) > 8 else None
@@ -550,9 +551,10 @@ def _split_volumes(entries: list[_Entry]
   most repeated position has files, with no position twice in a volume (so
   AcquisitionTime, which differs per slice of a 2D acquisition, never
   passes for a volume key). The last resort is InstanceNumber, as dcm2niix
-  orders a series: the i-th file of every position (in InstanceNumber
-  order) belongs to volume i when every position has the same count, else
-  consecutive blocks of one file per position. When nothing orders them, the
+  orders a series (the frame order for the frames of an enhanced object):
+  the i-th file of every position (in that order) belongs to volume i when
+  every position has the same count, else consecutive blocks of one file per
+  position. When nothing orders them, the
   cluster stays whole and the record says which tags were tried
   (``load_volume`` then keeps identical copies or names the mix).
 
@@ -584,7 +586,12 @@ def _split_volumes(entries: list[_Entry]
       text = "|".join(f"{key}={value}" for key, value in zip(keys, v))
       out.append((text, [entries[i] for i in groups[v]], fields))
     return out
-  inst = [e.keys.get("InstanceNumber") for e in entries]
+  # Classic files: InstanceNumber; frames of enhanced objects: frame order.
+  order_key = next((key for key in ("InstanceNumber", "FrameOrder")
+                    if all(key in e.keys for e in entries)), "InstanceNumber")
+  order_name = {"InstanceNumber": "InstanceNumber order",
+                "FrameOrder": "frame order"}[order_key]
+  inst = [e.keys.get(order_key) for e in entries]
   if all(i is not None for i in inst) and len(set(inst)) == len(inst):
     volume = [0] * len(entries)
     if len(set(counts.values())) == 1:
@@ -605,10 +612,9 @@ def _split_volumes(entries: list[_Entry]
       groups: dict[int, list[_Entry]] = {}
       for v, e in zip(volume, entries):
         groups.setdefault(v, []).append(e)
-      return [(f"InstanceNumber order #{v}", groups[v],
-               {"VolumeSplitBy": "InstanceNumber order"})
+      return [(f"{order_name} #{v}", groups[v], {"VolumeSplitBy": order_name})
               for v in sorted(groups)]
-  tried = ", ".join(VOLUME_KEYS) + ", InstanceNumber order"
+  tried = ", ".join(VOLUME_KEYS) + f", {order_name}"
   missing = [key for key in VOLUME_KEYS if key not in present]
   why = (f"slice positions repeat up to {k} times and no tag orders them "
          f"(tried b-value, gradient direction, echo, image type, {tried}")
@@ -842,7 +848,9 @@ def _make_stack(group: list[_Entry], record: dict[str, Any], key: str,
   if group[0].layout:
     rec["MosaicLayout"] = group[0].layout
   # Series-level numbering (``_number_volumes``) reads these, then drops them.
-  inst = [e.keys["InstanceNumber"] for e in group if "InstanceNumber" in e.keys]
+  inst = [e.keys.get("InstanceNumber", e.keys.get("FrameOrder"))
+          for e in group]
+  inst = [i for i in inst if i is not None]
   times = [e.keys["AcquisitionTime"] for e in group if "AcquisitionTime" in e.keys]
   rec["_FirstInstance"] = min(inst) if inst else math.inf
   rec["_FirstTime"] = min(times) if times else None
