@@ -727,11 +727,11 @@ def _series_stacks(entries: list[_Entry], records: dict[tuple, dict],
 
 
 def _volume_order(stack: Stack) -> tuple:
-  """Acquisition order: AcquisitionTime, then InstanceNumber (dcm2niix's
-  order), then the order of the split key's values."""
+  """InstanceNumber order (dcm2niix's order of the volumes of a 4D series),
+  then AcquisitionTime, then the order of the split key's values."""
   rec = stack.record
   t = rec.get("_FirstTime")
-  return (math.inf if t is None else t, rec.get("_FirstInstance", math.inf),
+  return (rec.get("_FirstInstance", math.inf), math.inf if t is None else t,
           rec.get("_SplitRank", 0), rec.get("StackKey", ""))
 
 
