@@ -4,15 +4,25 @@
 SeriesInstanceUID and splits each series into 3D stacks the way dcm2niix does:
 
 1. *hard keys* that always split: image size and pixel spacing, echo
-   (EchoNumbers / EchoTime), diffusion b-value and gradient direction, image
-   type (ORIGINAL vs DERIVED, magnitude / phase / real / imaginary), enhanced
-   Stack ID, and one stack per Siemens mosaic file (each mosaic is a volume);
+   (EchoNumbers / EchoTime), diffusion b-value and gradient direction (the
+   standard tags or the vendor's: GE (0043,1039) / (0019,10BB-BD), Philips
+   (2001,1003) / (2005,10B0-B2), Siemens (0019,100C/100E) or CSA, UIH
+   (0065,1009/1037), Canon's ImageComments; ``metadata.vendor_b_value``),
+   image type (ORIGINAL vs DERIVED, magnitude / phase / real / imaginary),
+   enhanced Stack ID, and one stack per Siemens mosaic or UIH VFRAME file
+   (each is a volume);
 2. *orientation*: ImageOrientationPatient clustered with a 1e-3 tolerance;
-3. *temporal position*, only where it is needed: when slice positions repeat
-   inside a stack, it is split by the first of TemporalPositionIdentifier /
-   TemporalPositionIndex, AcquisitionNumber, TriggerTime, AcquisitionTime that
-   makes every position unique (a CT series whose slices carry different
-   AcquisitionNumbers but distinct positions stays one stack);
+3. *volumes*, only where slice positions repeat inside a stack: split by the
+   first of ``VOLUME_KEYS`` (TemporalPositionIdentifier / Index,
+   AcquisitionNumber, TriggerTime, StackID, ImageType, AcquisitionTime),
+   then pairs of them, that cuts it into whole volumes, else by InstanceNumber
+   order (frame order for enhanced objects) like dcm2niix
+   (``_split_volumes``); a CT series whose slices carry different
+   AcquisitionNumbers but distinct positions stays one stack. Volumes of one
+   series on one grid are numbered in the record (``_number_volumes``:
+   VolumeIndex, NumberOfVolumes, VolumeSplitBy, VolumeTimeS,
+   VolumeTimeAfterBolusS, SeriesBValues), so labels can tell a b0 from a
+   b1000 volume or a DCE phase before the injection from one after;
 4. *gaps*: a stack is cut where consecutive positions are more than 2.5x its
    median spacing apart (files missing from an archive, separate slabs), into
    stacks keyed ``part=k``; a part with fewer than ``min_slices`` slices is
@@ -21,14 +31,16 @@ SeriesInstanceUID and splits each series into 3D stacks the way dcm2niix does:
 
 Rejected, each with a reason in ``ScanResult.skipped``: non-DICOM files,
 DICOMDIRs, non-image objects (SR, RT structure sets/plans/doses, presentation
-states, SEG, key objects, waveforms, ...), headers without geometry,
+states, SEG, key objects, waveforms, ...), headers without geometry (the
+reason names the missing tag and the vendor),
 localizers (ImageType LOCALIZER, 3-plane localizers: several orientations in a
 series with fewer than ``min_slices`` slices each), stacks with fewer than
 ``min_slices`` slices, truncated uncompressed pixel data, and unreadable
 files. One bad file never stops a scan.
 
-Speed: plain classic images are read with ``fastread`` (only the ~25
-grouping / geometry tags, no pydicom objects), and the full metadata record
+Speed: plain classic images are read with ``fastread`` (only the ~35
+grouping / geometry tags and the vendor diffusion values, no pydicom
+objects), and the full metadata record
 is built (with pydicom) only for the first file of each (series, hard key)
 group, which is the only record a stack keeps.
 
@@ -500,12 +512,6 @@ def _cluster_iop(entries: list[_Entry]) -> list[list[_Entry]]:
     else:
       clusters.append((e.iop, [e]))
   return [members for _, members in clusters]
-
-
-def _has_duplicates(entries: list[_Entry]) -> bool:
-  n = geometry.slice_normal(entries[0].iop)
-  s = np.sort(np.array([e.position @ n for e in entries]))
-  return bool(len(s) > 1 and np.min(np.diff(s)) < _DUP_TOL_MM)
 
 
 def _position_ids(entries: list[_Entry]) -> list[int]:
