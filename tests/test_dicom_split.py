@@ -148,6 +148,11 @@ def test_siemens_csa_b_value_on_a_classic_slice(tmp_path):
   block.add_new(0x10, "OB", csa)
   path = str(tmp_path / "slice.dcm")
   ds.save_as(path, enforce_file_format=True)
+  # The fast header reader cannot parse CSA: it hands the file to pydicom.
+  with pytest.raises(fastread.Unsupported):
+    metadata.vendor_b_value(fastread.read_header(path))
+  (entry,) = scan_mod.read_entries(path, SALT)
+  assert entry.hard_key[5] == 1000.0
   ds = read_dataset(path, stop_before_pixels=True)
   assert metadata.vendor_b_value(ds) == 1000.0
   assert metadata.vendor_diffusion_direction(ds) == pytest.approx(
@@ -225,3 +230,61 @@ def test_uih_files_without_geometry_are_skipped_naming_tag_and_vendor(uih, tmp_p
   assert "vendor UIH" in reasons["slices"]
   assert "MR VFrame Sequence (0065,1051)" in reasons["vframe"]
   assert "vendor UIH" in reasons["vframe"]
+
+
+def _enhanced_mr(path, n_vol, temporal_index, order):
+  """An Enhanced MR object: n_vol volumes of N_POS frames at the same
+  positions, frames in ``order`` (a permutation of volume-major frames);
+  volume v's pixels are all 100 * (v + 1)."""
+  from pydicom.dataset import Dataset, FileMetaDataset
+  from pydicom.sequence import Sequence
+  meta = FileMetaDataset()
+  meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"
+  meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+  meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+  ds = Dataset()
+  ds.file_meta = meta
+  ds.SOPClassUID = meta.MediaStorageSOPClassUID
+  ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+  ds.Modality = "MR"
+  ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+  ds.StudyInstanceUID = pydicom.uid.generate_uid()
+  ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+  ds.Rows, ds.Columns = 4, 5
+  ds.NumberOfFrames = n_vol * N_POS
+  ds.SamplesPerPixel = 1
+  ds.PhotometricInterpretation = "MONOCHROME2"
+  ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+  shared = Dataset()
+  orient, meas = Dataset(), Dataset()
+  orient.ImageOrientationPatient = IOP
+  meas.PixelSpacing = [1.0, 1.0]
+  meas.SliceThickness = 3.0
+  shared.PlaneOrientationSequence = Sequence([orient])
+  shared.PixelMeasuresSequence = Sequence([meas])
+  ds.SharedFunctionalGroupsSequence = Sequence([shared])
+  frames, pixels = [], []
+  for f in order:
+    v, k = divmod(f, N_POS)
+    item, pos, content = Dataset(), Dataset(), Dataset()
+    pos.ImagePositionPatient = [0.0, 0.0, 3.0 * k]
+    if temporal_index:
+      content.TemporalPositionIndex = v + 1
+    item.PlanePositionSequence = Sequence([pos])
+    item.FrameContentSequence = Sequence([content])
+    frames.append(item)
+    pixels.append(np.full((4, 5), 100 * (v + 1), np.uint16))
+  ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+  ds.PixelData = np.stack(pixels).tobytes()
+  ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.parametrize("temporal_index, by", [
+    (True, "TemporalPositionIndex"), (False, "frame order")])
+def test_enhanced_frames_at_repeated_positions(tmp_path, temporal_index, by):
+  # Frames slice-major (every volume of slice 1, then slice 2, ...).
+  order = [v * N_POS + k for k in range(N_POS) for v in range(3)]
+  _enhanced_mr(str(tmp_path / "enh.dcm"), 3, temporal_index, order)
+  vols, _ = _volumes(str(tmp_path))
+  assert [v for v, _ in vols] == [0, 1, 2]
+  assert {r["VolumeSplitBy"] for _, r in vols} == {by}

@@ -135,6 +135,8 @@ class Header:
   Attributes:
     path: the file.
     file_meta: {'TransferSyntaxUID': UID, 'MediaStorageSOPClassUID': UID}.
+    has_private_values: False when no element of ``PRIVATE_VALUES`` is
+      present (``private_value`` would answer None for all).
     pixel_tag_offset: byte offset of the pixel data element's tag (or the
       file size when there is none), as pydicom's ``fp.tell()`` after
       ``stop_before_pixels``.
@@ -156,6 +158,9 @@ class Header:
     self._radnet_pixel_offset = pixel_tag_offset
     self.pixel_value_offset = pixel_value_offset
     self.pixel_length = pixel_length
+    # Whether any element of PRIVATE_VALUES was kept (most files: none, so
+    # the vendor diffusion look-ups stop at once).
+    self.has_private_values = True
 
   def __contains__(self, keyword: str) -> bool:
     return _TAGS[keyword][0] in self._values
@@ -383,6 +388,7 @@ def _parse(path: str, buf: _Buffer, size: int, fp) -> Header | None:
   # --- dataset ---------------------------------------------------------------
   values: dict[int, tuple[str, bytes]] = {}
   creators: dict[tuple[int, int], bytes] = {}
+  private_values = False
   pixel_tag, pixel_value, pixel_length = size, None, None
   data = buf.data
   # The element header is parsed inline (this loop runs ~40 times a file, and
@@ -438,10 +444,13 @@ def _parse(path: str, buf: _Buffer, size: int, fp) -> Header | None:
         if end > len(data):
           data = buf.need(end)
         values[tag] = (vr, data[start:end])
+        private_values = True
       else:
         values[tag] = (vr, b"")  # private element: presence only
     elif end > size:
       raise Unsupported("element runs past the end of the file")
     pos = end
-  return Header(path, values, creators, meta, implicit, size, pixel_tag,
-                pixel_value, pixel_length)
+  header = Header(path, values, creators, meta, implicit, size, pixel_tag,
+                  pixel_value, pixel_length)
+  header.has_private_values = private_values
+  return header

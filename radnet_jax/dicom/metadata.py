@@ -332,6 +332,8 @@ def vendor_b_value(ds: Any) -> float | None:
   value = _first_float(_native(ds.get("DiffusionBValue")))
   if value is not None:
     return value
+  if not _may_have_private(ds):
+    return _fallback_b_value(ds)
   for group, creator, off, vr in ((0x0019, _SIEMENS_MR, 0x0C, "IS"),
                                   (0x2001, _PHILIPS_DD1, 0x03, "FL")):
     b = _first_float(_private_value(ds, group, creator, off, vr))
@@ -343,15 +345,24 @@ def vendor_b_value(ds: Any) -> float | None:
   b = _first_float(_private_value(ds, 0x0065, None, 0x09, "FD"))
   if b is not None:
     return b
+  return _fallback_b_value(ds)
+
+
+def _may_have_private(ds: Any) -> bool:
+  return not isinstance(ds, fastread.Header) or ds.has_private_values
+
+
+def _fallback_b_value(ds: Any) -> float | None:
+  """Canon's ImageComments, then Siemens CSA (``vendor_b_value``)."""
   canon = _canon_comment(ds)
   if canon is not None:
     return canon[0]
   if _is_siemens_diffusion(ds):
+    if isinstance(ds, fastread.Header):
+      raise fastread.Unsupported("Siemens diffusion without B_value: CSA")
     csa = _siemens_csa(ds)
     if csa is not None:
-      b = _first_float(_csa_value(csa, "B_value"))
-      if b is not None:
-        return b
+      return _first_float(_csa_value(csa, "B_value"))
   return None
 
 
@@ -377,6 +388,23 @@ def vendor_diffusion_direction(ds: Any) -> list[float] | None:
     vec = _vector(list(value) if isinstance(value, (list, MultiValue)) else [value])
     if vec is not None:
       return vec
+  if _may_have_private(ds):
+    vec = _private_direction(ds)
+    if vec is not None:
+      return vec
+  canon = _canon_comment(ds)
+  if canon is not None:
+    return canon[1]
+  if _is_siemens_diffusion(ds) and not isinstance(ds, fastread.Header):
+    csa = _siemens_csa(ds)
+    if csa is not None:
+      raw = _csa_value(csa, "DiffusionGradientDirection")
+      if isinstance(raw, list) and (vec := _vector(raw)) is not None:
+        return vec
+  return None
+
+
+def _private_direction(ds: Any) -> list[float] | None:
   raw = _private_value(ds, 0x0019, _SIEMENS_MR, 0x0E, "FD")
   if isinstance(raw, list) and (vec := _vector(raw)) is not None:
     return vec
@@ -389,15 +417,6 @@ def vendor_diffusion_direction(ds: Any) -> list[float] | None:
   raw = _private_value(ds, 0x0065, None, 0x37, "FD")
   if isinstance(raw, list) and (vec := _vector(raw)) is not None:
     return vec
-  canon = _canon_comment(ds)
-  if canon is not None:
-    return canon[1]
-  if _is_siemens_diffusion(ds):
-    csa = _siemens_csa(ds)
-    if csa is not None:
-      raw = _csa_value(csa, "DiffusionGradientDirection")
-      if isinstance(raw, list) and (vec := _vector(raw)) is not None:
-        return vec
   return None
 
 

@@ -4,15 +4,25 @@
 SeriesInstanceUID and splits each series into 3D stacks the way dcm2niix does:
 
 1. *hard keys* that always split: image size and pixel spacing, echo
-   (EchoNumbers / EchoTime), diffusion b-value and gradient direction, image
-   type (ORIGINAL vs DERIVED, magnitude / phase / real / imaginary), enhanced
-   Stack ID, and one stack per Siemens mosaic file (each mosaic is a volume);
+   (EchoNumbers / EchoTime), diffusion b-value and gradient direction (the
+   standard tags or the vendor's: GE (0043,1039) / (0019,10BB-BD), Philips
+   (2001,1003) / (2005,10B0-B2), Siemens (0019,100C/100E) or CSA, UIH
+   (0065,1009/1037), Canon's ImageComments; ``metadata.vendor_b_value``),
+   image type (ORIGINAL vs DERIVED, magnitude / phase / real / imaginary),
+   enhanced Stack ID, and one stack per Siemens mosaic or UIH VFRAME file
+   (each is a volume);
 2. *orientation*: ImageOrientationPatient clustered with a 1e-3 tolerance;
-3. *temporal position*, only where it is needed: when slice positions repeat
-   inside a stack, it is split by the first of TemporalPositionIdentifier /
-   TemporalPositionIndex, AcquisitionNumber, TriggerTime, AcquisitionTime that
-   makes every position unique (a CT series whose slices carry different
-   AcquisitionNumbers but distinct positions stays one stack);
+3. *volumes*, only where slice positions repeat inside a stack: split by the
+   first of ``VOLUME_KEYS`` (TemporalPositionIdentifier / Index,
+   AcquisitionNumber, TriggerTime, StackID, ImageType, AcquisitionTime),
+   then pairs of them, that cuts it into whole volumes, else by InstanceNumber
+   order (frame order for enhanced objects) like dcm2niix
+   (``_split_volumes``); a CT series whose slices carry different
+   AcquisitionNumbers but distinct positions stays one stack. Volumes of one
+   series on one grid are numbered in the record (``_number_volumes``:
+   VolumeIndex, NumberOfVolumes, VolumeSplitBy, VolumeTimeS,
+   VolumeTimeAfterBolusS, SeriesBValues), so labels can tell a b0 from a
+   b1000 volume or a DCE phase before the injection from one after;
 4. *gaps*: a stack is cut where one step between consecutive positions is
    more than 2.5x the spacing next to it (files missing from an archive,
    separate slabs; ``geometry.classify_spacing``; a change of spacing, as in
@@ -23,14 +33,16 @@ SeriesInstanceUID and splits each series into 3D stacks the way dcm2niix does:
 
 Rejected, each with a reason in ``ScanResult.skipped``: non-DICOM files,
 DICOMDIRs, non-image objects (SR, RT structure sets/plans/doses, presentation
-states, SEG, key objects, waveforms, ...), headers without geometry,
+states, SEG, key objects, waveforms, ...), headers without geometry (the
+reason names the missing tag and the vendor),
 localizers (ImageType LOCALIZER, 3-plane localizers: several orientations in a
 series with fewer than ``min_slices`` slices each), stacks with fewer than
 ``min_slices`` slices, truncated uncompressed pixel data, and unreadable
 files. One bad file never stops a scan.
 
-Speed: plain classic images are read with ``fastread`` (only the ~25
-grouping / geometry tags, no pydicom objects), and the full metadata record
+Speed: plain classic images are read with ``fastread`` (only the ~35
+grouping / geometry tags and the vendor diffusion values, no pydicom
+objects), and the full metadata record
 is built (with pydicom) only for the first file of each (series, hard key)
 group, which is the only record a stack keeps.
 
@@ -116,7 +128,7 @@ class _Entry:
   rows: int
   cols: int
   pixel_spacing: tuple[float, float]
-  keys: dict[str, Any]        # VOLUME_KEYS values + InstanceNumber
+  keys: dict[str, Any]        # VOLUME_KEYS values + InstanceNumber / FrameOrder
   n_slices: int = 1           # > 1 for a mosaic (images in the mosaic)
   localizer: bool = False
   record: dict[str, Any] | None = None
@@ -380,6 +392,7 @@ def _enhanced_entries(path: str, ds: Dataset, frames: int) -> list[_Entry]:
       keys["TemporalPositionIndex"] = int(content.TemporalPositionIndex)
     if "FrameAcquisitionNumber" in content:
       keys["AcquisitionNumber"] = int(content.FrameAcquisitionNumber)
+    keys["FrameOrder"] = f
     if "FrameAcquisitionDateTime" in content:
       dt = str(content.FrameAcquisitionDateTime)
       seconds = _tm_seconds(dt[8:]) if len(dt) > 8 else None
@@ -503,12 +516,6 @@ def _cluster_iop(entries: list[_Entry]) -> list[list[_Entry]]:
   return [members for _, members in clusters]
 
 
-def _has_duplicates(entries: list[_Entry]) -> bool:
-  n = geometry.slice_normal(entries[0].iop)
-  s = np.sort(np.array([e.position @ n for e in entries]))
-  return bool(len(s) > 1 and np.min(np.diff(s)) < _DUP_TOL_MM)
-
-
 def _position_ids(entries: list[_Entry]) -> list[int]:
   """Slice-position index of each entry (positions within ``_DUP_TOL_MM``
   along the normal share one)."""
@@ -552,9 +559,10 @@ def _split_volumes(entries: list[_Entry]
   most repeated position has files, with no position twice in a volume (so
   AcquisitionTime, which differs per slice of a 2D acquisition, never
   passes for a volume key). The last resort is InstanceNumber, as dcm2niix
-  orders a series: the i-th file of every position (in InstanceNumber
-  order) belongs to volume i when every position has the same count, else
-  consecutive blocks of one file per position. When nothing orders them, the
+  orders a series (the frame order for the frames of an enhanced object):
+  the i-th file of every position (in that order) belongs to volume i when
+  every position has the same count, else consecutive blocks of one file per
+  position. When nothing orders them, the
   cluster stays whole and the record says which tags were tried
   (``load_volume`` then keeps identical copies or names the mix).
 
@@ -586,7 +594,12 @@ def _split_volumes(entries: list[_Entry]
       text = "|".join(f"{key}={value}" for key, value in zip(keys, v))
       out.append((text, [entries[i] for i in groups[v]], fields))
     return out
-  inst = [e.keys.get("InstanceNumber") for e in entries]
+  # Classic files: InstanceNumber; frames of enhanced objects: frame order.
+  order_key = next((key for key in ("InstanceNumber", "FrameOrder")
+                    if all(key in e.keys for e in entries)), "InstanceNumber")
+  order_name = {"InstanceNumber": "InstanceNumber order",
+                "FrameOrder": "frame order"}[order_key]
+  inst = [e.keys.get(order_key) for e in entries]
   if all(i is not None for i in inst) and len(set(inst)) == len(inst):
     volume = [0] * len(entries)
     if len(set(counts.values())) == 1:
@@ -607,10 +620,9 @@ def _split_volumes(entries: list[_Entry]
       groups: dict[int, list[_Entry]] = {}
       for v, e in zip(volume, entries):
         groups.setdefault(v, []).append(e)
-      return [(f"InstanceNumber order #{v}", groups[v],
-               {"VolumeSplitBy": "InstanceNumber order"})
+      return [(f"{order_name} #{v}", groups[v], {"VolumeSplitBy": order_name})
               for v in sorted(groups)]
-  tried = ", ".join(VOLUME_KEYS) + ", InstanceNumber order"
+  tried = ", ".join(VOLUME_KEYS) + f", {order_name}"
   missing = [key for key in VOLUME_KEYS if key not in present]
   why = (f"slice positions repeat up to {k} times and no tag orders them "
          f"(tried b-value, gradient direction, echo, image type, {tried}")
@@ -723,11 +735,11 @@ def _series_stacks(entries: list[_Entry], records: dict[tuple, dict],
 
 
 def _volume_order(stack: Stack) -> tuple:
-  """Acquisition order: AcquisitionTime, then InstanceNumber (dcm2niix's
-  order), then the order of the split key's values."""
+  """InstanceNumber order (dcm2niix's order of the volumes of a 4D series),
+  then AcquisitionTime, then the order of the split key's values."""
   rec = stack.record
   t = rec.get("_FirstTime")
-  return (math.inf if t is None else t, rec.get("_FirstInstance", math.inf),
+  return (rec.get("_FirstInstance", math.inf), math.inf if t is None else t,
           rec.get("_SplitRank", 0), rec.get("StackKey", ""))
 
 
@@ -841,7 +853,9 @@ def _make_stack(group: list[_Entry], record: dict[str, Any], key: str,
   if group[0].layout:
     rec["MosaicLayout"] = group[0].layout
   # Series-level numbering (``_number_volumes``) reads these, then drops them.
-  inst = [e.keys["InstanceNumber"] for e in group if "InstanceNumber" in e.keys]
+  inst = [e.keys.get("InstanceNumber", e.keys.get("FrameOrder"))
+          for e in group]
+  inst = [i for i in inst if i is not None]
   times = [e.keys["AcquisitionTime"] for e in group if "AcquisitionTime" in e.keys]
   rec["_FirstInstance"] = min(inst) if inst else math.inf
   rec["_FirstTime"] = min(times) if times else None

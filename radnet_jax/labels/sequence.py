@@ -412,7 +412,8 @@ def _mr_sequence(f: Fields, image_type: tuple, descs: list) -> Label:
 # Splits (scan's ``VolumeSplitBy``) that make the volumes time points.
 _TEMPORAL_SPLITS = frozenset({
     "TemporalPositionIdentifier", "TemporalPositionIndex", "AcquisitionNumber",
-    "TriggerTime", "AcquisitionTime", "InstanceNumber order", "file"})
+    "TriggerTime", "AcquisitionTime", "InstanceNumber order", "frame order",
+    "file"})
 _DIFFUSION_SPLITS = frozenset({"DiffusionBValue", "DiffusionGradientOrientation"})
 
 
