@@ -12,7 +12,12 @@ grid up to axis order and flips, voxels equal, or within interpolation error
 for tilt / equidistant resampling (see that module for ``fence_post`` and
 ``origin``). dcm2niix volumes with fewer than ``--min-slices`` along every
 axis are counted apart (2D images, localizers, 2-slice stacks: the project
-skips those by design, with a reason).
+skips those by design, with a reason), as are RGB files (screenshots,
+colour secondary captures: not grey-level cross-sections) and non-image
+objects and localizers that dcm2niix converts anyway (SEG, RT dose, ...;
+the project reads SEGs as labels, ``dicom.seg``): dcm2niix names each volume
+after its first file (``-f %b_%s``), and the project's skip reason for that
+file tells.
 
 Prints per folder: dcm2niix's volumes, reproduced (how), not reproduced with
 the nearest mismatch, what the project skipped and why (reason counts), the
@@ -40,9 +45,12 @@ import time
 
 import numpy as np
 
+# Skip reasons (prefixes) of files the project leaves out on purpose.
+DESIGN_SKIPS = ("non-image object", "localizer", "DICOMDIR")
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
+if "--worker" not in sys.argv:  # a worker converts with --project's checkout
+  sys.path.insert(0, ROOT)
 
 
 def _worker(src: str, out: str) -> None:
@@ -66,7 +74,8 @@ def _worker(src: str, out: str) -> None:
     np.savez(os.path.join(out, f"vol_{n}.npz"), voxels=vol.voxels, affine=vol.affine)
     n += 1
   json.dump({"volumes": n, "load_errors": errors,
-             "skipped": [k.reason for k in res.skipped]},
+             "skipped": [k.reason for k in res.skipped],
+             "skipped_files": [(k.path, k.reason) for k in res.skipped]},
             open(os.path.join(out, "summary.json"), "w"))
 
 
@@ -79,7 +88,7 @@ def _ours(src: str, out: str, project: str) -> tuple[dict, float, list]:
   wall = time.perf_counter() - t0
   if proc.returncode != 0:
     return ({"volumes": 0, "load_errors": [f"CRASH: {proc.stderr.strip()[-300:]}"],
-             "skipped": []}, wall, [])
+             "skipped": [], "skipped_files": []}, wall, [])
   summary = json.load(open(os.path.join(out, "summary.json")))
   vols = []
   for k in range(summary["volumes"]):
@@ -104,8 +113,24 @@ def compare_folder(src: str, work: str, project: str, min_slices: int) -> dict:
   d_wall = time.perf_counter() - t0
   refs = reference.reference_volumes(nii)
   summary, o_wall, vols = _ours(src, os.path.join(work, "ours"), project)
-  flat = [r for r in refs if min(r.voxels.shape) < min_slices]
-  three_d = [r for r in refs if min(r.voxels.shape) >= min_slices]
+  # dcm2niix names each volume after its first DICOM file (-f %b_%s): a
+  # volume from a file the project skips on purpose (non-image objects such
+  # as SEG or RT dose, localizers) is counted apart, with the reason.
+  skipped_by_name = {os.path.basename(p): why for p, why in summary["skipped_files"]}
+  by_design, kept = collections.Counter(), []
+  for r in refs:
+    src_name = max((b for b in skipped_by_name if r.name.startswith(b + "_")),
+                   key=len, default=None)
+    why = skipped_by_name.get(src_name, "")
+    if why.startswith(DESIGN_SKIPS):
+      by_design[_short(why)] += 1
+    else:
+      kept.append(r)
+  refs = kept
+  colour = [r for r in refs if r.colour]
+  grey = [r for r in refs if not r.colour]
+  flat = [r for r in grey if min(r.voxels.shape) < min_slices]
+  three_d = [r for r in grey if min(r.voxels.shape) >= min_slices]
   used: set[int] = set()
   how = collections.Counter()
   missed = []
@@ -132,7 +157,9 @@ def compare_folder(src: str, work: str, project: str, min_slices: int) -> dict:
                      nearest.detail if nearest else "no volume from the project"))
   return {
       "folder": src, "dcm2niix_volumes": len(refs), "dcm2niix_3d": len(three_d),
-      "dcm2niix_2d": len(flat), "dcm2niix_rc": proc.returncode,
+      "dcm2niix_2d": len(flat), "dcm2niix_colour": len(colour),
+      "dcm2niix_by_design": by_design,
+      "dcm2niix_rc": proc.returncode,
       "reproduced": sum(how[s] for s in reference.REPRODUCED), "how": dict(how),
       "missed": missed, "ours_volumes": summary["volumes"],
       "load_errors": collections.Counter(_short(e) for e in summary["load_errors"]),
@@ -154,8 +181,9 @@ def make_phantoms(out: str) -> list[str]:
     return folders
   mv = os.path.join(out, "multivolume")
   layouts.make_layouts(mv)
-  folders += sorted(os.path.join(mv, d) for d in os.listdir(mv)
-                    if os.path.isdir(os.path.join(mv, d)))
+  root = os.path.join(mv, "dicom") if os.path.isdir(os.path.join(mv, "dicom")) else mv
+  folders += sorted(os.path.join(root, d) for d in os.listdir(root)
+                    if os.path.isdir(os.path.join(root, d)))
   return folders
 
 
@@ -191,9 +219,16 @@ def main() -> None:
     rows.append(r)
     how = ", ".join(f"{k} {v}" for k, v in sorted(r["how"].items())) or "-"
     print(f"[{i + 1}/{len(dirs)}] {src}: dcm2niix {r['dcm2niix_3d']} 3D volume(s) "
-          f"(+{r['dcm2niix_2d']} with < {a.min_slices} slices), reproduced "
+          f"(+{r['dcm2niix_2d']} with < {a.min_slices} slices, +{r['dcm2niix_colour']} "
+          f"colour, +{sum(r['dcm2niix_by_design'].values())} from files skipped by "
+          f"design), reproduced "
           f"{r['reproduced']}/{r['dcm2niix_3d']} ({how}); ours {r['ours_volumes']} "
           f"volume(s); wall dcm2niix {r['dcm2niix_s']:.2f} s, ours {r['ours_s']:.2f} s")
+    if r["dcm2niix_rc"]:
+      print(f"    dcm2niix exit status {r['dcm2niix_rc']} (crashed part-way: counts "
+            "only what it wrote)")
+    for why, n in sorted(r["dcm2niix_by_design"].items()):
+      print(f"    not compared x{n}: dcm2niix converts a file the project skips: {why}")
     for name, shape, why in r["missed"]:
       print(f"    not reproduced: {name} {shape}: {why}")
     for why, n in sorted(r["load_errors"].items()):
