@@ -225,8 +225,8 @@ def main() -> None:
           f"{r['reproduced']}/{r['dcm2niix_3d']} ({how}); ours {r['ours_volumes']} "
           f"volume(s); wall dcm2niix {r['dcm2niix_s']:.2f} s, ours {r['ours_s']:.2f} s")
     if r["dcm2niix_rc"]:
-      print(f"    dcm2niix exit status {r['dcm2niix_rc']} (crashed part-way: counts "
-            "only what it wrote)")
+      print(f"    dcm2niix exit status {r['dcm2niix_rc']} (negative: killed by that "
+            "signal; the counts are what it wrote)")
     for why, n in sorted(r["dcm2niix_by_design"].items()):
       print(f"    not compared x{n}: dcm2niix converts a file the project skips: {why}")
     for name, shape, why in r["missed"]:

@@ -27,7 +27,11 @@ Derived geometry keys (filled by ``scan`` from headers, refined by
 ``load_volume`` from the assembled volume): ``NumberOfSlices`` (int),
 ``SliceSpacing`` (mm, measured from slice positions), ``ExtentMM``
 ([D, H, W] field of view in mm = voxels x spacing), ``ExtentSI`` (extent of the
-volume along the patient superior-inferior axis, mm), ``StackKey``.
+volume along the patient superior-inferior axis, mm), ``StackKey``; and,
+when ``load_volume`` corrected the geometry: ``SliceSpacings`` (the distinct
+spacings of a variable-spacing stack, mm, resampled equidistant at the
+smallest), ``ResampledSliceSpacing``, ``MissingSlicesInterpolated``,
+``GantryTiltCorrected`` (degrees).
 """
 from __future__ import annotations
 
