@@ -232,7 +232,7 @@ def test_uih_files_without_geometry_are_skipped_naming_tag_and_vendor(uih, tmp_p
   assert "vendor UIH" in reasons["vframe"]
 
 
-def _enhanced_mr(path, n_vol, temporal_index, order):
+def _enhanced_mr(path, n_vol, temporal_index, order, diffusion=None):
   """An Enhanced MR object: n_vol volumes of N_POS frames at the same
   positions, frames in ``order`` (a permutation of volume-major frames);
   volume v's pixels are all 100 * (v + 1)."""
@@ -272,6 +272,15 @@ def _enhanced_mr(path, n_vol, temporal_index, order):
       content.TemporalPositionIndex = v + 1
     item.PlanePositionSequence = Sequence([pos])
     item.FrameContentSequence = Sequence([content])
+    if diffusion is not None:   # (b, direction, frame type) of volume v
+      b, direction, frame_type = diffusion[v]
+      diff, grad, ftype = Dataset(), Dataset(), Dataset()
+      diff.DiffusionBValue = b
+      grad.DiffusionGradientOrientation = list(direction)
+      diff.DiffusionGradientDirectionSequence = Sequence([grad])
+      ftype.FrameType = frame_type
+      item.MRDiffusionSequence = Sequence([diff])
+      item.MRImageFrameTypeSequence = Sequence([ftype])
     frames.append(item)
     pixels.append(np.full((4, 5), 100 * (v + 1), np.uint16))
   ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
@@ -288,3 +297,20 @@ def test_enhanced_frames_at_repeated_positions(tmp_path, temporal_index, by):
   vols, _ = _volumes(str(tmp_path))
   assert [v for v, _ in vols] == [0, 1, 2]
   assert {r["VolumeSplitBy"] for _, r in vols} == {by}
+
+
+def test_enhanced_dti_frames_carry_their_own_direction_and_type(tmp_path):
+  original = ["ORIGINAL", "PRIMARY", "DIFFUSION", "NONE"]
+  diffusion = [(0.0, (0.0, 0.0, 0.0), original),
+               (1000.0, (1.0, 0.0, 0.0), original),
+               (1000.0, (0.0, 1.0, 0.0), original),
+               (1000.0, (0.0, 0.0, 0.0), ["ORIGINAL", "PRIMARY", "DIFFUSION", "ISOTROPIC"])]
+  order = list(range(len(diffusion) * N_POS))
+  _enhanced_mr(str(tmp_path / "dti.dcm"), len(diffusion), False, order, diffusion)
+  vols, _ = _volumes(str(tmp_path))
+  assert [v for v, _ in vols] == [0, 1, 2, 3]
+  for v, rec in vols:
+    b, direction, frame_type = diffusion[v]
+    assert rec["DiffusionBValue"] == b
+    assert rec["DiffusionGradientOrientation"] == list(direction)
+    assert rec["ImageType"] == frame_type

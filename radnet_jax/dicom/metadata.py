@@ -59,6 +59,7 @@ PLAIN_KEYS = (
     "InversionRecovery", "ComplexImageComponent", "ReconstructionDiameter",
     "ImagedNucleus", "NumberOfTemporalPositions", "TemporalPositionIdentifier",
     "SeriesType", "DecayCorrection", "CorrectedImage", "ContrastBolusAgentPhase",
+    "DiffusionDirectionality",
 )
 # Multi-valued string tags that are always lists (even with one value).
 LIST_STR_KEYS = frozenset({
@@ -417,6 +418,7 @@ def _enhanced_fields(ds: Dataset) -> dict[str, Any]:
       out.setdefault("InversionTime", float(times))
   diffusion = group("MRDiffusionSequence")
   take(diffusion, "DiffusionBValue")
+  take(diffusion, "DiffusionDirectionality")
   if diffusion is not None:
     direction = _first_item(diffusion, "DiffusionGradientDirectionSequence")
     take(direction, "DiffusionGradientOrientation")

@@ -362,6 +362,7 @@ def _enhanced_entries(path: str, ds: Dataset, frames: int) -> list[_Entry]:
       raise DicomError(path, f"frame {f + 1}: missing plane position, "
                              "orientation or pixel spacing")
     content = functional_group(ds, f, "FrameContentSequence") or Dataset()
+    keys: dict[str, Any] = {}
     echo = functional_group(ds, f, "MREchoSequence")
     diff = functional_group(ds, f, "MRDiffusionSequence")
     ftype = None
@@ -369,6 +370,7 @@ def _enhanced_entries(path: str, ds: Dataset, frames: int) -> list[_Entry]:
                 "PETFrameTypeSequence"):
       ftype = ftype or functional_group(ds, f, key)
     frame_type = list(ftype.get("FrameType", [])) if ftype else image_type
+    keys["ImageType"] = "\\".join(str(v).strip().upper() for v in frame_type)
     direction = None
     b = None
     if diff is not None:
@@ -385,7 +387,6 @@ def _enhanced_entries(path: str, ds: Dataset, frames: int) -> list[_Entry]:
                         ftype.get("ComplexImageComponent") if ftype else None),
         str(content.get("StackID", "")),
     )
-    keys: dict[str, Any] = {}
     if "TemporalPositionIndex" in content:
       keys["TemporalPositionIndex"] = int(content.TemporalPositionIndex)
     if "FrameAcquisitionNumber" in content:
@@ -645,6 +646,20 @@ def _stack_record(entries: list[_Entry], base: dict[str, Any], key: str
         not isinstance(rec.get(field), (int, float)) or
         abs(rec[field] - value) > tol):
       rec[field] = value
+  if isinstance(hard[6], tuple):   # this stack's own gradient direction
+    old = rec.get("DiffusionGradientOrientation")
+    if not (isinstance(old, list) and len(old) == 3 and
+            max(abs(a - b) for a, b in zip(old, hard[6])) <= 1e-3):
+      rec["DiffusionGradientOrientation"] = [float(v) for v in hard[6]]
+  # Per-file keys shared by the whole stack are its own (the record came
+  # from one file or frame of the group): time point, stack, image type.
+  for name in VOLUME_KEYS:
+    if name == "AcquisitionTime":    # a time of day is not kept
+      continue
+    values = {e.keys.get(name) for e in entries}
+    if len(values) == 1 and None not in values:
+      (value,) = values
+      rec[name] = [v for v in value.split("\\") if v] if name == "ImageType" else value
   rec["ImageOrientationPatient"] = [float(v) for v in first.iop]
   rec["PixelSpacing"] = [float(v) for v in first.pixel_spacing]
   if first.n_slices > 1:  # mosaic: slices inside one file
@@ -848,7 +863,7 @@ def _make_stack(group: list[_Entry], record: dict[str, Any], key: str,
   rec = _stack_record(group, record, key)
   for field, value in (fields or {}).items():
     if field == "ImageType":
-      rec[field] = [v for v in str(value).split("\\")]
+      rec[field] = [v for v in str(value).split("\\") if v]
     elif field != "AcquisitionTime":   # a time of day is not kept
       rec[field] = value
   if group[0].layout:
