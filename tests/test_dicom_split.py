@@ -314,3 +314,29 @@ def test_enhanced_dti_frames_carry_their_own_direction_and_type(tmp_path):
     assert rec["DiffusionBValue"] == b
     assert rec["DiffusionGradientOrientation"] == list(direction)
     assert rec["ImageType"] == frame_type
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_uih_vframe_grid_of_six_slices(tmp_path, padded):
+  # 6 slices: 3 tiles wide, 2 high (UIH's rule), or padded to 3x3.
+  layouts.make_layouts(str(tmp_path), styles=("uih_dti_vframe",), n_slices=6,
+                       rows=8, cols=8)
+  src = tmp_path / "dicom" / "uih_dti_vframe"
+  if padded:
+    def pad(ds):
+      tiled = ds.pixel_array
+      out = np.zeros((tiled.shape[0] * 3 // 2, tiled.shape[1]), tiled.dtype)
+      out[:tiled.shape[0]] = tiled
+      ds.Rows = out.shape[0]
+      ds.PixelData = out.tobytes()
+    _rewrite(src, tmp_path / "padded", pad)
+    src = tmp_path / "padded"
+  stacks = dicom.scan(str(src), salt=SALT).stacks
+  assert len(stacks) == 4
+  for st in stacks:
+    vol = dicom.load_volume(st)
+    assert vol.voxels.shape == (6, 8, 8)
+    assert vol.spacing[0] == pytest.approx(4.0)
+    # The phantom's ellipsoid: tissue in the centre of every slice, air at
+    # the corners (a wrong tile size would cut across tiles).
+    assert (vol.voxels[:, 4, 4] > 100).all() and (vol.voxels[:, 0, 0] < 100).all()

@@ -369,8 +369,9 @@ def _read_mosaic(stack: Stack) -> _Slices:
 
 def _read_uih_vframe(stack: Stack) -> _Slices:
   """UIH VFRAME: one volume per file, its n slices tiled ceil(sqrt(n)) wide
-  and ceil(n / wide) high from the top-left corner, each slice's position
-  in an item of the private MR VFrame Sequence (0065,1051)."""
+  and ceil(n / wide) high (or padded to a square grid) from the top-left
+  corner, each slice's position in an item of the private MR VFrame
+  Sequence (0065,1051)."""
   path = stack.files[0]
   ds = read_dataset(path, stop_before_pixels=False)
   items = uih_vframe_items(ds)
@@ -380,8 +381,15 @@ def _read_uih_vframe(stack: Stack) -> _Slices:
                            "(0065,1051) (vendor UIH)")
   arr = _pixels(ds, path)
   wide = int(math.ceil(math.sqrt(n)))
+  cols = arr.shape[1] // wide
+  # UIH documents ceil(n / wide) rows of tiles; an image padded to a square
+  # grid has ``wide`` rows: take the count that gives square tiles, else the
+  # one that divides the image height.
   high = int(math.ceil(n / wide))
-  rows, cols = arr.shape[0] // high, arr.shape[1] // wide
+  candidates = [h for h in (high, wide) if arr.ndim == 2 and arr.shape[0] % h == 0]
+  square = [h for h in candidates if arr.shape[0] // h == cols]
+  high = (square or candidates or [high])[0]
+  rows = arr.shape[0] // high
   if rows < 1 or cols < 1 or arr.ndim != 2:
     raise DicomError(path, f"UIH VFRAME image {arr.shape} does not hold a "
                            f"{high}x{wide} grid of {n} slices")
