@@ -340,3 +340,28 @@ def test_uih_vframe_grid_of_six_slices(tmp_path, padded):
     # The phantom's ellipsoid: tissue in the centre of every slice, air at
     # the corners (a wrong tile size would cut across tiles).
     assert (vol.voxels[:, 4, 4] > 100).all() and (vol.voxels[:, 0, 0] < 100).all()
+
+
+def test_philips_position_only_in_the_private_header_copy(tmp_path):
+  layouts.make_layouts(str(tmp_path), styles=("philips_dwi",))
+  src = tmp_path / "dicom" / "philips_dwi"
+  ref = {s.record["VolumeIndex"]: dicom.load_volume(s) for s in
+         dicom.scan(str(src), salt=SALT).stacks}
+
+  def move_position(ds):   # as anonymisers leave Philips files
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    item = Dataset()
+    item.ImagePositionPatient = ds.ImagePositionPatient
+    del ds.ImagePositionPatient
+    ds.add_new((0x2005, 0x0014), "LO", "Philips MR Imaging DD 005")
+    ds.private_block(0x2005, "Philips MR Imaging DD 005").add_new(
+        0x0F, "SQ", Sequence([item]))
+  _rewrite(src, tmp_path / "moved", move_position)
+  stacks = dicom.scan(str(tmp_path / "moved"), salt=SALT).stacks
+  assert len(stacks) == len(ref)
+  for st in stacks:
+    vol = dicom.load_volume(st)
+    expected = ref[st.record["VolumeIndex"]]
+    np.testing.assert_array_equal(vol.voxels, expected.voxels)
+    np.testing.assert_allclose(vol.affine, expected.affine)

@@ -178,6 +178,32 @@ def uih_vframe_items(ds: Dataset) -> list[Dataset]:
     return []
 
 
+_PHILIPS_MR5 = "Philips MR Imaging DD 005"
+
+
+def vendor_geometry(ds: Dataset) -> tuple[Any, Any]:
+  """(ImagePositionPatient, ImageOrientationPatient) of a classic file,
+  each from the top level or, where missing, from Philips' private copy of
+  the image header (2005,140F) (anonymisers and PACS exports often drop the
+  public position and keep that one, which dcm2niix reads); (None, None)
+  parts when neither has it. pydicom datasets only."""
+  ipp = ds.get("ImagePositionPatient")
+  iop = ds.get("ImageOrientationPatient")
+  if ipp is not None and iop is not None:
+    return ipp, iop
+  try:
+    seq = _private(ds, 0x2005, _PHILIPS_MR5, 0x0F)
+    if isinstance(seq, bytes):
+      seq = pydicom.values.convert_SQ(seq, True, True)
+    item = seq[0] if seq else None
+  except Exception:  # pylint: disable=broad-except
+    item = None
+  if item is not None:
+    ipp = ipp if ipp is not None else item.get("ImagePositionPatient")
+    iop = iop if iop is not None else item.get("ImageOrientationPatient")
+  return ipp, iop
+
+
 def _private(ds: Dataset, group: int, creator: str, offset: int) -> Any:
   """Private element (group, creator block, element offset) or None."""
   try:

@@ -63,7 +63,7 @@ from pydicom.dataset import Dataset
 from radnet_jax.dicom import fastread, geometry
 from radnet_jax.dicom.errors import DicomError
 from radnet_jax.dicom.metadata import (functional_group, record_from_dataset,
-                                       uih_vframe_items,
+                                       uih_vframe_items, vendor_geometry,
                                        vendor_b_value,
                                        vendor_diffusion_direction)
 from radnet_jax.dicom.reader import is_dicomdir, read_dataset
@@ -309,6 +309,13 @@ def _missing_geometry(path: str, ds: Any, iop, ipp) -> DicomError:
 def _classic_entries(path: str, ds: Dataset) -> list[_Entry]:
   iop = _floats(ds.get("ImageOrientationPatient", []), 6)
   ipp = _floats(ds.get("ImagePositionPatient", []), 3)
+  if iop is None or ipp is None:
+    if isinstance(ds, fastread.Header):
+      raise fastread.Unsupported("geometry outside the classic tags")
+    if "VFRAME" not in [str(v).upper() for v in ds.get("ImageType", [])]:
+      vendor_ipp, vendor_iop = vendor_geometry(ds)
+      ipp = _floats(vendor_ipp or [], 3)
+      iop = _floats(vendor_iop or [], 6)
   spacing = _floats(ds.get("PixelSpacing", []), 2)
   # UIH VFRAME first: its top-level position (if any) is not the slices'.
   vframe = _uih_vframe(path, ds, iop)

@@ -59,7 +59,8 @@ from pydicom.dataset import Dataset
 
 from radnet_jax.dicom import fastread, geometry
 from radnet_jax.dicom.errors import DicomError
-from radnet_jax.dicom.metadata import functional_group, uih_vframe_items
+from radnet_jax.dicom.metadata import (functional_group, uih_vframe_items,
+                                       vendor_geometry)
 from radnet_jax.dicom.reader import read_dataset
 from radnet_jax.dicom.types import Stack, Volume
 
@@ -202,6 +203,8 @@ def _native_layout(h: fastread.Header) -> tuple | None:
   rows, cols = int(h.Rows), int(h.Columns)
   for key in ("ImagePositionPatient", "ImageOrientationPatient",
               "PixelSpacing"):
+    if key not in h:
+      return None  # geometry elsewhere (vendor tags): pydicom path
     h.get(key)  # decodable here, or Unsupported -> pydicom
   _rescale(h)
   if bits not in (8, 16, 32) or stored > bits or stored <= 0:
@@ -280,9 +283,8 @@ def _read_classic(stack: Stack) -> _Slices:
     if slices is None:
       slices = _Slices(len(stack.files), arr.shape[0], arr.shape[1])
     slope, inter = _rescale(ds)
-    slices.add(arr, ds.get("ImagePositionPatient"),
-               ds.get("ImageOrientationPatient"), ds.get("PixelSpacing"),
-               slope, inter, path)
+    ipp, iop = vendor_geometry(ds)  # the classic tags, else Philips' copy
+    slices.add(arr, ipp, iop, ds.get("PixelSpacing"), slope, inter, path)
   return slices
 
 
