@@ -11,6 +11,12 @@ SeriesInstanceUID become ``PatientHash``/``StudyHash``/``SeriesHash``
 (``radnet_jax.privacy.hash_id`` with the corpus salt). Names, dates, accession
 numbers, institutions and physicians are not copied at all.
 
+Anonymised headers: ``SOPClassUID`` falls back to the file meta's
+MediaStorageSOPClassUID when blank, missing or not a UID (``sop_class_uid``);
+UIDs replaced by other strings are hashed like real ones (they still group
+the files); an empty or missing PatientID gives ``PatientHash`` '' (the
+shard split then groups by StudyHash).
+
 Enhanced multi-frame objects (Enhanced CT/MR/PET) keep most acquisition
 parameters in the shared / per-frame functional groups; ``record_from_dataset``
 pulls them up to the classic keywords (EchoTime from MREchoSequence,
@@ -76,6 +82,38 @@ _GE_PARM = "GEMS_PARM_01"
 _GE_ACQU = "GEMS_ACQU_01"
 _PHILIPS_DD1 = "Philips Imaging DD 001"
 _PHILIPS_MR1 = "Philips MR Imaging DD 001"
+
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def is_uid(value: Any) -> bool:
+  """True for a syntactically valid DICOM UID (digits and dots, <= 64).
+
+  Anonymisers sometimes replace UIDs by other strings ("ANON-0001"); those
+  still group files (they are kept, hashed, as identifiers) but cannot be
+  referenced from a DICOM object such as a SEG."""
+  text = str(value or "").strip().strip("\0").strip()
+  return bool(text) and len(text) <= 64 and bool(_UID.match(text))
+
+
+def sop_class_uid(ds: Any) -> str:
+  """The object's SOP Class UID: the dataset's SOPClassUID, else the file
+  meta's MediaStorageSOPClassUID (anonymisers blank or drop the dataset's;
+  dcm2niix and pydicom's own readers fall back the same way); '' when
+  neither holds a UID. Works on pydicom datasets and ``fastread`` headers."""
+  sources = ((ds, "SOPClassUID"),
+             (getattr(ds, "file_meta", None), "MediaStorageSOPClassUID"))
+  for src, key in sources:
+    if src is None:
+      continue
+    try:
+      value = src.get(key)
+    except Exception:  # a malformed value: try the next source
+      continue
+    if is_uid(value):
+      return str(value).strip().strip("\0").strip()
+  return ""
 
 
 def _native(value: Any) -> Any:
@@ -507,6 +545,11 @@ def record_from_dataset(ds: Dataset, salt: str) -> dict[str, Any]:
       rec[key] = value
   for key, value in _enhanced_fields(ds).items():
     rec.setdefault(key, value)
+  sop = sop_class_uid(ds)
+  if sop:
+    rec["SOPClassUID"] = sop
+  else:
+    rec.pop("SOPClassUID", None)   # blanked / not a UID: absent, not garbage
   if "DiffusionBValue" not in rec:
     b = vendor_b_value(ds)
     if b is not None:

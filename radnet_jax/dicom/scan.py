@@ -23,8 +23,10 @@ SeriesInstanceUID and splits each series into 3D stacks the way dcm2niix does:
    VolumeIndex, NumberOfVolumes, VolumeSplitBy, VolumeTimeS,
    VolumeTimeAfterBolusS, SeriesBValues), so labels can tell a b0 from a
    b1000 volume or a DCE phase before the injection from one after;
-4. *gaps*: a stack is cut where consecutive positions are more than 2.5x its
-   median spacing apart (files missing from an archive, separate slabs), into
+4. *gaps*: a stack is cut where one step between consecutive positions is
+   more than 2.5x the spacing next to it (files missing from an archive,
+   separate slabs; ``geometry.classify_spacing``; a change of spacing, as in
+   head CTs at two or three spacings, is not a gap), into
    stacks keyed ``part=k``; a part with fewer than ``min_slices`` slices is
    skipped as a fragment. A gap of one missing slice is not cut:
    ``load_volume`` fills it by interpolation.
@@ -63,7 +65,8 @@ from pydicom.dataset import Dataset
 from radnet_jax.dicom import fastread, geometry
 from radnet_jax.dicom.errors import DicomError
 from radnet_jax.dicom.metadata import (functional_group, record_from_dataset,
-                                       uih_vframe_items, vendor_geometry,
+                                       sop_class_uid, uih_vframe_items,
+                                       vendor_geometry,
                                        vendor_b_value,
                                        vendor_diffusion_direction)
 from radnet_jax.dicom.reader import is_dicomdir, read_dataset
@@ -175,7 +178,7 @@ def _round(value: Any, ndigits: int = 3) -> Any:
 
 
 def _non_image_reason(ds: Dataset) -> str | None:
-  sop = str(ds.get("SOPClassUID", ""))
+  sop = sop_class_uid(ds)
   for prefix, what in NON_IMAGE_SOP:
     if sop.startswith(prefix):
       return f"non-image object: {what}"
@@ -456,7 +459,7 @@ def _entries(path: str, ds: Dataset | fastread.Header, salt: str,
   fast = isinstance(ds, fastread.Header)
   if is_dicomdir(ds):
     return Skipped(path, "DICOMDIR (media directory), not an image")
-  if "SOPClassUID" not in ds and "Modality" not in ds:
+  if not sop_class_uid(ds) and not str(ds.get("Modality", "") or "").strip():
     return Skipped(path, "corrupt or empty header (no SOPClassUID/Modality)")
   series = hash_id(ds.get("SeriesInstanceUID"), salt)
   reason = _non_image_reason(ds)
@@ -832,19 +835,16 @@ def _hard_split_names(keys: list) -> list[str]:
 
 def _split_gaps(group: list[_Entry], n: np.ndarray
                 ) -> list[tuple[list[_Entry], float]]:
-  """Cuts a position-sorted stack at gaps wider than ``GAP_FILL_FACTOR``
-  times its median slice spacing (missing files, separate slabs): each part
-  with the widest gap next to it. Narrower gaps (one missing slice) are left
-  to ``load_volume``, which interpolates them."""
+  """Cuts a position-sorted stack where ``geometry.classify_spacing`` finds
+  a cut: a single step wider than ``GAP_FILL_FACTOR`` times the spacing next
+  to it (missing files, separate slabs); each part with the widest gap next
+  to it. Narrower gaps (one missing slice) and changes of spacing (variable
+  spacing) are left to ``load_volume``, which interpolates them."""
   if len(group) < 3 or group[0].n_slices > 1:
     return [(group, 0.0)]
   s = np.array([float(e.position @ n) for e in group])
   diffs = np.diff(s)
-  steps = diffs[diffs >= _DUP_TOL_MM]
-  if not len(steps):
-    return [(group, 0.0)]
-  med = float(np.median(steps))
-  cuts = [i + 1 for i in np.flatnonzero(diffs > geometry.GAP_FILL_FACTOR * med)]
+  cuts = [i + 1 for i in geometry.classify_spacing(diffs).cuts]
   if not cuts:
     return [(group, 0.0)]
   bounds = [0] + cuts + [len(group)]
