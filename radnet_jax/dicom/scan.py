@@ -776,11 +776,11 @@ def _number_volumes(stacks: list[Stack], entries: list[_Entry]) -> None:
   ``NumberOfVolumes``, ``VolumeTimeS`` (start of this volume after the
   first one, s, from AcquisitionTime), ``VolumeTimeAfterBolusS`` (after
   ContrastBolusStartTime, s; negative = before the injection) and
-  ``SeriesBValues`` (the b-values of the whole series; a file without one in
-  a series that has some counts as b=0, as on Canon and dcm2niix).
+  ``SeriesBValues`` (the b-values of a series with some b > 0; a file
+  without one there counts as b=0, as on Canon and in dcm2niix).
   """
   b_values = {e.hard_key[5] for e in entries}
-  if any(isinstance(b, float) for b in b_values):
+  if any(isinstance(b, float) and b > 0 for b in b_values):
     series_b = sorted({b if isinstance(b, float) else 0.0 for b in b_values})
   else:
     series_b = None
