@@ -571,9 +571,9 @@ def _split_volumes(entries: list[_Entry]
   orders a series (the frame order for the frames of an enhanced object):
   the i-th file of every position (in that order) belongs to volume i when
   every position has the same count, else consecutive blocks of one file per
-  position. When nothing orders them, the
-  cluster stays whole and the record says which tags were tried
-  (``load_volume`` then keeps identical copies or names the mix).
+  position. When nothing orders them, the cluster stays whole and the record
+  says which tags were tried (``load_volume`` then keeps identical copies or
+  names the mix with that list).
 
   Returns:
     (split key text, entries, record fields) per volume, in volume order.
