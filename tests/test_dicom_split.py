@@ -197,7 +197,8 @@ def _rewrite(src, dst, edit, implicit=False):
     ds.save_as(os.path.join(dst, name), enforce_file_format=True)
 
 
-@pytest.mark.parametrize("variant", ["implicit", "top_level_position"])
+@pytest.mark.parametrize("variant", ["implicit", "top_level_position",
+                                     "orientation_in_items"])
 def test_uih_vframe_variants_read_like_the_original(uih, tmp_path, variant):
   ref = [dicom.load_volume(s).voxels for s in sorted(
       dicom.scan(str(uih / "uih_dti_vframe"), salt=SALT).stacks,
@@ -206,6 +207,10 @@ def test_uih_vframe_variants_read_like_the_original(uih, tmp_path, variant):
   def edit(ds):
     if variant == "top_level_position":   # a corner of the tiled image
       ds.ImagePositionPatient = ["-50", "-50", "-30"]
+    if variant == "orientation_in_items":
+      for item in ds[(0x0065, 0x1051)].value:
+        item.ImageOrientationPatient = ds.ImageOrientationPatient
+      del ds.ImageOrientationPatient
   _rewrite(uih / "uih_dti_vframe", tmp_path, edit, implicit=variant == "implicit")
   stacks = sorted(dicom.scan(str(tmp_path), salt=SALT).stacks,
                   key=lambda s: s.record["VolumeIndex"])

@@ -278,10 +278,11 @@ def _volume_keys(ds: Any) -> dict[str, Any]:
 
 
 def _uih_vframe(path: str, ds: Any, iop: np.ndarray | None
-                ) -> tuple[np.ndarray, int] | None:
-  """(first slice position, slice count) of a UIH VFRAME file (one volume
-  per file, its slices tiled like a Siemens mosaic, the slice positions in
-  the private MR VFrame Sequence (0065,1051)), or None if ``ds`` is not one.
+                ) -> tuple[np.ndarray, int, np.ndarray] | None:
+  """(first slice position, slice count, orientation) of a UIH VFRAME file
+  (one volume per file, its slices tiled like a Siemens mosaic, the slice
+  positions in the private MR VFrame Sequence (0065,1051); the orientation
+  from the top level, else from that sequence), or None if ``ds`` is not one.
   """
   image_type = [str(v).upper() for v in ds.get("ImageType", [])]
   if "VFRAME" not in image_type:
@@ -293,11 +294,13 @@ def _uih_vframe(path: str, ds: Any, iop: np.ndarray | None
     raise DicomError(path, "UIH VFRAME image without its MR VFrame Sequence "
                            "(0065,1051): no slice positions (vendor UIH)")
   first = _floats(items[0].get("ImagePositionPatient", []), 3)
+  if iop is None:
+    iop = _floats(items[0].get("ImageOrientationPatient", []), 6)
   if first is None or iop is None:
     missing = ("ImageOrientationPatient (0020,0037)" if iop is None else
                "ImagePositionPatient (0020,0032) in the MR VFrame Sequence")
     raise DicomError(path, f"UIH VFRAME image without {missing} (vendor UIH)")
-  return first, len(items)
+  return first, len(items), iop
 
 
 def _missing_geometry(path: str, ds: Any, iop, ipp) -> DicomError:
@@ -323,7 +326,7 @@ def _classic_entries(path: str, ds: Dataset) -> list[_Entry]:
   # UIH VFRAME first: its top-level position (if any) is not the slices'.
   vframe = _uih_vframe(path, ds, iop)
   if vframe is not None:
-    ipp = vframe[0]
+    ipp, iop = vframe[0], vframe[2]
   if iop is None or ipp is None:
     raise _missing_geometry(path, ds, iop, ipp)
   if spacing is None or np.any(spacing <= 0):

@@ -404,8 +404,10 @@ def _read_uih_vframe(stack: Stack) -> _Slices:
   if rows < 1 or cols < 1 or arr.ndim != 2:
     raise DicomError(path, f"UIH VFRAME image {arr.shape} does not hold a "
                            f"{high}x{wide} grid of {n} slices")
-  iop = _vec(ds.ImageOrientationPatient, 6, path, "ImageOrientationPatient")
-  spacing = _vec(ds.PixelSpacing, 2, path, "PixelSpacing")
+  iop = _vec(ds.get("ImageOrientationPatient") or
+             items[0].get("ImageOrientationPatient"), 6, path,
+             "ImageOrientationPatient")
+  spacing = _vec(ds.get("PixelSpacing"), 2, path, "PixelSpacing")
   slope, inter = _rescale(ds)
   slices = _Slices(n, rows, cols)
   for i, item in enumerate(items):
