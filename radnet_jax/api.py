@@ -496,7 +496,7 @@ def prepare_inputs(root: str, *, shard_shape: Sequence[int], input_shape: Sequen
     shard_shape, input_shape: ``(D, H, W)`` of the training shards and of the
       network input (``Loaded.shard_shape`` / ``Loaded.input_shape``).
     salt: identifier hashing salt (default ``default_salt()``).
-    taxonomy, priors: for the metadata labels (as in ``convert.build_shards``).
+    taxonomy, priors: for the metadata labels (as in ``build.build_shards``).
     modality: modality of NIfTI inputs (None: guessed, see ``load_nifti``).
     workers: processes loading volumes (1 = in this process).
     progress: tqdm bars.
@@ -918,7 +918,7 @@ def predict(checkpoint: Any, input: str, *, threshold: float = DEFAULT_THRESHOLD
     salt: identifier hashing salt (default: $RADNET_SALT or a per-user salt
       in the radnet cache); the same salt as the shards gives the same
       hashes (join with ``labels.csv`` or the phantom's ``truth.csv``).
-    priors: label priors as in ``convert.build_shards`` (None, "builtin", a
+    priors: label priors as in ``build.build_shards`` (None, "builtin", a
       file).
     modality: modality of NIfTI inputs ("CT", "MR"; None: guessed).
     workers: processes loading volumes.
