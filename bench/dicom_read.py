@@ -139,7 +139,8 @@ def load_peak_ratio(stack) -> float:
 
 def full_path(stack, shape=(48, 192, 192)):
   """The converter's per-stack work: load, label, resample (cache_record)."""
-  from radnet_jax import convert, labels  # pylint: disable=import-outside-toplevel
+  from radnet_jax import labels
+  from radnet_jax.shards import convert  # pylint: disable=import-outside-toplevel
   vol = dicom.load_volume(stack)
   labels.label(vol.record, taxonomy="paper")
   return convert.cache_record(stack, vol, shape)

@@ -5,7 +5,7 @@ r"""Few-shot study: liver Dice vs number of training volumes, scratch vs pretrai
       [--steps 300] [--patch 32,64,64] [--spacing 5,3,3] [--batch 4] \
       [--out bench/fewshot] [--proposal]
 
-Runs ``radnet_jax.segment.train_and_evaluate`` with
+Runs ``radnet_jax.tasks.segment.train_and_evaluate`` with
 ``experiments/transfer_liver.py:<variant>,n=<size>,seed=<seed>`` for every
 combination (size 0 = all training volumes), each in
 ``<out>/runs/<variant>-n<size>-s<seed>`` (a finished run, i.e. one with
@@ -57,7 +57,7 @@ def interval(d: np.ndarray, level: float = 0.95) -> tuple:
 
 
 def run_one(variant: str, n: int, seed: int, a) -> dict:
-  from radnet_jax import segment  # pylint: disable=g-import-not-at-top
+  from radnet_jax.tasks import segment  # pylint: disable=g-import-not-at-top
   wd = os.path.join(a.out, "runs", f"{variant}-n{n}-s{seed}")
   res_path = os.path.join(wd, "results.json")
   if os.path.exists(res_path):

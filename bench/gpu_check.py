@@ -52,8 +52,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Only jax/flax/optax/numpy/pandas are needed: a lent GPU machine's image has
 # those but not grain / array_record / ml_collections, which `train`,
 # `segment` and the experiment configs import: losses come from the
-# grain-free `radnet_jax.losses`, the paper settings from PAPER_FALLBACK.
-from radnet_jax import device_augment, losses, trainer  # noqa: E402
+# grain-free `radnet_jax.training.losses`, the paper settings from PAPER_FALLBACK.
+from radnet_jax.data import device_augment
+from radnet_jax.training import losses
+from radnet_jax.training import trainer  # noqa: E402
 from radnet_jax.labels import taxonomy as tax  # noqa: E402
 from radnet_jax.models import resnet3d, vnet  # noqa: E402
 
@@ -160,7 +162,7 @@ def _flops(cost) -> float:
 def resnet_case(batch: int, shape: tuple[int, int, int], smoke: bool):
   """(model, loss_fn, batch dict, f32 model) for the paper pretraining step."""
   cfg, source = paper_config()
-  print(f"#   model/loss settings: {source}; losses: radnet_jax.losses", flush=True)
+  print(f"#   model/loss settings: {source}; losses: radnet_jax.training.losses", flush=True)
   taxonomy = tax.Taxonomy(cfg["taxonomy"])
   weights = cfg["weights"]
   heads = {t: taxonomy.num_classes[t] for t in tax.TASKS

@@ -10,7 +10,7 @@ then for every series, pinned to one CPU core and with warm file caches:
 * dcm2niix: ``dcm2niix -z n`` (no compression), wall time of the process and
   its peak RSS (``os.wait4`` rusage);
 * ours: a fresh python process runs scan -> load -> label -> resample +
-  normalise -> encode of the full shard record (``radnet_jax.convert``'s own
+  normalise -> encode of the full shard record (``radnet_jax.shards.convert``'s own
   functions), timing each stage after imports; peak memory is the growth of
   the process's peak RSS over its post-import baseline, compared with the
   size of one float32 volume of the series. ``--path stream`` (default,
@@ -170,7 +170,9 @@ def child(folder: str, shape: tuple, profile: bool = False,
   resize and "resample" is normalisation + float16); "full": ``load_volume``
   (full-resolution float32 volume) then ``convert.cache_record``.
   """
-  from radnet_jax import convert, dicom, labels, records
+  from radnet_jax import dicom, labels
+  from radnet_jax.shards import convert
+  from radnet_jax.shards import records
   from radnet_jax.dicom import volume as dvolume
   from radnet_jax.labels import taxonomy as tx
   import radnet_jax.resample  # noqa: F401 - import cost outside the timing
@@ -207,7 +209,7 @@ def child(folder: str, shape: tuple, profile: bool = False,
   entry = {"key": stack.key, "md": cached["metadata"], "targets": targets,
            "labels": {k: v.as_text() for k, v in lab.items()},
            "provenance": {k: v.provenance for k, v in lab.items()}}
-  data = records.encode(convert._shard_record(cached, entry, "train", "paper"))  # pylint: disable=protected-access
+  data = records.encode(convert.shard_record(cached, entry, "train", "paper"))
   t.append(time.perf_counter())
   c.append(time.process_time())
   cpu = time.process_time() - c0

@@ -20,7 +20,9 @@ import os
 import jax
 import numpy as np
 
-from radnet_jax import api, augment, convert, privacy
+from radnet_jax import api, privacy
+from radnet_jax.data import augment
+from radnet_jax.shards import convert
 from radnet_jax.labels import taxonomy as tax
 from radnet_jax.phantom import load_truth
 

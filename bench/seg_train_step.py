@@ -4,7 +4,7 @@ python bench/seg_train_step.py [--config experiments/transfer_liver.py] \
     [--impls taps,xla] [--steps 5]
 
 Builds the transfer config's network (ResNet-encoder VNet), its optimizer and
-the shared jit train step (radnet_jax.trainer) on the config's patch and
+the shared jit train step (radnet_jax.training.trainer) on the config's patch and
 batch, and times `--steps` steps after a compile step on random data. Prints
 a table: compile wall (s), wall and process CPU seconds per step (CPU time is
 the fair measure on a shared, loaded machine), and the load average.
@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from radnet_jax import segment, trainer  # noqa: E402
+from radnet_jax.tasks import segment
+from radnet_jax.training import trainer  # noqa: E402
 
 
 def _config(path: str, arg: str):

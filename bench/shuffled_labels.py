@@ -31,7 +31,7 @@ LABEL_KEYS = ("targets", "coverage", "labels", "provenance")
 def shuffle_shards(src: str, dst: str, seed: int = 0) -> dict:
   """Writes ``dst`` (shards + manifest) from ``src`` with shuffled train labels -> stats."""
   from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter  # pylint: disable=g-import-not-at-top
-  from radnet_jax import records  # pylint: disable=g-import-not-at-top
+  from radnet_jax.shards import records  # pylint: disable=g-import-not-at-top
   with open(os.path.join(src, "manifest.json")) as f:
     manifest = json.load(f)
   tmp = dst + ".partial"

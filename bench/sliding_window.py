@@ -41,7 +41,7 @@ def main():
   p.add_argument("--skip_monai", action="store_true")
   a = p.parse_args()
 
-  from radnet_jax import inference
+  from radnet_jax.inference import sliding_window as inference
   from radnet_jax.models import vnet
 
   rng = np.random.default_rng(0)

@@ -23,7 +23,7 @@ import argparse
 import sys
 
 from data_prep.build_shards import add_conversion_flags
-from radnet_jax import convert
+from radnet_jax.shards import convert
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                       "sub-folder of --input, e.g. one series or patient)")
   a = p.parse_args(argv)
   try:
-    from radnet_jax import beam_pipeline  # pylint: disable=g-import-not-at-top
+    from radnet_jax.shards import beam as beam_pipeline  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     print(f"apache_beam is not installed ({e}); pip install -r requirements-beam.txt",
           file=sys.stderr)

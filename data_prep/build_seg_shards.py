@@ -10,14 +10,14 @@ LITS_DIR holds volume-N.nii[.gz] and segmentation-N.nii[.gz] (any depth), or
 segments named liver -> 1, tumour/lesion/neoplasm -> 2, others need
 --label_map). DICOM case ids are salted series hashes (salt: $RADNET_SALT or
 DIR/.salt). Writes DIR/seg_{train,val,test}.array_record and DIR/manifest.json;
-the logic lives in radnet_jax.segdata and radnet_jax.segdicom.
+the logic lives in radnet_jax.shards.seg and radnet_jax.dicom.seg.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from radnet_jax import segdata
+from radnet_jax.shards import seg as segdata
 
 
 def _floats(text: str, n: int, what: str) -> tuple:

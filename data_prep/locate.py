@@ -16,7 +16,7 @@ import csv
 import os
 import sys
 
-from radnet_jax import convert
+from radnet_jax.shards import convert
 
 
 def build_parser() -> argparse.ArgumentParser:

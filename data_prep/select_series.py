@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from radnet_jax import selection
+from radnet_jax.labels import selection
 
 
 def _csv(text: str | None) -> tuple[str, ...]:

@@ -65,7 +65,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   v = parse_arg(arg)
   tiny = bool(v.get("tiny"))
   c = ml_collections.ConfigDict()
-  c.entry = "radnet_jax.segment"
+  c.entry = "radnet_jax.tasks.segment"
   c.variant = arg or "pretrained"
   c.seed = int(v.get("seed", 0))
   c.num_devices = 0
@@ -85,7 +85,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.num_classes = 2  # 2: background / liver (incl. tumour); 3: + tumour
   c.patch_shape = (32, 64, 64)  # (D, H, W) voxels; multiples of the net's stride
 
-  # Data (radnet_jax.segdata / segment.ensure_shards).
+  # Data (radnet_jax.shards.seg / segment.ensure_shards).
   c.data = ml_collections.ConfigDict()
   c.data.shards_dir = ""  # prebuilt segmentation shards
   c.data.lits_dir = ""  # a LiTS-format folder to convert (cached)

@@ -128,7 +128,7 @@ def _build_model(config: Any) -> Any:
   """The module a run's config trains (``config.entry``'s ``build_model``)."""
   import importlib  # pylint: disable=g-import-not-at-top
   import inspect  # pylint: disable=g-import-not-at-top
-  entry = str(config.get("entry", "radnet_jax.train"))
+  entry = str(config.get("entry", "radnet_jax.tasks.pretrain"))
   module = importlib.import_module(entry)
   build = getattr(module, "build_model", None)
   if build is None:
@@ -172,7 +172,7 @@ class _quiet_absl:  # pylint: disable=invalid-name
 def _read_config(workdir: str | None, state_dir: str) -> Any:
   import ml_collections  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
-  from radnet_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from radnet_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
   if workdir is None:
     raise FileNotFoundError(
         f"{state_dir}: no {checkpoints.CONFIG_FILE} found beside this checkpoint (expected "
@@ -212,7 +212,7 @@ def load(path: str, *, prefer: str = "best", config: Any = None,
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from radnet_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from radnet_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
 
   if prefer not in ("best", "latest"):
     raise ValueError(f"prefer must be 'best' or 'latest', got {prefer!r}")
@@ -373,7 +373,7 @@ def preprocess(volume: Any, shard_shape: Sequence[int], input_shape: Sequence[in
     (x float32 ``(D, H, W, 1)`` = ``input_shape + (1,)``, cached record
     without its volume: modality, normalisation, geometry, metadata).
   """
-  from radnet_jax import convert  # pylint: disable=g-import-not-at-top
+  from radnet_jax.shards import convert  # pylint: disable=g-import-not-at-top
   stack = types.SimpleNamespace(key=key, record=dict(volume.record or {}))
   cached = convert.cache_record(stack, volume, tuple(int(s) for s in shard_shape))
   return _model_input(cached, input_shape)
@@ -381,7 +381,7 @@ def preprocess(volume: Any, shard_shape: Sequence[int], input_shape: Sequence[in
 
 def _model_input(cached: dict, input_shape: Sequence[int]) -> tuple[np.ndarray, dict]:
   """Cache record -> (centre-cropped float32 ``input_shape + (1,)``, the rest)."""
-  from radnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from radnet_jax.data import pretrain as input_pipeline  # pylint: disable=g-import-not-at-top
   ex = input_pipeline.to_example({"volume": cached.pop("volume")},
                                  tuple(int(s) for s in input_shape))
   return ex["volume"], cached
@@ -398,7 +398,7 @@ def _label_record(metadata: Mapping[str, Any], key: str, taxonomy: str, priors: 
 def _prepare_stack(stack: Any, shard_shape: tuple, input_shape: tuple, taxonomy: str,
                    priors: Any) -> Prepared | SkippedInput:
   """Model input + labels for one DICOM stack; never raises."""
-  from radnet_jax import convert  # pylint: disable=g-import-not-at-top
+  from radnet_jax.shards import convert  # pylint: disable=g-import-not-at-top
   stage = "load"
   series = str(stack.record.get("SeriesHash", ""))
   try:
@@ -478,7 +478,8 @@ def _scrub(item: Any, root: str, salt: str, hash_paths: bool) -> Any:
 
 def default_salt() -> str:
   """$RADNET_SALT, else a per-user salt kept in the radnet cache folder."""
-  from radnet_jax import demo, privacy  # pylint: disable=g-import-not-at-top
+  from radnet_jax import privacy
+  from radnet_jax.shards import demo  # pylint: disable=g-import-not-at-top
   return privacy.load_or_create_salt(demo.cache_root())
 
 
@@ -495,7 +496,7 @@ def prepare_inputs(root: str, *, shard_shape: Sequence[int], input_shape: Sequen
     shard_shape, input_shape: ``(D, H, W)`` of the training shards and of the
       network input (``Loaded.shard_shape`` / ``Loaded.input_shape``).
     salt: identifier hashing salt (default ``default_salt()``).
-    taxonomy, priors: for the metadata labels (as in ``convert.build_shards``).
+    taxonomy, priors: for the metadata labels (as in ``build.build_shards``).
     modality: modality of NIfTI inputs (None: guessed, see ``load_nifti``).
     workers: processes loading volumes (1 = in this process).
     progress: tqdm bars.
@@ -507,7 +508,8 @@ def prepare_inputs(root: str, *, shard_shape: Sequence[int], input_shape: Sequen
     Skipped paths are relative to ``root``, and ``root`` is removed from the
     reasons, so reports never show where the archive lives.
   """
-  from radnet_jax import convert, dicom  # pylint: disable=g-import-not-at-top
+  from radnet_jax import dicom
+  from radnet_jax.shards import convert  # pylint: disable=g-import-not-at-top
   if not os.path.exists(root):
     raise FileNotFoundError(f"{root}: input does not exist")
   salt = salt or default_salt()
@@ -916,7 +918,7 @@ def predict(checkpoint: Any, input: str, *, threshold: float = DEFAULT_THRESHOLD
     salt: identifier hashing salt (default: $RADNET_SALT or a per-user salt
       in the radnet cache); the same salt as the shards gives the same
       hashes (join with ``labels.csv`` or the phantom's ``truth.csv``).
-    priors: label priors as in ``convert.build_shards`` (None, "builtin", a
+    priors: label priors as in ``build.build_shards`` (None, "builtin", a
       file).
     modality: modality of NIfTI inputs ("CT", "MR"; None: guessed).
     workers: processes loading volumes.
@@ -940,8 +942,8 @@ def predict(checkpoint: Any, input: str, *, threshold: float = DEFAULT_THRESHOLD
   if not any(t in heads for t in (*tax.CLASSIFICATION_TASKS, "coverage")):
     raise ValueError(f"{loaded.path}: model {type(loaded.model).__name__} has no "
                      f"classification heads (config.entry="
-                     f"{loaded.config.get('entry', 'radnet_jax.train')}); predict needs a "
-                     f"pretraining checkpoint (segmentation: radnet_jax.segment)")
+                     f"{loaded.config.get('entry', 'radnet_jax.tasks.pretrain')}); predict needs a "
+                     f"pretraining checkpoint (segmentation: radnet_jax.tasks.segment)")
   if not 0.0 < threshold <= 1.0:
     raise ValueError(f"threshold must be in (0, 1], got {threshold}")
   taxonomy = tax.Taxonomy(loaded.taxonomy)

@@ -1,7 +1,7 @@
 """radnet_jax.load / embed: restore anywhere (8 devices -> 1), clear errors, shapes.
 
 ``make_checkpoint`` (also used by test_predict, test_notebook, test_docs)
-writes a real training workdir exactly as ``radnet_jax.train`` does
+writes a real training workdir exactly as ``radnet_jax.tasks.pretrain`` does
 (``Checkpointer`` with the grain iterator state, ``config.json``), from the
 ``experiments/pretrain.py:tiny`` config, on a mesh of ``num_devices``.
 """
@@ -58,7 +58,9 @@ def make_checkpoint(workdir: str, num_devices: int = 1, step: int = 3, seed: int
     whose disagreement with a header is known in advance.
   Returns the saved params as numpy (for comparisons).
   """
-  from radnet_jax import checkpoints, train, trainer
+  from radnet_jax.training import checkpoints
+  from radnet_jax.tasks import pretrain as train
+  from radnet_jax.training import trainer
   from radnet_jax.labels import taxonomy as tax
   config = config or tiny_config()
   model = train.build_model(config, tax.Taxonomy(config.taxonomy))
@@ -208,7 +210,9 @@ def test_embed_shapes_arrays_and_features(tmp_path):
 def test_embed_volumes_use_shard_preprocessing(tmp_path):
   """A Volume goes through convert.cache_record + centre crop, as in the shards."""
   import radnet_jax
-  from radnet_jax import api, convert, input_pipeline
+  from radnet_jax import api
+  from radnet_jax.shards import convert
+  from radnet_jax.data import pretrain as input_pipeline
   from radnet_jax.dicom.types import Volume
   wd = str(tmp_path / "run")
   make_checkpoint(wd)
@@ -236,7 +240,7 @@ def test_import_radnet_jax_is_cheap():
   assert res.returncode == 0, res.stderr[-2000:]
   # radnet_jax.load exists without importing jax until it is called.
   code2 = ("import sys, radnet_jax; f = radnet_jax.load; assert 'jax' not in sys.modules; "
-           "import radnet_jax.predict as p; assert radnet_jax.predict is p and callable(p)")
+           "import radnet_jax.cli.predict; from radnet_jax import api; assert radnet_jax.predict is api.predict")
   res = subprocess.run([sys.executable, "-c", code2], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
   assert res.returncode == 0, res.stderr[-2000:]

@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from radnet_jax import checkpoints, trainer
+from radnet_jax.training import checkpoints
+from radnet_jax.training import trainer
 from tests import synthetic_shards as ss
 
 SHAPE = (8, 16, 16, 1)

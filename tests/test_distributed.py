@@ -1,7 +1,7 @@
 """Multi-process training on one machine (2 JAX CPU processes, gloo collectives).
 
-The 2-process run goes through ``run.py`` (flags -> ``radnet_jax.distributed``
--> ``radnet_jax.train``), each process with 2 simulated CPU devices. The
+The 2-process run goes through ``run.py`` (flags -> ``radnet_jax.training.distributed``
+-> ``radnet_jax.tasks.pretrain``), each process with 2 simulated CPU devices. The
 reference is one process with 4 devices fed the *same global batches* (each
 global batch = process 0's rows + process 1's rows, built with the real
 ``input_pipeline.train_dataset`` for each process index), so the per-step
@@ -17,7 +17,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from radnet_jax import distributed
+from radnet_jax.training import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
@@ -90,7 +90,7 @@ def test_single_process_helpers():
 def _write_shards(out_dir: str, n: int = 40) -> None:
   """Train-only shards (no val/test: the run skips evaluation)."""
   from array_record.python import array_record_module as arm
-  from radnet_jax import records
+  from radnet_jax.shards import records
   os.makedirs(out_dir, exist_ok=True)
   rng = np.random.default_rng(0)
   w = arm.ArrayRecordWriter(os.path.join(out_dir, "train-00000-of-00001.array_record"),
@@ -118,7 +118,7 @@ _REFERENCE = textwrap.dedent("""
     import json, sys
     import numpy as np
     from absl import app, flags
-    from radnet_jax import input_pipeline
+    from radnet_jax.data import pretrain as input_pipeline
     NPROC = 2
     _orig = input_pipeline.train_dataset
 
@@ -230,7 +230,7 @@ def _check_losses(runs):
 
 def _check_restore(runs):
   import jax
-  from radnet_jax import checkpoints
+  from radnet_jax.training import checkpoints
   params, stats, config, step = checkpoints.restore_params(runs["multi"], "latest")
   ref_params, ref_stats, _, ref_step = checkpoints.restore_params(runs["ref"], "latest")
   assert step == ref_step == STEPS

@@ -145,8 +145,8 @@ def parse_cli(module: str, argv: list[str], monkeypatch) -> argparse.Namespace:
 
 # The CLIs whose lines in usage.md are checked, and what each must be given.
 _CLIS = {
-    "radnet_jax.predict": ("checkpoint", "input"),
-    "radnet_jax.predict_seg": ("workdir", "input", "out"),
+    "radnet_jax.cli.predict": ("checkpoint", "input"),
+    "radnet_jax.cli.predict_seg": ("workdir", "input", "out"),
     "data_prep.build_seg_shards": ("input", "out"),
     "data_prep.make_phantoms": ("out",),
 }
@@ -160,11 +160,11 @@ def cli_commands() -> list[list[str]]:
 
 
 def test_cli_line_matching_is_exact():
-  # radnet_jax.predict_seg is not radnet_jax.predict, and a prefix is no match.
-  assert _CLI_RE.search("python -m radnet_jax.predict_seg --workdir W").group(1) == \
-      "radnet_jax.predict_seg"
-  assert _CLI_RE.search("python -m radnet_jax.predict --checkpoint C").group(1) == \
-      "radnet_jax.predict"
+  # radnet_jax.cli.predict_seg is not radnet_jax.predict, and a prefix is no match.
+  assert _CLI_RE.search("python -m radnet_jax.cli.predict_seg --workdir W").group(1) == \
+      "radnet_jax.cli.predict_seg"
+  assert _CLI_RE.search("python -m radnet_jax.cli.predict --checkpoint C").group(1) == \
+      "radnet_jax.cli.predict"
   assert not _CLI_RE.search("python -m radnet_jax.predictor --x 1")
   assert not _CLI_RE.search("python -m data_prep.make_phantoms_v2 --out P")
 
@@ -185,6 +185,6 @@ def test_usage_cli_lines_parse(monkeypatch):
 
 
 def test_parse_cli_rejects_unknown_flags(monkeypatch):
-  for module in ("radnet_jax.predict_seg", "data_prep.build_seg_shards"):
+  for module in ("radnet_jax.cli.predict_seg", "data_prep.build_seg_shards"):
     with pytest.raises(SystemExit):
       parse_cli(module, ["--input", "x", "--out", "y", "--no-such-flag"], monkeypatch)

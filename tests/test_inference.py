@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from radnet_jax import inference
+from radnet_jax.inference import sliding_window as inference
 
 
 def _per_voxel(x):

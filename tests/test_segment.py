@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from flax.core import FrozenDict
 
-from radnet_jax import checkpoints
-from radnet_jax import proposal
-from radnet_jax import segment
-from radnet_jax import trainer
+from radnet_jax.training import checkpoints
+from radnet_jax.tasks import proposal
+from radnet_jax.tasks import segment
+from radnet_jax.training import trainer
 from radnet_jax.models import resnet3d
 from tests.test_segdata import AFFINE_RAS, FILE_SHAPE, _case, _write_lits
 

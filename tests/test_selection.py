@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from radnet_jax import selection
+from radnet_jax.labels import selection
 
 idc_index_data = pytest.importorskip("idc_index_data")
 

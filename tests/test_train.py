@@ -9,7 +9,9 @@ import ml_collections
 import pytest
 
 from experiments import pretrain
-from radnet_jax import checkpoints, train, trainer
+from radnet_jax.training import checkpoints
+from radnet_jax.tasks import pretrain as train
+from radnet_jax.training import trainer
 from tests import synthetic_shards as ss
 
 SHAPE = (8, 16, 16)
@@ -157,7 +159,7 @@ def test_train_and_evaluate_end_to_end(straight_run):
 def test_train_with_rotation_and_noise_in_the_step(shards, tmp_path, monkeypatch):
   # augment.on_device: the host batches carry the drawn angle and noise level,
   # the jitted step (2-device mesh) applies them, traced once.
-  from radnet_jax import device_augment
+  from radnet_jax.data import device_augment
   seen = []
   real = device_augment.augment
   monkeypatch.setattr(device_augment, "augment",

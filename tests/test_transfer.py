@@ -7,9 +7,9 @@ import optax
 import pytest
 from flax.core import FrozenDict
 
-from radnet_jax import checkpoints
-from radnet_jax import trainer
-from radnet_jax import transfer
+from radnet_jax.training import checkpoints
+from radnet_jax.training import trainer
+from radnet_jax.training import transfer
 from radnet_jax.models import resnet3d
 from radnet_jax.models import vnet
 

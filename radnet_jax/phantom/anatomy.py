@@ -18,6 +18,7 @@ import dataclasses
 import numpy as np
 
 from radnet_jax.phantom import body
+from radnet_jax.phantom.head import TemplateHead
 from radnet_jax.phantom.shapes import Capsule, Ellipsoid, _deform, _rot, _rotx, _roty  # noqa: F401 (re-exported)
 
 # Tissue ids (index into the physics tables).
@@ -106,6 +107,7 @@ class Patient:
   half_depth: float
   lesions: int
   ct: dict = dataclasses.field(default_factory=dict)   # CT offsets / enhancement factors (body._patient_ct)
+  head: TemplateHead | None = None
 
 
 def make_patient(rng: np.random.Generator, pid: int = 0, lesions: int | None = None) -> Patient:
@@ -119,65 +121,36 @@ def make_patient(rng: np.random.Generator, pid: int = 0, lesions: int | None = N
   habitus = float(rng.beta(2.0, 2.5))       # 0 lean .. 1 obese: fat, width, bowel packing
   age = int(rng.integers(18, 88))
   zv = float(rng.uniform(-40, 60)) + 100.0  # table position of the vertex
-  j = lambda sd: float(rng.normal(0, sd))
   Z = lambda depth: zv - depth * s                                   # depth -> z mm
   ops: list = []
   add = lambda shape, tissue, only=None: ops.append((shape, T[tissue], None if only is None else tuple(T[o] for o in only)))
 
-  # --- body envelope: head, trunk and thighs (phantom.body) ------------------
-  head = Ellipsoid([0, 0, Z(100)], [74 * s, 92 * s, 112 * s], deform=_deform(rng, 0.03))
-  add(head, "skin")
+  # --- body envelope: head, trunk and thighs -----------------------------------
+  # The head (brain, skull, face, neck down to C5) is the deformed template
+  # of radnet_jax.phantom.head; the body (phantom.body) joins it at the neck.
+  head = TemplateHead(rng, T, scale=s, z_vertex=zv)
   trunk, cavity, _, wide = body.add_envelope(rng, add, Z, s, sex, habitus)
-  head_fat = Ellipsoid(head.c, head.radii - 2.5, deform=head.deform)
-  add(head_fat, "fat", ["skin"])
-
-  # --- head: skull, brain, ventricles, face ---------------------------------
-  hc = head.c
-  skull = Ellipsoid(hc + [0, 2, 8 * s], [68 * s, 86 * s, 98 * s], e=2.1)
-  add(skull, "bone")
-  add(Ellipsoid(skull.c, skull.radii - 6.5, e=2.1), "csf")
-  br = skull.radii - 9.0
-  add(Ellipsoid(skull.c + [0, 0, 3], br, e=2.1, deform=_deform(rng, 0.02)), "gm")
-  add(Ellipsoid(skull.c + [0, 0, 8], br * [0.78, 0.8, 0.7], e=2.2,
-                deform=_deform(rng, 0.12, 4, 9.0)), "wm", ["gm"])
-  vz = skull.c[2] + 10
-  for sx in (-1, 1):
-    add(Ellipsoid([sx * 9 * s, -5 + j(2), vz], [6 * s, 30 * s, 12 * s], _rot(rng, 8)), "csf", ["wm", "gm"])
-    add(Ellipsoid([sx * 13 * s, 20 * s, vz - 8], [5 * s, 12 * s, 14 * s], _rot(rng, 10)), "csf", ["wm", "gm"])
-  add(Ellipsoid([0, 0, vz - 20 * s], [2.5, 14 * s, 9 * s]), "csf", ["wm", "gm"])
-  cereb = Ellipsoid(skull.c + [0, 45 * s, -55 * s], [55 * s, 32 * s, 26 * s], deform=_deform(rng, 0.03))
-  add(cereb, "gm")
-  add(Ellipsoid(cereb.c + [0, -4, 2], cereb.radii * [0.5, 0.45, 0.5], deform=_deform(rng, 0.15, 3, 8.0)), "wm", ["gm"])
-  add(Capsule(skull.c + [0, 14 * s, -10 * s], skull.c + [0, 24 * s, -80 * s], 13 * s, 10 * s), "wm")
-  for sx in (-1, 1):  # eyes, maxillary sinuses
-    add(Ellipsoid([sx * 32 * s, -72 * s, Z(88)], [20 * s, 18 * s, 18 * s]), "fat", ["skin", "fat", "muscle", "bone"])
-    add(Ellipsoid([sx * 32 * s, -76 * s, Z(88)], [12 * s, 12 * s, 12 * s]), "vitreous")
-    add(Ellipsoid([sx * 27 * s, -55 * s, Z(135)], [15 * s, 18 * s, 17 * s], deform=_deform(rng, 0.05)), "gas")
-  add(Ellipsoid([0, -70 * s, Z(125)], [8 * s, 22 * s, 25 * s]), "gas")  # nasal cavity
-  for sx in (-1, 1):  # mandible
-    add(Capsule([sx * 50 * s, 5 * s, Z(150)], [sx * 45 * s, -10 * s, Z(212)], 6 * s), "bone")
-    add(Capsule([sx * 45 * s, -10 * s, Z(212)], [0, -72 * s, Z(222)], 6 * s), "bone")
 
   # --- neck and airway ------------------------------------------------------
   carina = np.array([0, 10 * s, Z(380)])
-  add(Capsule([0, 10 * s, Z(150)], [0, -8 * s, Z(230)], 11 * s, 9 * s), "gas")
-  add(Capsule([0, -8 * s, Z(230)], carina, 9 * s), "gas")
+  add(Capsule([0, -14 * s, head.z_bottom + 10], carina, 9 * s), "gas")
   for sx in (-1, 1):
     add(Ellipsoid([sx * 18 * s, -20 * s, Z(258)], [9 * s, 10 * s, 22 * s], deform=_deform(rng, 0.05)), "thyroid")
 
   # --- thorax, abdomen, pelvis, spine (phantom.body) -------------------------
-  bd = body.add_body(rng, add, Z, s, sex, age, trunk, cavity, wide, habitus, lesions)
+  bd = body.add_body(rng, add, Z, s, sex, age, trunk, cavity, wide, habitus, lesions, z_neck=head.z_bottom)
 
   bands = {
-      "brain": (Z(125), Z(0)),
-      "head": (Z(225), Z(125)),
-      "neck": (Z(285), Z(225)),
+      "brain": (head.brain_z[0], head.z_vertex),
+      "head": (head.z_chin, head.brain_z[0]),
+      "neck": (Z(285), head.z_chin),
       **bd.bands,
   }
   return Patient(pid=pid, sex=sex, height=height, age=age,
                  weight=float(height / 1000) ** 2 * (19 + 16 * habitus), z_vertex=zv, paint=ops,
                  bands={k: (float(v[0]), float(v[1])) for k, v in bands.items()},
-                 half_width=bd.half_width, half_depth=bd.half_depth, lesions=bd.lesions, ct=bd.ct)
+                 half_width=bd.half_width, half_depth=bd.half_depth, lesions=bd.lesions, ct=bd.ct,
+                 head=head)
 
 
 def render_labels(patient: Patient, grid: Grid) -> np.ndarray:
@@ -193,4 +166,10 @@ def render_labels(patient: Patient, grid: Grid) -> np.ndarray:
       m &= np.isin(lab[sl], only)
     if m.any():
       lab[sl][m] = tissue
+  head = patient.head
+  box = None if head is None else grid.box(head.lo, head.hi)
+  if box is not None:   # the template head wins wherever it has tissue
+    sl = tuple(slice(a, b) for a, b in box)
+    h = head.sample(grid.points(box))
+    np.copyto(lab[sl], h, where=h > 0)
   return lab

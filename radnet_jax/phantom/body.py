@@ -173,8 +173,12 @@ def add_envelope(rng, add, Z, s: float, sex: str, habitus: float):
 
 
 def add_body(rng, add, Z, s: float, sex: str, age: int, trunk: Trunk, cavity: Trunk,
-             wide: float, habitus: float, lesions: int | None) -> Body:
-  """Thorax, abdomen, pelvis, spine, ribs and vessels painted inside the envelope."""
+             wide: float, habitus: float, lesions: int | None, z_neck: float = np.inf) -> Body:
+  """Thorax, abdomen, pelvis, spine, ribs and vessels painted inside the envelope.
+
+  z_neck: lower end (mm) of the head model, which brings its own cervical
+  spine: vertebrae and canal above it are not painted.
+  """
   j = lambda sd: float(rng.normal(0, sd))
   sw = s * wide
   P = lambda x, y, depth: np.array([x * sw, y * s, Z(depth)], np.float64)   # depth-based point
@@ -409,6 +413,8 @@ def add_body(rng, add, Z, s: float, sex: str, age: int, trunk: Trunk, cavity: Tr
   xs = lambda d: scol * np.sin((d - 290) / 300 * np.pi) * s
   prev = None
   for name, depth, hh in _vertebrae():
+    if Z(depth) > z_neck:
+      continue
     y, z = sy(depth) * s, Z(depth)
     kind = name[0]
     rx, ry = {"C": (10, 8), "T": (13 + 0.5 * int(name[1:]), 11 + 0.4 * int(name[1:])), "L": (22, 17)}[kind]
@@ -436,9 +442,10 @@ def add_body(rng, add, Z, s: float, sex: str, age: int, trunk: Trunk, cavity: Tr
   add(Ellipsoid(sac, [44 * s, 16 * s, 52 * s], rotx(-0.55), e=2.4), "bone")
   add(Ellipsoid(sac, [40 * s, 12 * s, 48 * s], rotx(-0.55), e=2.4), "marrow", ["bone"])
   add(Capsule(P(0, 72, 852), P(0, 60, 878), 7 * s, 4 * s), "bone")
-  canal_pts = [np.array([xs(d), (sy(d) + (18 if d < 600 else 25)) * s, Z(d)]) for d in range(140, 800, 40)]
+  canal_d = [d for d in range(140, 800, 40) if Z(d) <= z_neck + 40 * s]
+  canal_pts = [np.array([xs(d), (sy(d) + (18 if d < 600 else 25)) * s, Z(d)]) for d in canal_d]
   _tube(add, canal_pts, 7.5 * s, "csf", ["bone", "marrow", "muscle", "fat", "disc", "soft"])
-  cord_pts = [p for p, d in zip(canal_pts, range(140, 800, 40)) if d <= 620]
+  cord_pts = [p for p, d in zip(canal_pts, canal_d) if d <= 620]
   _tube(add, cord_pts, 4.5 * s, "cord", ["csf"], 3.0 * s)
 
   # --- ribs, costal cartilage, sternum --------------------------------------------

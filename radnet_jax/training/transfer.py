@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from radnet_jax import checkpoints
+from radnet_jax.training import checkpoints
 
 log = logging.getLogger("radnet_jax")
 

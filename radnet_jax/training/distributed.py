@@ -184,7 +184,7 @@ def initialize(coordinator_address: str | None = None,
   except RuntimeError as e:
     if "must be called before" in str(e):
       raise RuntimeError(
-          "radnet_jax.distributed.initialize() ran after JAX was already used "
+          "radnet_jax.training.distributed.initialize() ran after JAX was already used "
           "(jax.devices(), an array, a jit call ...); call it first in main()"
       ) from e
     raise
@@ -452,7 +452,7 @@ def launch_local(argv: Sequence[str], num_processes: int, *,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """``python -m radnet_jax.distributed -n 2 [--cpu_devices 4] -- CMD ...``"""
+  """``python -m radnet_jax.training.distributed -n 2 [--cpu_devices 4] -- CMD ...``"""
   import argparse  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(
       description="Run a command as N cooperating JAX processes on this machine.")

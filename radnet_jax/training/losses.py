@@ -2,7 +2,7 @@
 
 Kept free of the input pipeline (grain) and the configs (ml_collections) so
 that benchmarks on bare accelerator images (bench/gpu_check.py) use the very
-functions the trainers use. ``radnet_jax.train`` and ``radnet_jax.segment``
+functions the trainers use. ``radnet_jax.tasks.pretrain`` and ``radnet_jax.tasks.segment``
 re-export them under the same names.
 """
 from __future__ import annotations

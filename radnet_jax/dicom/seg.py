@@ -16,8 +16,8 @@ Input side (``segdata.build_shards`` with DICOM cases):
   SegmentLabel / SegmentedPropertyType (``segment_values``); overlaps keep
   the larger label (tumour inside liver).
 * ``load_ct_canonical(stack)``: the CT in the same axial canonical layout and
-  geometry dict as ``segdata.load_nifti_canonical``, so ``segdata.preprocess``
-  and ``segdata.to_original_grid`` work unchanged; the "original grid" of a
+  geometry dict as ``nifti.load_nifti_canonical``, so ``segdata.preprocess``
+  and ``nifti.to_original_grid`` work unchanged; the "original grid" of a
   DICOM case is the ``load_volume`` grid (sorted slices, slice axis first).
 
 Output side: ``write_seg(labels, affine, ct_files, out_path)`` samples a label
@@ -43,8 +43,9 @@ from pydicom.dataset import Dataset
 
 from radnet_jax import dicom as dicom_lib
 from radnet_jax.dicom import geometry as dicom_geometry
+from radnet_jax.dicom import nifti
 from radnet_jax.dicom.errors import DicomError
-from radnet_jax.dicom.metadata import functional_group
+from radnet_jax.dicom.metadata import functional_group, is_uid, sop_class_uid
 from radnet_jax.dicom.reader import read_dataset
 from radnet_jax.privacy import hash_id
 
@@ -54,7 +55,6 @@ SEG_SOP = "1.2.840.10008.5.1.4.1.1.66.4"
 LABELMAP_SEG_SOP = "1.2.840.10008.5.1.4.1.1.66.7"
 LIVER, TUMOUR = 1, 2
 LABEL_NAMES = {LIVER: "liver", TUMOUR: "tumour"}
-_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # SNOMED CT codes that identify a segment's meaning (SegmentedPropertyType).
 _LIVER_CODES = {"10200004"}                       # Liver
 _TUMOUR_CODES = {"108369006", "86049000", "52988006", "4147007", "14799000",
@@ -93,7 +93,7 @@ def _code(item: Dataset, keyword: str) -> tuple[str, str]:
 
 
 def _is_seg(ds: Dataset) -> bool:
-  sop = str(ds.get("SOPClassUID", ""))
+  sop = sop_class_uid(ds)
   return sop in (SEG_SOP, LABELMAP_SEG_SOP) or str(ds.get("Modality", "")).upper() == "SEG"
 
 
@@ -455,13 +455,12 @@ def load_ct_canonical(stack: dicom_lib.Stack) -> tuple[np.ndarray, np.ndarray, d
 
   Returns:
     voxels float32 ``(D, H, W)`` HU (axial canonical), affine ``(4, 4)`` ->
-    LPS mm, geometry (``segdata.canonicalise``: ``orig_*`` describe the
+    LPS mm, geometry (``nifti.canonicalise``: ``orig_*`` describe the
     ``load_volume`` grid, plus ``source: "dicom"``), and the Volume itself
     (its grid is where SEG masks are rasterised and predictions written).
   """
-  from radnet_jax import segdata  # pylint: disable=import-outside-toplevel
   vol = dicom_lib.load_volume(stack)
-  hu, affine, geometry = segdata.canonicalise(vol.voxels, _RAS_TO_LPS @ vol.affine,
+  hu, affine, geometry = nifti.canonicalise(vol.voxels, nifti.RAS_TO_LPS @ vol.affine,
                                               f"stack {stack.key}")
   geometry["source"] = "dicom"
   return hu, affine, geometry, vol
@@ -470,7 +469,6 @@ def load_ct_canonical(stack: dicom_lib.Stack) -> tuple[np.ndarray, np.ndarray, d
 def load_case(case: DicomCase, label_map: Mapping[str | int, int] | None = None
               ) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray | None]:
   """(HU, affine, geometry, mask or None), canonical, for ``segdata.make_record``."""
-  from radnet_jax import segdata  # pylint: disable=import-outside-toplevel
   hu, affine, geometry, vol = load_ct_canonical(case.stack)
   if case.seg_path is None:
     return hu, affine, geometry, None
@@ -480,7 +478,7 @@ def load_case(case: DicomCase, label_map: Mapping[str | int, int] | None = None
   for extra in case.more_segs:
     np.maximum(mask, rasterise(extra, vol.affine, vol.voxels.shape, ct=ref,
                                label_map=label_map), out=mask)
-  canon, _, _ = segdata.canonicalise(mask, _RAS_TO_LPS @ vol.affine, case.seg_path)
+  canon, _, _ = nifti.canonicalise(mask, nifti.RAS_TO_LPS @ vol.affine, case.seg_path)
   return hu, affine, geometry, np.rint(canon).astype(np.uint8)
 
 
@@ -595,6 +593,51 @@ def _version() -> str:
     return "0"
 
 
+# Type 2 attributes (present, may be empty) that highdicom copies from the
+# source images into the SEG; anonymisers often delete them.
+_TYPE2_SOURCE = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex",
+                 "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
+                 "ReferringPhysicianName")
+
+
+def _repair_source(ds: Dataset, path: str) -> None:
+  """Makes an anonymised CT header usable as a SEG source, in memory.
+
+  SOPClassUID blank or missing -> the file meta's MediaStorageSOPClassUID
+  (as readers do); deleted Type 2 patient / study attributes -> present and
+  empty (what the standard allows for an unknown value). A SEG must
+  reference its images (and their frame of reference) by UID, so a Study /
+  Series / SOP Instance / Frame of Reference UID that is missing or that an
+  anonymiser replaced by another string is a ValueError naming the file and
+  the tag: the SEG cannot be written (the caller keeps the mask).
+  """
+  sop = sop_class_uid(ds)
+  if not sop:
+    raise ValueError(f"{path}: no SOP Class UID (SOPClassUID and the file "
+                     "meta's MediaStorageSOPClassUID are both blank)")
+  ds.SOPClassUID = sop
+  for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+              "FrameOfReferenceUID"):
+    if not is_uid(ds.get(key)):
+      raise ValueError(f"{path}: {key} is missing or not a DICOM UID "
+                       "(anonymised?), so a SEG cannot reference this image")
+  for key in _TYPE2_SOURCE:
+    if key not in ds:
+      setattr(ds, key, "")
+
+
+def _fill_slice_thickness(datasets: Sequence[Dataset], affine: np.ndarray) -> None:
+  """SliceThickness (which highdicom copies into the SEG's pixel measures)
+  for sources whose anonymiser dropped it: the slice spacing of the grid
+  (the distance between positions, never guessed from another tag)."""
+  if all(str(d.get("SliceThickness", "") or "").strip() for d in datasets):
+    return
+  spacing = float(np.linalg.norm(np.asarray(affine, float)[:3, 0]))
+  for d in datasets:
+    if not str(d.get("SliceThickness", "") or "").strip():
+      d.SliceThickness = f"{spacing:.6g}"
+
+
 def write_seg(labels: np.ndarray, affine: np.ndarray, ct_files: Sequence[str],
               out_path: str, *, label_values: Sequence[int] = (LIVER, TUMOUR),
               series_number: int = 901, series_description: str = "RadNet-JAX liver",
@@ -604,7 +647,7 @@ def write_seg(labels: np.ndarray, affine: np.ndarray, ct_files: Sequence[str],
   Args:
     labels: uint8 ``(D, H, W)`` (0 background, 1 liver, 2 tumour) on the grid
       of ``affine`` (voxel index -> LPS mm), e.g. the ``load_volume`` grid of
-      the series (``segdata.to_original_grid`` of a prediction).
+      the series (``nifti.to_original_grid`` of a prediction).
     ct_files: the CT images of that series (any order).
     out_path: the ``.dcm`` file to write (folders are created).
     label_values: the labels that get a segment, in segment order (segment 1
@@ -626,6 +669,7 @@ def write_seg(labels: np.ndarray, affine: np.ndarray, ct_files: Sequence[str],
     raise ValueError(f"{out_path}: no CT images given")
   for ds, f in zip(datasets, ct_files):
     ds.filename = f
+    _repair_source(ds, f)
   # Frames follow the CT slice order along the normal (viewers do not care;
   # it keeps the file deterministic for the same input in any file order).
   if len(datasets) > 1 and all("ImagePositionPatient" in d for d in datasets):
@@ -633,6 +677,7 @@ def write_seg(labels: np.ndarray, affine: np.ndarray, ct_files: Sequence[str],
         np.array([float(v) for v in datasets[0].ImageOrientationPatient]))
     datasets.sort(key=lambda d: float(np.array([float(v) for v in d.ImagePositionPatient])
                                       @ n))
+  _fill_slice_thickness(datasets, affine)
   per_image = labels_on_images(labels, affine, datasets)
   # Label-map style input (segment numbers, not one channel per segment):
   # highdicom checks and casts it several times faster than stacked masks.

@@ -2,23 +2,23 @@
 
 ``train_and_evaluate(config, workdir)`` is the ``config.entry`` of
 ``experiments/transfer_liver.py`` (``python run.py --config=...``). It reuses
-``radnet_jax.trainer`` (mesh, optimizer, jitted steps, metric writer) and
-``radnet_jax.checkpoints`` (Orbax resume with the grain iterator state, best
+``radnet_jax.training.trainer`` (mesh, optimizer, jitted steps, metric writer) and
+``radnet_jax.training.checkpoints`` (Orbax resume with the grain iterator state, best
 checkpoint); this module only supplies what is specific to segmentation:
 
-* data: segmentation shards (``radnet_jax.segdata``); with an empty
+* data: segmentation shards (``radnet_jax.shards.seg``); with an empty
   ``config.data.shards_dir`` the phantom LiTS set is generated and converted
-  once into the cache (``radnet_jax.demo.cache_root``);
+  once into the cache (``radnet_jax.shards.demo.cache_root``);
 * a grain pipeline of foreground-biased random patches: with probability
   ``config.data.fg_prob`` a patch is centred on a random liver voxel, else on
   a random voxel; intensity/noise/flip augmentation;
 * loss: softmax cross-entropy + soft Dice over the foreground classes;
-* transfer (``radnet_jax.transfer``): encoder weights from a pretraining
+* transfer (``radnet_jax.training.transfer``): encoder weights from a pretraining
   checkpoint, optionally frozen for the first K steps;
 * evaluation on whole volumes: sliding-window inference
-  (``radnet_jax.inference``), optional liver-slab proposal
-  (``radnet_jax.proposal``), largest-connected-component post-processing,
-  Dice / ASSD (``radnet_jax.seg_metrics``) on the record grid; predicted masks
+  (``radnet_jax.inference.sliding_window``), optional liver-slab proposal
+  (``radnet_jax.tasks.proposal``), largest-connected-component post-processing,
+  Dice / ASSD (``radnet_jax.training.seg_metrics``) on the record grid; predicted masks
   written as NIfTI in each case's original geometry; ``results.json``.
 
 Batches: ``volume`` float32 ``(B, d, h, w, 1)``, ``label`` int32
@@ -40,14 +40,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from radnet_jax import checkpoints
-from radnet_jax.losses import seg_loss  # noqa: F401 (re-exported)
-from radnet_jax import inference
-from radnet_jax import records
-from radnet_jax import seg_metrics
-from radnet_jax import segdata
-from radnet_jax import trainer
-from radnet_jax import transfer
+from radnet_jax.dicom import nifti
+from radnet_jax.training import checkpoints
+from radnet_jax.training.losses import seg_loss  # noqa: F401 (re-exported)
+from radnet_jax.inference import sliding_window as inference
+from radnet_jax.shards import records
+from radnet_jax.training import seg_metrics
+from radnet_jax.shards import seg as segdata
+from radnet_jax.training import trainer
+from radnet_jax.training import transfer
 
 log = logging.getLogger("radnet_jax")
 
@@ -55,7 +56,7 @@ log = logging.getLogger("radnet_jax")
 # -------------------------------------------------------------------- data ---
 def phantom_lits_dir(data_cfg: Mapping) -> str:
   """Cache folder of the phantom LiTS set for ``data_cfg`` (nifti/ + shards-*)."""
-  from radnet_jax import demo  # pylint: disable=g-import-not-at-top
+  from radnet_jax.shards import demo  # pylint: disable=g-import-not-at-top
   name = f"lits-phantom-n{int(data_cfg['phantom_n'])}-s{int(data_cfg['phantom_seed'])}"
   return os.path.join(demo.cache_root(data_cfg.get("cache_dir", "")), name)
 
@@ -84,7 +85,7 @@ def ensure_shards(data_cfg: Mapping) -> str:
       + f"-v{cfg.val_fraction:g}-t{cfg.test_fraction:g}-s{cfg.seed}"
   if data_cfg.get("lits_dir"):
     nifti = data_cfg["lits_dir"]
-    from radnet_jax import demo  # pylint: disable=g-import-not-at-top
+    from radnet_jax.shards import demo  # pylint: disable=g-import-not-at-top
     root = os.path.join(demo.cache_root(data_cfg.get("cache_dir", "")), "lits-shards",
                         os.path.basename(os.path.normpath(nifti)))
   else:
@@ -318,7 +319,7 @@ def evaluate(predict_fn: inference.PredictFn, recs: Sequence[Mapping],
     ref = rec["mask"] if num_classes == 3 else (rec["mask"] > 0).astype(np.uint8)
     ev.add(str(rec["case"]), pred, ref, rec["geometry"]["spacing"])
     if save_dir:
-      segdata.save_nifti(pred, rec["geometry"],
+      nifti.save_nifti(pred, rec["geometry"],
                          os.path.join(save_dir, f"case-{rec['case']}.nii.gz"))
     if overlay_dir:
       save_overlay(os.path.join(overlay_dir, f"case-{rec['case']}.png"),
@@ -366,12 +367,12 @@ def resolve_init(config: ml_collections.ConfigDict) -> str:
 
   ``init_from == "auto"``: the pretraining demo run cached at
   ``<cache>/pretrain-demo`` (``config.pretrain`` is trained there first if
-  it has no checkpoint yet, via ``radnet_jax.train.train_and_evaluate``).
+  it has no checkpoint yet, via ``radnet_jax.tasks.pretrain.train_and_evaluate``).
   """
   src = config.init_from
   if src != "auto":
     return src
-  from radnet_jax import demo  # pylint: disable=g-import-not-at-top
+  from radnet_jax.shards import demo  # pylint: disable=g-import-not-at-top
   pre = config.get("pretrain_workdir") or os.path.join(
       demo.cache_root(config.data.get("cache_dir", "")), "pretrain-demo")
   try:
@@ -383,7 +384,7 @@ def resolve_init(config: ml_collections.ConfigDict) -> str:
   if config.get("pretrain") is None:
     raise ValueError("init_from='auto' needs config.pretrain (the pretraining "
                      "config) or an existing pretraining workdir")
-  from radnet_jax import train  # pylint: disable=g-import-not-at-top
+  from radnet_jax.tasks import pretrain as train  # pylint: disable=g-import-not-at-top
   log.info("init: no pretraining checkpoint in %s: running the pretraining demo "
            "first", pre)
   train.train_and_evaluate(config.pretrain, pre)
@@ -496,7 +497,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     which = f"best@{best['step']}"
   proposer = None
   if config.proposal.enabled:
-    from radnet_jax import proposal  # pylint: disable=g-import-not-at-top
+    from radnet_jax.tasks import proposal  # pylint: disable=g-import-not-at-top
     proposer = proposal.train_proposer(config, shards_dir, train_cases,
                                        resolve_init(config) if config.init_from else "",
                                        workdir)
@@ -566,9 +567,9 @@ def load_seg_predictor(workdir: str, prefer: str = "latest"
 def predict_canonical(predict_fn: inference.PredictFn, config: ml_collections.ConfigDict,
                       hu: np.ndarray, affine: np.ndarray, geometry: dict
                       ) -> tuple[np.ndarray, dict]:
-  """Canonical HU ``(D, H, W)`` (``segdata.load_nifti_canonical`` or
+  """Canonical HU ``(D, H, W)`` (``nifti.load_nifti_canonical`` or
   ``segdicom.load_ct_canonical``) -> (uint8 label map on the record grid,
-  geometry for ``segdata.to_original_grid`` / ``save_nifti``)."""
+  geometry for ``nifti.to_original_grid`` / ``save_nifti``)."""
   vol, _, geometry = segdata.preprocess(hu, affine, geometry, prep_config(config.data))
   return segment_volume(predict_fn, vol, config.eval.to_dict()), geometry
 
@@ -581,9 +582,9 @@ def predict_nifti(workdir: str, nifti_path: str, out_path: str,
   Uses the run's ``config.json`` (model, spacing, HU window, sliding-window
   settings) and its best or latest checkpoint. The slab proposal is not
   applied here (its classifier is not saved with the run). DICOM input:
-  ``radnet_jax.predict_seg``.
+  ``radnet_jax.cli.predict_seg``.
   """
   predict_fn, config = load_seg_predictor(workdir, prefer)
-  hu, affine, geometry = segdata.load_nifti_canonical(nifti_path)
+  hu, affine, geometry = nifti.load_nifti_canonical(nifti_path)
   pred, geometry = predict_canonical(predict_fn, config, hu, affine, geometry)
-  return segdata.save_nifti(pred, geometry, out_path)
+  return nifti.save_nifti(pred, geometry, out_path)

@@ -141,7 +141,7 @@ def augment(volume: np.ndarray, shape: Sequence[int], rng: np.random.Generator,
     deferred: None to apply everything here. A dict: the rotation and the
       noise are drawn but not applied; their parameters go into it as
       ``rotate_degrees`` (0 = none) and ``noise_std``, for
-      `radnet_jax.device_augment.augment` inside the train step.
+      `radnet_jax.data.device_augment.augment` inside the train step.
   Returns:
     float32 (D, H, W) = ``shape``.
   """

@@ -10,7 +10,7 @@ generator, so the data order and resume are unchanged) but leaves two numbers
 per example in the batch, ``rotate_degrees`` and ``noise_std``; `augment`
 here applies them on the device, batched:
 
-* the same in-plane rotation as `radnet_jax.augment.rotate_in_plane` (about
+* the same in-plane rotation as `radnet_jax.data.augment.rotate_in_plane` (about
   the centre of each (H, W) slice, bilinear, edges = the volume's minimum;
   scipy's map, tested), applied to the already-cropped window instead of the
   full shard, so the corners that scipy would fill from outside the crop are

@@ -9,7 +9,7 @@ is ``[first, last]`` slice scoring above ``threshold``, widened by
 
 The classifier is ``ResNet3D`` (the pretraining preset) with one ``liver``
 logit head; its ``trunk`` starts from the pretraining checkpoint (by name,
-``radnet_jax.transfer``). It trains on slabs of the segmentation training
+``radnet_jax.training.transfer``). It trains on slabs of the segmentation training
 volumes, half with liver in the centre slice and half without.
 
 Reported per case (``score_case``): liver slices, liver slices kept (recall)
@@ -31,9 +31,9 @@ import optax
 from flax.core import FrozenDict
 
 from radnet_jax import resample as resample_lib
-from radnet_jax import segdata
-from radnet_jax import trainer
-from radnet_jax import transfer
+from radnet_jax.shards import seg as segdata
+from radnet_jax.training import trainer
+from radnet_jax.training import transfer
 
 log = logging.getLogger("radnet_jax")
 

@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from radnet_jax import checkpoints
-from radnet_jax import device_augment
-from radnet_jax.losses import class_weights_from_counts, multitask_loss  # noqa: F401 (re-exported)
-from radnet_jax import input_pipeline
-from radnet_jax import metrics as metrics_lib
-from radnet_jax import trainer
+from radnet_jax.training import checkpoints
+from radnet_jax.data import device_augment
+from radnet_jax.training.losses import class_weights_from_counts, multitask_loss  # noqa: F401 (re-exported)
+from radnet_jax.data import pretrain as input_pipeline
+from radnet_jax.training import metrics as metrics_lib
+from radnet_jax.training import trainer
 from radnet_jax.labels import taxonomy as tax
 
 log = logging.getLogger("radnet_jax")
@@ -153,7 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ------------------------------------------------------------------ data --
   shards_dir = config.data.shards_dir
   if not shards_dir:
-    from radnet_jax import demo  # pylint: disable=g-import-not-at-top
+    from radnet_jax.shards import demo  # pylint: disable=g-import-not-at-top
     shards_dir = demo.ensure_phantom_shards(config.data, config.taxonomy)
   else:
     log.info("data: shards from config.data.shards_dir = %s", shards_dir)

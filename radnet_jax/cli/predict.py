@@ -1,6 +1,6 @@
 r"""Header QA: predict every series of a DICOM folder and compare with its metadata.
 
-  python -m radnet_jax.predict --checkpoint workdirs/pretrain --input /data/dicom \
+  python -m radnet_jax.cli.predict --checkpoint workdirs/pretrain --input /data/dicom \
       --out predictions.csv [--threshold 0.9] [--workers 4]
 
 Writes ``predictions.csv`` (one row per stack: the network's class and
@@ -10,8 +10,8 @@ no identifiers) and ``predictions_skipped.csv`` (files and series without a
 prediction, with the reason), then prints a summary. ``--input`` may also be
 a NIfTI file or a folder of NIfTI files (no metadata labels then).
 
-This module is also callable: ``radnet_jax.predict(checkpoint, input, ...)``
-is ``radnet_jax.api.predict`` (see there for the arguments and columns).
+The library function behind it is ``radnet_jax.predict(checkpoint, input, ...)``
+(``radnet_jax.api.predict``; see there for the arguments and columns).
 """
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ import argparse
 import collections
 import os
 import sys
-import types
 from typing import Sequence
 
-from radnet_jax.api import DEFAULT_THRESHOLD, QA_TASKS, Report, predict  # noqa: F401
+from radnet_jax import api
+from radnet_jax.api import DEFAULT_THRESHOLD, QA_TASKS, Report
 
 
 def summary_text(report: Report, threshold: float) -> str:
@@ -51,7 +51,7 @@ def summary_text(report: Report, threshold: float) -> str:
 def build_parser() -> argparse.ArgumentParser:
   """The command-line parser (documented flags are tested against it)."""
   ap = argparse.ArgumentParser(
-      prog="python -m radnet_jax.predict",
+      prog="python -m radnet_jax.cli.predict",
       description="Predict every series of a DICOM folder (or NIfTI) with a RadNet "
                   "checkpoint and flag headers that the pixels contradict.")
   ap.add_argument("--checkpoint", required=True,
@@ -102,15 +102,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
-class _CallableModule(types.ModuleType):
-  """Lets ``radnet_jax.predict(...)`` call the function even after this module
-  (the CLI) has been imported as the package attribute ``predict``."""
-
-  def __call__(self, *args, **kwargs) -> Report:
-    return predict(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -3,10 +3,10 @@
 A LiTS folder holds ``volume-N.nii[.gz]`` (CT in HU) and
 ``segmentation-N.nii[.gz]`` (0 background, 1 liver, 2 tumour), possibly in
 sub-folders. A DICOM folder holds CT series and the DICOM SEG objects that
-reference them (``radnet_jax.segdicom``; ``build_shards(fmt="dicom")`` or
+reference them (``radnet_jax.dicom.seg``; ``build_shards(fmt="dicom")`` or
 auto-detected): the "file grid" of such a case is the ``dicom.load_volume``
 grid of the series, its case id the salted series hash. Each case becomes one
-record (``kind == "segmentation"``, see ``radnet_jax.records``):
+record (``kind == "segmentation"``, see ``radnet_jax.shards.records``):
 
 =============  ============================================================
 volume         float16 ``(D, H, W)``: axial canonical orientation (D
@@ -41,19 +41,16 @@ from typing import Any, Iterable, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
-from radnet_jax import records
+from radnet_jax.shards import records
 from radnet_jax import resample as resample_lib
+from radnet_jax.dicom import nifti
+from radnet_jax.dicom import seg as segdicom
 from radnet_jax.privacy import safe_name
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 LABELS = (0, 1, 2)
-# NIfTI world is RAS; DICOM/records are LPS.
-_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-# Axial canonical: D -> inferior, H -> posterior, W -> left (nibabel codes name
-# the direction each array axis grows towards, in RAS labels).
-_CANONICAL = nib.orientations.axcodes2ornt(("I", "P", "L"))
 _VOLUME_RE = re.compile(r"^volume-(.+?)\.nii(\.gz)?$")
 
 
@@ -99,69 +96,6 @@ def normalise_hu(hu: np.ndarray, window: Sequence[float],
 # ------------------------------------------------------------------ geometry
 
 
-def load_nifti_canonical(path: str) -> tuple[np.ndarray, np.ndarray, dict]:
-  """Reads a 3D NIfTI and reorients it to the axial canonical layout.
-
-  Returns:
-    voxels: float32 ``(D, H, W)`` in the file's units (HU for LiTS CT, after
-      the NIfTI scale/offset).
-    affine: float64 ``(4, 4)`` canonical voxel index -> LPS mm.
-    geometry: ``orig_shape``, ``orig_affine`` (file grid -> LPS mm),
-      ``orig_spacing`` (mm per file axis), ``canonical_shape``, ``ornt``.
-  """
-  try:
-    img = nib.load(path)
-    data = np.asarray(img.dataobj, dtype=np.float32)
-  except Exception as e:  # nibabel raises many types for corrupt files
-    raise ValueError(f"{path}: cannot read NIfTI ({type(e).__name__}: {e})") from e
-  if data.ndim == 4 and data.shape[3] == 1:
-    data = data[..., 0]
-  if data.ndim != 3:
-    raise ValueError(f"{path}: expected a 3D volume, got shape {data.shape}")
-  return canonicalise(data, np.asarray(img.affine, np.float64), path)
-
-
-def canonicalise(data: np.ndarray, affine_ras: np.ndarray, where: str
-                 ) -> tuple[np.ndarray, np.ndarray, dict]:
-  """A 3D array on any grid -> the axial canonical layout (see
-  ``load_nifti_canonical``); shared by the NIfTI and DICOM inputs.
-
-  Args:
-    data: ``(I, J, K)`` voxels of the source grid (any axis order).
-    affine_ras: ``(4, 4)`` source voxel index -> RAS mm (NIfTI convention;
-      a DICOM LPS affine becomes RAS by negating its first two rows).
-    where: file or series named in errors.
-  """
-  if not np.isfinite(affine_ras).all() or abs(np.linalg.det(affine_ras[:3, :3])) < 1e-9:
-    raise ValueError(f"{where}: degenerate or non-finite affine")
-  ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine_ras),
-                                         _CANONICAL)
-  canon = nib.orientations.apply_orientation(data, ornt)
-  canon_ras = affine_ras @ nib.orientations.inv_ornt_aff(ornt, data.shape)
-  geometry = {
-      "orig_shape": [int(s) for s in data.shape],
-      "orig_affine": (_RAS_TO_LPS @ affine_ras).tolist(),
-      "orig_spacing": [float(s) for s in np.linalg.norm(affine_ras[:3, :3], axis=0)],
-      "canonical_shape": [int(s) for s in canon.shape],
-      "ornt": ornt.tolist(),
-  }
-  return (np.ascontiguousarray(canon, np.float32), _RAS_TO_LPS @ canon_ras,
-          geometry)
-
-
-def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
-  """Source index of each output voxel (extent-preserving grid), nearest."""
-  idx = np.floor((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64)
-  return np.clip(idx, 0, n_in - 1)
-
-
-def resize_labels(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-  """Nearest-neighbour resize of a label map ``(D, H, W)`` to ``shape``."""
-  labels = np.asarray(labels)
-  ix = [_nearest_index(n, int(s)) for n, s in zip(labels.shape, shape)]
-  return labels[np.ix_(*ix)]
-
-
 def target_shape(shape: Sequence[int], spacing: Sequence[float],
                  target_spacing: Sequence[float]) -> tuple[int, int, int]:
   """Voxel counts covering the same extent at ``target_spacing`` (mm)."""
@@ -178,42 +112,6 @@ def preprocess(voxels: np.ndarray, affine: np.ndarray, geometry: dict,
   res = resample_lib.resample(voxels, affine, spacing, shape)
   geometry = dict(geometry, spacing=[float(s) for s in res.spacing])
   return normalise_hu(res.voxels, cfg.window, cfg.out_range), res.affine, geometry
-
-
-def to_original_grid(labels: np.ndarray, geometry: Mapping[str, Any]) -> np.ndarray:
-  """Label map on the record grid ``(D', H', W')`` -> the file's voxel grid.
-
-  Nearest neighbour back to the canonical full-resolution grid, then the
-  canonical reorientation is undone, so the result has ``orig_shape`` and
-  lines up voxel for voxel with the source NIfTI.
-  """
-  labels = np.asarray(labels)
-  canon_shape = geometry["canonical_shape"]
-  ix = [_nearest_index(s, n) for s, n in zip(labels.shape, canon_shape)]
-  canon = labels[np.ix_(*ix)]
-  # Invert the file -> canonical transform: canonical axis ornt[i, 0] came
-  # from file axis i (flipped when ornt[i, 1] == -1).
-  ornt = np.asarray(geometry["ornt"], np.float64)
-  inv = np.zeros_like(ornt)
-  for i, (j, flip) in enumerate(ornt):
-    inv[int(j)] = (i, flip)
-  back = nib.orientations.apply_orientation(canon, inv)
-  if list(back.shape) != list(geometry["orig_shape"]):
-    raise ValueError(f"mapping back gave shape {back.shape}, expected "
-                     f"{geometry['orig_shape']}")
-  return np.ascontiguousarray(back)
-
-
-def save_nifti(labels: np.ndarray, geometry: Mapping[str, Any], path: str) -> str:
-  """Writes a record-grid label map as uint8 NIfTI in the original geometry."""
-  data = to_original_grid(labels, geometry).astype(np.uint8)
-  affine_ras = _RAS_TO_LPS @ np.asarray(geometry["orig_affine"], np.float64)
-  img = nib.Nifti1Image(data, affine_ras)
-  img.set_qform(affine_ras, code=1)
-  img.set_sform(affine_ras, code=1)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  nib.save(img, path)
-  return path
 
 
 # ------------------------------------------------------------------ cases
@@ -267,10 +165,10 @@ def assign_splits(cases: Sequence[str], val_fraction: float, test_fraction: floa
 def make_record(case: str, vol_path: str, seg_path: str | None,
                 cfg: SegPrepConfig, split: str = "train") -> dict:
   """One LiTS case -> a segmentation record dict (see module docstring)."""
-  hu, affine, geometry = load_nifti_canonical(vol_path)
+  hu, affine, geometry = nifti.load_nifti_canonical(vol_path)
   seg = None
   if seg_path is not None:
-    seg, seg_affine, seg_geom = load_nifti_canonical(seg_path)
+    seg, seg_affine, seg_geom = nifti.load_nifti_canonical(seg_path)
     if seg_geom["orig_shape"] != geometry["orig_shape"]:
       raise ValueError(f"{seg_path}: shape {seg_geom['orig_shape']} differs from "
                        f"its volume {geometry['orig_shape']}")
@@ -293,7 +191,7 @@ def record_from_canonical(case: str, hu: np.ndarray, affine: np.ndarray,
     if bad.size:
       raise ValueError(f"{where}: unexpected labels {bad.tolist()} "
                        f"(expected 0 background, 1 liver, 2 tumour)")
-    mask = resize_labels(seg.astype(np.uint8), vol.shape)
+    mask = nifti.resize_labels(seg.astype(np.uint8), vol.shape)
   else:
     mask = np.zeros(vol.shape, np.uint8)
   return {
@@ -328,7 +226,6 @@ def _dicom_jobs(input_dir: str, out_dir: str, cfg: SegPrepConfig, salt: str | No
   """(case jobs, splits, problems, CT series left out for lack of a SEG) for
   a folder of DICOM CT + SEG cases."""
   from radnet_jax import privacy  # pylint: disable=g-import-not-at-top
-  from radnet_jax import segdicom  # pylint: disable=g-import-not-at-top
   salt = privacy.load_or_create_salt(out_dir, salt)
   cases, problems = segdicom.find_dicom_cases(input_dir, salt, workers=workers)
   n_all = len(cases)
@@ -362,7 +259,7 @@ def build_shards(input_dir: str, out_dir: str, cfg: SegPrepConfig = SegPrepConfi
 
   fmt: "nifti" (LiTS ``volume-N`` / ``segmentation-N``), "dicom" (every CT
     series under ``input_dir``, labelled by the DICOM SEG that references it,
-    see ``radnet_jax.segdicom``; case ids are salted series hashes, splits
+    see ``radnet_jax.dicom.seg``; case ids are salted series hashes, splits
     by patient) or "auto" (NIfTI when ``volume-*.nii*`` files exist).
   salt, label_map, workers, unlabelled: DICOM only: the PHI hashing salt
     (default ``$RADNET_SALT`` or ``out_dir/.salt``), segment name -> label

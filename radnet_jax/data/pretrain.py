@@ -13,13 +13,13 @@ An *example* (one volume) and a *batch* are flat dicts of numpy arrays::
 
 With ``augment.on_device`` training examples also carry ``rotate_degrees``
 and ``noise_std`` (float32 ``()``): the rotation and noise drawn here but
-applied inside the train step (``radnet_jax.device_augment``).
+applied inside the train step (``radnet_jax.data.device_augment``).
 
 Batches add a leading ``B`` axis. Training (``train_dataset``) reads this
 process's slice of the records (``jax.process_index()`` of
 ``jax.process_count()``), shuffles by seed with a fresh order each epoch
 (or samples class-balanced), augments with label-safe transforms
-(``radnet_jax.augment``), and batches with ``drop_remainder``. The returned
+(``radnet_jax.data.augment``), and batches with ``drop_remainder``. The returned
 grain ``IterDataset``'s iterator has ``get_state``/``set_state``; the trainer
 saves that state with every checkpoint, so a resumed run sees exactly the
 batches an uninterrupted run would have seen. Evaluation
@@ -35,8 +35,8 @@ from typing import Iterator, Mapping, Sequence
 import grain
 import numpy as np
 
-from radnet_jax import augment as augment_lib
-from radnet_jax import records
+from radnet_jax.data import augment as augment_lib
+from radnet_jax.shards import records
 from radnet_jax.labels import taxonomy as tax
 
 CLASS_TASKS = tax.CLASSIFICATION_TASKS
@@ -160,7 +160,7 @@ def train_dataset(paths: Sequence[str], *, shape: Sequence[int], batch_size: int
     shape: (D, H, W) model input shape in voxels.
     batch_size: per-process batch size (global batch / process count).
     seed: shuffling / sampling / augmentation seed.
-    augment_cfg: augmentation knobs (``radnet_jax.augment.augment``); None
+    augment_cfg: augmentation knobs (``radnet_jax.data.augment.augment``); None
       disables augmentation (centre crop only).
     balance_keys: targets that define sampling groups; empty = plain shuffle.
     balance_power: 1 = fully balanced groups, 0 = natural frequencies.
@@ -258,11 +258,11 @@ def eval_batches(paths: Sequence[str], *, shape: Sequence[int], batch_size: int,
 def split_paths(shards_dir: str, split: str) -> list[str]:
   """Shard files of ``split`` ("train" | "val" | "test") in ``shards_dir``.
 
-  Uses the converter's manifest (``radnet_jax.convert.shard_paths``) when
+  Uses the converter's manifest (``radnet_jax.shards.convert.shard_paths``) when
   available, else files named ``<split>*.array_record*``. Empty list if none.
   """
   try:
-    from radnet_jax import convert  # pylint: disable=g-import-not-at-top
+    from radnet_jax.shards import convert  # pylint: disable=g-import-not-at-top
     return [str(p) for p in convert.shard_paths(shards_dir, split)]
   except (ImportError, AttributeError, FileNotFoundError, KeyError):
     import glob  # pylint: disable=g-import-not-at-top

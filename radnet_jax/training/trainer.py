@@ -1,6 +1,6 @@
 """Generic training machinery, shared by pretraining and segmentation transfer.
 
-A task (``radnet_jax.train`` for pretraining, the segmentation transfer for
+A task (``radnet_jax.tasks.pretrain`` for pretraining, the segmentation transfer for
 LiTS) supplies the model, a loss function, evaluators and its input pipeline;
 this module supplies everything else:
 
