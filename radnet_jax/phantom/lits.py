@@ -84,6 +84,9 @@ def lits_case(seed: int, case: int, full_size: bool = False, small: bool = False
   hu = physics.ct_image(lab, contrast, rng, spacing=grid.spacing, thickness=max(thick, sp), noise_hu=None,
                         phase=phase or "portal", kernel=kernel, mas=mas, kvp=kvp,
                         diameter_mm=diameter, patient_ct=patient.ct)
+  # Whole HU once, for the NIfTI and the DICOM writer alike (float32 img + 1024 would
+  # round a few x.5-ish values differently than the NIfTI's np.round(img)).
+  hu = np.round(hu).astype(np.float32)
   seg = masks(lab)
   to_xyz = lambda a: np.ascontiguousarray(a.transpose(2, 1, 0))
   info = {"case": case, "contrast": "yes" if contrast else "no", "phase": phase or "none", "kernel": kernel,
