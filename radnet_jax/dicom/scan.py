@@ -4,31 +4,45 @@
 SeriesInstanceUID and splits each series into 3D stacks the way dcm2niix does:
 
 1. *hard keys* that always split: image size and pixel spacing, echo
-   (EchoNumbers / EchoTime), diffusion b-value and gradient direction, image
-   type (ORIGINAL vs DERIVED, magnitude / phase / real / imaginary), enhanced
-   Stack ID, and one stack per Siemens mosaic file (each mosaic is a volume);
+   (EchoNumbers / EchoTime), diffusion b-value and gradient direction (the
+   standard tags or the vendor's: GE (0043,1039) / (0019,10BB-BD), Philips
+   (2001,1003) / (2005,10B0-B2), Siemens (0019,100C/100E) or CSA, UIH
+   (0065,1009/1037), Canon's ImageComments; ``metadata.vendor_b_value``),
+   image type (ORIGINAL vs DERIVED, magnitude / phase / real / imaginary),
+   enhanced Stack ID, and one stack per Siemens mosaic or UIH VFRAME file
+   (each is a volume);
 2. *orientation*: ImageOrientationPatient clustered with a 1e-3 tolerance;
-3. *temporal position*, only where it is needed: when slice positions repeat
-   inside a stack, it is split by the first of TemporalPositionIdentifier /
-   TemporalPositionIndex, AcquisitionNumber, TriggerTime, AcquisitionTime that
-   makes every position unique (a CT series whose slices carry different
-   AcquisitionNumbers but distinct positions stays one stack);
-4. *gaps*: a stack is cut where consecutive positions are more than 2.5x its
-   median spacing apart (files missing from an archive, separate slabs), into
+3. *volumes*, only where slice positions repeat inside a stack: split by the
+   first of ``VOLUME_KEYS`` (TemporalPositionIdentifier / Index,
+   AcquisitionNumber, TriggerTime, StackID, ImageType, AcquisitionTime),
+   then pairs of them, that cuts it into whole volumes, else by InstanceNumber
+   order (frame order for enhanced objects) like dcm2niix
+   (``_split_volumes``); a CT series whose slices carry different
+   AcquisitionNumbers but distinct positions stays one stack. Volumes of one
+   series on one grid are numbered in the record (``_number_volumes``:
+   VolumeIndex, NumberOfVolumes, VolumeSplitBy, VolumeTimeS,
+   VolumeTimeAfterBolusS, SeriesBValues), so labels can tell a b0 from a
+   b1000 volume or a DCE phase before the injection from one after;
+4. *gaps*: a stack is cut where one step between consecutive positions is
+   more than 2.5x the spacing next to it (files missing from an archive,
+   separate slabs; ``geometry.classify_spacing``; a change of spacing, as in
+   head CTs at two or three spacings, is not a gap), into
    stacks keyed ``part=k``; a part with fewer than ``min_slices`` slices is
    skipped as a fragment. A gap of one missing slice is not cut:
    ``load_volume`` fills it by interpolation.
 
 Rejected, each with a reason in ``ScanResult.skipped``: non-DICOM files,
 DICOMDIRs, non-image objects (SR, RT structure sets/plans/doses, presentation
-states, SEG, key objects, waveforms, ...), headers without geometry,
+states, SEG, key objects, waveforms, ...), headers without geometry (the
+reason names the missing tag and the vendor),
 localizers (ImageType LOCALIZER, 3-plane localizers: several orientations in a
 series with fewer than ``min_slices`` slices each), stacks with fewer than
 ``min_slices`` slices, truncated uncompressed pixel data, and unreadable
 files. One bad file never stops a scan.
 
-Speed: plain classic images are read with ``fastread`` (only the ~25
-grouping / geometry tags, no pydicom objects), and the full metadata record
+Speed: plain classic images are read with ``fastread`` (only the ~35
+grouping / geometry tags and the vendor diffusion values, no pydicom
+objects), and the full metadata record
 is built (with pydicom) only for the first file of each (series, hard key)
 group, which is the only record a stack keeps.
 
@@ -43,14 +57,19 @@ import dataclasses
 import math
 import os
 import warnings
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
-from pydicom.dataset import Dataset
+
+if TYPE_CHECKING:  # pydicom is imported only where a file needs it (slow import)
+  from pydicom.dataset import Dataset
 
 from radnet_jax.dicom import fastread, geometry
 from radnet_jax.dicom.errors import DicomError
 from radnet_jax.dicom.metadata import (functional_group, record_from_dataset,
+                                       record_from_header,
+                                       sop_class_uid, uih_vframe_items,
+                                       vendor_geometry,
                                        vendor_b_value,
                                        vendor_diffusion_direction)
 from radnet_jax.dicom.reader import is_dicomdir, read_dataset
@@ -113,7 +132,7 @@ class _Entry:
   rows: int
   cols: int
   pixel_spacing: tuple[float, float]
-  keys: dict[str, Any]        # VOLUME_KEYS values + InstanceNumber
+  keys: dict[str, Any]        # VOLUME_KEYS values + InstanceNumber / FrameOrder
   n_slices: int = 1           # > 1 for a mosaic (images in the mosaic)
   localizer: bool = False
   record: dict[str, Any] | None = None
@@ -162,7 +181,7 @@ def _round(value: Any, ndigits: int = 3) -> Any:
 
 
 def _non_image_reason(ds: Dataset) -> str | None:
-  sop = str(ds.get("SOPClassUID", ""))
+  sop = sop_class_uid(ds)
   for prefix, what in NON_IMAGE_SOP:
     if sop.startswith(prefix):
       return f"non-image object: {what}"
@@ -250,7 +269,7 @@ def _volume_keys(ds: Any) -> dict[str, Any]:
       value = str(value).strip()
     elif k == "AcquisitionTime":
       value = _tm_seconds(value)
-    else:
+    elif not isinstance(value, int):   # IS / UL values stay integers
       value = _round(value, 3)
     if value not in (None, ""):
       keys[k] = value
@@ -262,27 +281,29 @@ def _volume_keys(ds: Any) -> dict[str, Any]:
 
 
 def _uih_vframe(path: str, ds: Any, iop: np.ndarray | None
-                ) -> tuple[np.ndarray, int] | None:
-  """(first slice position, slice count) of a UIH VFRAME file (one volume
-  per file, its slices tiled like a Siemens mosaic, the slice positions in
-  the private MR VFrame Sequence (0065,1051)), or None if ``ds`` is not one.
+                ) -> tuple[np.ndarray, int, np.ndarray] | None:
+  """(first slice position, slice count, orientation) of a UIH VFRAME file
+  (one volume per file, its slices tiled like a Siemens mosaic, the slice
+  positions in the private MR VFrame Sequence (0065,1051); the orientation
+  from the top level, else from that sequence), or None if ``ds`` is not one.
   """
   image_type = [str(v).upper() for v in ds.get("ImageType", [])]
   if "VFRAME" not in image_type:
     return None
   if isinstance(ds, fastread.Header):
     raise fastread.Unsupported("UIH VFRAME")
-  seq = ds.get((0x0065, 0x1051))
-  items = list(seq.value) if seq is not None and seq.VR == "SQ" else []
+  items = uih_vframe_items(ds)
   if not items:
     raise DicomError(path, "UIH VFRAME image without its MR VFrame Sequence "
                            "(0065,1051): no slice positions (vendor UIH)")
   first = _floats(items[0].get("ImagePositionPatient", []), 3)
+  if iop is None:
+    iop = _floats(items[0].get("ImageOrientationPatient", []), 6)
   if first is None or iop is None:
     missing = ("ImageOrientationPatient (0020,0037)" if iop is None else
                "ImagePositionPatient (0020,0032) in the MR VFrame Sequence")
     raise DicomError(path, f"UIH VFRAME image without {missing} (vendor UIH)")
-  return first, len(items)
+  return first, len(items), iop
 
 
 def _missing_geometry(path: str, ds: Any, iop, ipp) -> DicomError:
@@ -290,21 +311,25 @@ def _missing_geometry(path: str, ds: Any, iop, ipp) -> DicomError:
                                   ("ImageOrientationPatient (0020,0037)", iop))
              if v is None]
   vendor = str(ds.get("Manufacturer") or "").strip() or "unknown"
-  return DicomError(path, f"no {' or '.join(missing)} at the top level, in "
-                          "functional groups or in a vendor layout this "
-                          f"reader knows (vendor {vendor}): not a "
-                          "cross-sectional image")
+  return DicomError(path, f"no {' or '.join(missing)} (vendor {vendor}): "
+                          "not a cross-sectional image")
 
 
 def _classic_entries(path: str, ds: Dataset) -> list[_Entry]:
   iop = _floats(ds.get("ImageOrientationPatient", []), 6)
   ipp = _floats(ds.get("ImagePositionPatient", []), 3)
+  if iop is None or ipp is None:
+    if isinstance(ds, fastread.Header):
+      raise fastread.Unsupported("geometry outside the classic tags")
+    if "VFRAME" not in [str(v).upper() for v in ds.get("ImageType", [])]:
+      vendor_ipp, vendor_iop = vendor_geometry(ds)
+      ipp = _floats(vendor_ipp or [], 3)
+      iop = _floats(vendor_iop or [], 6)
   spacing = _floats(ds.get("PixelSpacing", []), 2)
-  vframe = None
-  if ipp is None:
-    vframe = _uih_vframe(path, ds, iop)
-    if vframe is not None:
-      ipp = vframe[0]
+  # UIH VFRAME first: its top-level position (if any) is not the slices'.
+  vframe = _uih_vframe(path, ds, iop)
+  if vframe is not None:
+    ipp, iop = vframe[0], vframe[2]
   if iop is None or ipp is None:
     raise _missing_geometry(path, ds, iop, ipp)
   if spacing is None or np.any(spacing <= 0):
@@ -352,7 +377,8 @@ def _enhanced_entries(path: str, ds: Dataset, frames: int) -> list[_Entry]:
     if iop is None or ipp is None or spacing is None:
       raise DicomError(path, f"frame {f + 1}: missing plane position, "
                              "orientation or pixel spacing")
-    content = functional_group(ds, f, "FrameContentSequence") or Dataset()
+    content = functional_group(ds, f, "FrameContentSequence") or {}
+    keys: dict[str, Any] = {}
     echo = functional_group(ds, f, "MREchoSequence")
     diff = functional_group(ds, f, "MRDiffusionSequence")
     ftype = None
@@ -360,6 +386,7 @@ def _enhanced_entries(path: str, ds: Dataset, frames: int) -> list[_Entry]:
                 "PETFrameTypeSequence"):
       ftype = ftype or functional_group(ds, f, key)
     frame_type = list(ftype.get("FrameType", [])) if ftype else image_type
+    keys["ImageType"] = "\\".join(str(v).strip().upper() for v in frame_type)
     direction = None
     b = None
     if diff is not None:
@@ -376,11 +403,11 @@ def _enhanced_entries(path: str, ds: Dataset, frames: int) -> list[_Entry]:
                         ftype.get("ComplexImageComponent") if ftype else None),
         str(content.get("StackID", "")),
     )
-    keys: dict[str, Any] = {}
     if "TemporalPositionIndex" in content:
       keys["TemporalPositionIndex"] = int(content.TemporalPositionIndex)
     if "FrameAcquisitionNumber" in content:
       keys["AcquisitionNumber"] = int(content.FrameAcquisitionNumber)
+    keys["FrameOrder"] = f
     if "FrameAcquisitionDateTime" in content:
       dt = str(content.FrameAcquisitionDateTime)
       seconds = _tm_seconds(dt[8:]) if len(dt) > 8 else None
@@ -394,9 +421,15 @@ def _enhanced_entries(path: str, ds: Dataset, frames: int) -> list[_Entry]:
   return entries
 
 
-def _file_record(ds: Dataset, entries: list[_Entry], salt: str) -> dict[str, Any]:
-  """The metadata record of one file (plus its mosaic image count)."""
-  record = record_from_dataset(ds, salt)
+def _file_record(ds: Dataset | fastread.Header, entries: list[_Entry],
+                 salt: str) -> dict[str, Any]:
+  """The metadata record of one file (plus its mosaic image count); from a
+  fastread header without pydicom (``record_from_header``, which raises
+  Unsupported where pydicom must decide)."""
+  if isinstance(ds, fastread.Header):
+    record = record_from_header(ds, salt)
+  else:
+    record = record_from_dataset(ds, salt)
   if entries[0].n_slices > 1:
     record["NumberOfImagesInMosaic"] = int(entries[0].n_slices)
   return record
@@ -438,7 +471,7 @@ def _entries(path: str, ds: Dataset | fastread.Header, salt: str,
   fast = isinstance(ds, fastread.Header)
   if is_dicomdir(ds):
     return Skipped(path, "DICOMDIR (media directory), not an image")
-  if "SOPClassUID" not in ds and "Modality" not in ds:
+  if not sop_class_uid(ds) and not str(ds.get("Modality", "") or "").strip():
     return Skipped(path, "corrupt or empty header (no SOPClassUID/Modality)")
   series = hash_id(ds.get("SeriesInstanceUID"), salt)
   reason = _non_image_reason(ds)
@@ -462,8 +495,6 @@ def _entries(path: str, ds: Dataset | fastread.Header, salt: str,
     return Skipped(path, e.reason, series)
   keys = {(e.series_uid, e.hard_key) for e in entries}
   if seen is None or not keys <= seen:
-    if fast:
-      ds = read_dataset(path, stop_before_pixels=True)
     entries[0].record = _file_record(ds, entries, salt)
     if seen is not None:
       seen |= keys
@@ -502,12 +533,6 @@ def _cluster_iop(entries: list[_Entry]) -> list[list[_Entry]]:
     else:
       clusters.append((e.iop, [e]))
   return [members for _, members in clusters]
-
-
-def _has_duplicates(entries: list[_Entry]) -> bool:
-  n = geometry.slice_normal(entries[0].iop)
-  s = np.sort(np.array([e.position @ n for e in entries]))
-  return bool(len(s) > 1 and np.min(np.diff(s)) < _DUP_TOL_MM)
 
 
 def _position_ids(entries: list[_Entry]) -> list[int]:
@@ -553,11 +578,12 @@ def _split_volumes(entries: list[_Entry]
   most repeated position has files, with no position twice in a volume (so
   AcquisitionTime, which differs per slice of a 2D acquisition, never
   passes for a volume key). The last resort is InstanceNumber, as dcm2niix
-  orders a series: the i-th file of every position (in InstanceNumber
-  order) belongs to volume i when every position has the same count, else
-  consecutive blocks of one file per position. When nothing orders them, the
-  cluster stays whole and the record says which tags were tried
-  (``load_volume`` then keeps identical copies or names the mix).
+  orders a series (the frame order for the frames of an enhanced object):
+  the i-th file of every position (in that order) belongs to volume i when
+  every position has the same count, else consecutive blocks of one file per
+  position. When nothing orders them, the cluster stays whole and the record
+  says which tags were tried (``load_volume`` then keeps identical copies or
+  names the mix with that list).
 
   Returns:
     (split key text, entries, record fields) per volume, in volume order.
@@ -587,7 +613,12 @@ def _split_volumes(entries: list[_Entry]
       text = "|".join(f"{key}={value}" for key, value in zip(keys, v))
       out.append((text, [entries[i] for i in groups[v]], fields))
     return out
-  inst = [e.keys.get("InstanceNumber") for e in entries]
+  # Classic files: InstanceNumber; frames of enhanced objects: frame order.
+  order_key = next((key for key in ("InstanceNumber", "FrameOrder")
+                    if all(key in e.keys for e in entries)), "InstanceNumber")
+  order_name = {"InstanceNumber": "InstanceNumber order",
+                "FrameOrder": "frame order"}[order_key]
+  inst = [e.keys.get(order_key) for e in entries]
   if all(i is not None for i in inst) and len(set(inst)) == len(inst):
     volume = [0] * len(entries)
     if len(set(counts.values())) == 1:
@@ -608,10 +639,9 @@ def _split_volumes(entries: list[_Entry]
       groups: dict[int, list[_Entry]] = {}
       for v, e in zip(volume, entries):
         groups.setdefault(v, []).append(e)
-      return [(f"InstanceNumber order #{v}", groups[v],
-               {"VolumeSplitBy": "InstanceNumber order"})
+      return [(f"{order_name} #{v}", groups[v], {"VolumeSplitBy": order_name})
               for v in sorted(groups)]
-  tried = ", ".join(VOLUME_KEYS) + ", InstanceNumber order"
+  tried = ", ".join(VOLUME_KEYS) + f", {order_name}"
   missing = [key for key in VOLUME_KEYS if key not in present]
   why = (f"slice positions repeat up to {k} times and no tag orders them "
          f"(tried b-value, gradient direction, echo, image type, {tried}")
@@ -636,6 +666,20 @@ def _stack_record(entries: list[_Entry], base: dict[str, Any], key: str
         not isinstance(rec.get(field), (int, float)) or
         abs(rec[field] - value) > tol):
       rec[field] = value
+  if isinstance(hard[6], tuple):   # this stack's own gradient direction
+    old = rec.get("DiffusionGradientOrientation")
+    if not (isinstance(old, list) and len(old) == 3 and
+            max(abs(a - b) for a, b in zip(old, hard[6])) <= 1e-3):
+      rec["DiffusionGradientOrientation"] = [float(v) for v in hard[6]]
+  # Per-file keys shared by the whole stack are its own (the record came
+  # from one file or frame of the group): time point, stack, image type.
+  for name in VOLUME_KEYS:
+    if name == "AcquisitionTime":    # a time of day is not kept
+      continue
+    values = {e.keys.get(name) for e in entries}
+    if len(values) == 1 and None not in values:
+      (value,) = values
+      rec[name] = [v for v in value.split("\\") if v] if name == "ImageType" else value
   rec["ImageOrientationPatient"] = [float(v) for v in first.iop]
   rec["PixelSpacing"] = [float(v) for v in first.pixel_spacing]
   if first.n_slices > 1:  # mosaic: slices inside one file
@@ -693,7 +737,7 @@ def _series_stacks(entries: list[_Entry], records: dict[tuple, dict],
   mixed = len(all_iop) > 1
   for hard in sorted(hard_groups, key=repr):
     for cluster in _cluster_iop(hard_groups[hard]):
-      for tkey, group, fields in _split_volumes(cluster):
+      for rank, (tkey, group, fields) in enumerate(_split_volumes(cluster)):
         count = group[0].n_slices if group[0].n_slices > 1 else len(group)
         if count < min_slices:
           if mixed:
@@ -718,15 +762,18 @@ def _series_stacks(entries: list[_Entry], records: dict[tuple, dict],
             split += f"|part={part_no}"
           stacks.append(_make_stack(part, records[hard],
                                     hash_id(f"{series_uid}|{split}", salt),
-                                    fields))
+                                    fields, rank))
   _number_volumes(stacks, entries)
   return stacks, skipped
 
 
 def _volume_order(stack: Stack) -> tuple:
+  """InstanceNumber order (dcm2niix's order of the volumes of a 4D series),
+  then AcquisitionTime, then the order of the split key's values."""
   rec = stack.record
-  return (rec.get("_FirstInstance", math.inf), _sort_value(
-      rec.get("_FirstTime", math.inf)), rec.get("StackKey", ""))
+  t = rec.get("_FirstTime")
+  return (rec.get("_FirstInstance", math.inf), math.inf if t is None else t,
+          rec.get("_SplitRank", 0), rec.get("StackKey", ""))
 
 
 def _number_volumes(stacks: list[Stack], entries: list[_Entry]) -> None:
@@ -735,15 +782,15 @@ def _number_volumes(stacks: list[Stack], entries: list[_Entry]) -> None:
   Stacks of one series on the same grid (orientation, matrix, slice count)
   are the volumes of one 4D acquisition (b-values / directions split by the
   hard keys, time points by ``_split_volumes``, one mosaic per file):
-  ``VolumeIndex`` (0-based, in InstanceNumber order like dcm2niix, then
-  time), ``NumberOfVolumes``, ``VolumeTimeS`` (start of this volume after the
+  ``VolumeIndex`` (0-based, in acquisition order: ``_volume_order``),
+  ``NumberOfVolumes``, ``VolumeTimeS`` (start of this volume after the
   first one, s, from AcquisitionTime), ``VolumeTimeAfterBolusS`` (after
   ContrastBolusStartTime, s; negative = before the injection) and
-  ``SeriesBValues`` (the b-values of the whole series; a file without one in
-  a series that has some counts as b=0, as on Canon and dcm2niix).
+  ``SeriesBValues`` (the b-values of a series with some b > 0; a file
+  without one there counts as b=0, as on Canon and in dcm2niix).
   """
   b_values = {e.hard_key[5] for e in entries}
-  if any(isinstance(b, float) for b in b_values):
+  if any(isinstance(b, float) and b > 0 for b in b_values):
     series_b = sorted({b if isinstance(b, float) else 0.0 for b in b_values})
   else:
     series_b = None
@@ -779,6 +826,7 @@ def _number_volumes(stacks: list[Stack], entries: list[_Entry]) -> None:
     st.record.pop("_FirstInstance", None)
     st.record.pop("_FirstTime", None)
     st.record.pop("_Hard", None)
+    st.record.pop("_SplitRank", None)
 
 
 # What each position of the hard key means, for ``VolumeSplitBy``.
@@ -797,19 +845,16 @@ def _hard_split_names(keys: list) -> list[str]:
 
 def _split_gaps(group: list[_Entry], n: np.ndarray
                 ) -> list[tuple[list[_Entry], float]]:
-  """Cuts a position-sorted stack at gaps wider than ``GAP_FILL_FACTOR``
-  times its median slice spacing (missing files, separate slabs): each part
-  with the widest gap next to it. Narrower gaps (one missing slice) are left
-  to ``load_volume``, which interpolates them."""
+  """Cuts a position-sorted stack where ``geometry.classify_spacing`` finds
+  a cut: a single step wider than ``GAP_FILL_FACTOR`` times the spacing next
+  to it (missing files, separate slabs); each part with the widest gap next
+  to it. Narrower gaps (one missing slice) and changes of spacing (variable
+  spacing) are left to ``load_volume``, which interpolates them."""
   if len(group) < 3 or group[0].n_slices > 1:
     return [(group, 0.0)]
   s = np.array([float(e.position @ n) for e in group])
   diffs = np.diff(s)
-  steps = diffs[diffs >= _DUP_TOL_MM]
-  if not len(steps):
-    return [(group, 0.0)]
-  med = float(np.median(steps))
-  cuts = [i + 1 for i in np.flatnonzero(diffs > geometry.GAP_FILL_FACTOR * med)]
+  cuts = [i + 1 for i in geometry.classify_spacing(diffs).cuts]
   if not cuts:
     return [(group, 0.0)]
   bounds = [0] + cuts + [len(group)]
@@ -822,7 +867,7 @@ def _split_gaps(group: list[_Entry], n: np.ndarray
 
 
 def _make_stack(group: list[_Entry], record: dict[str, Any], key: str,
-                fields: dict[str, Any] | None = None) -> Stack:
+                fields: dict[str, Any] | None = None, rank: int = 0) -> Stack:
   files: list[str] = []
   index: dict[str, int] = {}
   for e in group:
@@ -835,17 +880,20 @@ def _make_stack(group: list[_Entry], record: dict[str, Any], key: str,
   rec = _stack_record(group, record, key)
   for field, value in (fields or {}).items():
     if field == "ImageType":
-      rec[field] = [v for v in str(value).split("\\")]
+      rec[field] = [v for v in str(value).split("\\") if v]
     elif field != "AcquisitionTime":   # a time of day is not kept
       rec[field] = value
   if group[0].layout:
     rec["MosaicLayout"] = group[0].layout
   # Series-level numbering (``_number_volumes``) reads these, then drops them.
-  inst = [e.keys["InstanceNumber"] for e in group if "InstanceNumber" in e.keys]
+  inst = [e.keys.get("InstanceNumber", e.keys.get("FrameOrder"))
+          for e in group]
+  inst = [i for i in inst if i is not None]
   times = [e.keys["AcquisitionTime"] for e in group if "AcquisitionTime" in e.keys]
   rec["_FirstInstance"] = min(inst) if inst else math.inf
   rec["_FirstTime"] = min(times) if times else None
   rec["_Hard"] = group[0].hard_key
+  rec["_SplitRank"] = rank
   return Stack(key=key, files=tuple(files), record=rec, frames=frames)
 
 

@@ -374,6 +374,9 @@ def _mr_sequence(f: Fields, image_type: tuple, descs: list) -> Label:
   b = f.number("DiffusionBValue")
   if b is not None and b > 0:
     return Label("DWI", f"tag:DiffusionBValue={b:g}")
+  directionality = f.upper("DiffusionDirectionality")
+  if directionality in ("DIRECTIONAL", "ISOTROPIC", "BMATRIX"):
+    return Label("DWI", f"tag:DiffusionDirectionality={directionality}")
   series_b = f.numbers("SeriesBValues") or ()
   if (b is None or b == 0) and any(v > 0 for v in series_b):
     return Label("DWI", "tag:DiffusionBValue=0 (b0 volume of a diffusion "
@@ -412,7 +415,8 @@ def _mr_sequence(f: Fields, image_type: tuple, descs: list) -> Label:
 # Splits (scan's ``VolumeSplitBy``) that make the volumes time points.
 _TEMPORAL_SPLITS = frozenset({
     "TemporalPositionIdentifier", "TemporalPositionIndex", "AcquisitionNumber",
-    "TriggerTime", "AcquisitionTime", "InstanceNumber order", "file"})
+    "TriggerTime", "AcquisitionTime", "InstanceNumber order", "frame order",
+    "file"})
 _DIFFUSION_SPLITS = frozenset({"DiffusionBValue", "DiffusionGradientOrientation"})
 
 

@@ -52,7 +52,7 @@ STYLES = ("ge_dti", "ge_fmri", "ge_dce", "philips_dwi", "philips_fmri",
           "siemens_dwi", "siemens_perf", "canon_dwi", "uih_dwi",
           "uih_dti_vframe")
 TRUTH_COLUMNS = ("series_uid", "style", "vendor", "kind", "volume_index",
-                 "b_value", "direction", "time_index", "n_slices", "rows",
+                 "b_value", "direction", "time_index", "time_s", "n_slices", "rows",
                  "columns", "sequence", "contrast")
 _VENDOR = {"ge": "GE MEDICAL SYSTEMS", "philips": "Philips Medical Systems",
            "siemens": "SIEMENS", "canon": "CANON_MEC", "uih": "UIH"}
@@ -69,14 +69,33 @@ class _Volume:
   time_s: float = 0.0                # acquisition start after the series start
 
 
-def _volumes(style: str) -> tuple[str, list[_Volume]]:
+def _directions(n: int) -> list[tuple]:
+  """``_DIRS`` first, then more unit vectors on a golden-angle spiral."""
+  out = list(_DIRS[:n])
+  golden = math.pi * (3.0 - math.sqrt(5.0))
+  for i in range(n - len(out)):
+    z = 1.0 - 2.0 * (i + 0.5) / (n - len(_DIRS))
+    r = math.sqrt(max(0.0, 1.0 - z * z))
+    out.append((round(r * math.cos(golden * i), 6),
+                round(r * math.sin(golden * i), 6), round(z, 6)))
+  return out
+
+
+def _volumes(style: str, n_volumes: int | None = None
+             ) -> tuple[str, list[_Volume]]:
+  """(kind, volumes) of a style; ``n_volumes`` overrides the small default
+  count (b0 + directions at b=1000 for diffusion, time points otherwise)."""
   kind = style.split("_", 1)[1].replace("_vframe", "")
   if kind in ("dti", "dwi"):
-    pairs = [(0.0, (0.0, 0.0, 0.0))] + [(1000.0, d) for d in _DIRS]
-    if style == "ge_dti":
-      pairs += [(2000.0, d) for d in _DIRS[:2]]
+    if n_volumes is None:
+      pairs = [(0.0, (0.0, 0.0, 0.0))] + [(1000.0, d) for d in _DIRS]
+      if style == "ge_dti":
+        pairs += [(2000.0, d) for d in _DIRS[:2]]
+    else:
+      pairs = [(0.0, (0.0, 0.0, 0.0))] + [
+          (1000.0, d) for d in _directions(n_volumes - 1)]
     return "dwi", [_Volume(b, d, time_s=4.0 * i) for i, (b, d) in enumerate(pairs)]
-  n = {"fmri": 5, "perf": 6, "dce": 4}[kind]
+  n = n_volumes or {"fmri": 5, "perf": 6, "dce": 4}[kind]
   tr = {"fmri": 2.0, "perf": 1.5, "dce": 20.0}[kind]
   return kind, [_Volume(time_index=t, time_s=t * tr) for t in range(n)]
 
@@ -226,9 +245,9 @@ def _geometry(n_slices: int, rows: int, cols: int):
 
 
 def _write_series(folder: str, style: str, ids: dict, n_slices: int,
-                  rows: int, cols: int) -> list[dict]:
+                  rows: int, cols: int, n_volumes: int | None) -> list[dict]:
   vendor = style.split("_")[0]
-  kind, vols = _volumes(style)
+  kind, vols = _volumes(style, n_volumes)
   iop, spacing, positions = _geometry(n_slices, rows, cols)
   body, fibre = _phantom((n_slices, rows, cols))
   start = 8 * 3600.0 + 15 * 60.0
@@ -283,6 +302,7 @@ def _write_series(folder: str, style: str, ids: dict, n_slices: int,
         "direction": "" if vol.direction is None else
         " ".join(f"{x:.4f}" for x in vol.direction),
         "time_index": "" if vol.time_index is None else vol.time_index,
+        "time_s": vol.time_s,
         "n_slices": n_slices, "rows": rows, "columns": cols,
         "sequence": _expected_sequence(kind, vol),
         "contrast": ("no" if vol.time_index == 0 else "yes") if kind == "dce" else "",
@@ -334,7 +354,8 @@ def _write_vframe(folder, style, ids, vol, v_idx, img, iop, spacing,
 
 
 def make_layouts(out_dir: str, *, seed: int = 0, styles: tuple = STYLES,
-                 n_slices: int = 4, rows: int = 12, cols: int = 10) -> list[dict]:
+                 n_slices: int = 4, rows: int = 12, cols: int = 10,
+                 n_volumes: int | None = None) -> list[dict]:
   """Writes one series per style under ``out_dir/dicom/<style>/`` and
   ``out_dir/truth.csv`` (one row per expected 3D volume, ``TRUTH_COLUMNS``).
 
@@ -343,6 +364,8 @@ def make_layouts(out_dir: str, *, seed: int = 0, styles: tuple = STYLES,
     seed: UIDs derive from it.
     styles: subset of ``STYLES``.
     n_slices, rows, cols: size of every volume (UIH VFRAME tiles them).
+    n_volumes: volumes per series (None: 4-6, see ``_volumes``); a diffusion
+      series is b0 + (n_volumes - 1) directions at b=1000.
   Returns:
     the truth rows.
   """
@@ -355,7 +378,7 @@ def make_layouts(out_dir: str, *, seed: int = 0, styles: tuple = STYLES,
            "series_uid": uid(seed, "layouts", style),
            "for_uid": uid(seed, "layouts", "for"), "series_no": 100 + s_no}
     truth += _write_series(os.path.join(out_dir, "dicom", style), style, ids,
-                           n_slices, rows, cols)
+                           n_slices, rows, cols, n_volumes)
   with open(os.path.join(out_dir, "truth.csv"), "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=TRUTH_COLUMNS)
     w.writeheader()
