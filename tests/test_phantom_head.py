@@ -115,3 +115,14 @@ def test_mr_field_strength_diffusion_and_randomisation():
   rand = physics.mr_image(big, np.random.default_rng(0), randomise=True, **kw)
   np.testing.assert_array_equal(plain, again)
   assert plain.shape == rand.shape and not np.allclose(plain, rand)
+
+
+def test_forward_map_agrees_with_sampling():
+  """Landmarks (bands, FOV centring) use the forward map; rendering the inverse: they must agree."""
+  for seed in range(3):
+    p = make_patient(np.random.default_rng([6, seed, 1]))
+    h = p.head
+    for u, tissue in (((32.0, 62.0, -44.0), "vitreous"), ((-32.0, 62.0, -44.0), "vitreous"),
+                      ((0.0, -40.0, -110.0), "cord")):
+      pt = h._forward_warped(np.array([u], np.float32), h.t)
+      assert TISSUES[int(h.sample(pt)[0])] == tissue

@@ -39,6 +39,20 @@ def template() -> dict:
   return out
 
 
+@functools.lru_cache(maxsize=1)
+def _extreme_points() -> tuple[np.ndarray, np.ndarray]:
+  """Template RAS points of the top of the scalp and of the lower brain
+  (cerebrum and cerebellum, above the medulla), for the vertex and the brain
+  band: all such voxel centres, every 2nd, computed once per process."""
+  tpl = template()
+  lab, names = tpl["labels"], [str(n) for n in tpl["names"]]
+  z = tpl["origin"][2] + np.arange(lab.shape[2]) * float(tpl["spacing"])
+  top = np.argwhere((lab == names.index("skin")) & (z > 70)[None, None, :])[::2]
+  low = np.argwhere(np.isin(lab, [names.index("gm"), names.index("wm")]) & ((z > -62) & (z < -35))[None, None, :])[::2]
+  to_mm = lambda ijk: (tpl["origin"] + ijk * float(tpl["spacing"])).astype(np.float32)
+  return to_mm(top), to_mm(low)
+
+
 def attribution() -> str:
   """Credit and licence notice of the template the head map derives from."""
   return str(template()["attribution"])
@@ -80,7 +94,8 @@ class TemplateHead:
     self.fine = rng.normal(0, 1.2, (3, 11, 11, 11)).astype(np.float32)
     # Translation: vertex at z_vertex, head centred left-right, lying on the
     # coil's posterior pad (random offsets of a few mm).
-    skin = self._forward(tpl["skin_points"], np.zeros(3))
+    skin_all, brain_low = _extreme_points()
+    skin = self._forward_warped(np.concatenate([tpl["skin_points"], skin_all]), np.zeros(3))
     t = np.array([rng.normal(0, 3.0) - skin[:, 0].mean(), rng.normal(0, 4.0) - 0.5 * (skin[:, 1].max() + skin[:, 1].min()),
                   z_vertex - skin[:, 2].max()])
     self.t = t
@@ -91,12 +106,18 @@ class TemplateHead:
     self.lo = np.maximum(self.lo, corners.min(0))
     self.hi = np.minimum(self.hi, corners.max(0))
     self.lo[2] = corners[:, 2].min()        # the neck runs to the bottom of the map
-    brain = self._forward(tpl["brain_points"], t)
+    brain = self._forward_warped(np.concatenate([tpl["brain_points"], brain_low]), t)
     self.brain_z = (float(brain[:, 2].min()), float(brain[:, 2].max()))
     lm = tpl["landmarks"]
-    self.z_chin = float(self._forward(np.array([[0.0, 88.0, lm["chin"]]]), t)[0, 2])
+    self.z_chin = float(self._forward_warped(np.array([[0.0, 88.0, lm["chin"]]], np.float32), t)[0, 2])
     self.z_vertex = float(skin[:, 2].max())
     self.z_bottom = float(corners[:, 2].min())
+
+  def _forward_warped(self, v: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Template points -> patient LPS including the warp (first order: a
+    template point v is read from u with u + w(u) = v, u ~ v - w(v))."""
+    v = np.asarray(v, np.float32)
+    return self._forward(v - self._warp(self.coarse, v) - self._warp(self.fine, v), t)
 
   def to_patient(self, u) -> np.ndarray:
     """Template RAS points (..., 3) -> this patient's LPS mm (affine part only)."""
@@ -114,7 +135,7 @@ class TemplateHead:
 
   def _template_coords(self, p: np.ndarray) -> np.ndarray:
     """Patient LPS points (N, 3) -> deformed template RAS points (N, 3), float32."""
-    m = (self.A_inv @ _RAS_TO_LPS).T.astype(np.float32)   # LPS world -> template RAS
+    m = (_RAS_TO_LPS @ self.A_inv).T.astype(np.float32)   # LPS world -> template RAS: F A^-1
     u = (p.astype(np.float32) - self.t.astype(np.float32)) @ m
     return u + self._warp(self.coarse, u) + self._warp(self.fine, u)
 
