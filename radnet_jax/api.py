@@ -25,18 +25,19 @@ what evaluation saw. NIfTI inputs take ``load_nifti`` + ``preprocess``.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
+import contextlib
 import dataclasses
 import glob
 import json
 import logging
-import multiprocessing
 import os
 import sys
 import types
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
+
+from radnet_jax.dicom import isolation
 
 log = logging.getLogger("radnet_jax")
 
@@ -541,27 +542,18 @@ def prepare_inputs(root: str, *, shard_shape: Sequence[int], input_shape: Sequen
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       bar = tqdm(total=len(jobs), desc="load", unit="stack")
     try:
-      if workers <= 1 or len(jobs) <= 1:
-        for j in jobs:
-          yield _scrub(_job(j), root, salt, hash_paths)
-          if bar is not None:
-            bar.update(1)
-        return
-      ctx = multiprocessing.get_context("spawn")  # safe with jax loaded
-      with cf.ProcessPoolExecutor(workers, mp_context=ctx) as ex:
-        futures = [ex.submit(_job, j) for j in jobs]
-        for j, fut in zip(jobs, futures):  # in order: deterministic output
-          try:
-            yield _scrub(fut.result(), root, salt, hash_paths)
-          except cf.process.BrokenProcessPool:
-            item = j[1]
-            yield _scrub(SkippedInput(item if isinstance(item, str) else
-                               (item.files[0] if item.files else ""),
-                               "worker process died while loading this input (crash in a "
-                               "pixel decoder, or out of memory)",
-                               "" if isinstance(item, str) else
-                               str(item.record.get("SeriesHash", "")), "crash"),
-                         root, salt, hash_paths)
+      # Native pixel decoders run isolated (dicom.isolation): a decoder that
+      # crashes or hangs costs its input only, reported with the file.
+      with contextlib.closing(isolation.map_isolated(_job, jobs, workers,
+                                                     ordered=True)) as results:
+        for index, kind, value in results:
+          if kind != "ok":
+            item = jobs[index][1]
+            value = SkippedInput(
+                item if isinstance(item, str) else (item.files[0] if item.files else ""),
+                value, "" if isinstance(item, str) else
+                str(item.record.get("SeriesHash", "")), "crash")
+          yield _scrub(value, root, salt, hash_paths)
           if bar is not None:
             bar.update(1)
     finally:

@@ -37,6 +37,8 @@ relative paths are written; the input root itself is never written.
 from __future__ import annotations
 
 import collections
+import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -50,6 +52,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 from radnet_jax import labels as lb
 from radnet_jax import privacy
 from radnet_jax import resample as rs
+from radnet_jax.dicom import isolation
 from radnet_jax.dicom import volume
 from radnet_jax.labels import priors as pr
 from radnet_jax.labels import taxonomy as tx
@@ -145,11 +148,35 @@ def _json_value(value: Any) -> Any:
 
 
 def atomic_write(path: str, data: bytes) -> None:
-  """Writes ``data`` to a temporary name next to ``path``, then renames it."""
+  """Writes ``data`` to a temporary name next to ``path``, then renames it;
+  on failure (a full disk) the temporary file is removed and the error raised."""
   tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
+# Errors of the machine, not of the data: they stop a run (never a row of
+# errors.csv), and a rerun once they are fixed resumes where it stopped.
+_ENV_ERRNOS = {errno.ENOSPC: "no space left on the device",
+               errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system"}
+
+
+def environment_error(e: BaseException) -> str | None:
+  """A reason if ``e`` is about the machine (memory, a full or read-only
+  disk), else None (a property of the data)."""
+  if isinstance(e, MemoryError):
+    return "out of memory (MemoryError); lower --workers or free memory"
+  if isinstance(e, OSError) and e.errno in _ENV_ERRNOS:
+    where = f" ({e.filename})" if e.filename else ""
+    return f"{_ENV_ERRNOS[e.errno]}{where}: {e.strerror}"
+  return None
 
 
 def file_digest(path: str | None) -> str | None:
@@ -246,19 +273,27 @@ def convert_stack_staged(stack: Any, shape: Sequence[int]) -> dict:
   ``radnet_jax.predict`` all call it, so they give the same record.
   """
   shape = tuple(int(s) for s in shape)
-  rv = volume.load_resampled(stack, shape)   # never raises; None = declined
+  # Handlers catch BaseException: a native decoder's panic is one
+  # (pyo3_runtime.PanicException); isolation.is_fatal ones propagate.
+  rv = volume.load_resampled(stack, shape)   # None = declined
   if rv is not None:
     try:
       return resampled_cache_record(stack, rv)
-    except Exception as e:  # noqa: BLE001 - re-raised with its stage
+    except BaseException as e:  # noqa: BLE001 - re-raised with its stage
+      if isolation.is_fatal(e):
+        raise
       raise StageError("resample", e) from e
   try:
     vol = volume.load_volume(stack)
-  except Exception as e:  # noqa: BLE001
+  except BaseException as e:  # noqa: BLE001
+    if isolation.is_fatal(e):
+      raise
     raise StageError("load", e) from e
   try:
     return cache_record(stack, vol, shape)
-  except Exception as e:  # noqa: BLE001
+  except BaseException as e:  # noqa: BLE001
+    if isolation.is_fatal(e):
+      raise
     raise StageError("resample", e) from e
 
 
