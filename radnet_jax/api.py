@@ -410,7 +410,8 @@ def _prepare_stack(stack: Any, shard_shape: tuple, input_shape: tuple, taxonomy:
     x, cached = _model_input(cached, input_shape)
     stage = "label"
     md = cached["metadata"]
-    labels = _label_record(md, stack.key, taxonomy, priors)
+    labels = _label_record(convert.labelling_record(md, stack.record), stack.key, taxonomy,
+                           priors)
     geo = cached["geometry"]
     info = {"source": "dicom", "series_hash": series, "stack_key": stack.key,
             "study_hash": str(md.get("StudyHash", "")),

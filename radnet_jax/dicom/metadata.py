@@ -9,7 +9,13 @@ Absent tags are absent keys, never ``None``.
 Identifiers never leave here raw: PatientID, StudyInstanceUID and
 SeriesInstanceUID become ``PatientHash``/``StudyHash``/``SeriesHash``
 (``radnet_jax.privacy.hash_id`` with the corpus salt). Names, dates, accession
-numbers, institutions and physicians are not copied at all.
+numbers, institutions and physicians are not copied at all, and the free
+text that is (``FREE_TEXT_KEYS``: descriptions, protocol name, ...) is
+scrubbed of them (``privacy.scrub_text``: every name component, ID, accession
+number and date of the same header, PN-formatted strings, long digit runs).
+The raw text of a scrubbed field stays in memory under ``UNSCRUBBED_KEY``
+for the label rules and is never stored (``shards.convert.safe_metadata``
+drops it).
 
 Enhanced multi-frame objects (Enhanced CT/MR/PET) keep most acquisition
 parameters in the shared / per-frame functional groups; ``record_from_dataset``
@@ -32,7 +38,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import DSfloat, IS, PersonName
 
-from radnet_jax.privacy import hash_id
+from radnet_jax.privacy import hash_id, identifier_tokens, scrub_text
 
 # Plain (non-identifying) tags copied when present; value types follow the VR.
 PLAIN_KEYS = (
@@ -63,6 +69,25 @@ LIST_STR_KEYS = frozenset({
 LIST_FLOAT_KEYS = frozenset({
     "ImageOrientationPatient", "PixelSpacing", "DiffusionGradientOrientation",
 })
+
+# Free text kept for the label rules; scrubbed of the header's identifying
+# values before it is stored (the raw text stays in memory, UNSCRUBBED_KEY).
+FREE_TEXT_KEYS = (
+    "StudyDescription", "SeriesDescription", "ProtocolName", "SequenceName",
+    "PulseSequenceName", "BodyPartExamined", "ContrastBolusAgent",
+    "ContrastBolusRoute", "ContrastBolusIngredient", "Radiopharmaceutical",
+)
+UNSCRUBBED_KEY = "_unscrubbed"
+# Identifying values whose content is removed from the free text (besides
+# every person name, date and date-time of the header).
+_IDENTIFYING_KEYS = (
+    "PatientID", "OtherPatientIDs", "IssuerOfPatientID", "AccessionNumber",
+    "StudyID", "RequestedProcedureID", "PerformedProcedureStepID",
+    "MedicalRecordLocator", "InstitutionName", "InstitutionAddress",
+    "InstitutionalDepartmentName", "StationName", "DeviceSerialNumber",
+    "PatientAddress", "PatientTelephoneNumbers", "MilitaryRank",
+    "CurrentPatientLocation",
+)
 
 _SIEMENS_MR = "SIEMENS MR HEADER"
 _GE_PARM = "GEMS_PARM_01"
@@ -268,6 +293,43 @@ def _enhanced_fields(ds: Dataset) -> dict[str, Any]:
   return out
 
 
+def _identifying_values(ds: Dataset) -> set[str]:
+  """Tokens of the header's names, IDs, dates and institution (top level:
+  where PS3.15 puts them; the record never copies nested text)."""
+  values: list[Any] = []
+  for elem in ds:
+    try:
+      if elem.VR in ("PN", "DA", "DT") or elem.keyword in _IDENTIFYING_KEYS:
+        value = elem.value
+        values.append([str(v) for v in value] if isinstance(value, (MultiValue, list))
+                      else str(value))
+    except Exception:  # pylint: disable=broad-except - malformed: nothing to remove
+      continue
+  return identifier_tokens(values)
+
+
+def scrub_record(rec: dict[str, Any], ds: Dataset) -> dict[str, Any]:
+  """Scrubs ``FREE_TEXT_KEYS`` of ``rec`` (in place) with ``ds``'s identifying
+  values; the raw values that changed go to ``rec[UNSCRUBBED_KEY]``, which
+  stays in memory (labels are computed on it; ``safe_metadata`` drops it)."""
+  keys = [k for k in FREE_TEXT_KEYS if isinstance(rec.get(k), str)]
+  if not keys:
+    return rec
+  tokens = _identifying_values(ds)
+  raw = {}
+  for key in keys:
+    clean = scrub_text(rec[key], tokens)
+    if clean != rec[key]:
+      raw[key] = rec[key]
+      if clean:
+        rec[key] = clean
+      else:
+        del rec[key]
+  if raw:
+    rec[UNSCRUBBED_KEY] = raw
+  return rec
+
+
 def record_from_dataset(ds: Dataset, salt: str) -> dict[str, Any]:
   """The PHI-free metadata record of one DICOM header.
 
@@ -318,4 +380,4 @@ def record_from_dataset(ds: Dataset, salt: str) -> dict[str, Any]:
   rec["StudyHash"] = hash_id(_native(ds.get("StudyInstanceUID")), salt)
   rec["SeriesHash"] = hash_id(_native(ds.get("SeriesInstanceUID")), salt)
   rec["SourceFormat"] = "dicom"
-  return rec
+  return scrub_record(rec, ds)

@@ -265,7 +265,8 @@ def _label_stage(stacks: Mapping[str, Any], keys: Sequence[str], cache: str,
     path = _cache_path(cache, key)
     try:
       meta = convert.read_header(path)
-      entry = convert.label_entry(meta["metadata"], key, taxonomy, priors, overrides)
+      entry = convert.label_entry(meta["metadata"], key, taxonomy, priors, overrides,
+                                  scan_record=stacks[key].record)
     except Exception as e:  # noqa: BLE001
       errors.append(_error_row(scrub, stacks[key], "label", f"{type(e).__name__}: {e}"))
       continue

@@ -53,6 +53,7 @@ from radnet_jax import labels as lb
 from radnet_jax import privacy
 from radnet_jax import resample as rs
 from radnet_jax.dicom import isolation
+from radnet_jax.dicom.metadata import UNSCRUBBED_KEY
 from radnet_jax.dicom import volume
 from radnet_jax.labels import priors as pr
 from radnet_jax.labels import taxonomy as tx
@@ -66,8 +67,9 @@ DEFAULT_RECORDS_PER_SHARD = 128
 WRITER_OPTIONS = "group_size:1"
 MANIFEST = "manifest.json"
 WORK_DIR = ".work"
-# Bump when the cached volume content changes (resampling, normalisation).
-CACHE_VERSION = 1
+# Bump when the cached content changes (resampling, normalisation; 2: free
+# text scrubbed of PHI, so caches written before are never reused).
+CACHE_VERSION = 2
 SHARD_RE = re.compile(r"^(train|val|test)-\d{5}-of-\d{5}\.array_record$")
 
 # Never copied into shards even if a metadata record carries them.
@@ -118,7 +120,8 @@ def safe_metadata(record: Mapping[str, Any]) -> dict:
   out = {}
   for key, value in record.items():
     key = str(key)
-    if key in _PHI_KEYS or "Date" in key or "Birth" in key:
+    if (key in _PHI_KEYS or "Date" in key or "Birth" in key or key.startswith("_")):
+      # "_" keys are in-memory only (metadata.UNSCRUBBED_KEY: raw free text)
       continue
     if key.endswith("UID") and key not in _SAFE_UID_KEYS:
       continue
@@ -359,15 +362,29 @@ def label_stack(metadata: Mapping[str, Any], stack_key: str, taxonomy: str,
   return labels
 
 
+def labelling_record(metadata: Mapping[str, Any], scan_record: Mapping[str, Any] | None
+                     ) -> dict:
+  """What the label rules read: the stored (scrubbed) ``metadata`` with the
+  raw free text the scan kept in memory (``metadata.UNSCRUBBED_KEY`` of the
+  stack's scan record) put back. Never stored."""
+  out = dict(metadata)
+  out.update((scan_record or {}).get(UNSCRUBBED_KEY, {}))
+  return out
+
+
 def label_entry(metadata: Mapping[str, Any], stack_key: str, taxonomy: str,
-                priors: Any = None, overrides: Any = None) -> dict:
+                priors: Any = None, overrides: Any = None,
+                scan_record: Mapping[str, Any] | None = None) -> dict:
   """Labels of one cached stack as ``shard_record`` and ``counts`` take them.
 
   Returns ``{"key", "labels": {task: text}, "provenance": {task: rule},
   "targets": Taxonomy.encode(labels), "md": metadata}``; raises on a record
   the label rules or the taxonomy cannot handle (callers log stage "label").
+  The rules see the raw free text of ``scan_record`` (``labelling_record``);
+  ``md`` is the stored, scrubbed metadata.
   """
-  labels = label_stack(metadata, stack_key, taxonomy, priors, overrides)
+  labels = label_stack(labelling_record(metadata, scan_record), stack_key, taxonomy,
+                       priors, overrides)
   targets = tx.Taxonomy(taxonomy).encode(labels)
   texts = {t: labels[t].as_text() if t in labels else tx.UNKNOWN for t in tx.TASKS}
   provs = {t: labels[t].provenance if t in labels else "unknown:not labelled"
