@@ -66,7 +66,8 @@ def test_report_flags_headers_the_network_contradicts(corpus, forced_ckpt):
   import radnet_jax
   from radnet_jax.labels import taxonomy as tax
   report = radnet_jax.predict(forced_ckpt, corpus["dicom"], salt=SALT, keep_inputs=True,
-                              batch_size=3, qa_tasks=("plane", "contrast"))
+                              batch_size=3, qa_tasks=("plane", "contrast"),
+                              hash_paths=False)
   rows = {r["series_hash"]: r for r in report.rows}
   truth = corpus["truth"]
   assert set(rows) == set(truth)   # every image series predicted, keyed like truth.csv
@@ -109,7 +110,8 @@ def test_cli_writes_phi_free_csvs(corpus, forced_ckpt, tmp_path, capsys):
   from radnet_jax.cli import predict as cli
   out = str(tmp_path / "qa" / "predictions.csv")
   assert cli.main(["--checkpoint", forced_ckpt, "--input", corpus["dicom"], "--out", out,
-                   "--salt", SALT, "--threshold", "0.95", "--no-progress"]) == 0
+                   "--salt", SALT, "--threshold", "0.95", "--no-progress",
+                   "--plain-paths"]) == 0
   text = open(out).read()
   rows = list(csv.DictReader(open(out)))
   assert len(rows) == 4

@@ -121,6 +121,10 @@ def before_native_decode(path: str) -> None:
   if _State.mode == "parent":
     raise NeedsIsolation(path)
   reading(path)
+
+
+def injected_fault(path: str) -> None:
+  """Test hook, called where the native decoder runs: ``$RADNET_TEST_DECODER_FAULT``."""
   fault = os.environ.get(FAULT_ENV)
   if fault:
     _inject(fault, path)
@@ -159,10 +163,12 @@ def inline_until_native() -> Iterator[None]:
 # Workers
 # ----------------------------------------------------------------------------
 
-def die_with_parent() -> None:
+def die_with_parent(parent: int | None = None) -> None:
   """Ask the kernel to SIGKILL this process when its parent dies (Linux);
-  elsewhere, and as a second line, a watchdog thread polls the parent pid."""
-  parent = os.getppid()
+  elsewhere, and as a second line, a watchdog thread polls the parent pid.
+  ``parent``: the pid of the process that started this one (pass it: the
+  parent may already have died while this process was starting)."""
+  parent = os.getppid() if parent is None else int(parent)
   if sys.platform.startswith("linux"):
     try:
       libc = ctypes.CDLL(None, use_errno=True)
@@ -195,8 +201,9 @@ def _environ(env: dict) -> Iterator[None]:
         os.environ[k] = v
 
 
-def _worker_main(conn, fn: Callable[[Any], Any], slot_path, slot_time) -> None:
-  die_with_parent()
+def _worker_main(conn, fn: Callable[[Any], Any], slot_path, slot_time, parent: int
+                 ) -> None:
+  die_with_parent(parent)
   _State.mode, _State.slot_path, _State.slot_time = "worker", slot_path, slot_time
   while True:
     try:
@@ -271,7 +278,7 @@ class Supervisor:
     slot_path = self.ctx.Array("c", _PATH_BYTES, lock=False)
     slot_time = self.ctx.Value("d", 0.0, lock=False)
     proc = self.ctx.Process(target=_worker_main, daemon=True,
-                            args=(child, self.fn, slot_path, slot_time))
+                            args=(child, self.fn, slot_path, slot_time, os.getpid()))
     with _environ(self.env):   # inherited at spawn, before numpy is imported
       proc.start()
     child.close()

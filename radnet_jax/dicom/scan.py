@@ -568,7 +568,8 @@ def _series_stacks(entries: list[_Entry], records: dict[tuple, dict],
                         f"orientations; this one has {count} slice(s)): "
                         "localizer/scout")
           else:
-            skip(group, f"too few slices ({count} < {min_slices})")
+            skip(group, _size_outlier(hard, hard_groups, min_slices) or
+                 f"too few slices ({count} < {min_slices})")
           continue
         n = geometry.stack_direction(group[0].iop)
         group.sort(key=lambda e: (float(e.position @ n), e.path, e.frame or 0))
@@ -586,6 +587,19 @@ def _series_stacks(entries: list[_Entry], records: dict[tuple, dict],
           stacks.append(_make_stack(part, records[hard],
                                     hash_id(f"{series_uid}|{split}", salt)))
   return stacks, skipped
+
+
+def _size_outlier(hard: tuple, hard_groups: dict[tuple, list[_Entry]],
+                  min_slices: int) -> str | None:
+  """The reason for a group too small to be a stack whose only difference
+  from a full stack of its series is the image size (one file with a wrong
+  Rows or Columns), else None."""
+  for other, group in hard_groups.items():
+    if other != hard and other[2:] == hard[2:] and len(group) >= min_slices:
+      return (f"image size {hard[0]}x{hard[1]} (Rows x Columns) differs from the "
+              f"{other[0]}x{other[1]} of the other {len(group)} files of the series "
+              "(wrong Rows/Columns in this file?)")
+  return None
 
 
 def _split_gaps(group: list[_Entry], n: np.ndarray
@@ -666,8 +680,8 @@ def group_entries(results: Iterable[list[_Entry] | Skipped], salt: str,
 _WORKER_SEEN: set = set()
 
 
-def _init_worker() -> None:
-  isolation.die_with_parent()
+def _init_worker(parent: int | None = None) -> None:
+  isolation.die_with_parent(parent)
   _WORKER_SEEN.clear()
 
 
@@ -712,7 +726,8 @@ def scan(root: str, *, salt: str, workers: int = 1, progress: bool = False,
     if workers > 1 and len(paths) > 1:
       with cf.ProcessPoolExecutor(max_workers=workers,
                                   mp_context=parallel.context(),
-                                  initializer=_init_worker) as pool:
+                                  initializer=_init_worker,
+                                  initargs=(os.getpid(),)) as pool:
         chunk = max(1, min(256, len(paths) // (workers * 8) or 1))
         return group_entries(itertools.chain(special, tick(
             pool.map(_read_entries_star, [(p, salt) for p in paths],

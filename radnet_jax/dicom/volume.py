@@ -109,6 +109,7 @@ def _pixels(ds: Dataset, where: str) -> np.ndarray:
     return arr
   isolation.before_native_decode(where)   # may hand the job to a worker
   try:
+    isolation.injected_fault(where)
     arr = ds.pixel_array
   except MemoryError:
     raise

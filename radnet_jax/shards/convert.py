@@ -278,7 +278,12 @@ def convert_stack_staged(stack: Any, shape: Sequence[int]) -> dict:
   shape = tuple(int(s) for s in shape)
   # Handlers catch BaseException: a native decoder's panic is one
   # (pyo3_runtime.PanicException); isolation.is_fatal ones propagate.
-  rv = volume.load_resampled(stack, shape)   # None = declined
+  try:
+    rv = volume.load_resampled(stack, shape)   # None = declined
+  except BaseException as e:  # noqa: BLE001 - it catches every Exception itself
+    if isolation.is_fatal(e):
+      raise
+    raise StageError("load", e) from e
   if rv is not None:
     try:
       return resampled_cache_record(stack, rv)
