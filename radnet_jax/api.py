@@ -125,21 +125,6 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def _build_model(config: Any) -> Any:
-  """The module a run's config trains (``config.entry``'s ``build_model``)."""
-  import importlib  # pylint: disable=g-import-not-at-top
-  import inspect  # pylint: disable=g-import-not-at-top
-  entry = str(config.get("entry", "radnet_jax.tasks.pretrain"))
-  module = importlib.import_module(entry)
-  build = getattr(module, "build_model", None)
-  if build is None:
-    raise ValueError(f"config.entry {entry!r} has no build_model(config)")
-  if len(inspect.signature(build).parameters) >= 2:  # pretraining: (config, taxonomy)
-    from radnet_jax.labels import taxonomy as tax  # pylint: disable=g-import-not-at-top
-    return build(config, tax.Taxonomy(str(config.get("taxonomy", "paper"))))
-  return build(config)
-
-
 def _compare(path: str, what: str, expected: Mapping[str, Any], found: Mapping[str, Any]
              ) -> list[str]:
   """Human-readable differences between model (expected) and checkpoint names/shapes."""
@@ -158,32 +143,21 @@ def _compare(path: str, what: str, expected: Mapping[str, Any], found: Mapping[s
   return problems
 
 
-class _quiet_absl:  # pylint: disable=invalid-name
-  """Raises absl's log level to ERROR inside the block (Orbax warnings)."""
-
-  def __enter__(self):
-    self._logger = logging.getLogger("absl")
-    self._level = self._logger.level
-    self._logger.setLevel(logging.ERROR)
-
-  def __exit__(self, *exc):
-    self._logger.setLevel(self._level)
-
-
-def _read_config(workdir: str | None, state_dir: str) -> Any:
+def _config_of(restored: Any, config: Any) -> Any:
+  """The run's config: ``config`` if given, else the ``config.json`` beside
+  the checkpoint (an unlocked private ConfigDict either way)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from etils import epath  # pylint: disable=g-import-not-at-top
   from radnet_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
-  if workdir is None:
-    raise FileNotFoundError(
-        f"{state_dir}: no {checkpoints.CONFIG_FILE} found beside this checkpoint (expected "
-        f"in the run workdir two levels above the step folder); pass config= (the run's "
-        f"ConfigDict or a dict) to load it")
-  p = epath.Path(workdir) / checkpoints.CONFIG_FILE
-  try:
-    return ml_collections.ConfigDict(json.loads(p.read_text()))
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{p}: not valid JSON ({e})") from e
+  if config is None:
+    if restored.config is None:
+      raise FileNotFoundError(
+          f"{restored.path}: no {checkpoints.CONFIG_FILE} found beside this checkpoint "
+          f"(expected in the run workdir two levels above the step folder); pass config= "
+          f"(the run's ConfigDict or a dict) to load it")
+    return ml_collections.ConfigDict(restored.config)
+  if isinstance(config, ml_collections.ConfigDict):
+    return ml_collections.ConfigDict(config.to_dict())
+  return ml_collections.ConfigDict(dict(config))
 
 
 def load(path: str, *, prefer: str = "best", config: Any = None,
@@ -211,40 +185,22 @@ def load(path: str, *, prefer: str = "best", config: Any = None,
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from radnet_jax.models import factory  # pylint: disable=g-import-not-at-top
   from radnet_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
 
   if prefer not in ("best", "latest"):
     raise ValueError(f"prefer must be 'best' or 'latest', got {prefer!r}")
-  state_dir, workdir, step = checkpoints.resolve(str(path), prefer)
-  if config is None:
-    config = _read_config(workdir, state_dir)
-  elif not isinstance(config, ml_collections.ConfigDict):
-    config = ml_collections.ConfigDict(dict(config))
-  else:
-    config = ml_collections.ConfigDict(config.to_dict())  # unlocked private copy
+  # The one restore path: newest readable best/latest step, params and
+  # batch_stats only (no optimizer state), numpy on any device count.
+  restored = checkpoints.restore(str(path), prefer)
+  state_dir, step = restored.path, restored.step
+  config = _config_of(restored, config)
   if dtype is not None:
     config.model.dtype = str(dtype)
 
-  # Names and shapes from the checkpoint metadata, before reading any array.
-  ckptr = ocp.PyTreeCheckpointer()
-  try:
-    with _quiet_absl():  # "_CHECKPOINT_METADATA does not exist" for item folders
-      meta = ckptr.metadata(state_dir)
-  except Exception as e:  # noqa: BLE001 - orbax raises various types here
-    raise FileNotFoundError(f"{state_dir}: not a readable Orbax checkpoint "
-                            f"({type(e).__name__}: {e})") from e
-  tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
-  tree = dict(tree)
-  if "params" not in tree:
-    raise ValueError(f"{state_dir}: checkpoint has no 'params' entry (found "
-                     f"{sorted(tree)}); is this a RadNet training checkpoint?")
-  collections = [c for c in ("params", "batch_stats") if tree.get(c)]
-
   # The model its config builds, and its variable shapes (no allocation).
   try:
-    model = _build_model(config)
+    model = factory.from_config(config)
   except Exception as e:
     raise ValueError(f"{state_dir}: cannot build the model from its config "
                      f"(model={config.get('model')}): {type(e).__name__}: {e}") from e
@@ -252,29 +208,17 @@ def load(path: str, *, prefer: str = "best", config: Any = None,
                                  or (16, 32, 32)))
   abstract = jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape, 1)), train=False))
+  found = {"params": restored.params, "batch_stats": restored.batch_stats}
   problems = []
   for c in ("params", "batch_stats"):
-    problems += _compare(state_dir, c, _flat(abstract.get(c, {})), _flat(tree.get(c, {})))
+    problems += _compare(state_dir, c, _flat(abstract.get(c, {})), _flat(found[c]))
   if problems:
     raise ValueError(
         f"{state_dir}: checkpoint does not match the model its config builds "
         f"(model.name={config.model.get('name')!r}, taxonomy="
         f"{config.get('taxonomy', '-')!r}, heads {dict(getattr(model, 'heads', {}))}):\n  "
         + "\n  ".join(problems))
-
-  # Read params + batch_stats (+ step) only: a partial restore skips the optimizer.
-  item = {c: tree[c] for c in (*collections, "step") if c in tree}
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-  try:
-    with _quiet_absl():
-      restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
-          item=item, restore_args=restore_args, partial_restore=True))
-  except (TypeError, ValueError) as e:  # older orbax layouts: read the whole state
-    log.info("partial restore of %s failed (%s); reading the full state", state_dir, e)
-    restored = checkpoints.restore_state_tree(state_dir)
-  variables = jax.device_put({c: restored[c] for c in collections})
-  if step < 0 and "step" in restored:
-    step = int(np.asarray(restored["step"]))
+  variables = jax.device_put({c: v for c, v in found.items() if v})
   log.info("loaded %s (step %d): %s, %d parameters", state_dir, step,
            config.model.get("name"), sum(int(np.prod(x.shape))
                                           for x in jax.tree.leaves(variables["params"])))

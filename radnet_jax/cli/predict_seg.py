@@ -11,6 +11,11 @@ one segment per class the run predicts (Liver; Tumour for 3-class runs), so
 OHIF / 3D Slicer overlay it on the CT. ``--series N`` picks the CT series
 with SeriesNumber N when the folder holds several. RUN is a workdir written
 by ``python run.py --config=experiments/transfer_liver.py``.
+
+DICOM input: the NIfTI mask is written before the SEG; if the SEG cannot be
+written (anonymised headers whose UIDs are not UIDs, ...) the command says
+why, keeps the mask (``--nifti_out``, else ``--out`` with ``.nii.gz`` for
+``.dcm``) and exits with status 2 (1: nothing written).
 """
 from __future__ import annotations
 
@@ -79,7 +84,10 @@ def predict_dicom(workdir: str, input_path: str, out_path: str, *, prefer: str =
     predictor: ``(predict_fn, config)`` already loaded (reuse across calls).
 
   Returns {"seg": out_path, "nifti": path or None, "voxels": {label: count}}
-  with voxel counts on the CT grid.
+  with voxel counts on the CT grid. The NIfTI mask is written first; when
+  the SEG cannot be written (e.g. an anonymiser replaced the images' UIDs by
+  strings that are not UIDs) "seg" is None, "seg_error" says why, and the
+  mask is saved all the same (at ``nifti_out``, else ``fallback_mask_path``).
   """
   from radnet_jax.shards import seg as segdata
   from radnet_jax.dicom import nifti
@@ -92,12 +100,33 @@ def predict_dicom(workdir: str, input_path: str, out_path: str, *, prefer: str =
   labels = nifti.to_original_grid(pred, geometry)
   values = (segdicom.LIVER,) if int(config.num_classes) == 2 else (
       segdicom.LIVER, segdicom.TUMOUR)
-  segdicom.write_seg(labels, vol.affine, stack.files, out_path, label_values=values)
+  counts = np.bincount(labels.ravel(), minlength=3)
+  out = {"seg": out_path, "nifti": nifti_out or None,
+         "voxels": {"liver": int(counts[1]), "tumour": int(counts[2])}}
+  # The mask first: an output that can be written never waits on one that
+  # may fail (the SEG needs UIDs and headers that anonymisers break).
   if nifti_out:
     nifti.save_nifti(pred, geometry, nifti_out)
-  counts = np.bincount(labels.ravel(), minlength=3)
-  return {"seg": out_path, "nifti": nifti_out or None,
-          "voxels": {"liver": int(counts[1]), "tumour": int(counts[2])}}
+  try:
+    segdicom.write_seg(labels, vol.affine, stack.files, out_path, label_values=values)
+  except Exception as e:  # noqa: BLE001 - highdicom rejects headers in many ways
+    reason = f"{type(e).__name__}: {e}"
+    log.warning("SEG not written (%s)", reason)
+    if os.path.exists(out_path):
+      os.remove(out_path)   # never leave a partial SEG behind
+    if not nifti_out:
+      out["nifti"] = fallback_mask_path(out_path)
+      nifti.save_nifti(pred, geometry, out["nifti"])
+    out["seg"] = None
+    out["seg_error"] = reason
+  return out
+
+
+def fallback_mask_path(seg_path: str) -> str:
+  """Where the mask goes when the SEG cannot be written and no --nifti_out
+  was given: beside the SEG, ``X.dcm`` -> ``X.nii.gz``."""
+  root = seg_path[:-4] if seg_path.lower().endswith(".dcm") else seg_path
+  return root + ".nii.gz"
 
 
 def predict_path(workdir: str, input_path: str, out_path: str, *, prefer: str = "best",
@@ -142,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     return 1
   for k, v in res.items():
     print(f"{k}: {v}")
+  if res.get("seg_error"):
+    print(f"warning: the DICOM SEG was not written ({res['seg_error']}); "
+          f"the mask is saved as NIfTI: {res['nifti']}", file=sys.stderr)
+    return 2
   return 0
 
 

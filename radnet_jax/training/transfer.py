@@ -10,8 +10,8 @@ names, so transfer is pytree surgery by name (``checkpoints.merge_params``):
 * a name in both with a different shape is reported and left at init, never
   dropped silently; a checkpoint that loads nothing raises.
 
-Sources: a pretraining workdir or checkpoint directory (``checkpoints.resolve``
-finds the best or latest step), or ``medicalnet:PATH`` for Tencent MedicalNet
+Sources: a pretraining workdir or checkpoint directory (``checkpoints.restore``
+reads its best, else newest readable, step), or ``medicalnet:PATH`` for Tencent MedicalNet
 PyTorch weights when ``radnet_jax.models.medicalnet.load_medicalnet`` exists.
 
 Freezing: ``freeze_for_steps(tx, params, k, patterns)`` zeroes the gradients
@@ -91,8 +91,8 @@ def load_source(path: str) -> tuple[dict, dict, int]:
     if "trunk" not in params:
       params, bs = {"trunk": params}, {"trunk": bs} if bs else {}
     return params, bs, 0
-  params, bs, _, step = checkpoints.restore_params(path)
-  return params, bs, step
+  restored = checkpoints.restore(path)
+  return restored.params, restored.batch_stats, restored.step
 
 
 def transfer_variables(params: Mapping, batch_stats: Mapping, source: str,
