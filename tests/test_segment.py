@@ -1,4 +1,4 @@
-"""Segmentation task: loss, patch sampling, proposal logic, end-to-end run."""
+"""Segmentation task: loss, proposal logic, end-to-end run."""
 import importlib.util
 import json
 import os
@@ -41,30 +41,6 @@ def test_seg_loss_values():
   np.testing.assert_allclose(float(m["ce"]), np.log(2), rtol=1e-5)
   np.testing.assert_allclose(float(m["soft_dice"]), 0.5, rtol=1e-4)
   np.testing.assert_allclose(float(loss), np.log(2) + 0.5, rtol=1e-4)
-
-
-def test_foreground_biased_patches_and_padding():
-  vol = np.zeros((20, 40, 40), np.float32)
-  mask = np.zeros((20, 40, 40), np.uint8)
-  mask[15:18, 30:35, 2:6] = 1
-  fg = np.flatnonzero(mask)
-  rng = np.random.default_rng(0)
-  hits = [segment.sample_patch(vol, mask, fg, (8, 8, 8), rng, 1.0)[1].any()
-          for _ in range(50)]
-  assert all(hits)
-  rand = [segment.sample_patch(vol, mask, fg, (8, 8, 8), rng, 0.0)[1].any()
-          for _ in range(50)]
-  assert sum(rand) < 25
-  v, m = segment.sample_patch(vol + 1, mask, fg, (32, 48, 8), rng, 1.0, pad_value=-1)
-  assert v.shape == (32, 48, 8) and m.shape == (32, 48, 8)
-  assert (v == -1).sum() == 32 * 48 * 8 - 20 * 40 * 8 and m.sum() > 0
-
-
-def test_select_cases_nested_subsets():
-  cases = [str(i) for i in range(10)]
-  a = segment.select_cases(cases, 2, seed=1)
-  b = segment.select_cases(cases, 5, seed=1)
-  assert len(a) == 2 and b[:2] == a and len(segment.select_cases(cases, 0, 1)) == 10
 
 
 class _FixedScores(proposal.SlabProposer):
