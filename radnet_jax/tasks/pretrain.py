@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from radnet_jax import contract as contract_lib
+from radnet_jax.shards import records
 from radnet_jax.training import checkpoints
 from radnet_jax.data import device_augment
 from radnet_jax.training.losses import class_weights_from_counts, multitask_loss  # noqa: F401 (re-exported)
@@ -132,7 +134,9 @@ def build_model(config: ml_collections.ConfigDict, taxonomy: tax.Taxonomy):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains, validates (best checkpoint), tests; returns the test results.
 
-  Writes to ``workdir``: config.json, checkpoints/, best/, metrics.jsonl,
+  Writes to ``workdir``: config.json, contract.json (the preprocessing
+  contract: shard shape, intensity mapping, orientation, taxonomy; what
+  ``radnet_jax.load`` prepares inputs by), checkpoints/, best/, metrics.jsonl,
   tb/ (TensorBoard), results.json, results.md, results_<split>.md, plots/.
   """
   os.makedirs(workdir, exist_ok=True)
@@ -221,6 +225,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --------------------------------------------------------------- restore --
   checkpoints.save_config(workdir, config)
+  if jax.process_index() == 0:   # what inference will prepare inputs as
+    manifest = records.read_manifest(shards_dir) if records.has_manifest(shards_dir) else None
+    contract_lib.write(workdir, contract_lib.for_pretrain(config, manifest))
   ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints,
                                   best_metric=config.best_metric if counts["val"] else None,
                                   best_mode=config.best_mode)
