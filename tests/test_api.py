@@ -58,6 +58,7 @@ def make_checkpoint(workdir: str, num_devices: int = 1, step: int = 3, seed: int
     whose disagreement with a header is known in advance.
   Returns the saved params as numpy (for comparisons).
   """
+  from radnet_jax import contract
   from radnet_jax.training import checkpoints
   from radnet_jax.tasks import pretrain as train
   from radnet_jax.training import trainer
@@ -88,6 +89,7 @@ def make_checkpoint(workdir: str, num_devices: int = 1, step: int = 3, seed: int
   ck.save(step, state, iter(grain.MapDataset.range(10).to_iter_dataset()))
   ck.close()
   checkpoints.save_config(workdir, config)
+  contract.write(workdir, contract.for_pretrain(config))   # as train_and_evaluate does
   return jax.device_get(state.params)
 
 

@@ -316,6 +316,7 @@ def _tiny_run(workdir: str):
   import jax
   import jax.numpy as jnp
   import ml_collections
+  from radnet_jax import contract
   from radnet_jax.training import checkpoints
   from radnet_jax.tasks import segment
   from radnet_jax.training import trainer
@@ -328,7 +329,7 @@ def _tiny_run(workdir: str):
   c.model.kwargs = ml_collections.ConfigDict({"filters": (4, 8, 16, 32, 64),
                                               "conv_impl": "xla"})
   c.data.spacing = (12.0, 12.0, 12.0)
-  c.eval.roi = (16, 16, 16)
+  c.patch_shape = (16, 16, 16)   # also the sliding window
   model = segment.build_model(c)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                              jnp.zeros((1, 16, 16, 16, 1)), train=False))
@@ -349,23 +350,24 @@ def _tiny_run(workdir: str):
   ck.save(1, state, iter(grain.MapDataset.range(2).to_iter_dataset()))
   ck.close()
   checkpoints.save_config(workdir, c)
+  contract.write(workdir, contract.for_segment(c))   # as train_and_evaluate does
   return c
 
 
 def test_predict_seg_dicom_writes_a_seg_on_the_ct_grid(tmp_path, lits_dicom):
   import nibabel as nib
   from radnet_jax.cli import predict_seg
-  from radnet_jax.tasks import segment
+  from radnet_jax.inference import segment
   wd = str(tmp_path / "run")
   _tiny_run(wd)
   folder, stack, vol = _case0(lits_dicom)
   out, nii = str(tmp_path / "pred" / "seg.dcm"), str(tmp_path / "pred" / "mask.nii.gz")
   assert predict_seg.main(["--workdir", wd, "--input", folder, "--out", out,
-                           "--prefer", "latest", "--nifti_out", nii]) == 0
+                           "--prefer", "latest", "--nifti-out", nii]) == 0
   # Independent prediction on the same grid.
-  fn, cfg = segment.load_seg_predictor(wd, "latest")
+  predictor = segment.load_seg_predictor(wd, "latest")
   hu, aff, geom, _ = segdicom.load_ct_canonical(stack)
-  pred, geom = segment.predict_canonical(fn, cfg, hu, aff, geom)
+  pred, geom = segment.predict_canonical(predictor, hu, aff, geom)
   expect = nifti.to_original_grid(pred, geom)
   got = segdicom.rasterise(out, vol.affine, vol.voxels.shape,
                            ct=segdicom.ct_reference(stack.files))
@@ -377,8 +379,8 @@ def test_predict_seg_dicom_writes_a_seg_on_the_ct_grid(tmp_path, lits_dicom):
       pydicom.dcmread(stack.files[0]).SeriesInstanceUID
   assert ds.Manufacturer == "RadNet-JAX"
   # NIfTI in -> NIfTI out on the input grid.
-  res = predict_seg.predict_path(wd, os.path.join(lits_dicom, "volume-0.nii.gz"),
-                                 str(tmp_path / "pred-0.nii.gz"), prefer="latest")
+  res = segment.predict_path(wd, os.path.join(lits_dicom, "volume-0.nii.gz"),
+                             str(tmp_path / "pred-0.nii.gz"), prefer="latest")
   img = nib.load(res["nifti"])
   assert img.shape == nib.load(os.path.join(lits_dicom, "volume-0.nii.gz")).shape
   # A folder without CT is a clear error.
