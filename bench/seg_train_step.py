@@ -34,6 +34,8 @@ def _config(path: str, arg: str):
 def bench(config, impl: str, steps: int) -> dict:
   config = config.copy_and_resolve_references()
   config.model.kwargs.conv_impl = impl
+  # An empty backbone is the pretraining model (segment.resolve_source).
+  config.model.backbone = config.model.backbone or config.pretrain.model.name
   mesh = trainer.make_mesh(config.num_devices or None)
   patch = tuple(int(s) for s in config.patch_shape)
   model = segment.build_model(config)

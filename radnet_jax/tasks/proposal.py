@@ -125,7 +125,8 @@ def train_proposer(config, shards_dir: str, cases: Sequence[str], init_from: str
 
   ``config.proposal``: slab_depth, in_plane, steps, batch_size, lr,
   threshold, margin, min_voxels. ``config.model.backbone`` names the
-  ResNet3D preset (the same as pretraining, so the trunk transfers).
+  ResNet3D preset, or {"preset", **trunk kwargs} (the same as pretraining,
+  so the trunk transfers; ``segment.resolve_source`` derives it).
   """
   from radnet_jax.models import resnet3d  # pylint: disable=g-import-not-at-top
   pc = config.proposal
@@ -147,7 +148,10 @@ def train_proposer(config, shards_dir: str, cases: Sequence[str], init_from: str
   # Same conv lowering / dtype as the segmentation network's trunk.
   kw = {k: v for k, v in dict(config.model.get("kwargs", {})).items()
         if k in ("conv_impl",)}
-  model = resnet3d.get_model(config.model.backbone, heads=FrozenDict({"liver": 1}), **kw)
+  backbone = config.model.backbone   # a preset, or {"preset": name, **trunk kwargs}
+  backbone = {"preset": backbone} if isinstance(backbone, str) else dict(backbone)
+  model = resnet3d.get_model(backbone.pop("preset"), heads=FrozenDict({"liver": 1}),
+                             **backbone, **kw)
   steps = int(pc.steps)
   tx, schedule = trainer.make_optimizer(
       {"name": "adamw", "lr": float(pc.lr), "warmup_steps": min(10, steps // 5),
