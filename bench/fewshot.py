@@ -1,6 +1,6 @@
 r"""Few-shot study: liver Dice vs number of training volumes, scratch vs pretrained.
 
-  python bench/fewshot.py --init_from PRETRAIN_WORKDIR [--sizes 1,2,5,10,0] \
+  python bench/fewshot.py --init-from PRETRAIN_WORKDIR [--sizes 1,2,5,10,0] \
       [--seeds 0,1] [--variants scratch,pretrained] [--steps 300] \
       [--out bench/fewshot] [--proposal]
 
@@ -16,7 +16,6 @@ subset, the initialisation of the new layers and the data order.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import logging
@@ -26,6 +25,7 @@ import sys
 import time
 
 import numpy as np
+from radnet_jax.cli import flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -63,13 +63,13 @@ def run_one(variant: str, n: int, seed: int, a) -> dict:
 
 
 def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--init_from", default="", help="pretraining workdir ('' = auto)")
+  p = flags.Parser()
+  p.add_argument("--init-from", default="", help="pretraining workdir ('' = auto)")
   p.add_argument("--sizes", default="1,2,5,10,0")
   p.add_argument("--seeds", default="0,1")
   p.add_argument("--variants", default="scratch,pretrained")
   p.add_argument("--steps", type=int, default=300)
-  p.add_argument("--shards_dir", default="")
+  p.add_argument("--shards-dir", default="")
   p.add_argument("--proposal", action="store_true", help="also train/use the slab proposal")
   p.add_argument("--out", default=os.path.join(ROOT, "bench", "fewshot"))
   a = p.parse_args()

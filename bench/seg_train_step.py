@@ -9,7 +9,6 @@ batch, and times `--steps` steps after a compile step on random data. Prints
 a table: compile wall (s), wall and process CPU seconds per step (CPU time is
 the fair measure on a shared, loaded machine), and the load average.
 """
-import argparse
 import importlib.util
 import os
 import sys
@@ -22,6 +21,7 @@ import numpy as np  # noqa: E402
 
 from radnet_jax.tasks import segment
 from radnet_jax.training import trainer  # noqa: E402
+from radnet_jax.cli import flags
 
 
 def _config(path: str, arg: str):
@@ -66,7 +66,7 @@ def bench(config, impl: str, steps: int) -> dict:
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[2])
+  p = flags.Parser(description=__doc__.split("\n")[2])
   p.add_argument("--config", default="experiments/transfer_liver.py")
   p.add_argument("--variant", default="scratch")
   p.add_argument("--impls", default="taps,xla")

@@ -247,7 +247,7 @@ def test_shards_from_dicom_equal_shards_from_nifti(tmp_path, lits_dicom):
   assert m_nii.get("format") is None            # auto-detected NIfTI, as before
   rc = build_seg_shards.main(["--input", os.path.join(lits_dicom, "dicom"),
                               "--out", str(tmp_path / "dcm"), "--spacing", "10,8,8",
-                              "--test_fraction", "0", "--format", "dicom"])
+                              "--test-fraction", "0", "--format", "dicom"])
   assert rc == 0
   m_dcm = segdata.load_manifest(str(tmp_path / "dcm"))
   assert m_dcm["format"] == "dicom" and not m_dcm["errors"]

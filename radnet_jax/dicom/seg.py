@@ -146,7 +146,7 @@ def segment_values(segments: Sequence[SegmentInfo], path: str,
       raise ValueError(
           f"{path}: segment {s.number} ({s.label!r}, type {s.property_type!r}) is "
           f"neither liver nor tumour; pass label_map={{'{s.label}': 0|1|2}} "
-          f"(--label_map on the command line) to map or ignore it")
+          f"(--label-map on the command line) to map or ignore it")
   bad = {k: v for k, v in out.items() if v not in (0, LIVER, TUMOUR)}
   if bad:
     raise ValueError(f"{path}: label_map values must be 0, 1 or 2, got {bad}")
