@@ -210,7 +210,7 @@ def child(folder: str, shape: tuple, profile: bool = False,
   entry = {"key": stack.key, "md": cached["metadata"], "targets": targets,
            "labels": {k: v.as_text() for k, v in lab.items()},
            "provenance": {k: v.provenance for k, v in lab.items()}}
-  data = records.encode(convert._shard_record(cached, entry, "train", "paper"))  # pylint: disable=protected-access
+  data = records.encode(convert.shard_record(cached, entry, "train", "paper"))
   t.append(time.perf_counter())
   c.append(time.process_time())
   cpu = time.process_time() - c0

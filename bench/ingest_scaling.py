@@ -1,4 +1,4 @@
-"""Ingestion scaling: series/s of ``convert.build_shards`` with 1 and 2 processes,
+"""Ingestion scaling: series/s of ``build.build_shards`` with 1 and 2 processes,
 and the projected wall time and cost of a 60,000-series conversion.
 
   python bench/ingest_scaling.py [--series 8] [--min-slices 64] [--max-slices 96] \
@@ -66,7 +66,7 @@ def main() -> None:
   a = p.parse_args()
 
   import ingest  # bench/ingest.py: the synthetic CT corpus
-  from radnet_jax.shards import convert
+  from radnet_jax.shards import build
 
   shape = tuple(int(s) for s in a.shape.split(","))
   tmp = tempfile.mkdtemp(prefix="ingest_scaling_")
@@ -81,7 +81,7 @@ def main() -> None:
       out = os.path.join(tmp, f"out{w}")
       shutil.rmtree(out, ignore_errors=True)
       c0, t0 = _cpu(), time.perf_counter()
-      s = convert.build_shards(corpus, out, shape=shape, workers=w, salt="bench",
+      s = build.build_shards(corpus, out, shape=shape, workers=w, salt="bench",
                                progress=False, keep_work=False)
       wall, cpu = time.perf_counter() - t0, _cpu() - c0
       n = sum(s["num_records"].values())

@@ -8,13 +8,14 @@ Re-running the same command resumes an interrupted run (finished stacks are
 reused from ``OUT/.work``) and, for the same input and ``OUT/.salt``, writes
 byte-identical shards. To correct labels: edit ``OUT/labels.csv`` and re-run
 with ``--overrides OUT/labels.csv`` (volumes are reused; only shards are
-rewritten). All logic lives in ``radnet_jax.shards.convert.build_shards``.
+rewritten). All logic lives in ``radnet_jax.shards.build.build_shards``.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from radnet_jax.shards import build
 from radnet_jax.shards import convert
 from radnet_jax.cli import flags
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
   p = build_parser()
   args = p.parse_args(argv)
   try:
-    convert.build_shards(
+    build.build_shards(
         args.input, args.out, shape=args.shape, overrides=args.overrides,
         workers=args.workers, taxonomy=args.taxonomy, priors=args.priors,
         salt=args.salt, records_per_shard=args.records_per_shard,

@@ -127,6 +127,46 @@ def test_cli_writes_phi_free_csvs(corpus, forced_ckpt, tmp_path, capsys):
   assert "does not exist" in capsys.readouterr().err
 
 
+def test_cli_predicts_anonymised_headers(corpus, forced_ckpt, tmp_path):
+  # Real anonymisers blank SOPClassUID and PatientID, drop InstanceNumber and
+  # SliceThickness and replace UIDs by other strings: every series is still
+  # predicted, and the replacement UIDs never appear raw.
+  import warnings
+  from radnet_jax.cli import predict as cli
+  src, dst = corpus["dicom"], str(tmp_path / "anon")
+  uids = {}
+  for p in sorted(glob.glob(os.path.join(src, "**", "*"), recursive=True)):
+    if not os.path.isfile(p):
+      continue
+    try:
+      ds = pydicom.dcmread(p)
+    except Exception:  # the corpus's junk / truncated files: left out here
+      continue
+    if "PixelData" not in ds or "ImagePositionPatient" not in ds:
+      continue
+    series = uids.setdefault(str(ds.SeriesInstanceUID), f"ANON-SERIES-{len(uids)}")
+    ds.SeriesInstanceUID, ds.StudyInstanceUID = series, "ANON-STUDY"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = \
+        f"ANON-IMG-{os.path.basename(p)}"
+    ds.SOPClassUID, ds.PatientID = "", ""
+    for key in ("InstanceNumber", "SliceThickness"):
+      if key in ds:
+        delattr(ds, key)
+    out_file = os.path.join(dst, os.path.relpath(p, src))
+    os.makedirs(os.path.dirname(out_file), exist_ok=True)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      ds.save_as(out_file)
+  out = str(tmp_path / "qa" / "predictions.csv")
+  assert cli.main(["--checkpoint", forced_ckpt, "--input", dst, "--out", out,
+                   "--salt", SALT, "--no-progress"]) == 0
+  rows = list(csv.DictReader(open(out)))
+  assert len(rows) == 4
+  assert {r["series_hash"] for r in rows} == {_h(u) for u in uids.values()}
+  text = open(out).read()
+  assert not any(u in text for u in uids.values())
+
+
 def test_qa_row_thresholds():
   from radnet_jax import api
   from radnet_jax.labels.taxonomy import Label, Taxonomy

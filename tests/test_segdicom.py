@@ -403,3 +403,64 @@ def test_segment_names_to_labels():
   assert segdicom.segment_values([seg(1, "Kidney"), seg(2, "Liver")], "f.dcm",
                                  label_map={"KIDNEY": 0}) == {1: 0, 2: 1}
   assert segdicom.segment_values([seg(7, "x")], "f.dcm", label_map={7: 2}) == {7: 2}
+
+
+def _anonymise(src: str, dst: str, text_uids: bool = False) -> str:
+  """Copies a CT series the way real anonymisers leave it: SOPClassUID and
+  PatientID blanked (the file meta keeps the class), InstanceNumber,
+  SliceThickness, birth date and accession number deleted; ``text_uids``:
+  Study / Series / SOP UIDs replaced by strings that are not UIDs."""
+  import warnings
+  os.makedirs(dst, exist_ok=True)
+  for i, name in enumerate(sorted(os.listdir(src))):
+    ds = pydicom.dcmread(os.path.join(src, name))
+    if ds.get("Modality") != "CT":
+      continue
+    ds.SOPClassUID = ""
+    ds.PatientID = ""
+    for key in ("InstanceNumber", "SliceThickness", "PatientBirthDate",
+                "AccessionNumber", "PatientName"):
+      if key in ds:
+        delattr(ds, key)
+    if text_uids:
+      ds.StudyInstanceUID, ds.SeriesInstanceUID = "ANON-STUDY", "ANON-SERIES"
+      ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"ANON-IMG-{i}"
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      ds.save_as(os.path.join(dst, name))
+  return dst
+
+
+def test_predict_seg_on_an_anonymised_series_writes_mask_then_seg(tmp_path, lits_dicom):
+  import nibabel as nib
+  from radnet_jax.cli import predict_seg
+  from radnet_jax.inference import segment
+  wd = str(tmp_path / "run")
+  _tiny_run(wd)
+  folder, stack, vol = _case0(lits_dicom)
+  anon = _anonymise(folder, str(tmp_path / "anon"))
+  (anon_stack,) = dicom.scan(anon, salt=SALT).stacks
+  assert anon_stack.record["SOPClassUID"] == pydicom.uid.CTImageStorage   # file meta
+  out, nii = str(tmp_path / "p" / "seg.dcm"), str(tmp_path / "p" / "mask.nii.gz")
+  assert predict_seg.main(["--workdir", wd, "--input", anon, "--out", out,
+                           "--prefer", "latest", "--nifti-out", nii]) == 0
+  mask = np.asarray(nib.load(nii).dataobj)
+  anon_vol = dicom.load_volume(anon_stack)
+  got = segdicom.rasterise(out, anon_vol.affine, anon_vol.voxels.shape,
+                           ct=segdicom.ct_reference(anon_stack.files))
+  np.testing.assert_array_equal(got, mask)
+  ds = pydicom.dcmread(out)
+  refs = {r.ReferencedSOPClassUID for s in ds.ReferencedSeriesSequence
+          for r in s.ReferencedInstanceSequence}
+  assert refs == {pydicom.uid.CTImageStorage}
+  # UIDs that are not UIDs: no SEG can reference the images; the mask is
+  # still written, the reason is printed, the exit status is 2.
+  bad = _anonymise(folder, str(tmp_path / "anon_text"), text_uids=True)
+  out2 = str(tmp_path / "q" / "seg.dcm")
+  res = segment.predict_path(wd, bad, out2, prefer="latest")
+  assert res["seg"] is None and "StudyInstanceUID is missing or not a DICOM UID" in res["seg_error"]
+  assert not os.path.exists(out2)
+  np.testing.assert_array_equal(np.asarray(nib.load(res["nifti"]).dataobj), mask)
+  assert res["nifti"] == str(tmp_path / "q" / "seg.nii.gz")
+  assert predict_seg.main(["--workdir", wd, "--input", bad, "--out", out2,
+                           "--prefer", "latest"]) == 2

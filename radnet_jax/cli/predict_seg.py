@@ -13,6 +13,11 @@ with SeriesNumber N when the folder holds several. RUN is a workdir written
 by ``python run.py --config=experiments/transfer_liver.py``; its
 preprocessing (spacing, HU window, orientation, labels) is the run's
 ``contract.json``.
+
+DICOM input: the NIfTI mask is written before the SEG; if the SEG cannot be
+written (anonymised headers whose UIDs are not UIDs, ...) the command says
+why, keeps the mask (``--nifti-out``, else ``--out`` with ``.nii.gz`` for
+``.dcm``) and exits with status 2 (1: nothing written).
 """
 from __future__ import annotations
 
@@ -56,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     return 1
   for k, v in res.items():
     print(f"{k}: {v}")
+  if res.get("seg_error"):
+    print(f"warning: the DICOM SEG was not written ({res['seg_error']}); "
+          f"the mask is saved as NIfTI: {res['nifti']}", file=sys.stderr)
+    return 2
   return 0
 
 

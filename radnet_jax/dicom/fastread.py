@@ -30,6 +30,13 @@ from pydicom.uid import UID
 _TAGS: dict[str, tuple[int, str, bool]] = {
     "SOPClassUID": (0x00080016, "UI", False),
     "ImageType": (0x00080008, "CS", True),
+    "Manufacturer": (0x00080070, "LO", False),
+    "SequenceName": (0x00180024, "SH", False),
+    "DiffusionDirectionality": (0x00189075, "CS", False),
+    "InstanceNumber": (0x00200013, "IS", False),
+    "StackID": (0x00209056, "SH", False),
+    "InStackPositionNumber": (0x00209057, "UL", False),
+    "ImageComments": (0x00204000, "LT", False),
     "Modality": (0x00080060, "CS", False),
     "AcquisitionTime": (0x00080032, "TM", False),
     "EchoTime": (0x00180081, "DS", False),
@@ -59,12 +66,18 @@ _TAGS: dict[str, tuple[int, str, bool]] = {
     "DirectoryRecordSequence": (0x00041220, "SQ", False),
 }
 _BY_TAG = {tag: (kw, vr, multi) for kw, (tag, vr, multi) in _TAGS.items()}
-# Vendor private tags that scan reads through pydicom (diffusion): if one is
-# present the caller falls back. (group, creator, element offset)
-VENDOR_PRIVATE = ((0x0019, "SIEMENS MR HEADER", 0x0C),
-                  (0x0019, "SIEMENS MR HEADER", 0x0E),
-                  (0x2001, "Philips Imaging DD 001", 0x03),
-                  (0x0043, "GEMS_PARM_01", 0x39))
+# Vendor private elements whose values are kept (diffusion b-value and
+# gradient direction of GE, Philips, Siemens and UIH): (group, element offset
+# inside the creator's block). Other private elements are kept as presence
+# only. ``Header.private_value`` decodes them.
+PRIVATE_VALUES = frozenset({
+    (0x0019, 0x0C), (0x0019, 0x0E),                  # Siemens B_value, direction
+    (0x0019, 0xBB), (0x0019, 0xBC), (0x0019, 0xBD),  # GE direction x, y, z
+    (0x0043, 0x39),                                  # GE b-value (slop_int_6..9)
+    (0x2001, 0x03),                                  # Philips b-value
+    (0x2005, 0xB0), (0x2005, 0xB1), (0x2005, 0xB2),  # Philips direction
+    (0x0065, 0x09), (0x0065, 0x37),                  # UIH b-value, direction
+})
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00009, 0x7FE00008)
 _LONG_VR = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV",
                       b"UC", b"UN", b"UR", b"UT", b"UV"})
@@ -122,6 +135,8 @@ class Header:
   Attributes:
     path: the file.
     file_meta: {'TransferSyntaxUID': UID, 'MediaStorageSOPClassUID': UID}.
+    has_private_values: False when no element of ``PRIVATE_VALUES`` is
+      present (``private_value`` would answer None for all).
     pixel_tag_offset: byte offset of the pixel data element's tag (or the
       file size when there is none), as pydicom's ``fp.tell()`` after
       ``stop_before_pixels``.
@@ -143,6 +158,9 @@ class Header:
     self._radnet_pixel_offset = pixel_tag_offset
     self.pixel_value_offset = pixel_value_offset
     self.pixel_length = pixel_length
+    # Whether any element of PRIVATE_VALUES was kept (most files: none, so
+    # the vendor diffusion look-ups stop at once).
+    self.has_private_values = True
 
   def __contains__(self, keyword: str) -> bool:
     return _TAGS[keyword][0] in self._values
@@ -181,18 +199,43 @@ class Header:
         return True
     return False
 
+  def private_value(self, group: int, creator: str | None, offset: int,
+                    vr: str, multi: bool = False) -> Any:
+    """Value of a private element in ``PRIVATE_VALUES`` (pydicom's value), or
+    None when absent. ``creator`` None: the element of block 0x10 whatever
+    its creator (UIH's tags are documented by number only)."""
+    blocks = []
+    if creator is None:
+      blocks = [0x10]
+    else:
+      for (g, element), raw in self._creators.items():
+        if g != group:
+          continue
+        try:
+          text = raw.decode("ascii").rstrip(" \0")
+        except UnicodeDecodeError as e:
+          raise Unsupported("non-ASCII private creator") from e
+        if text == creator:
+          blocks.append(element)
+    for block in blocks:
+      item = self._values.get((group << 16) | (block << 8) | offset)
+      if item is not None:
+        return _decode(item[0], vr, item[1], multi)
+    return None
+
 
 def _decode(actual_vr: str, vr: str, raw: bytes, multi: bool) -> Any:
   """pydicom's value of a clean element, else Unsupported."""
   if actual_vr not in (vr, "") or not raw:
     raise Unsupported(f"VR {actual_vr} or empty value")
-  if vr in ("US", "UL", "FD"):
-    fmt, size = {"US": ("<H", 2), "UL": ("<I", 4), "FD": ("<d", 8)}[vr]
+  if vr in ("US", "UL", "FD", "FL"):
+    fmt, size = {"US": ("<H", 2), "UL": ("<I", 4), "FD": ("<d", 8),
+                 "FL": ("<f", 4)}[vr]
     if len(raw) % size:
       raise Unsupported("odd binary length")
     values = list(struct.unpack(f"<{len(raw) // size}{fmt[1]}", raw))
-    if vr == "FD" and not all(math.isfinite(v) for v in values):
-      raise Unsupported("non-finite FD")
+    if vr in ("FD", "FL") and not all(math.isfinite(v) for v in values):
+      raise Unsupported(f"non-finite {vr}")
   elif vr == "SQ":
     raise Unsupported("sequence value")
   else:
@@ -345,6 +388,7 @@ def _parse(path: str, buf: _Buffer, size: int, fp) -> Header | None:
   # --- dataset ---------------------------------------------------------------
   values: dict[int, tuple[str, bytes]] = {}
   creators: dict[tuple[int, int], bytes] = {}
+  private_values = False
   pixel_tag, pixel_value, pixel_length = size, None, None
   data = buf.data
   # The element header is parsed inline (this loop runs ~40 times a file, and
@@ -396,9 +440,17 @@ def _parse(path: str, buf: _Buffer, size: int, fp) -> Header | None:
         data = buf.need(end)
       creators[(group, elem)] = data[start:end]
     elif group & 1:
-      values[tag] = (vr, b"")  # private element: presence only
+      if elem >= 0x1000 and (group, elem & 0xFF) in PRIVATE_VALUES:
+        if end > len(data):
+          data = buf.need(end)
+        values[tag] = (vr, data[start:end])
+        private_values = True
+      else:
+        values[tag] = (vr, b"")  # private element: presence only
     elif end > size:
       raise Unsupported("element runs past the end of the file")
     pos = end
-  return Header(path, values, creators, meta, implicit, size, pixel_tag,
-                pixel_value, pixel_length)
+  header = Header(path, values, creators, meta, implicit, size, pixel_tag,
+                  pixel_value, pixel_length)
+  header.has_private_values = private_values
+  return header

@@ -11,6 +11,12 @@ SeriesInstanceUID become ``PatientHash``/``StudyHash``/``SeriesHash``
 (``radnet_jax.privacy.hash_id`` with the corpus salt). Names, dates, accession
 numbers, institutions and physicians are not copied at all.
 
+Anonymised headers: ``SOPClassUID`` falls back to the file meta's
+MediaStorageSOPClassUID when blank, missing or not a UID (``sop_class_uid``);
+UIDs replaced by other strings are hashed like real ones (they still group
+the files); an empty or missing PatientID gives ``PatientHash`` '' (the
+shard split then groups by StudyHash).
+
 Enhanced multi-frame objects (Enhanced CT/MR/PET) keep most acquisition
 parameters in the shared / per-frame functional groups; ``record_from_dataset``
 pulls them up to the classic keywords (EchoTime from MREchoSequence,
@@ -25,13 +31,19 @@ volume along the patient superior-inferior axis, mm), ``StackKey``.
 """
 from __future__ import annotations
 
+import math
+import re
+import struct
+import warnings
 from typing import Any
 
 import pydicom
+import pydicom.values
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import DSfloat, IS, PersonName
 
+from radnet_jax.dicom import fastread
 from radnet_jax.privacy import hash_id
 
 # Plain (non-identifying) tags copied when present; value types follow the VR.
@@ -66,7 +78,41 @@ LIST_FLOAT_KEYS = frozenset({
 
 _SIEMENS_MR = "SIEMENS MR HEADER"
 _GE_PARM = "GEMS_PARM_01"
+_GE_ACQU = "GEMS_ACQU_01"
 _PHILIPS_DD1 = "Philips Imaging DD 001"
+_PHILIPS_MR1 = "Philips MR Imaging DD 001"
+
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def is_uid(value: Any) -> bool:
+  """True for a syntactically valid DICOM UID (digits and dots, <= 64).
+
+  Anonymisers sometimes replace UIDs by other strings ("ANON-0001"); those
+  still group files (they are kept, hashed, as identifiers) but cannot be
+  referenced from a DICOM object such as a SEG."""
+  text = str(value or "").strip().strip("\0").strip()
+  return bool(text) and len(text) <= 64 and bool(_UID.match(text))
+
+
+def sop_class_uid(ds: Any) -> str:
+  """The object's SOP Class UID: the dataset's SOPClassUID, else the file
+  meta's MediaStorageSOPClassUID (anonymisers blank or drop the dataset's;
+  dcm2niix and pydicom's own readers fall back the same way); '' when
+  neither holds a UID. Works on pydicom datasets and ``fastread`` headers."""
+  sources = ((ds, "SOPClassUID"),
+             (getattr(ds, "file_meta", None), "MediaStorageSOPClassUID"))
+  for src, key in sources:
+    if src is None:
+      continue
+    try:
+      value = src.get(key)
+    except Exception:  # a malformed value: try the next source
+      continue
+    if is_uid(value):
+      return str(value).strip().strip("\0").strip()
+  return ""
 
 
 def _native(value: Any) -> Any:
@@ -150,6 +196,25 @@ def functional_group(ds: Dataset, frame: int, keyword: str) -> Dataset | None:
   return _first_item(_first_item(ds, "SharedFunctionalGroupsSequence"), keyword)
 
 
+def uih_vframe_items(ds: Dataset) -> list[Dataset]:
+  """Items of UIH's MR VFrame Sequence (0065,1051), one per slice; [] if
+  absent. An implicit-VR file whose reader did not know the private tag
+  gives it as raw bytes (VR UN): parsed here as the sequence it is."""
+  elem = ds.get((0x0065, 0x1051))
+  if elem is None:
+    return []
+  value = elem.value
+  if isinstance(value, bytes):
+    try:
+      value = pydicom.values.convert_SQ(value, True, True)
+    except Exception:  # pylint: disable=broad-except
+      return []
+  try:
+    return [item for item in value if isinstance(item, Dataset)]
+  except TypeError:
+    return []
+
+
 def _private(ds: Dataset, group: int, creator: str, offset: int) -> Any:
   """Private element (group, creator block, element offset) or None."""
   try:
@@ -161,38 +226,197 @@ def _private(ds: Dataset, group: int, creator: str, offset: int) -> Any:
     return None
 
 
-def vendor_b_value(ds: Dataset) -> float | None:
-  """Diffusion b-value (s/mm^2) from the standard or vendor private tags."""
-  value = _native(ds["DiffusionBValue"].value) if "DiffusionBValue" in ds else None
-  if value is not None:
-    return float(value[0] if isinstance(value, list) else value)
-  for group, creator, off in ((0x0019, _SIEMENS_MR, 0x0C),
-                              (0x2001, _PHILIPS_DD1, 0x03)):
-    raw = _native(_private(ds, group, creator, off))
-    if raw is not None:
-      try:
-        return float(raw[0] if isinstance(raw, list) else raw)
-      except (TypeError, ValueError):
-        pass
-  raw = _native(_private(ds, 0x0043, _GE_PARM, 0x39))
-  if raw is not None:
+_BINARY = {"FD": ("d", 8), "FL": ("f", 4)}
+
+
+def _private_value(ds: Any, group: int, creator: str | None, offset: int,
+                   vr: str) -> Any:
+  """A vendor private value as a python native (or a list), from a pydicom
+  dataset or a ``fastread.Header``; None when absent or unreadable.
+
+  ``creator`` None: the element of block 0x10 whatever its creator (UIH
+  documents its tags by number). An implicit-VR file read by pydicom gives
+  unknown private elements as raw bytes: binary VRs are unpacked here.
+  """
+  if isinstance(ds, fastread.Header):
+    return ds.private_value(group, creator, offset, vr, multi=True)
+  if creator is None:
     try:
-      b = float(raw[0] if isinstance(raw, list) else raw)
-      # GE adds 1e9 (or multiples) as a flag to the b-value in some versions.
-      return b % 1e9 if b >= 1e9 else b
-    except (TypeError, ValueError):
-      pass
+      elem = ds.get((group << 16) | 0x1000 | offset)
+    except Exception:
+      return None
+    raw = None if elem is None else elem.value
+  else:
+    raw = _private(ds, group, creator, offset)
+  if isinstance(raw, bytes) and vr in _BINARY:
+    code, size = _BINARY[vr]
+    if not raw or len(raw) % size:
+      return None
+    vals = list(struct.unpack(f"<{len(raw) // size}{code}", raw))
+    return vals[0] if len(vals) == 1 else vals
+  if isinstance(raw, bytes):
+    try:
+      raw = raw.decode("ascii").strip(" \0")
+    except UnicodeDecodeError:
+      return None
+    if "\\" in raw:
+      raw = raw.split("\\")
+  return _native(raw)
+
+
+def _first_float(value: Any) -> float | None:
+  if isinstance(value, list):
+    value = value[0] if value else None
+  try:
+    out = float(value)
+  except (TypeError, ValueError):
+    return None
+  return out if math.isfinite(out) else None
+
+
+def _vector(parts: list) -> list[float] | None:
+  vals = []
+  for p in parts:
+    v = _first_float(p)
+    if v is None:
+      return None
+    vals.append(v)
+  return vals if len(vals) == 3 else None
+
+
+# Canon (ex-Toshiba) newer software: "b=1500(0.445,0.000,0.895)" in ImageComments.
+_CANON_COMMENT = re.compile(
+    r"b\s*=\s*([0-9.]+)\s*\(\s*([-0-9.eE]+)\s*,\s*([-0-9.eE]+)\s*,\s*([-0-9.eE]+)\s*\)")
+_SIEMENS_SEQ_B = re.compile(r"(?:EP|RE|EZ)_?B(\d+)", re.IGNORECASE)
+
+
+def _canon_comment(ds: Any) -> tuple[float, list[float]] | None:
+  text = ds.get("ImageComments")
+  if not isinstance(text, str) or "b" not in text:
+    return None
+  m = _CANON_COMMENT.search(text)
+  if not m:
+    return None
+  return float(m.group(1)), [float(m.group(i)) for i in (2, 3, 4)]
+
+
+def _siemens_csa(ds: Any) -> dict | None:
+  """Siemens CSA image header (pydicom datasets only), or None."""
+  if isinstance(ds, fastread.Header) or (0x0029, 0x1010) not in ds and \
+     (0x0029, 0x1110) not in ds:
+    return None
+  try:
+    with warnings.catch_warnings():  # nibabel warns that nicom is experimental
+      warnings.simplefilter("ignore")
+      from nibabel.nicom import csareader  # pylint: disable=import-outside-toplevel
+    return csareader.get_csa_header(ds)
+  except Exception:
+    return None
+
+
+def _is_siemens_diffusion(ds: Any) -> bool:
+  name = ds.get("SequenceName")
+  return isinstance(name, str) and bool(_SIEMENS_SEQ_B.search(name))
+
+
+def vendor_b_value(ds: Any) -> float | None:
+  """Diffusion b-value (s/mm^2) of one file, from the first tag that has it.
+
+  Order: DiffusionBValue (0018,9087; Canon/Toshiba write it only where b > 0);
+  Siemens (0019,100C); Philips (2001,1003); GE (0043,1039) first value
+  (GE adds 1e9 as a flag in some versions); UIH (0065,1009); Canon's
+  ImageComments ``b=1500(x,y,z)``; Siemens CSA ``B_value`` (pydicom datasets
+  of a diffusion sequence only: parsing CSA costs ~1 ms). ``ds`` is a pydicom
+  dataset or a ``fastread.Header``.
+  """
+  value = _first_float(_native(ds.get("DiffusionBValue")))
+  if value is not None:
+    return value
+  if not _may_have_private(ds):
+    return _fallback_b_value(ds)
+  for group, creator, off, vr in ((0x0019, _SIEMENS_MR, 0x0C, "IS"),
+                                  (0x2001, _PHILIPS_DD1, 0x03, "FL")):
+    b = _first_float(_private_value(ds, group, creator, off, vr))
+    if b is not None:
+      return b
+  b = _first_float(_private_value(ds, 0x0043, _GE_PARM, 0x39, "IS"))
+  if b is not None:
+    return b % 1e9 if b >= 1e9 else b
+  b = _first_float(_private_value(ds, 0x0065, None, 0x09, "FD"))
+  if b is not None:
+    return b
+  return _fallback_b_value(ds)
+
+
+def _may_have_private(ds: Any) -> bool:
+  return not isinstance(ds, fastread.Header) or ds.has_private_values
+
+
+def _fallback_b_value(ds: Any) -> float | None:
+  """Canon's ImageComments, then Siemens CSA (``vendor_b_value``)."""
+  canon = _canon_comment(ds)
+  if canon is not None:
+    return canon[0]
+  if _is_siemens_diffusion(ds):
+    if isinstance(ds, fastread.Header):
+      raise fastread.Unsupported("Siemens diffusion without B_value: CSA")
+    csa = _siemens_csa(ds)
+    if csa is not None:
+      return _first_float(_csa_value(csa, "B_value"))
   return None
 
 
-def vendor_diffusion_direction(ds: Dataset) -> list[float] | None:
-  """Diffusion gradient direction (unit vector) if stored, else None."""
+def _csa_value(csa: dict, key: str) -> Any:
+  try:
+    items = csa["tags"][key]["items"]
+  except (KeyError, TypeError):
+    return None
+  return items if len(items) > 1 else (items[0] if items else None)
+
+
+def vendor_diffusion_direction(ds: Any) -> list[float] | None:
+  """Diffusion gradient direction of one file (3 floats), if stored.
+
+  Order: DiffusionGradientOrientation (0018,9089); Siemens (0019,100E);
+  GE (0019,10BB/BC/BD); Philips (2005,10B0/B1/B2); UIH (0065,1037); Canon's
+  ImageComments; Siemens CSA ``DiffusionGradientDirection``. Each vendor's
+  own frame (they differ: GE and Canon give it in image space); the value
+  tells volumes apart and is kept in the record, not interpreted.
+  """
   if "DiffusionGradientOrientation" in ds:
-    return _coerce("DiffusionGradientOrientation",
-                   ds["DiffusionGradientOrientation"].value)
-  raw = _private(ds, 0x0019, _SIEMENS_MR, 0x0E)
-  if raw is not None:
-    return _coerce("DiffusionGradientOrientation", raw)
+    value = ds.get("DiffusionGradientOrientation")
+    vec = _vector(list(value) if isinstance(value, (list, MultiValue)) else [value])
+    if vec is not None:
+      return vec
+  if _may_have_private(ds):
+    vec = _private_direction(ds)
+    if vec is not None:
+      return vec
+  canon = _canon_comment(ds)
+  if canon is not None:
+    return canon[1]
+  if _is_siemens_diffusion(ds) and not isinstance(ds, fastread.Header):
+    csa = _siemens_csa(ds)
+    if csa is not None:
+      raw = _csa_value(csa, "DiffusionGradientDirection")
+      if isinstance(raw, list) and (vec := _vector(raw)) is not None:
+        return vec
+  return None
+
+
+def _private_direction(ds: Any) -> list[float] | None:
+  raw = _private_value(ds, 0x0019, _SIEMENS_MR, 0x0E, "FD")
+  if isinstance(raw, list) and (vec := _vector(raw)) is not None:
+    return vec
+  for group, creator, offsets, vr in (
+      (0x0019, _GE_ACQU, (0xBB, 0xBC, 0xBD), "DS"),
+      (0x2005, _PHILIPS_MR1, (0xB0, 0xB1, 0xB2), "FL")):
+    parts = [_private_value(ds, group, creator, off, vr) for off in offsets]
+    if all(p is not None for p in parts) and (vec := _vector(parts)) is not None:
+      return vec
+  raw = _private_value(ds, 0x0065, None, 0x37, "FD")
+  if isinstance(raw, list) and (vec := _vector(raw)) is not None:
+    return vec
   return None
 
 
@@ -293,6 +517,11 @@ def record_from_dataset(ds: Dataset, salt: str) -> dict[str, Any]:
       rec[key] = value
   for key, value in _enhanced_fields(ds).items():
     rec.setdefault(key, value)
+  sop = sop_class_uid(ds)
+  if sop:
+    rec["SOPClassUID"] = sop
+  else:
+    rec.pop("SOPClassUID", None)   # blanked / not a UID: absent, not garbage
   if "DiffusionBValue" not in rec:
     b = vendor_b_value(ds)
     if b is not None:

@@ -45,7 +45,7 @@ from radnet_jax import dicom as dicom_lib
 from radnet_jax.dicom import geometry as dicom_geometry
 from radnet_jax.dicom import nifti
 from radnet_jax.dicom.errors import DicomError
-from radnet_jax.dicom.metadata import functional_group
+from radnet_jax.dicom.metadata import functional_group, is_uid, sop_class_uid
 from radnet_jax.dicom.reader import read_dataset
 from radnet_jax.labels.lits import LIVER, TUMOUR  # the one LiTS vocabulary
 from radnet_jax.privacy import hash_id
@@ -92,7 +92,7 @@ def _code(item: Dataset, keyword: str) -> tuple[str, str]:
 
 
 def _is_seg(ds: Dataset) -> bool:
-  sop = str(ds.get("SOPClassUID", ""))
+  sop = sop_class_uid(ds)
   return sop in (SEG_SOP, LABELMAP_SEG_SOP) or str(ds.get("Modality", "")).upper() == "SEG"
 
 
@@ -592,6 +592,51 @@ def _version() -> str:
     return "0"
 
 
+# Type 2 attributes (present, may be empty) that highdicom copies from the
+# source images into the SEG; anonymisers often delete them.
+_TYPE2_SOURCE = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex",
+                 "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
+                 "ReferringPhysicianName")
+
+
+def _repair_source(ds: Dataset, path: str) -> None:
+  """Makes an anonymised CT header usable as a SEG source, in memory.
+
+  SOPClassUID blank or missing -> the file meta's MediaStorageSOPClassUID
+  (as readers do); deleted Type 2 patient / study attributes -> present and
+  empty (what the standard allows for an unknown value). A SEG must
+  reference its images (and their frame of reference) by UID, so a Study /
+  Series / SOP Instance / Frame of Reference UID that is missing or that an
+  anonymiser replaced by another string is a ValueError naming the file and
+  the tag: the SEG cannot be written (the caller keeps the mask).
+  """
+  sop = sop_class_uid(ds)
+  if not sop:
+    raise ValueError(f"{path}: no SOP Class UID (SOPClassUID and the file "
+                     "meta's MediaStorageSOPClassUID are both blank)")
+  ds.SOPClassUID = sop
+  for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+              "FrameOfReferenceUID"):
+    if not is_uid(ds.get(key)):
+      raise ValueError(f"{path}: {key} is missing or not a DICOM UID "
+                       "(anonymised?), so a SEG cannot reference this image")
+  for key in _TYPE2_SOURCE:
+    if key not in ds:
+      setattr(ds, key, "")
+
+
+def _fill_slice_thickness(datasets: Sequence[Dataset], affine: np.ndarray) -> None:
+  """SliceThickness (which highdicom copies into the SEG's pixel measures)
+  for sources whose anonymiser dropped it: the slice spacing of the grid
+  (the distance between positions, never guessed from another tag)."""
+  if all(str(d.get("SliceThickness", "") or "").strip() for d in datasets):
+    return
+  spacing = float(np.linalg.norm(np.asarray(affine, float)[:3, 0]))
+  for d in datasets:
+    if not str(d.get("SliceThickness", "") or "").strip():
+      d.SliceThickness = f"{spacing:.6g}"
+
+
 def write_seg(labels: np.ndarray, affine: np.ndarray, ct_files: Sequence[str],
               out_path: str, *, label_values: Sequence[int] = (LIVER, TUMOUR),
               series_number: int = 901, series_description: str = "RadNet-JAX liver",
@@ -623,6 +668,7 @@ def write_seg(labels: np.ndarray, affine: np.ndarray, ct_files: Sequence[str],
     raise ValueError(f"{out_path}: no CT images given")
   for ds, f in zip(datasets, ct_files):
     ds.filename = f
+    _repair_source(ds, f)
   # Frames follow the CT slice order along the normal (viewers do not care;
   # it keeps the file deterministic for the same input in any file order).
   if len(datasets) > 1 and all("ImagePositionPatient" in d for d in datasets):
@@ -630,6 +676,7 @@ def write_seg(labels: np.ndarray, affine: np.ndarray, ct_files: Sequence[str],
         np.array([float(v) for v in datasets[0].ImageOrientationPatient]))
     datasets.sort(key=lambda d: float(np.array([float(v) for v in d.ImagePositionPatient])
                                       @ n))
+  _fill_slice_thickness(datasets, affine)
   per_image = labels_on_images(labels, affine, datasets)
   # Label-map style input (segment numbers, not one channel per segment):
   # highdicom checks and casts it several times faster than stacked masks.

@@ -207,7 +207,7 @@ def prepare_inputs(root: str, *, shard_shape: Sequence[int], input_shape: Sequen
     shard_shape, input_shape: ``(D, H, W)`` of the training shards and of the
       network input (``Loaded.shard_shape`` / ``Loaded.input_shape``).
     salt: identifier hashing salt (default ``default_salt()``).
-    taxonomy, priors: for the metadata labels (as in ``convert.build_shards``).
+    taxonomy, priors: for the metadata labels (as in ``build.build_shards``).
     modality: modality of NIfTI inputs (None: guessed, see ``load_nifti``).
     workers: processes loading volumes (1 = in this process).
     progress: tqdm bars.

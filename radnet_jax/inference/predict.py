@@ -36,7 +36,7 @@ def predict(checkpoint: Any, input: str, *, threshold: float = header_qa.DEFAULT
     salt: identifier hashing salt (default: $RADNET_SALT or a per-user salt
       in the radnet cache); the same salt as the shards gives the same
       hashes (join with ``labels.csv`` or the phantom's ``truth.csv``).
-    priors: label priors as in ``convert.build_shards`` (None, "builtin", a
+    priors: label priors as in ``build.build_shards`` (None, "builtin", a
       file).
     modality: modality of NIfTI inputs ("CT", "MR"; None: guessed).
     workers: processes loading volumes.

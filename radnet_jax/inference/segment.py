@@ -237,20 +237,44 @@ def predict_dicom(run: str | SegPredictor, input_path: str, out_path: str, *,
     series_number: SeriesNumber of the series when the folder holds several.
 
   Returns {"seg": out_path, "nifti": path or None, "voxels": {label: count}}
-  with voxel counts on the CT grid.
+  with voxel counts on the CT grid. The NIfTI mask is written first; when
+  the SEG cannot be written (e.g. an anonymiser replaced the images' UIDs by
+  strings that are not UIDs) "seg" is None, "seg_error" says why, and the
+  mask is saved all the same (at ``nifti_out``, else ``fallback_mask_path``).
   """
   stack = select_ct_stack(input_path, series_number)
   pred = _as_predictor(run, prefer)
   hu, affine, geometry, vol = segdicom.load_ct_canonical(stack)
   labels, geometry = predict_canonical(pred, hu, affine, geometry)
   on_ct = nifti.to_original_grid(labels, geometry)
-  segdicom.write_seg(on_ct, vol.affine, stack.files, out_path,
-                     label_values=lits.label_values(pred.num_classes))
+  counts = np.bincount(on_ct.ravel(), minlength=len(lits.LABELS))
+  out = {"seg": out_path, "nifti": nifti_out or None,
+         "voxels": {lits.NAMES[v]: int(counts[v]) for v in (lits.LIVER, lits.TUMOUR)}}
+  # The mask first: an output that can be written never waits on one that
+  # may fail (the SEG needs UIDs and headers that anonymisers break).
   if nifti_out:
     nifti.save_nifti(labels, geometry, nifti_out)
-  counts = np.bincount(on_ct.ravel(), minlength=len(lits.LABELS))
-  return {"seg": out_path, "nifti": nifti_out or None,
-          "voxels": {lits.NAMES[v]: int(counts[v]) for v in (lits.LIVER, lits.TUMOUR)}}
+  try:
+    segdicom.write_seg(on_ct, vol.affine, stack.files, out_path,
+                       label_values=lits.label_values(pred.num_classes))
+  except Exception as e:  # noqa: BLE001 - highdicom rejects headers in many ways
+    reason = f"{type(e).__name__}: {e}"
+    log.warning("SEG not written (%s)", reason)
+    if os.path.exists(out_path):
+      os.remove(out_path)   # never leave a partial SEG behind
+    if not nifti_out:
+      out["nifti"] = fallback_mask_path(out_path)
+      nifti.save_nifti(labels, geometry, out["nifti"])
+    out["seg"] = None
+    out["seg_error"] = reason
+  return out
+
+
+def fallback_mask_path(seg_path: str) -> str:
+  """Where the mask goes when the SEG cannot be written and no --nifti-out
+  was given: beside the SEG, ``X.dcm`` -> ``X.nii.gz``."""
+  root = seg_path[:-4] if seg_path.lower().endswith(".dcm") else seg_path
+  return root + ".nii.gz"
 
 
 def predict_path(run: str | SegPredictor, input_path: str, out_path: str, *,

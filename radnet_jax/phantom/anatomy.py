@@ -17,6 +17,8 @@ import dataclasses
 
 import numpy as np
 
+from radnet_jax.phantom.head import TemplateHead
+
 # Tissue ids (index into the physics tables).
 TISSUES = ("air", "skin", "fat", "muscle", "bone", "marrow", "gm", "wm", "csf",
            "gas", "lung", "blood", "myocardium", "liver", "spleen", "kidney",
@@ -183,6 +185,7 @@ class Patient:
   half_width: float
   half_depth: float
   lesions: int
+  head: TemplateHead | None = None
 
 
 def _rot(rng, deg: float) -> np.ndarray:
@@ -216,7 +219,9 @@ def make_patient(rng: np.random.Generator, pid: int = 0, lesions: int | None = N
   add = lambda shape, tissue, only=None: ops.append((shape, T[tissue], None if only is None else tuple(T[o] for o in only)))
 
   # --- body envelope: head, neck, trunk, thighs -----------------------------
-  head = Ellipsoid([0, 0, Z(100)], [74 * s, 92 * s, 112 * s], deform=_deform(rng, 0.03))
+  # The head (brain, skull, face, neck down to C5) is the deformed template
+  # of radnet_jax.phantom.head; the parametric body below joins it at the neck.
+  head = TemplateHead(rng, T, scale=s, z_vertex=zv)
   depths = np.array([190, 262, 300, 400, 500, 600, 700, 800, 915])
   a = np.array([52, 58, 160, 158, 150, 148, 152, 170, 172]) * s * wide
   b = np.array([56, 60, 100, 108, 112, 112, 108, 106, 100]) * s * wide
@@ -227,47 +232,17 @@ def make_patient(rng: np.random.Generator, pid: int = 0, lesions: int | None = N
   legs = [Profile(Z(np.array([905, 1150])), [sx * 88 * s * hip_f] * 2, [0, 0],
                   np.array([82, 68]) * s * wide, np.array([84, 70]) * s * wide)
           for sx in (-1, 1)]
-  for shape in [head, trunk] + legs:
+  for shape in [trunk] + legs:
     add(shape, "skin")
   for shape in [trunk] + legs:
     add(shape.inset(2.0), "fat")
-  head_fat = Ellipsoid(head.c, head.radii - 2.5, deform=head.deform)
-  add(head_fat, "fat", ["skin"])
   add(trunk.inset(2.0 + fat), "muscle")
   for lg in legs:
     add(lg.inset(2.0 + fat * 0.8), "muscle")
 
-  # --- head: skull, brain, ventricles, face ---------------------------------
-  hc = head.c
-  skull = Ellipsoid(hc + [0, 2, 8 * s], [68 * s, 86 * s, 98 * s], e=2.1)
-  add(skull, "bone")
-  add(Ellipsoid(skull.c, skull.radii - 6.5, e=2.1), "csf")
-  br = skull.radii - 9.0
-  add(Ellipsoid(skull.c + [0, 0, 3], br, e=2.1, deform=_deform(rng, 0.02)), "gm")
-  add(Ellipsoid(skull.c + [0, 0, 8], br * [0.78, 0.8, 0.7], e=2.2,
-                deform=_deform(rng, 0.12, 4, 9.0)), "wm", ["gm"])
-  vz = skull.c[2] + 10
-  for sx in (-1, 1):
-    add(Ellipsoid([sx * 9 * s, -5 + j(2), vz], [6 * s, 30 * s, 12 * s], _rot(rng, 8)), "csf", ["wm", "gm"])
-    add(Ellipsoid([sx * 13 * s, 20 * s, vz - 8], [5 * s, 12 * s, 14 * s], _rot(rng, 10)), "csf", ["wm", "gm"])
-  add(Ellipsoid([0, 0, vz - 20 * s], [2.5, 14 * s, 9 * s]), "csf", ["wm", "gm"])
-  cereb = Ellipsoid(skull.c + [0, 45 * s, -55 * s], [55 * s, 32 * s, 26 * s], deform=_deform(rng, 0.03))
-  add(cereb, "gm")
-  add(Ellipsoid(cereb.c + [0, -4, 2], cereb.radii * [0.5, 0.45, 0.5], deform=_deform(rng, 0.15, 3, 8.0)), "wm", ["gm"])
-  add(Capsule(skull.c + [0, 14 * s, -10 * s], skull.c + [0, 24 * s, -80 * s], 13 * s, 10 * s), "wm")
-  for sx in (-1, 1):  # eyes, maxillary sinuses
-    add(Ellipsoid([sx * 32 * s, -72 * s, Z(88)], [20 * s, 18 * s, 18 * s]), "fat", ["skin", "fat", "muscle", "bone"])
-    add(Ellipsoid([sx * 32 * s, -76 * s, Z(88)], [12 * s, 12 * s, 12 * s]), "vitreous")
-    add(Ellipsoid([sx * 27 * s, -55 * s, Z(135)], [15 * s, 18 * s, 17 * s], deform=_deform(rng, 0.05)), "gas")
-  add(Ellipsoid([0, -70 * s, Z(125)], [8 * s, 22 * s, 25 * s]), "gas")  # nasal cavity
-  for sx in (-1, 1):  # mandible
-    add(Capsule([sx * 50 * s, 5 * s, Z(150)], [sx * 45 * s, -10 * s, Z(212)], 6 * s), "bone")
-    add(Capsule([sx * 45 * s, -10 * s, Z(212)], [0, -72 * s, Z(222)], 6 * s), "bone")
-
   # --- neck and airway ------------------------------------------------------
   carina = np.array([0, 10 * s, Z(380)])
-  add(Capsule([0, 10 * s, Z(150)], [0, -8 * s, Z(230)], 11 * s, 9 * s), "gas")
-  add(Capsule([0, -8 * s, Z(230)], carina, 9 * s), "gas")
+  add(Capsule([0, -14 * s, head.z_bottom + 10], carina, 9 * s), "gas")
   for sx in (-1, 1):
     add(Ellipsoid([sx * 18 * s, -20 * s, Z(258)], [9 * s, 10 * s, 22 * s], deform=_deform(rng, 0.05)), "thyroid")
 
@@ -404,9 +379,9 @@ def make_patient(rng: np.random.Generator, pid: int = 0, lesions: int | None = N
 
   breast_z = (Z(480), Z(370))
   bands = {
-      "brain": (Z(125), Z(0)),
-      "head": (Z(225), Z(125)),
-      "neck": (Z(285), Z(225)),
+      "brain": (head.brain_z[0], head.z_vertex),
+      "head": (head.z_chin, head.brain_z[0]),
+      "neck": (Z(285), head.z_chin),
       "lung": (Z(490), Z(285)),
       "breast": breast_z,
       "liver": (float(liver_c[2] - 75 * s), float(liver_c[2] + 75 * s)),
@@ -417,7 +392,8 @@ def make_patient(rng: np.random.Generator, pid: int = 0, lesions: int | None = N
   return Patient(pid=pid, sex=sex, height=height, age=int(rng.integers(18, 88)),
                  weight=float(height / 1000) ** 2 * rng.uniform(19, 33), z_vertex=zv, paint=ops,
                  bands={k: (float(v[0]), float(v[1])) for k, v in bands.items()},
-                 half_width=float(172 * s * wide * hip_f + fat), half_depth=float(112 * s * wide + fat), lesions=n_les)
+                 half_width=float(172 * s * wide * hip_f + fat), half_depth=float(112 * s * wide + fat), lesions=n_les,
+                 head=head)
 
 
 def _rotx(a: float) -> np.ndarray:
@@ -441,4 +417,10 @@ def render_labels(patient: Patient, grid: Grid) -> np.ndarray:
       m &= np.isin(lab[sl], only)
     if m.any():
       lab[sl][m] = tissue
+  head = patient.head
+  box = None if head is None else grid.box(head.lo, head.hi)
+  if box is not None:   # the template head wins wherever it has tissue
+    sl = tuple(slice(a, b) for a, b in box)
+    h = head.sample(grid.points(box))
+    np.copyto(lab[sl], h, where=h > 0)
   return lab

@@ -1,10 +1,10 @@
 """DICOM -> ArrayRecord shards on Apache Beam (Direct, Dataflow, Flink, Spark).
 
-The same conversion as ``radnet_jax.shards.convert.build_shards`` (one stack in, one
+The same conversion as ``radnet_jax.shards.build.build_shards`` (one stack in, one
 record out, through the *same* functions: ``convert.convert_stack_staged``
-for load + resample + normalise, ``convert._label`` + ``Taxonomy.encode`` for the
-labels, ``convert.split_of`` for the patient split and
-``convert._shard_record`` + ``records.encode`` for the bytes), distributed by
+for load + resample + normalise, ``convert.label_entry`` for the labels and
+their targets, ``convert.split_of`` for the patient split and
+``convert.shard_record`` + ``records.encode`` for the bytes), distributed by
 an existing engine instead of a local process pool:
 
 ::
@@ -114,18 +114,13 @@ def stack_record(stack: Any, opts: Options, priors_obj: Any = None,
     raise StageError("resample", e) from e
   md = cached["metadata"]
   try:
-    labels = convert._label(md, stack.key, opts.taxonomy, priors_obj,  # pylint: disable=protected-access
-                            overrides_table)
-    targets = tx.Taxonomy(opts.taxonomy).encode(labels)
+    entry = convert.label_entry(md, stack.key, opts.taxonomy, priors_obj,
+                                overrides_table)
   except Exception as e:  # noqa: BLE001
     raise StageError("label", e) from e
   sp = convert.split_of(convert.patient_key(md, stack.key), opts.split, opts.seed)
-  texts = {t: labels[t].as_text() if t in labels else tx.UNKNOWN for t in tx.TASKS}
-  provs = {t: labels[t].provenance if t in labels else "unknown:not labelled"
-           for t in tx.TASKS}
-  entry = {"key": stack.key, "labels": texts, "provenance": provs,
-           "targets": targets, "md": md}
-  rec = convert._shard_record(cached, entry, sp, opts.taxonomy)  # pylint: disable=protected-access
+  texts, provs, targets = entry["labels"], entry["provenance"], entry["targets"]
+  rec = convert.shard_record(cached, entry, sp, opts.taxonomy)
   row = {"stack": stack.key, "series_hash": md.get("SeriesHash", ""), "split": sp,
          "modality": cached.get("modality", ""), **texts,
          **{f"{t}_provenance": provs[t] for t in tx.TASKS},
@@ -144,18 +139,17 @@ class _ConvertBase(beam.DoFn):
 
   def setup(self):
     self._priors = convert.load_priors(self.opts.priors)
-    self._overrides = convert._load_overrides(self.opts.overrides,  # pylint: disable=protected-access
-                                              self.opts.taxonomy)
+    self._overrides = convert.load_overrides(self.opts.overrides, self.opts.taxonomy)
 
   def _convert(self, stack: Any, root: str) -> Iterator[Any]:
-    scrub = convert._PathScrubber(root, self.opts.salt, self.opts.hash_paths)  # pylint: disable=protected-access
+    scrub = convert.PathScrubber(root, self.opts.salt, self.opts.hash_paths)
     try:
       sp, data, row = stack_record(stack, self.opts, self._priors, self._overrides)
     except Exception as e:  # noqa: BLE001 - one bad series never stops the job
       stage, text = ((e.stage, str(e)) if isinstance(e, StageError)
                      else ("label", f"{type(e).__name__}: {e}"))
       yield beam.pvalue.TaggedOutput(ERRORS_TAG, {
-          "path": scrub.show(convert._stack_dir(stack.files)),  # pylint: disable=protected-access
+          "path": scrub.show(convert.stack_dir(stack.files)),
           "series": stack.record.get("SeriesHash", ""), "stack": stack.key,
           "stage": stage, "reason": scrub.text(text, stack.files)})
       return
@@ -195,7 +189,7 @@ class ConvertUnit(_ConvertBase):
         _localise(unit, local)
       else:
         base, local = self.root, unit
-      scrub = convert._PathScrubber(base, self.opts.salt, self.opts.hash_paths)  # pylint: disable=protected-access
+      scrub = convert.PathScrubber(base, self.opts.salt, self.opts.hash_paths)
       scanned = dicom.scan(local, salt=self.opts.salt, workers=1, progress=False)
       for sk in scanned.skipped:
         yield beam.pvalue.TaggedOutput(ERRORS_TAG, {
@@ -344,14 +338,14 @@ class WriteReports(beam.DoFn):
         "num_errors": len(errs),
         "shards": {s: [{"file": x["file"], "records": x["records"]} for x in by_split[s]]
                    for s in convert.SPLITS},
-        "counts": {s: convert._counts(items[s], tax) for s in convert.SPLITS},  # pylint: disable=protected-access
+        "counts": {s: convert.counts(items[s], tax) for s in convert.SPLITS},
         "config": {"shape": list(self.opts.shape), "taxonomy": self.opts.taxonomy,
                    "split": list(self.opts.split), "seed": self.opts.seed,
                    "records_per_shard": self.opts.records_per_shard,
                    "writer_options": convert.WRITER_OPTIONS,
-                   "overrides_sha256": convert._file_digest(self.opts.overrides)  # pylint: disable=protected-access
+                   "overrides_sha256": convert.file_digest(self.opts.overrides)
                    if self.opts.overrides and not is_remote(self.opts.overrides) else None,
-                   "priors": convert._priors_id(self.opts.priors, self.opts.priors),  # pylint: disable=protected-access
+                   "priors": convert.priors_id(self.opts.priors, self.opts.priors),
                    "hash_paths": self.opts.hash_paths,
                    "cache_version": convert.CACHE_VERSION,
                    "engine": "apache_beam"},
@@ -370,7 +364,7 @@ class WriteReports(beam.DoFn):
     if not is_remote(self.out_dir):   # shards of an earlier, larger run
       keep = {x["file"] for x in shards}
       for name in os.listdir(self.out_dir):
-        if convert._SHARD_RE.match(name) and name not in keep:  # pylint: disable=protected-access
+        if convert.SHARD_RE.match(name) and name not in keep:
           os.remove(os.path.join(self.out_dir, name))
     yield manifest
 
@@ -406,14 +400,14 @@ def build_pipeline(p: beam.Pipeline, input_dir: str, out_dir: str, opts: Options
   else:
     from radnet_jax import dicom  # pylint: disable=g-import-not-at-top
     scanned = dicom.scan(root, salt=opts.salt, workers=scan_workers, progress=False)
-    scrub = convert._PathScrubber(root, opts.salt, opts.hash_paths)  # pylint: disable=protected-access
+    scrub = convert.PathScrubber(root, opts.salt, opts.hash_paths)
     errors0, stacks = [], {}
     for sk in scanned.skipped:
       errors0.append({"path": scrub.show(sk.path), "series": sk.series, "stack": "",
                       "stage": "scan", "reason": scrub.text(sk.reason, [sk.path])})
     for st in sorted(scanned.stacks, key=lambda s: s.key):
       if st.key in stacks:
-        errors0.append({"path": scrub.show(convert._stack_dir(st.files)),  # pylint: disable=protected-access
+        errors0.append({"path": scrub.show(convert.stack_dir(st.files)),
                         "series": st.record.get("SeriesHash", ""), "stack": st.key,
                         "stage": "scan", "reason": "duplicate stack key; kept the first"})
         continue

@@ -3,7 +3,7 @@
 With no ``config.data.shards_dir``, pretraining runs on a synthetic corpus
 (``radnet_jax.phantom.make_corpus``: CT and MR series of phantom patients
 with known ground truth in ``truth.csv``), converted by
-``radnet_jax.shards.convert.build_shards`` exactly as a real archive would be. Both
+``radnet_jax.shards.build.build_shards`` exactly as a real archive would be. Both
 are built once into ``<cache>/phantom-n<N>-s<seed>-<D>x<H>x<W>/{corpus,shards*}``
 (cache = ``config.data.cache_dir`` or ``$RADNET_CACHE`` or
 ``~/.cache/radnet_jax``) and reused afterwards; the log says which.
@@ -73,7 +73,7 @@ def ensure_phantom_shards(data_cfg: Mapping, taxonomy: str = "paper") -> str:
   are written to ``shards.partial`` and renamed when complete, so a killed
   build is redone, never half-used.
   """
-  from radnet_jax.shards import convert  # pylint: disable=g-import-not-at-top
+  from radnet_jax.shards import build  # pylint: disable=g-import-not-at-top
   from radnet_jax import phantom  # pylint: disable=g-import-not-at-top
   root = phantom_dir(data_cfg)
   corpus, shards = os.path.join(root, "corpus"), os.path.join(root, shards_name(data_cfg))
@@ -101,7 +101,7 @@ def ensure_phantom_shards(data_cfg: Mapping, taxonomy: str = "paper") -> str:
   shape = tuple(int(s) for s in data_cfg["shard_shape"])
   log.info("data: converting the phantom corpus to %s-voxel shards in %s", shape, shards)
   t0 = time.time()
-  convert.build_shards(os.path.join(corpus, "dicom"), tmp, shape=shape, workers=workers,
+  build.build_shards(os.path.join(corpus, "dicom"), tmp, shape=shape, workers=workers,
                        taxonomy=taxonomy, split=split)
   shutil.rmtree(shards, ignore_errors=True)
   os.replace(tmp, shards)

@@ -40,7 +40,7 @@ metadata            the PHI-free DICOM metadata record the labels were
                     can be re-labelled without the DICOM files
 =================  ==========================================================
 
-Pretraining shards are written by ``radnet_jax.shards.convert.build_shards``
+Pretraining shards are written by ``radnet_jax.shards.build.build_shards``
 (``{split}-{index:05d}-of-{count:05d}.array_record``, ``group_size:1``) with a
 ``manifest.json`` listing them; ``convert.shard_paths(out_dir, split)``.
 Every reader of a shards folder's ``manifest.json`` (pretraining or
@@ -54,6 +54,7 @@ Segmentation records (``kind == "segmentation"``): ``volume`` float16
 from __future__ import annotations
 
 import json
+import os
 import struct
 from typing import Any, Mapping
 
@@ -126,6 +127,18 @@ def decode(data: bytes) -> dict:
     out[name] = np.frombuffer(buf[base + offset:base + offset + nbytes],
                               dtype=np.dtype(dtype)).reshape(shape)
   return out
+
+
+def read_meta(path: str) -> dict:
+  """The JSON meta of an encoded record file, without reading its arrays."""
+  with open(path, "rb") as f:
+    raw = f.read(_HEAD.size)
+    if len(raw) < _HEAD.size:
+      raise ValueError(f"{os.path.basename(path)}: too short to be a RadNet record")
+    magic, _, hlen = _HEAD.unpack(raw)
+    if magic != MAGIC:
+      raise ValueError(f"{os.path.basename(path)}: not a RadNet record")
+    return json.loads(f.read(hlen))["meta"]
 
 
 def spacing_target(value: Any) -> float:
