@@ -37,7 +37,7 @@ def bench(config, impl: str, steps: int) -> dict:
   # An empty backbone is the pretraining model (segment.resolve_source).
   config.model.backbone = config.model.backbone or config.pretrain.model.name
   mesh = trainer.make_mesh(config.num_devices or None)
-  patch = tuple(int(s) for s in config.patch_shape)
+  patch = tuple(int(s) for s in config.input_shape)
   model = segment.build_model(config)
   tx, schedule = trainer.make_optimizer(config.optim, config.num_steps)
   state = trainer.create_train_state(model, tx, patch + (1,), 0, mesh)
@@ -74,7 +74,7 @@ def main():
   a = p.parse_args()
   config = _config(a.config, a.variant)
   rows = [bench(config, impl, a.steps) for impl in a.impls.split(",")]
-  print(f"\npatch {tuple(config.patch_shape)}, batch {config.batch_size}, "
+  print(f"\npatch {tuple(config.input_shape)}, batch {config.batch_size}, "
         f"{config.model.name}/{config.model.get('backbone', '')}, "
         f"{jax.device_count()} {jax.default_backend()} device(s)\n")
   print("| conv_impl | compile wall (s) | wall / step (s) | CPU / step (s) | load (1 min) |")

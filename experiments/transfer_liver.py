@@ -87,9 +87,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
        # native 3D conv there: bench/seg_train_step.py), "xla" on GPU/TPU.
        "conv_impl": "auto"})
   c.num_classes = 2  # 2: background / liver (incl. tumour); 3: + tumour
-  # (D, H, W) voxels of the training patches and of the sliding window at
-  # evaluation and inference (one shape: the window is derived from it).
-  c.patch_shape = (32, 64, 64)  # multiples of the net's stride
+  # (D, H, W) voxels the network takes: the training patches and the sliding
+  # window at evaluation and inference (one shape, one name, as in
+  # experiments/pretrain.py); multiples of the net's stride.
+  c.input_shape = (32, 64, 64)
 
   # Data (radnet_jax.shards.seg / segment.ensure_shards).
   c.data = ml_collections.ConfigDict()
@@ -150,7 +151,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.freeze_encoder_steps = 0 if v.get("scratch") else 30
   c.freeze_patterns = ("trunk/.*",)
 
-  # Sliding windows of patch_shape, padded with the low end of the intensity
+  # Sliding windows of input_shape, padded with the low end of the intensity
   # range (air); neither is a separate knob.
   c.eval = ml_collections.ConfigDict()
   c.eval.overlap = 0.25
@@ -174,7 +175,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.proposal.min_voxels = 1
 
   if tiny:
-    c.patch_shape = (16, 32, 32)
+    c.input_shape = (16, 32, 32)
     c.data.phantom_n = 4
     c.data.threads = 1
     c.batch_size = 2

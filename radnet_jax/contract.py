@@ -237,14 +237,16 @@ def for_pretrain(config: Any, manifest: Mapping[str, Any] | None = None,
 
 def for_segment(config: Any, origin: str = "training") -> Contract:
   """The contract of a segmentation run: ``config.data`` spacing and HU
-  window (as the run resolved them, see ``tasks.segment``), the patch shape,
-  the LiTS labels of ``config.num_classes``."""
+  window (as the run resolved them, see ``tasks.segment``), the input
+  (patch and sliding-window) shape, the LiTS labels of ``config.num_classes``."""
   data = config.data
   n = int(config.num_classes)
   ct = Intensity("window", float(data.window[0]), float(data.window[1]),
                  tuple(float(v) for v in data.out_range))
   return Contract(
-      task=SEGMENT, input_shape=tuple(int(s) for s in config.patch_shape),
+      # patch_shape: the name in configs written before input_shape was the one name.
+      task=SEGMENT, input_shape=tuple(int(s) for s in (_get(config, "input_shape")
+                                                       or config.patch_shape)),
       resampling={"to": "spacing", "spacing_mm": [float(s) for s in data.spacing],
                   "method": RESAMPLER},
       intensity={"CT": ct}, orientation=ORIENT_AXIAL, model=_model(config),

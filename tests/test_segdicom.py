@@ -329,7 +329,7 @@ def _tiny_run(workdir: str):
   c.model.kwargs = ml_collections.ConfigDict({"filters": (4, 8, 16, 32, 64),
                                               "conv_impl": "xla"})
   c.data.spacing = (12.0, 12.0, 12.0)
-  c.patch_shape = (16, 16, 16)   # also the sliding window
+  c.input_shape = (16, 16, 16)   # patches and sliding windows
   model = segment.build_model(c)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                              jnp.zeros((1, 16, 16, 16, 1)), train=False))

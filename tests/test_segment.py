@@ -138,7 +138,10 @@ def test_train_and_evaluate_end_to_end(tmp_path, rbg_prng):
   assert cfg["model"]["kwargs"]["input_windows"] == [[-0.16, 0.24]]
   (rec,) = segdata.load_records(saved["shards_dir"], "test")
   assert rec["normalisation"] == "ct_window(-1000,1000)->[-1,1]"
-  assert float(rec["volume"].min()) >= -1.0 and float(rec["volume"].min()) < 0.0
+  # Liver voxels are 100 + case HU (tests/test_segdata._case): HU / 1000 now,
+  # where the config's window would have given (100 + 200) / 450 = 0.67.
+  liver = np.asarray(rec["volume"], np.float32)[rec["mask"] > 0]
+  np.testing.assert_allclose(np.median(liver), (100 + int(rec["case"])) / 1000, atol=0.01)
   # Prediction written in the original geometry of the test case.
   (case,) = [k for k in t["cases"]]
   img = nib.load(os.path.join(workdir, "predictions", f"case-{case}.nii.gz"))
@@ -176,8 +179,8 @@ def test_liver_and_tumour_classes_end_to_end(tmp_path):
   # The saved network predicts 3 classes (a run that ignored num_classes
   # would give 2 and still report a tumour Dice).
   predict_fn, cfg = seg_inference.load_seg_predictor(workdir)
-  probs = np.asarray(predict_fn(jnp.zeros((1, *cfg.patch_shape, 1), jnp.float32)))
-  assert probs.shape == (1, *cfg.patch_shape, 3)
+  probs = np.asarray(predict_fn(jnp.zeros((1, *cfg.input_shape, 1), jnp.float32)))
+  assert probs.shape == (1, *cfg.input_shape, 3)
   np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
   img = nib.load(os.path.join(workdir, "predictions", f"case-{case}.nii.gz"))
   assert img.shape == FILE_SHAPE

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import json
 import math
 import os
 import re

@@ -461,7 +461,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   t_start = time.time()
   config, src = resolve_source(config, workdir)
-  patch = tuple(int(s) for s in config.patch_shape)
+  patch = tuple(int(s) for s in config.input_shape)   # training patches = sliding windows
   pad_value = float(config.data.out_range[0])   # the intensity of air: padding
 
   # ------------------------------------------------------------------ mesh --
