@@ -213,3 +213,13 @@ def test_intensity_from_the_source_contract_or_the_config(tmp_path, caplog):
   eff, src = segment.resolve_source(_config("tiny,scratch"), str(tmp_path / "wd4"))
   assert src == "" and tuple(eff.data.window) == (-200.0, 250.0)
   assert eff.model.backbone == "resnet_tiny"
+
+
+def test_shards_must_hold_what_the_network_is_fed():
+  c = _config("tiny,scratch")
+  built = {"normalisation": "ct_window(-200,250)->[0,1]", "config": {"spacing": [5.0, 3.0, 3.0]}}
+  segment.check_shards(built, c, "S")
+  c.data.window, c.data.out_range = (-1000.0, 1000.0), (-1.0, 1.0)   # a source's contract
+  with pytest.raises(ValueError, match=r"S: shards built as ct_window\(-200,250\)->\[0,1\] "
+                                       r".*--window=-1000,1000 --range=-1,1 --spacing 5,3,3"):
+    segment.check_shards(built, c, "S")

@@ -440,6 +440,26 @@ def resolve_source(config: ml_collections.ConfigDict, workdir: str
   return ml_collections.ConfigDict(d), src
 
 
+def check_shards(manifest: Mapping[str, Any], config: ml_collections.ConfigDict,
+                 shards_dir: str) -> None:
+  """Raises ValueError unless the shards hold what the run's contract says
+  the network is fed (spacing, HU window and range; ``resolve_source``)."""
+  want = prep_config(config.data)
+  built = manifest.get("config") or {}
+  spacing = tuple(float(s) for s in built.get("spacing", ()))
+  if manifest.get("normalisation") != want.normalisation or \
+      not np.allclose(spacing, want.spacing):
+    lo, hi = want.window
+    a, b = want.out_range
+    raise ValueError(
+        f"{shards_dir}: shards built as {manifest.get('normalisation')} at {spacing} mm, "
+        f"but this run feeds the network {want.normalisation} at {want.spacing} mm "
+        f"(config.data, with a pretraining init_from: the source's contract). Rebuild "
+        f"them (python -m data_prep.build_seg_shards ... --window={lo:g},{hi:g} "
+        f"--range={a:g},{b:g} --spacing {','.join(f'{s:g}' for s in want.spacing)}) or "
+        f"set --config.intensity_from=config")
+
+
 def _checkpoints_exist(workdir: str) -> bool:
   """Whether ``workdir`` already holds a training checkpoint (a resume)."""
   try:
@@ -471,6 +491,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ------------------------------------------------------------------ data --
   shards_dir = ensure_shards(config.data)
   manifest = segdata.load_manifest(shards_dir)
+  check_shards(manifest, config, shards_dir)
   train_cases = select_cases(manifest["splits"]["train"], config.data.n_train,
                              config.data.subset_seed)
   log.info("data: %d training volume(s) of %d, %d val, %d test, from %s",
