@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from radnet_jax.tasks import segment
+from radnet_jax.models import factory  # noqa: E402
+from radnet_jax.tasks import segment  # noqa: E402
 from radnet_jax.training import trainer  # noqa: E402
 from radnet_jax.cli import flags
 
@@ -38,7 +39,7 @@ def bench(config, impl: str, steps: int) -> dict:
   config.model.backbone = config.model.backbone or config.pretrain.model.name
   mesh = trainer.make_mesh(config.num_devices or None)
   patch = tuple(int(s) for s in config.input_shape)
-  model = segment.build_model(config)
+  model = factory.segmentation_model(config)
   tx, schedule = trainer.make_optimizer(config.optim, config.num_steps)
   state = trainer.create_train_state(model, tx, patch + (1,), 0, mesh)
 

@@ -110,6 +110,11 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   c.best_mode = "max"
   c.test_checkpoint = "best"  # "best" | "last"
   c.tensorboard = True
+  # Divergence (radnet_jax.training.loop): a logged training loss above this
+  # multiple of the median of the last divergence_window logged losses stops
+  # the run (as NaN/Inf does) before the step can be saved or become best.
+  c.divergence_factor = 1000.0
+  c.divergence_window = 50
 
   c.init_from = ""  # a workdir or checkpoint dir: params by name
   c.init_skip = ()  # regexes of params to leave at init (e.g. "head_.*")

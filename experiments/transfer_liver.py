@@ -142,6 +142,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.keep_checkpoints = 1
   c.test_checkpoint = "last"  # "best" needs a val split
   c.tensorboard = True
+  # Divergence (radnet_jax.training.loop): a logged training loss above this
+  # multiple of the median of the last divergence_window logged losses stops
+  # the run (as NaN/Inf does) before the step can be saved or become best.
+  c.divergence_factor = 1000.0
+  c.divergence_window = 50
 
   # Transfer: "auto" = cached pretraining demo (run first if missing).
   c.init_from = "" if v.get("scratch") else "auto"

@@ -60,11 +60,11 @@ def make_checkpoint(workdir: str, num_devices: int = 1, step: int = 3, seed: int
   """
   from radnet_jax import contract
   from radnet_jax.training import checkpoints
-  from radnet_jax.tasks import pretrain as train
+  from radnet_jax.models import factory
   from radnet_jax.training import trainer
   from radnet_jax.labels import taxonomy as tax
   config = config or tiny_config()
-  model = train.build_model(config, tax.Taxonomy(config.taxonomy))
+  model = factory.pretrain_model(config, tax.Taxonomy(config.taxonomy))
   tx, _ = trainer.make_optimizer(config.optim, int(config.num_steps))
   mesh = trainer.make_mesh(num_devices)
   shape = (1, *tuple(config.input_shape), 1)

@@ -197,7 +197,8 @@ def _rewrite(src, dst, edit, implicit=False):
     ds.save_as(os.path.join(dst, name), enforce_file_format=True)
 
 
-@pytest.mark.parametrize("variant", ["implicit", "top_level_position"])
+@pytest.mark.parametrize("variant", ["implicit", "top_level_position",
+                                     "orientation_in_items"])
 def test_uih_vframe_variants_read_like_the_original(uih, tmp_path, variant):
   ref = [dicom.load_volume(s).voxels for s in sorted(
       dicom.scan(str(uih / "uih_dti_vframe"), salt=SALT).stacks,
@@ -206,6 +207,10 @@ def test_uih_vframe_variants_read_like_the_original(uih, tmp_path, variant):
   def edit(ds):
     if variant == "top_level_position":   # a corner of the tiled image
       ds.ImagePositionPatient = ["-50", "-50", "-30"]
+    if variant == "orientation_in_items":
+      for item in ds[(0x0065, 0x1051)].value:
+        item.ImageOrientationPatient = ds.ImageOrientationPatient
+      del ds.ImageOrientationPatient
   _rewrite(uih / "uih_dti_vframe", tmp_path, edit, implicit=variant == "implicit")
   stacks = sorted(dicom.scan(str(tmp_path), salt=SALT).stacks,
                   key=lambda s: s.record["VolumeIndex"])
@@ -232,7 +237,7 @@ def test_uih_files_without_geometry_are_skipped_naming_tag_and_vendor(uih, tmp_p
   assert "vendor UIH" in reasons["vframe"]
 
 
-def _enhanced_mr(path, n_vol, temporal_index, order):
+def _enhanced_mr(path, n_vol, temporal_index, order, diffusion=None):
   """An Enhanced MR object: n_vol volumes of N_POS frames at the same
   positions, frames in ``order`` (a permutation of volume-major frames);
   volume v's pixels are all 100 * (v + 1)."""
@@ -272,6 +277,15 @@ def _enhanced_mr(path, n_vol, temporal_index, order):
       content.TemporalPositionIndex = v + 1
     item.PlanePositionSequence = Sequence([pos])
     item.FrameContentSequence = Sequence([content])
+    if diffusion is not None:   # (b, direction, frame type) of volume v
+      b, direction, frame_type = diffusion[v]
+      diff, grad, ftype = Dataset(), Dataset(), Dataset()
+      diff.DiffusionBValue = b
+      grad.DiffusionGradientOrientation = list(direction)
+      diff.DiffusionGradientDirectionSequence = Sequence([grad])
+      ftype.FrameType = frame_type
+      item.MRDiffusionSequence = Sequence([diff])
+      item.MRImageFrameTypeSequence = Sequence([ftype])
     frames.append(item)
     pixels.append(np.full((4, 5), 100 * (v + 1), np.uint16))
   ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
@@ -288,3 +302,71 @@ def test_enhanced_frames_at_repeated_positions(tmp_path, temporal_index, by):
   vols, _ = _volumes(str(tmp_path))
   assert [v for v, _ in vols] == [0, 1, 2]
   assert {r["VolumeSplitBy"] for _, r in vols} == {by}
+
+
+def test_enhanced_dti_frames_carry_their_own_direction_and_type(tmp_path):
+  original = ["ORIGINAL", "PRIMARY", "DIFFUSION", "NONE"]
+  diffusion = [(0.0, (0.0, 0.0, 0.0), original),
+               (1000.0, (1.0, 0.0, 0.0), original),
+               (1000.0, (0.0, 1.0, 0.0), original),
+               (1000.0, (0.0, 0.0, 0.0), ["ORIGINAL", "PRIMARY", "DIFFUSION", "ISOTROPIC"])]
+  order = list(range(len(diffusion) * N_POS))
+  _enhanced_mr(str(tmp_path / "dti.dcm"), len(diffusion), False, order, diffusion)
+  vols, _ = _volumes(str(tmp_path))
+  assert [v for v, _ in vols] == [0, 1, 2, 3]
+  for v, rec in vols:
+    b, direction, frame_type = diffusion[v]
+    assert rec["DiffusionBValue"] == b
+    assert rec["DiffusionGradientOrientation"] == list(direction)
+    assert rec["ImageType"] == frame_type
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_uih_vframe_grid_of_six_slices(tmp_path, padded):
+  # 6 slices: 3 tiles wide, 2 high (UIH's rule), or padded to 3x3.
+  layouts.make_layouts(str(tmp_path), styles=("uih_dti_vframe",), n_slices=6,
+                       rows=8, cols=8)
+  src = tmp_path / "dicom" / "uih_dti_vframe"
+  if padded:
+    def pad(ds):
+      tiled = ds.pixel_array
+      out = np.zeros((tiled.shape[0] * 3 // 2, tiled.shape[1]), tiled.dtype)
+      out[:tiled.shape[0]] = tiled
+      ds.Rows = out.shape[0]
+      ds.PixelData = out.tobytes()
+    _rewrite(src, tmp_path / "padded", pad)
+    src = tmp_path / "padded"
+  stacks = dicom.scan(str(src), salt=SALT).stacks
+  assert len(stacks) == 4
+  for st in stacks:
+    vol = dicom.load_volume(st)
+    assert vol.voxels.shape == (6, 8, 8)
+    assert vol.spacing[0] == pytest.approx(4.0)
+    # The phantom's ellipsoid: tissue in the centre of every slice, air at
+    # the corners (a wrong tile size would cut across tiles).
+    assert (vol.voxels[:, 4, 4] > 100).all() and (vol.voxels[:, 0, 0] < 100).all()
+
+
+def test_philips_position_only_in_the_private_header_copy(tmp_path):
+  layouts.make_layouts(str(tmp_path), styles=("philips_dwi",))
+  src = tmp_path / "dicom" / "philips_dwi"
+  ref = {s.record["VolumeIndex"]: dicom.load_volume(s) for s in
+         dicom.scan(str(src), salt=SALT).stacks}
+
+  def move_position(ds):   # as anonymisers leave Philips files
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    item = Dataset()
+    item.ImagePositionPatient = ds.ImagePositionPatient
+    del ds.ImagePositionPatient
+    ds.add_new((0x2005, 0x0014), "LO", "Philips MR Imaging DD 005")
+    ds.private_block(0x2005, "Philips MR Imaging DD 005").add_new(
+        0x0F, "SQ", Sequence([item]))
+  _rewrite(src, tmp_path / "moved", move_position)
+  stacks = dicom.scan(str(tmp_path / "moved"), salt=SALT).stacks
+  assert len(stacks) == len(ref)
+  for st in stacks:
+    vol = dicom.load_volume(st)
+    expected = ref[st.record["VolumeIndex"]]
+    np.testing.assert_array_equal(vol.voxels, expected.voxels)
+    np.testing.assert_allclose(vol.affine, expected.affine)

@@ -7,6 +7,7 @@ import importlib
 import os
 import re
 import shlex
+import sys
 
 import numpy as np
 import pytest
@@ -190,3 +191,19 @@ def test_parse_cli_rejects_unknown_flags(monkeypatch):
   for module in ("radnet_jax.cli.predict_seg", "data_prep.build_seg_shards"):
     with pytest.raises(SystemExit):
       parse_cli(module, ["--input", "x", "--out", "y", "--no-such-flag"], monkeypatch)
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+  # .ci/run extracts the README's test line instead of keeping its own copy,
+  # so the README's command is what CI proves on a fresh clone.
+  sys.path.insert(0, os.path.join(ROOT, ".ci"))
+  try:
+    import readme_command  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.pop(0)
+  test_line = readme_command.command("test")
+  assert "pytest" in test_line and "requirements-dev.txt" in test_line
+  assert test_line in open(os.path.join(ROOT, "README.md")).read()
+  ci = open(os.path.join(ROOT, ".ci", "run")).read()
+  assert "readme_command.py test" in ci and "pytest" not in ci.replace("readme_command", "")
+  assert readme_command.command("install").endswith("python run.py --config=experiments/pretrain.py")

@@ -73,3 +73,11 @@ def test_multi_echo_volumes_are_not_time_points():
              RepetitionTime=3000.0, NumberOfVolumes=2, VolumeIndex=1,
              VolumeSplitBy="EchoNumbers+EchoTime")
   assert label(rec, "paper")["sequence"].value == "T2"
+
+
+@pytest.mark.parametrize("directionality, cls", [
+    ("DIRECTIONAL", "DWI"), ("ISOTROPIC", "DWI"), ("NONE", "T2")])
+def test_diffusion_directionality(directionality, cls):
+  rec = dict(Modality="MR", ScanningSequence="SE", EchoTime=80.0,
+             RepetitionTime=4000.0, DiffusionDirectionality=directionality)
+  assert label(rec, "extended")["sequence"].value == cls

@@ -317,8 +317,8 @@ def _tiny_run(workdir: str):
   import jax.numpy as jnp
   import ml_collections
   from radnet_jax import contract
+  from radnet_jax.models import factory
   from radnet_jax.training import checkpoints
-  from radnet_jax.tasks import segment
   from radnet_jax.training import trainer
   spec = importlib.util.spec_from_file_location(
       "transfer_liver_cfg", os.path.join(ROOT, "experiments", "transfer_liver.py"))
@@ -330,7 +330,7 @@ def _tiny_run(workdir: str):
                                               "conv_impl": "xla"})
   c.data.spacing = (12.0, 12.0, 12.0)
   c.input_shape = (16, 16, 16)   # patches and sliding windows
-  model = segment.build_model(c)
+  model = factory.segmentation_model(c)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                              jnp.zeros((1, 16, 16, 16, 1)), train=False))
   rng = np.random.default_rng(1)

@@ -165,6 +165,7 @@ def test_init_from_medicalnet_end_to_end(tmp_path):
   trunk tensor loaded with its values, the run trains, evaluates and saves."""
   import json
   import os
+  from radnet_jax.models import factory
   from radnet_jax.tasks import segment
   from tests.test_segdata import _write_lits
   from tests.test_segment import _config
@@ -186,7 +187,7 @@ def test_init_from_medicalnet_end_to_end(tmp_path):
                                       "shortcut_type": "B", "num_filters": 8}
   # Every trunk tensor loaded, with the file's values (conv1 (O, I, kD, kH, kW)
   # -> (kD, kH, kW, I, O)); the decoder left random.
-  model = segment.build_model(segment.resolve_source(c, str(tmp_path / "wd2"))[0])
+  model = factory.segmentation_model(segment.resolve_source(c, str(tmp_path / "wd2"))[0])
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(SHAPE),
                                              train=False))
   rep = json.load(open(os.path.join(wd, "transfer_report.json")))

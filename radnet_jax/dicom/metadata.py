@@ -65,6 +65,7 @@ PLAIN_KEYS = (
     "InversionRecovery", "ComplexImageComponent", "ReconstructionDiameter",
     "ImagedNucleus", "NumberOfTemporalPositions", "TemporalPositionIdentifier",
     "SeriesType", "DecayCorrection", "CorrectedImage", "ContrastBolusAgentPhase",
+    "DiffusionDirectionality",
 )
 # Multi-valued string tags that are always lists (even with one value).
 LIST_STR_KEYS = frozenset({
@@ -213,6 +214,32 @@ def uih_vframe_items(ds: Dataset) -> list[Dataset]:
     return [item for item in value if isinstance(item, Dataset)]
   except TypeError:
     return []
+
+
+_PHILIPS_MR5 = "Philips MR Imaging DD 005"
+
+
+def vendor_geometry(ds: Dataset) -> tuple[Any, Any]:
+  """(ImagePositionPatient, ImageOrientationPatient) of a classic file,
+  each from the top level or, where missing, from Philips' private copy of
+  the image header (2005,140F) (anonymisers and PACS exports often drop the
+  public position and keep that one, which dcm2niix reads); (None, None)
+  parts when neither has it. pydicom datasets only."""
+  ipp = ds.get("ImagePositionPatient")
+  iop = ds.get("ImageOrientationPatient")
+  if ipp is not None and iop is not None:
+    return ipp, iop
+  try:
+    seq = _private(ds, 0x2005, _PHILIPS_MR5, 0x0F)
+    if isinstance(seq, bytes):
+      seq = pydicom.values.convert_SQ(seq, True, True)
+    item = seq[0] if seq else None
+  except Exception:  # pylint: disable=broad-except
+    item = None
+  if item is not None:
+    ipp = ipp if ipp is not None else item.get("ImagePositionPatient")
+    iop = iop if iop is not None else item.get("ImageOrientationPatient")
+  return ipp, iop
 
 
 def _private(ds: Dataset, group: int, creator: str, offset: int) -> Any:
@@ -455,6 +482,7 @@ def _enhanced_fields(ds: Dataset) -> dict[str, Any]:
       out.setdefault("InversionTime", float(times))
   diffusion = group("MRDiffusionSequence")
   take(diffusion, "DiffusionBValue")
+  take(diffusion, "DiffusionDirectionality")
   if diffusion is not None:
     direction = _first_item(diffusion, "DiffusionGradientDirectionSequence")
     take(direction, "DiffusionGradientOrientation")

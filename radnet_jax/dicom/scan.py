@@ -66,6 +66,7 @@ from radnet_jax.dicom import fastread, geometry
 from radnet_jax.dicom.errors import DicomError
 from radnet_jax.dicom.metadata import (functional_group, record_from_dataset,
                                        sop_class_uid, uih_vframe_items,
+                                       vendor_geometry,
                                        vendor_b_value,
                                        vendor_diffusion_direction)
 from radnet_jax.dicom.reader import is_dicomdir, read_dataset
@@ -277,10 +278,11 @@ def _volume_keys(ds: Any) -> dict[str, Any]:
 
 
 def _uih_vframe(path: str, ds: Any, iop: np.ndarray | None
-                ) -> tuple[np.ndarray, int] | None:
-  """(first slice position, slice count) of a UIH VFRAME file (one volume
-  per file, its slices tiled like a Siemens mosaic, the slice positions in
-  the private MR VFrame Sequence (0065,1051)), or None if ``ds`` is not one.
+                ) -> tuple[np.ndarray, int, np.ndarray] | None:
+  """(first slice position, slice count, orientation) of a UIH VFRAME file
+  (one volume per file, its slices tiled like a Siemens mosaic, the slice
+  positions in the private MR VFrame Sequence (0065,1051); the orientation
+  from the top level, else from that sequence), or None if ``ds`` is not one.
   """
   image_type = [str(v).upper() for v in ds.get("ImageType", [])]
   if "VFRAME" not in image_type:
@@ -292,11 +294,13 @@ def _uih_vframe(path: str, ds: Any, iop: np.ndarray | None
     raise DicomError(path, "UIH VFRAME image without its MR VFrame Sequence "
                            "(0065,1051): no slice positions (vendor UIH)")
   first = _floats(items[0].get("ImagePositionPatient", []), 3)
+  if iop is None:
+    iop = _floats(items[0].get("ImageOrientationPatient", []), 6)
   if first is None or iop is None:
     missing = ("ImageOrientationPatient (0020,0037)" if iop is None else
                "ImagePositionPatient (0020,0032) in the MR VFrame Sequence")
     raise DicomError(path, f"UIH VFRAME image without {missing} (vendor UIH)")
-  return first, len(items)
+  return first, len(items), iop
 
 
 def _missing_geometry(path: str, ds: Any, iop, ipp) -> DicomError:
@@ -311,11 +315,18 @@ def _missing_geometry(path: str, ds: Any, iop, ipp) -> DicomError:
 def _classic_entries(path: str, ds: Dataset) -> list[_Entry]:
   iop = _floats(ds.get("ImageOrientationPatient", []), 6)
   ipp = _floats(ds.get("ImagePositionPatient", []), 3)
+  if iop is None or ipp is None:
+    if isinstance(ds, fastread.Header):
+      raise fastread.Unsupported("geometry outside the classic tags")
+    if "VFRAME" not in [str(v).upper() for v in ds.get("ImageType", [])]:
+      vendor_ipp, vendor_iop = vendor_geometry(ds)
+      ipp = _floats(vendor_ipp or [], 3)
+      iop = _floats(vendor_iop or [], 6)
   spacing = _floats(ds.get("PixelSpacing", []), 2)
   # UIH VFRAME first: its top-level position (if any) is not the slices'.
   vframe = _uih_vframe(path, ds, iop)
   if vframe is not None:
-    ipp = vframe[0]
+    ipp, iop = vframe[0], vframe[2]
   if iop is None or ipp is None:
     raise _missing_geometry(path, ds, iop, ipp)
   if spacing is None or np.any(spacing <= 0):
@@ -364,6 +375,7 @@ def _enhanced_entries(path: str, ds: Dataset, frames: int) -> list[_Entry]:
       raise DicomError(path, f"frame {f + 1}: missing plane position, "
                              "orientation or pixel spacing")
     content = functional_group(ds, f, "FrameContentSequence") or Dataset()
+    keys: dict[str, Any] = {}
     echo = functional_group(ds, f, "MREchoSequence")
     diff = functional_group(ds, f, "MRDiffusionSequence")
     ftype = None
@@ -371,6 +383,7 @@ def _enhanced_entries(path: str, ds: Dataset, frames: int) -> list[_Entry]:
                 "PETFrameTypeSequence"):
       ftype = ftype or functional_group(ds, f, key)
     frame_type = list(ftype.get("FrameType", [])) if ftype else image_type
+    keys["ImageType"] = "\\".join(str(v).strip().upper() for v in frame_type)
     direction = None
     b = None
     if diff is not None:
@@ -387,7 +400,6 @@ def _enhanced_entries(path: str, ds: Dataset, frames: int) -> list[_Entry]:
                         ftype.get("ComplexImageComponent") if ftype else None),
         str(content.get("StackID", "")),
     )
-    keys: dict[str, Any] = {}
     if "TemporalPositionIndex" in content:
       keys["TemporalPositionIndex"] = int(content.TemporalPositionIndex)
     if "FrameAcquisitionNumber" in content:
@@ -562,9 +574,9 @@ def _split_volumes(entries: list[_Entry]
   orders a series (the frame order for the frames of an enhanced object):
   the i-th file of every position (in that order) belongs to volume i when
   every position has the same count, else consecutive blocks of one file per
-  position. When nothing orders them, the
-  cluster stays whole and the record says which tags were tried
-  (``load_volume`` then keeps identical copies or names the mix).
+  position. When nothing orders them, the cluster stays whole and the record
+  says which tags were tried (``load_volume`` then keeps identical copies or
+  names the mix with that list).
 
   Returns:
     (split key text, entries, record fields) per volume, in volume order.
@@ -647,6 +659,20 @@ def _stack_record(entries: list[_Entry], base: dict[str, Any], key: str
         not isinstance(rec.get(field), (int, float)) or
         abs(rec[field] - value) > tol):
       rec[field] = value
+  if isinstance(hard[6], tuple):   # this stack's own gradient direction
+    old = rec.get("DiffusionGradientOrientation")
+    if not (isinstance(old, list) and len(old) == 3 and
+            max(abs(a - b) for a, b in zip(old, hard[6])) <= 1e-3):
+      rec["DiffusionGradientOrientation"] = [float(v) for v in hard[6]]
+  # Per-file keys shared by the whole stack are its own (the record came
+  # from one file or frame of the group): time point, stack, image type.
+  for name in VOLUME_KEYS:
+    if name == "AcquisitionTime":    # a time of day is not kept
+      continue
+    values = {e.keys.get(name) for e in entries}
+    if len(values) == 1 and None not in values:
+      (value,) = values
+      rec[name] = [v for v in value.split("\\") if v] if name == "ImageType" else value
   rec["ImageOrientationPatient"] = [float(v) for v in first.iop]
   rec["PixelSpacing"] = [float(v) for v in first.pixel_spacing]
   if first.n_slices > 1:  # mosaic: slices inside one file
@@ -753,11 +779,11 @@ def _number_volumes(stacks: list[Stack], entries: list[_Entry]) -> None:
   ``NumberOfVolumes``, ``VolumeTimeS`` (start of this volume after the
   first one, s, from AcquisitionTime), ``VolumeTimeAfterBolusS`` (after
   ContrastBolusStartTime, s; negative = before the injection) and
-  ``SeriesBValues`` (the b-values of the whole series; a file without one in
-  a series that has some counts as b=0, as on Canon and dcm2niix).
+  ``SeriesBValues`` (the b-values of a series with some b > 0; a file
+  without one there counts as b=0, as on Canon and in dcm2niix).
   """
   b_values = {e.hard_key[5] for e in entries}
-  if any(isinstance(b, float) for b in b_values):
+  if any(isinstance(b, float) and b > 0 for b in b_values):
     series_b = sorted({b if isinstance(b, float) else 0.0 for b in b_values})
   else:
     series_b = None
@@ -847,7 +873,7 @@ def _make_stack(group: list[_Entry], record: dict[str, Any], key: str,
   rec = _stack_record(group, record, key)
   for field, value in (fields or {}).items():
     if field == "ImageType":
-      rec[field] = [v for v in str(value).split("\\")]
+      rec[field] = [v for v in str(value).split("\\") if v]
     elif field != "AcquisitionTime":   # a time of day is not kept
       rec[field] = value
   if group[0].layout:

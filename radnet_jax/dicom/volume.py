@@ -68,7 +68,8 @@ from pydicom.dataset import Dataset
 
 from radnet_jax.dicom import fastread, geometry
 from radnet_jax.dicom.errors import DicomError
-from radnet_jax.dicom.metadata import functional_group, uih_vframe_items
+from radnet_jax.dicom.metadata import (functional_group, uih_vframe_items,
+                                       vendor_geometry)
 from radnet_jax.dicom.reader import read_dataset
 from radnet_jax.dicom.types import Stack, Volume
 
@@ -211,6 +212,8 @@ def _native_layout(h: fastread.Header) -> tuple | None:
   rows, cols = int(h.Rows), int(h.Columns)
   for key in ("ImagePositionPatient", "ImageOrientationPatient",
               "PixelSpacing"):
+    if key not in h:
+      return None  # geometry elsewhere (vendor tags): pydicom path
     h.get(key)  # decodable here, or Unsupported -> pydicom
   _rescale(h)
   if bits not in (8, 16, 32) or stored > bits or stored <= 0:
@@ -289,9 +292,8 @@ def _read_classic(stack: Stack) -> _Slices:
     if slices is None:
       slices = _Slices(len(stack.files), arr.shape[0], arr.shape[1])
     slope, inter = _rescale(ds)
-    slices.add(arr, ds.get("ImagePositionPatient"),
-               ds.get("ImageOrientationPatient"), ds.get("PixelSpacing"),
-               slope, inter, path)
+    ipp, iop = vendor_geometry(ds)  # the classic tags, else Philips' copy
+    slices.add(arr, ipp, iop, ds.get("PixelSpacing"), slope, inter, path)
   return slices
 
 
@@ -378,8 +380,9 @@ def _read_mosaic(stack: Stack) -> _Slices:
 
 def _read_uih_vframe(stack: Stack) -> _Slices:
   """UIH VFRAME: one volume per file, its n slices tiled ceil(sqrt(n)) wide
-  and ceil(n / wide) high from the top-left corner, each slice's position
-  in an item of the private MR VFrame Sequence (0065,1051)."""
+  and ceil(n / wide) high (or padded to a square grid) from the top-left
+  corner, each slice's position in an item of the private MR VFrame
+  Sequence (0065,1051)."""
   path = stack.files[0]
   ds = read_dataset(path, stop_before_pixels=False)
   items = uih_vframe_items(ds)
@@ -389,13 +392,22 @@ def _read_uih_vframe(stack: Stack) -> _Slices:
                            "(0065,1051) (vendor UIH)")
   arr = _pixels(ds, path)
   wide = int(math.ceil(math.sqrt(n)))
+  cols = arr.shape[1] // wide
+  # UIH documents ceil(n / wide) rows of tiles; an image padded to a square
+  # grid has ``wide`` rows: take the count that gives square tiles, else the
+  # one that divides the image height.
   high = int(math.ceil(n / wide))
-  rows, cols = arr.shape[0] // high, arr.shape[1] // wide
+  candidates = [h for h in (high, wide) if arr.ndim == 2 and arr.shape[0] % h == 0]
+  square = [h for h in candidates if arr.shape[0] // h == cols]
+  high = (square or candidates or [high])[0]
+  rows = arr.shape[0] // high
   if rows < 1 or cols < 1 or arr.ndim != 2:
     raise DicomError(path, f"UIH VFRAME image {arr.shape} does not hold a "
                            f"{high}x{wide} grid of {n} slices")
-  iop = _vec(ds.ImageOrientationPatient, 6, path, "ImageOrientationPatient")
-  spacing = _vec(ds.PixelSpacing, 2, path, "PixelSpacing")
+  iop = _vec(ds.get("ImageOrientationPatient") or
+             items[0].get("ImageOrientationPatient"), 6, path,
+             "ImageOrientationPatient")
+  spacing = _vec(ds.get("PixelSpacing"), 2, path, "PixelSpacing")
   slope, inter = _rescale(ds)
   slices = _Slices(n, rows, cols)
   for i, item in enumerate(items):

@@ -3,8 +3,9 @@
 ``load`` reads only the parameters and batch statistics of a training
 checkpoint (no optimizer state, no mesh) as plain arrays on the default
 device, whatever device count or host count wrote it, rebuilds the model from
-the ``config.json`` saved beside the checkpoints, and reads the run's
-preprocessing contract (``radnet_jax.contract``: shard shape or spacing,
+the ``config.json`` saved beside the checkpoints (``models.factory``; the one
+restore path ``training.checkpoints.restore`` falls back past unreadable
+steps), and reads the run's preprocessing contract (``radnet_jax.contract``: shard shape or spacing,
 intensity mapping, orientation, labels). Which task the run trained
 (pretraining or segmentation) is what its contract (or, for older runs, its
 ``config.entry``) says.
@@ -12,8 +13,6 @@ intensity mapping, orientation, labels). Which task the run trained
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import json
 import logging
 from typing import Any, Iterator, Mapping
 
@@ -21,11 +20,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
-from etils import epath
 
 from radnet_jax import contract as contract_lib
-from radnet_jax.labels import taxonomy as tax
+from radnet_jax.models import factory
 from radnet_jax.training import checkpoints
 
 log = logging.getLogger("radnet_jax")
@@ -94,19 +91,6 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def build_model(config: Any, task: str) -> Any:
-  """The module a run's config trains.
-
-  The task's own ``build_model`` (named by ``contract.ENTRIES``), called by
-  task kind: pretraining builds its heads from the taxonomy. Imported by
-  name, so this module depends on no task module.
-  """
-  build = importlib.import_module(contract_lib.ENTRIES[task]).build_model
-  if task == contract_lib.PRETRAIN:
-    return build(config, tax.Taxonomy(str(config.get("taxonomy", "paper"))))
-  return build(config)
-
-
 def _compare(what: str, expected: Mapping[str, Any], found: Mapping[str, Any]) -> list[str]:
   """Human-readable differences between model (expected) and checkpoint names/shapes."""
   problems = []
@@ -124,30 +108,19 @@ def _compare(what: str, expected: Mapping[str, Any], found: Mapping[str, Any]) -
   return problems
 
 
-class _quiet_absl:  # pylint: disable=invalid-name
-  """Raises absl's log level to ERROR inside the block (Orbax warnings)."""
-
-  def __enter__(self):
-    self._logger = logging.getLogger("absl")
-    self._level = self._logger.level
-    self._logger.setLevel(logging.ERROR)
-
-  def __exit__(self, *exc):
-    self._logger.setLevel(self._level)
-
-
-def read_config(workdir: str | None, state_dir: str) -> ml_collections.ConfigDict:
-  """The run's ``config.json`` (FileNotFoundError when there is no workdir)."""
-  if workdir is None:
-    raise FileNotFoundError(
-        f"{state_dir}: no {checkpoints.CONFIG_FILE} found beside this checkpoint (expected "
-        f"in the run workdir two levels above the step folder); pass config= (the run's "
-        f"ConfigDict or a dict) to load it")
-  p = epath.Path(workdir) / checkpoints.CONFIG_FILE
-  try:
-    return ml_collections.ConfigDict(json.loads(p.read_text()))
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{p}: not valid JSON ({e})") from e
+def config_of(restored: checkpoints.Restored, config: Any) -> ml_collections.ConfigDict:
+  """The run's config: ``config`` if given, else the ``config.json`` beside
+  the checkpoint (an unlocked private ConfigDict either way)."""
+  if config is None:
+    if restored.config is None:
+      raise FileNotFoundError(
+          f"{restored.path}: no {checkpoints.CONFIG_FILE} found beside this checkpoint "
+          f"(expected in the run workdir two levels above the step folder); pass config= "
+          f"(the run's ConfigDict or a dict) to load it")
+    return ml_collections.ConfigDict(restored.config)
+  if isinstance(config, ml_collections.ConfigDict):
+    return ml_collections.ConfigDict(config.to_dict())
+  return ml_collections.ConfigDict(dict(config))
 
 
 def load(path: str, *, prefer: str = "best", config: Any = None,
@@ -176,64 +149,34 @@ def load(path: str, *, prefer: str = "best", config: Any = None,
   """
   if prefer not in ("best", "latest"):
     raise ValueError(f"prefer must be 'best' or 'latest', got {prefer!r}")
-  state_dir, workdir, step = checkpoints.resolve(str(path), prefer)
-  if config is None:
-    config = read_config(workdir, state_dir)
-  elif not isinstance(config, ml_collections.ConfigDict):
-    config = ml_collections.ConfigDict(dict(config))
-  else:
-    config = ml_collections.ConfigDict(config.to_dict())  # unlocked private copy
+  # The one restore path: newest readable best/latest step, params and
+  # batch_stats only (no optimizer state), numpy on any device count.
+  restored = checkpoints.restore(str(path), prefer)
+  state_dir, step = restored.path, restored.step
+  config = config_of(restored, config)
   if dtype is not None:
     config.model.dtype = str(dtype)
-  contract = contract_lib.load(workdir, config)
-
-  # Names and shapes from the checkpoint metadata, before reading any array.
-  ckptr = ocp.PyTreeCheckpointer()
-  try:
-    with _quiet_absl():  # "_CHECKPOINT_METADATA does not exist" for item folders
-      meta = ckptr.metadata(state_dir)
-  except Exception as e:  # noqa: BLE001 - orbax raises various types here
-    raise FileNotFoundError(f"{state_dir}: not a readable Orbax checkpoint "
-                            f"({type(e).__name__}: {e})") from e
-  tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
-  tree = dict(tree)
-  if "params" not in tree:
-    raise ValueError(f"{state_dir}: checkpoint has no 'params' entry (found "
-                     f"{sorted(tree)}); is this a RadNet training checkpoint?")
-  collections = [c for c in ("params", "batch_stats") if tree.get(c)]
+  contract = contract_lib.load(restored.workdir, config)
 
   # The model its config builds, and its variable shapes (no allocation).
   try:
-    model = build_model(config, contract.task)
+    model = factory.from_config(config)
   except Exception as e:
     raise ValueError(f"{state_dir}: cannot build the {contract.task} model from its config "
                      f"(model={config.get('model')}): {type(e).__name__}: {e}") from e
-  shape = (1, *contract.input_shape, 1)
-  abstract = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape), train=False))
+  abstract = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, *contract.input_shape, 1)), train=False))
+  found = {"params": restored.params, "batch_stats": restored.batch_stats}
   problems = []
   for c in ("params", "batch_stats"):
-    problems += _compare(c, _flat(abstract.get(c, {})), _flat(tree.get(c, {})))
+    problems += _compare(c, _flat(abstract.get(c, {})), _flat(found[c]))
   if problems:
     raise ValueError(
         f"{state_dir}: checkpoint does not match the model its config builds "
         f"(model.name={config.model.get('name')!r}, taxonomy="
         f"{config.get('taxonomy', '-')!r}, heads {dict(getattr(model, 'heads', {}))}):\n  "
         + "\n  ".join(problems))
-
-  # Read params + batch_stats (+ step) only: a partial restore skips the optimizer.
-  item = {c: tree[c] for c in (*collections, "step") if c in tree}
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-  try:
-    with _quiet_absl():
-      restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
-          item=item, restore_args=restore_args, partial_restore=True))
-  except (TypeError, ValueError) as e:  # older orbax layouts: read the whole state
-    log.info("partial restore of %s failed (%s); reading the full state", state_dir, e)
-    restored = checkpoints.restore_state_tree(state_dir)
-  variables = jax.device_put({c: restored[c] for c in collections})
-  if step < 0 and "step" in restored:
-    step = int(np.asarray(restored["step"]))
+  variables = jax.device_put({c: v for c, v in found.items() if v})
   log.info("loaded %s (step %d): %s, %d parameters; %s", state_dir, step,
            config.model.get("name"), sum(int(np.prod(x.shape))
                                           for x in jax.tree.leaves(variables["params"])),

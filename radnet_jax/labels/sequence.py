@@ -374,6 +374,9 @@ def _mr_sequence(f: Fields, image_type: tuple, descs: list) -> Label:
   b = f.number("DiffusionBValue")
   if b is not None and b > 0:
     return Label("DWI", f"tag:DiffusionBValue={b:g}")
+  directionality = f.upper("DiffusionDirectionality")
+  if directionality in ("DIRECTIONAL", "ISOTROPIC", "BMATRIX"):
+    return Label("DWI", f"tag:DiffusionDirectionality={directionality}")
   series_b = f.numbers("SeriesBValues") or ()
   if (b is None or b == 0) and any(v > 0 for v in series_b):
     return Label("DWI", "tag:DiffusionBValue=0 (b0 volume of a diffusion "

@@ -16,19 +16,22 @@ import time
 from typing import Any, Iterable, Mapping
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from radnet_jax import contract as contract_lib
+from radnet_jax.data import device_augment
+from radnet_jax.data import pretrain as input_pipeline
+from radnet_jax.labels import taxonomy as tax
+from radnet_jax.models import factory
+from radnet_jax.shards import demo
 from radnet_jax.shards import records
 from radnet_jax.training import checkpoints
-from radnet_jax.data import device_augment
-from radnet_jax.training.losses import class_weights_from_counts, multitask_loss  # noqa: F401 (re-exported)
-from radnet_jax.data import pretrain as input_pipeline
+from radnet_jax.training import distributed
+from radnet_jax.training import loop
 from radnet_jax.training import metrics as metrics_lib
 from radnet_jax.training import trainer
-from radnet_jax.labels import taxonomy as tax
+from radnet_jax.training.losses import class_weights_from_counts, multitask_loss  # noqa: F401 (re-exported)
 
 log = logging.getLogger("radnet_jax")
 
@@ -90,7 +93,7 @@ def summary(results: Mapping[str, Mapping]) -> dict[str, float]:
 def write_results(workdir: str, results: Mapping[str, Any], split: str, extra: Mapping) -> str:
   """results.json, results.md and confusion PNGs for ``split``; returns the md."""
   md = metrics_lib.results_markdown(results, title=f"{split} ({extra.get('checkpoint', '')})")
-  if jax.process_index() != 0:
+  if not distributed.is_main_process():
     return md
   path = os.path.join(workdir, "results.json")
   allres = {}
@@ -114,22 +117,6 @@ def write_results(workdir: str, results: Mapping[str, Any], split: str, extra: M
   return md
 
 
-# ------------------------------------------------------------------- model ---
-def build_model(config: ml_collections.ConfigDict, taxonomy: tax.Taxonomy):
-  """ResNet3D from ``config.model`` with one head per task of ``config.loss.weights``."""
-  heads = {t: taxonomy.num_classes[t] for t in tax.TASKS
-           if float(config.loss.weights.get(t, 0.0)) > 0}
-  kw = dict(config.model.get("kwargs", {}))
-  dtype = jnp.dtype(config.model.get("dtype", "float32"))
-  name = config.model.name
-  if ":" in name:  # "package.module:Factory" = a custom model with the same contract
-    import importlib  # pylint: disable=g-import-not-at-top
-    mod, attr = name.split(":", 1)
-    return getattr(importlib.import_module(mod), attr)(heads=heads, dtype=dtype, **kw)
-  from radnet_jax.models import resnet3d  # pylint: disable=g-import-not-at-top
-  return resnet3d.get_model(name, heads=heads, dtype=dtype, **kw)
-
-
 # ------------------------------------------------------------------- train ---
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains, validates (best checkpoint), tests; returns the test results.
@@ -148,8 +135,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # ------------------------------------------------------------------ mesh --
   mesh = trainer.make_mesh(config.num_devices or None)
-  local_batch = trainer.check_global_batch(config.batch_size, mesh)
-  eval_local = trainer.check_global_batch(config.eval_batch_size, mesh)
+  local_batch = distributed.check_batch(config.batch_size, mesh=mesh)
+  eval_local = distributed.check_batch(config.eval_batch_size, mesh=mesh)
   log.info("mesh: %d device(s) (%s), %d process(es); global batch %d",
            mesh.devices.size, jax.devices()[0].platform, jax.process_count(),
            config.batch_size)
@@ -157,7 +144,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ------------------------------------------------------------------ data --
   shards_dir = config.data.shards_dir
   if not shards_dir:
-    from radnet_jax.shards import demo  # pylint: disable=g-import-not-at-top
     shards_dir = demo.ensure_phantom_shards(config.data, config.taxonomy)
   else:
     log.info("data: shards from config.data.shards_dir = %s", shards_dir)
@@ -199,7 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         process_index=jax.process_index(), process_count=jax.process_count())
 
   # ----------------------------------------------------------------- model --
-  model = build_model(config, taxonomy)
+  model = factory.pretrain_model(config, taxonomy)
   total_steps = int(config.num_steps)
   tx, schedule = trainer.make_optimizer(config.optim, total_steps)
   state = trainer.create_train_state(model, tx, shape + (1,), config.seed, mesh)
@@ -231,42 +217,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints,
                                   best_metric=config.best_metric if counts["val"] else None,
                                   best_mode=config.best_mode)
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state, train_iter)
-    log.info("resumed from %s/checkpoints at step %d (model, optimizer, RNG, data "
-             "iterator)", workdir, int(state.step))
-  elif config.init_from:
-    state, _ = checkpoints.init_from(state, config.init_from, tuple(config.init_skip))
+
+  def init(st):  # no checkpoint in the workdir: pretrained weights by name, if any
+    return checkpoints.init_from(st, config.init_from, tuple(config.init_skip))[0] \
+        if config.init_from else st
+
+  state, _ = loop.resume(ckpt, state, train_iter, init)
   start = int(jax.device_get(state.step))
 
   # ------------------------------------------------------------------ loop --
-  writer = trainer.MetricWriter(workdir, total_steps, start, config.tensorboard)
-  last_ckpt = ckpt.latest_step()
-  val_at = None  # (step, val results) of the latest validation pass
+  writer, history = loop.open_metrics(workdir, total_steps, start, config.tensorboard)
+  val_at = {}  # step -> val results of the latest validation pass
+
+  def validate(st):
+    res = evaluate(eval_step, st, eval_data("val"), mesh, taxonomy)
+    val_at.clear()
+    val_at[int(jax.device_get(st.step))] = res
+    return summary(res)
+
   log.info("training steps %d -> %d", start, total_steps)
-  for step in range(start + 1, total_steps + 1):
-    batch = trainer.put_batch(next(train_iter), mesh)
-    state, m = train_step(state, batch)
-    is_last = step == total_steps
-    do_ckpt = step % config.checkpoint_every == 0 or is_last
-    if step % config.log_every == 0 or do_ckpt or step == start + 1:
-      m = {k: float(v) for k, v in jax.device_get(m).items()}
-      trainer.check_finite(step, m, workdir, last_ckpt)
-      writer.write(step, m, "train")
-      if step == start + 1:
-        writer.reset_clock(step)  # exclude compilation from steps/s
-    if counts["val"] and (step % config.eval_every == 0 or is_last):
-      res = evaluate(eval_step, state, eval_data("val"), mesh, taxonomy)
-      val_at = (step, res)
-      s = summary(res)
-      writer.write(step, s, "val")
-      if ckpt.maybe_save_best(step, state, {f"val/{k}": v for k, v in s.items()}):
-        log.info("new best %s = %.4f at step %d", config.best_metric,
-                 s[config.best_metric.split("/", 1)[-1]], step)
-      writer.reset_clock(step)  # steps/s and ETA measure training only
-    if do_ckpt:
-      ckpt.save(step, state, train_iter)
-      last_ckpt = step
+  fitted = loop.fit(state, train_step, train_iter, mesh, loop.Cadence.from_config(config),
+                    evaluate=validate if counts["val"] else None, ckpt=ckpt, writer=writer,
+                    workdir=workdir, loss_history=history)
+  state = fitted.state
   if hasattr(train_iter, "close"):
     train_iter.close()
 
@@ -275,16 +248,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   which = f"last@{tested_step}"
   best = ckpt.best_record()
   if config.test_checkpoint == "best" and best is not None:
-    tested_step = int(best["step"])
-    if tested_step != int(jax.device_get(state.step)):
-      state = ckpt.restore_best(state)
-    which = f"best@{best['step']} ({best['metric']}={best['value']:.4f})"
+    if int(best["step"]) != tested_step:
+      state, tested_step = ckpt.restore_best(state)
+    which = f"best@{best['step']} ({best['metric']}={best['value']:.4f})" \
+        if tested_step == int(best["step"]) else f"last@{tested_step} (best unreadable)"
   out = {}
   for split in ("val", "test"):
     if counts[split] == 0:
       continue
-    if split == "val" and val_at is not None and val_at[0] == tested_step:
-      res = val_at[1]  # this checkpoint was just validated: no second pass
+    if split == "val" and tested_step in val_at:
+      res = val_at[tested_step]  # this checkpoint was just validated: no second pass
     else:
       res = evaluate(eval_step, state, eval_data(split), mesh, taxonomy)
     md = write_results(workdir, res, split, {"checkpoint": which, "shards_dir": shards_dir,

@@ -22,16 +22,18 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax.core import FrozenDict
 
 from radnet_jax import resample as resample_lib
+from radnet_jax.models import factory
 from radnet_jax.shards import seg as segdata
+from radnet_jax.training import distributed
+from radnet_jax.training import loop
 from radnet_jax.training import trainer
 from radnet_jax.training import transfer
 
@@ -128,7 +130,6 @@ def train_proposer(config, shards_dir: str, cases: Sequence[str], init_from: str
   ResNet3D preset, or {"preset", **trunk kwargs} (the same as pretraining,
   so the trunk transfers; ``segment.resolve_source`` derives it).
   """
-  from radnet_jax.models import resnet3d  # pylint: disable=g-import-not-at-top
   pc = config.proposal
   t0 = time.time()
   recs = segdata.load_records(shards_dir, "train", cases)
@@ -144,14 +145,8 @@ def train_proposer(config, shards_dir: str, cases: Sequence[str], init_from: str
     raise ValueError("the proposal needs slices with and without liver in the "
                      "training volumes")
   mesh = trainer.make_mesh(config.num_devices or None)
-  bsz = trainer.check_global_batch(int(pc.batch_size), mesh)
-  # Same conv lowering / dtype as the segmentation network's trunk.
-  kw = {k: v for k, v in dict(config.model.get("kwargs", {})).items()
-        if k in ("conv_impl",)}
-  backbone = config.model.backbone   # a preset, or {"preset": name, **trunk kwargs}
-  backbone = {"preset": backbone} if isinstance(backbone, str) else dict(backbone)
-  model = resnet3d.get_model(backbone.pop("preset"), heads=FrozenDict({"liver": 1}),
-                             **backbone, **kw)
+  bsz = distributed.check_batch(int(pc.batch_size), mesh=mesh)
+  model = factory.slab_classifier(config)
   steps = int(pc.steps)
   tx, schedule = trainer.make_optimizer(
       {"name": "adamw", "lr": float(pc.lr), "warmup_steps": min(10, steps // 5),
@@ -162,16 +157,23 @@ def train_proposer(config, shards_dir: str, cases: Sequence[str], init_from: str
     state, rep = transfer.transfer_state(state, init_from)
     log.info("proposal: %s", rep.summary())
   step_fn = trainer.make_train_step(model, tx, _bce, mesh, schedule)
-  rng = np.random.default_rng(config.seed + 17)
-  m = {}
-  for step in range(steps):
-    picks = [pos[k] for k in rng.integers(len(pos), size=bsz // 2)] + \
-            [neg[k] for k in rng.integers(len(neg), size=bsz - bsz // 2)]
-    x = np.concatenate([slabs_at(vols[i], [z], int(pc.slab_depth), pad) for i, z in picks])
-    x = x + rng.normal(0, 0.02, x.shape).astype(np.float32)
-    y = np.array([1.0] * (bsz // 2) + [0.0] * (bsz - bsz // 2), np.float32)
-    state, m = step_fn(state, trainer.put_batch({"volume": x, "label": y}, mesh))
-  m = {k: float(v) for k, v in jax.device_get(m).items()}
+
+  def batches():  # half slabs with liver in the centre slice, half without
+    rng = np.random.default_rng(config.seed + 17)
+    while True:
+      picks = [pos[k] for k in rng.integers(len(pos), size=bsz // 2)] + \
+              [neg[k] for k in rng.integers(len(neg), size=bsz - bsz // 2)]
+      x = np.concatenate([slabs_at(vols[i], [z], int(pc.slab_depth), pad) for i, z in picks])
+      x = x + rng.normal(0, 0.02, x.shape).astype(np.float32)
+      yield {"volume": x, "label": np.array([1.0] * (bsz // 2) + [0.0] * (bsz - bsz // 2),
+                                           np.float32)}
+
+  # The one fit loop, without checkpoints: metrics fetched at the first and
+  # the last step only (log_every = steps).
+  fitted = loop.fit(state, step_fn, batches(), mesh, loop.Cadence(
+      num_steps=steps, log_every=steps, divergence_factor=float(config.divergence_factor),
+      divergence_window=int(config.divergence_window)))
+  state, m = fitted.state, fitted.metrics
   log.info("proposal: slab classifier trained, %d steps in %.0f s (last loss %.3f, "
            "acc %.2f)", steps, time.time() - t0, m.get("loss", float("nan")),
            m.get("accuracy", float("nan")))

@@ -2,9 +2,10 @@
 
 ``train_and_evaluate(config, workdir)`` is the ``config.entry`` of
 ``experiments/transfer_liver.py`` (``python run.py --config=...``). It reuses
-``radnet_jax.training.trainer`` (mesh, optimizer, jitted steps, metric writer) and
-``radnet_jax.training.checkpoints`` (Orbax resume with the grain iterator state, best
-checkpoint); this module only supplies what is specific to segmentation:
+``radnet_jax.training.loop`` (the one fit loop: logging, divergence checks,
+best checkpoint, resume with the grain iterator state), ``radnet_jax.training.trainer``
+(mesh, optimizer, jitted steps) and ``radnet_jax.models.factory`` (the network);
+this module only supplies what is specific to segmentation:
 
 * data: segmentation shards (``radnet_jax.shards.seg``); with an empty
   ``config.data.shards_dir`` the phantom LiTS set is generated and converted
@@ -49,14 +50,21 @@ import ml_collections
 import numpy as np
 
 from radnet_jax import contract as contract_lib
+from radnet_jax import phantom
 from radnet_jax.dicom import nifti
 from radnet_jax.inference import segment as seg_inference
 from radnet_jax.inference import sliding_window
 from radnet_jax.labels import lits
+from radnet_jax.models import factory
 from radnet_jax.models import vnet
+from radnet_jax.shards import demo
 from radnet_jax.shards import records
 from radnet_jax.shards import seg as segdata
+from radnet_jax.tasks import pretrain
+from radnet_jax.tasks import proposal
 from radnet_jax.training import checkpoints
+from radnet_jax.training import distributed
+from radnet_jax.training import loop
 from radnet_jax.training import seg_metrics
 from radnet_jax.training import trainer
 from radnet_jax.training import transfer
@@ -68,7 +76,6 @@ log = logging.getLogger("radnet_jax")
 # -------------------------------------------------------------------- data ---
 def phantom_lits_dir(data_cfg: Mapping) -> str:
   """Cache folder of the phantom LiTS set for ``data_cfg`` (nifti/ + shards-*)."""
-  from radnet_jax.shards import demo  # pylint: disable=g-import-not-at-top
   name = f"lits-phantom-n{int(data_cfg['phantom_n'])}-s{int(data_cfg['phantom_seed'])}"
   return os.path.join(demo.cache_root(data_cfg.get("cache_dir", "")), name)
 
@@ -96,34 +103,29 @@ def ensure_shards(data_cfg: Mapping) -> str:
       f"{w:g}" for w in cfg.window) + "-r" + "_".join(f"{r:g}" for r in cfg.out_range) \
       + f"-v{cfg.val_fraction:g}-t{cfg.test_fraction:g}-s{cfg.seed}"
   if data_cfg.get("lits_dir"):
-    nifti = data_cfg["lits_dir"]
-    from radnet_jax.shards import demo  # pylint: disable=g-import-not-at-top
+    nifti_dir = data_cfg["lits_dir"]
     root = os.path.join(demo.cache_root(data_cfg.get("cache_dir", "")), "lits-shards",
-                        os.path.basename(os.path.normpath(nifti)))
+                        os.path.basename(os.path.normpath(nifti_dir)))
   else:
     root = phantom_lits_dir(data_cfg)
-    nifti = os.path.join(root, "nifti")
-    if not os.path.isdir(nifti):
-      from radnet_jax import phantom  # pylint: disable=g-import-not-at-top
-      if not hasattr(phantom, "make_lits"):
-        raise RuntimeError("radnet_jax.phantom.make_lits is not available: set "
-                           "config.data.shards_dir or config.data.lits_dir")
-      tmp = nifti + ".partial"
+    nifti_dir = os.path.join(root, "nifti")
+    if not os.path.isdir(nifti_dir):
+      tmp = nifti_dir + ".partial"
       shutil.rmtree(tmp, ignore_errors=True)
       log.info("data: generating the phantom LiTS set (%d volumes, seed %d) in %s",
-               int(data_cfg["phantom_n"]), int(data_cfg["phantom_seed"]), nifti)
+               int(data_cfg["phantom_n"]), int(data_cfg["phantom_seed"]), nifti_dir)
       # workers=1: forking a process that already runs JAX threads can deadlock.
       phantom.make_lits(tmp, n=int(data_cfg["phantom_n"]),
                         seed=int(data_cfg["phantom_seed"]), workers=1, progress=False)
-      os.replace(tmp, nifti)
+      os.replace(tmp, nifti_dir)
   shards = os.path.join(root, f"shards-{tag}")
-  if records.has_manifest(shards):
+  if os.path.exists(os.path.join(shards, "manifest.json")):
     log.info("data: reusing segmentation shards in %s", shards)
     return shards
   tmp = shards + ".partial"
   shutil.rmtree(tmp, ignore_errors=True)
-  log.info("data: converting %s to segmentation shards (%s)", nifti, cfg)
-  segdata.build_shards(nifti, tmp, cfg, progress=False)
+  log.info("data: converting %s to segmentation shards (%s)", nifti_dir, cfg)
+  segdata.build_shards(nifti_dir, tmp, cfg, progress=False)
   shutil.rmtree(shards, ignore_errors=True)
   os.replace(tmp, shards)
   return shards
@@ -240,24 +242,6 @@ def _logits(out):
   return out[0] if isinstance(out, (tuple, list)) else out
 
 
-# ------------------------------------------------------------------- model ---
-def build_model(config: ml_collections.ConfigDict):
-  """Segmentation network from ``config.model`` (``radnet_jax.models.vnet``).
-
-  ``model.name``: "resnet_vnet" (encoder = a ResNet3D preset named by
-  ``model.backbone``, the one pretraining used) or "vnet" (classic VNet).
-  """
-  kw = dict(config.model.get("kwargs", {}))
-  dtype = jnp.dtype(config.model.get("dtype", "float32"))
-  name = config.model.name
-  if name == "resnet_vnet":
-    return vnet.ResNetVNet(trunk=config.model.backbone, out_channels=config.num_classes,
-                           dtype=dtype, **kw)
-  if name == "vnet":
-    return vnet.VNet(out_channels=config.num_classes, dtype=dtype, **kw)
-  raise ValueError(f"unknown segmentation model {name!r} (resnet_vnet | vnet)")
-
-
 # ---------------------------------------------------------------- evaluate ---
 def evaluate(predict_fn: sliding_window.PredictFn, recs: Sequence[Mapping],
              roi: Sequence[int], eval_cfg: Mapping, num_classes: int, *,
@@ -300,6 +284,7 @@ def save_overlay(path: str, volume: np.ndarray, ref: np.ndarray, pred: np.ndarra
                  title: str = "", n_slices: int = 3) -> str:
   """PNG of ``n_slices`` axial slices through the reference liver: image,
   reference contour (green) and prediction (red)."""
+  # matplotlib: an optional, slow-to-import dependency needed only for overlays.
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -334,7 +319,6 @@ def resolve_init(config: ml_collections.ConfigDict) -> str:
   src = config.init_from
   if src != "auto":
     return src
-  from radnet_jax.shards import demo  # pylint: disable=g-import-not-at-top
   pre = config.get("pretrain_workdir") or os.path.join(
       demo.cache_root(config.data.get("cache_dir", "")), "pretrain-demo")
   try:
@@ -346,10 +330,9 @@ def resolve_init(config: ml_collections.ConfigDict) -> str:
   if config.get("pretrain") is None:
     raise ValueError("init_from='auto' needs config.pretrain (the pretraining "
                      "config) or an existing pretraining workdir")
-  from radnet_jax.tasks import pretrain as train  # pylint: disable=g-import-not-at-top
   log.info("init: no pretraining checkpoint in %s: running the pretraining demo "
            "first", pre)
-  train.train_and_evaluate(config.pretrain, pre)
+  pretrain.train_and_evaluate(config.pretrain, pre)
   return pre
 
 
@@ -486,7 +469,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # ------------------------------------------------------------------ mesh --
   mesh = trainer.make_mesh(config.num_devices or None)
-  local_batch = trainer.check_global_batch(config.batch_size, mesh)
+  local_batch = distributed.check_batch(config.batch_size, mesh=mesh)
 
   # ------------------------------------------------------------------ data --
   shards_dir = ensure_shards(config.data)
@@ -507,7 +490,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_iter = iter(train_ds)
 
   # ----------------------------------------------------------------- model --
-  model = build_model(config)
+  model = factory.segmentation_model(config)
   total_steps = int(config.num_steps)
   tx, schedule = trainer.make_optimizer(config.optim, total_steps)
   abstract = jax.eval_shape(lambda: model.init(
@@ -528,57 +511,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --------------------------------------------------------------- restore --
   checkpoints.save_config(workdir, config)
-  if jax.process_index() == 0:
+  if distributed.is_main_process():   # what inference will prepare CTs as
     contract_lib.write(workdir, contract_lib.for_segment(config))
   val_recs = segdata.load_records(shards_dir, "val")
   ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints,
                                   best_metric="val/liver/dice_global" if val_recs else None)
-  report = None
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state, train_iter)
-    log.info("resumed from %s/checkpoints at step %d", workdir, int(state.step))
-  elif src:
-    state, report = transfer.transfer_state(state, src)
+  reports = []
+
+  def init(st):  # no checkpoint in the workdir: the pretrained trunk, if any
+    if not src:
+      return st
+    st, rep = transfer.transfer_state(st, src)
+    reports.append(rep)
+    return st
+
+  state, _ = loop.resume(ckpt, state, train_iter, init)
+  report = reports[0] if reports else None
   if report is not None:
     with open(os.path.join(workdir, "transfer_report.json"), "w") as f:
       json.dump(report.as_dict(), f, indent=1)
   start = int(jax.device_get(state.step))
 
   # ------------------------------------------------------------------ loop --
-  writer = trainer.MetricWriter(workdir, total_steps, start, config.tensorboard)
-  last_ckpt = ckpt.latest_step()
+  writer, history = loop.open_metrics(workdir, total_steps, start, config.tensorboard)
   eval_cfg = config.eval.to_dict()
+
+  def validate(st):
+    res = evaluate(seg_inference.predictor(model, st), val_recs, patch,
+                   dict(eval_cfg, assd=False), config.num_classes, pad_value=pad_value)
+    return {"liver/dice_global": res["liver/dice_global"]}
+
   t_train = time.time()
-  for step in range(start + 1, total_steps + 1):
-    batch = trainer.put_batch(next(train_iter), mesh)
-    state, m = train_step(state, batch)
-    is_last = step == total_steps
-    do_ckpt = step % config.checkpoint_every == 0 or is_last
-    if step % config.log_every == 0 or do_ckpt or step == start + 1:
-      m = {k: float(v) for k, v in jax.device_get(m).items()}
-      trainer.check_finite(step, m, workdir, last_ckpt)
-      writer.write(step, m, "train")
-      if step == start + 1:
-        writer.reset_clock(step)
-    if val_recs and (step % config.eval_every == 0 or is_last):
-      res = evaluate(seg_inference.predictor(model, state), val_recs, patch,
-                     dict(eval_cfg, assd=False), config.num_classes, pad_value=pad_value)
-      writer.write(step, {"liver/dice_global": res["liver/dice_global"]}, "val")
-      ckpt.maybe_save_best(step, state, {"val/liver/dice_global": res["liver/dice_global"]})
-    if do_ckpt:
-      ckpt.save(step, state, train_iter)
-      last_ckpt = step
+  state = loop.fit(state, train_step, train_iter, mesh, loop.Cadence.from_config(config),
+                   evaluate=validate if val_recs else None, ckpt=ckpt, writer=writer,
+                   workdir=workdir, loss_history=history).state
   train_s = time.time() - t_train
 
   # ------------------------------------------------------------------ test --
   which = f"last@{int(jax.device_get(state.step))}"
   best = ckpt.best_record()
   if config.test_checkpoint == "best" and best is not None:
-    state = ckpt.restore_best(state)
-    which = f"best@{best['step']}"
+    state, step = ckpt.restore_best(state)
+    which = f"best@{step}" if step == int(best["step"]) else f"last@{step} (best unreadable)"
   proposer = None
   if config.proposal.enabled:
-    from radnet_jax.tasks import proposal  # pylint: disable=g-import-not-at-top
     proposer = proposal.train_proposer(config, shards_dir, train_cases, src, workdir)
   test_recs = segdata.load_records(shards_dir, "test")
   results = {"checkpoint": which, "shards_dir": shards_dir, "n_train": len(train_cases),
@@ -601,7 +577,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
              split, out["liver/dice_global"], out["liver/dice_per_case"],
              out.get("liver/assd_mm", float("nan")), out["num_cases"])
   results["total_seconds"] = time.time() - t_start
-  if jax.process_index() == 0:
+  if distributed.is_main_process():
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(_jsonsafe(results), f, indent=2)
   writer.close()

@@ -10,18 +10,28 @@ Workdir layout::
 
 ``Checkpointer`` keeps the last N training checkpoints (model, optimizer,
 step, RNG and data iterator: an exact resume point) and, separately, the best
-one by a validation metric. ``restore_params(path)`` reads parameters and
-batch statistics into plain numpy arrays on any machine (no mesh, any device
-count, no optimizer needed). ``merge_params`` maps a loaded tree onto a
-freshly initialised one by name and reports loaded / missing / mismatched
-entries (``--config.init_from``).
+one by a validation metric. ``restore(path)`` is the one way to read a run's
+parameters and batch statistics (``radnet_jax.load``, the transfer,
+``init_from``, segmentation prediction): plain numpy arrays on any machine
+(no mesh, any device count, no optimizer state read). ``merge_params`` maps a
+loaded tree onto a freshly initialised one by name and reports loaded /
+missing / mismatched entries (``--config.init_from``).
+
+Damaged checkpoints: resume and ``restore`` try the newest (or best) step
+first; a step that cannot be read (a truncated data file, a missing
+``_METADATA`` or OCDBT manifest) is logged with the reason and the next older
+one is tried (``best`` falls back to the training checkpoints); only when no
+step restores is it an error, listing each step and why.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import re
+import shutil
+import sys
 from typing import Any, Mapping, Sequence
 
 import grain
@@ -29,6 +39,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from radnet_jax.training import distributed
 
 log = logging.getLogger("radnet_jax")
 
@@ -74,15 +86,49 @@ class Checkpointer:
     self.latest.wait_until_finished()
 
   def restore(self, target_state: Any, data_iter: Any, step: int | None = None) -> Any:
-    """Restores the latest (or ``step``) checkpoint into ``target_state``'s
-    shardings and sets ``data_iter``'s position; returns the state."""
-    step = self.latest.latest_step() if step is None else step
+    """Restores the newest readable (or exactly ``step``) checkpoint into
+    ``target_state``'s shardings and sets ``data_iter``'s position.
+
+    An unreadable step (truncated data file, missing ``_METADATA`` or OCDBT
+    manifest) is logged with its reason and the next older one is tried; the
+    unreadable ones newer than the restored step are renamed
+    ``<step>.unreadable`` (kept for inspection, out of the way of the saves
+    that will redo those steps). Raises ``UnreadableCheckpoint`` when none
+    restores. Returns the state.
+    """
+    steps = sorted(self.latest.all_steps(), reverse=True)
+    if step is not None:
+      steps = [s for s in steps if s == step]
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint{'' if step is None else f' of step {step}'} "
+                              f"in {self.workdir}/checkpoints")
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target_state)
-    out = self.latest.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
-        data=grain.checkpoint.CheckpointRestore(data_iter)))
+    base = os.path.join(self.workdir, "checkpoints")
+
+    def read(step_dir):
+      check_step_files(step_dir, ("state", "data"))
+      return self.latest.restore(int(os.path.basename(step_dir)), args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract),
+          data=grain.checkpoint.CheckpointRestore(data_iter)))
+
+    out, _, restored, skipped = _try_each(
+        [(os.path.join(base, str(s)), s) for s in steps], read, f"resume {self.workdir}")
+    if skipped:
+      self._set_aside([s for s in steps if s > restored], base)
     return out["state"]
+
+  def _set_aside(self, steps: Sequence[int], base: str) -> None:
+    if distributed.is_main_process():
+      for s in steps:
+        src = os.path.join(base, str(s))
+        dst = f"{src}.unreadable"
+        if os.path.exists(dst):
+          shutil.rmtree(dst)
+        os.replace(src, dst)
+        log.warning("moved the unreadable checkpoint %s aside to %s", src, dst)
+    distributed.barrier("checkpoints_set_aside")  # all see the same steps before reload
+    self.latest.reload()
 
   def best_record(self) -> dict | None:
     if not os.path.exists(self._best_path):
@@ -112,15 +158,27 @@ class Checkpointer:
       json.dump({"step": int(step), "metric": self.best_metric, "value": value}, f)
     return True
 
-  def restore_best(self, target_state: Any) -> Any:
-    """The best checkpoint's state, with ``target_state``'s shardings."""
+  def restore_best(self, target_state: Any) -> tuple[Any, int]:
+    """(state, step) of the best checkpoint with ``target_state``'s shardings;
+    if it is unreadable (logged with the reason), of the newest readable
+    training checkpoint instead (the data iterator position is not touched)."""
     rec = self.best_record()
     if self.best is None or rec is None:
       raise FileNotFoundError(f"no best checkpoint in {self.workdir}/best")
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target_state)
-    return self.best.restore(rec["step"], args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))["state"]
+    cands = [(os.path.join(self.workdir, "best", str(rec["step"])), int(rec["step"]))]
+    cands += [(os.path.join(self.workdir, "checkpoints", str(s)), s)
+              for s in sorted(self.latest.all_steps(), reverse=True)]
+
+    def read(step_dir):
+      check_step_files(step_dir)
+      mgr = self.best if os.path.basename(os.path.dirname(step_dir)) == "best" else self.latest
+      return mgr.restore(int(os.path.basename(step_dir)), args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract)))["state"]
+
+    state, _, step, _ = _try_each(cands, read, f"best checkpoint of {self.workdir}")
+    return state, step
 
   def close(self) -> None:
     self.latest.close()
@@ -131,7 +189,7 @@ class Checkpointer:
 def save_config(workdir: str, config: Any) -> str:
   """Writes the config as JSON beside the checkpoints (process 0)."""
   path = os.path.join(workdir, CONFIG_FILE)
-  if jax.process_index() == 0:
+  if distributed.is_main_process():
     os.makedirs(workdir, exist_ok=True)
     text = config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort") \
         else json.dumps(dict(config), indent=2, default=str)
@@ -145,65 +203,253 @@ def _step_dirs(d: epath.Path) -> list[int]:
       if d.exists() else []
 
 
-def resolve(path: str, prefer: str = "best") -> tuple[str, str | None, int]:
-  """Finds the ``state`` item directory of a checkpoint.
+def _workdir_of(step_dir: epath.Path) -> str | None:
+  workdir = step_dir.parent.parent
+  return str(workdir) if (workdir / CONFIG_FILE).exists() else None
 
-  ``path`` may be a workdir (the best checkpoint if ``prefer == "best"`` and
-  one exists, else the latest), a ``checkpoints/`` or ``best/`` directory
-  (latest step in it), a step directory, or a ``state`` directory.
-  Returns (state_dir, workdir or None, step).
+
+def candidates(path: str, prefer: str = "best", step: int | None = None
+               ) -> list[tuple[str, int]]:
+  """Step folders that ``path`` can restore from, in the order to try them.
+
+  ``path`` may be a workdir, its ``checkpoints/`` or ``best/`` folder, a step
+  folder or its ``state`` folder. A workdir gives its best step, then its
+  training checkpoints newest first (``prefer="latest"``: the training
+  checkpoints first, then best); ``best/`` falls back to the training
+  checkpoints beside it. ``step`` keeps only folders of that step. Returns
+  [(step folder, step)] (step -1 for a step folder not named by a number).
   """
+  if prefer not in ("best", "latest"):
+    raise ValueError(f"prefer must be 'best' or 'latest', got {prefer!r}")
   p = epath.Path(path)
   if not p.exists():
     raise FileNotFoundError(f"checkpoint path {path} does not exist")
   if p.name == "state":
     p = p.parent
-  if (p / "state").exists():
-    step = int(p.name) if p.name.isdigit() else -1
-    workdir = p.parent.parent
-    return str(p / "state"), str(workdir) if (workdir / CONFIG_FILE).exists() else None, step
-  candidates = []
+  if (p / "state").exists():  # one step folder: nothing to fall back to
+    n = int(p.name) if p.name.isdigit() else -1
+    if step is not None and n != step:
+      raise FileNotFoundError(f"{path} is step {n}, not step {step}")
+    return [(str(p), n)]
   if (p / "checkpoints").exists() or (p / "best").exists():
     order = ("best", "checkpoints") if prefer == "best" else ("checkpoints", "best")
-    candidates = [p / o for o in order]
+    folders = [p / o for o in order]
+  elif p.name == "best":
+    folders = [p, p.parent / "checkpoints"]
   else:
-    candidates = [p]
-  for c in candidates:
-    steps = _step_dirs(c)
-    if steps:
-      return resolve(str(c / str(steps[-1])), prefer)
-  raise FileNotFoundError(f"no checkpoint found under {path} (expected a run workdir, "
-                          f"its checkpoints/ or best/ folder, or a step folder)")
+    folders = [p]
+  out = [(str(f / str(s)), s) for f in folders for s in reversed(_step_dirs(f))
+         if step is None or s == step]
+  if not out:
+    what = f"no checkpoint of step {step}" if step is not None else "no checkpoint"
+    raise FileNotFoundError(f"{what} found under {path} (expected a run workdir, its "
+                            f"checkpoints/ or best/ folder, or a step folder)")
+  return out
 
 
-def restore_state_tree(state_dir: str) -> dict:
-  """Reads a saved TrainState as a nested dict of numpy arrays (any device count)."""
+def resolve(path: str, prefer: str = "best") -> tuple[str, str | None, int]:
+  """(state folder, workdir or None, step) of the first of ``candidates``,
+  without reading it (``restore`` is the one that reads and falls back)."""
+  step_dir, step = candidates(path, prefer)[0]
+  return str(epath.Path(step_dir) / "state"), _workdir_of(epath.Path(step_dir)), step
+
+
+# Orbax restores run on an asyncio loop; when one read fails (a truncated
+# data file) the loop is closed while tensorstore still completes the other
+# reads: each completion reports "RuntimeError: Event loop is closed", and each
+# abandoned read coroutine an exception on garbage collection, dozens of
+# tracebacks on stderr that bury the one real error (which ``restore``
+# reports itself, with the step and the reason). Only that teardown noise is
+# dropped; every other error reaches the previous hooks.
+def _teardown_noise(exc: BaseException | None, obj: Any = None) -> bool:
+  if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+    return True
+  code = getattr(obj, "cr_code", None)
+  return code is not None and "orbax" in code.co_filename and (
+      isinstance(exc, GeneratorExit) or isinstance(getattr(exc, "__cause__", None),
+                                                   GeneratorExit))
+
+
+def _quiet_restore_teardown() -> None:
+  """Installs (again, if something replaced them) the two filtering hooks."""
+  if not getattr(sys.excepthook, "_radnet_filter", False):
+    previous_excepthook = sys.excepthook
+
+    def excepthook(kind, value, tb):
+      if not _teardown_noise(value):
+        previous_excepthook(kind, value, tb)
+    excepthook._radnet_filter = True  # pylint: disable=protected-access
+    sys.excepthook = excepthook
+  if not getattr(sys.unraisablehook, "_radnet_filter", False):
+    previous_unraisablehook = sys.unraisablehook
+
+    def unraisablehook(unraisable):
+      if not _teardown_noise(unraisable.exc_value, unraisable.object):
+        previous_unraisablehook(unraisable)
+    unraisablehook._radnet_filter = True  # pylint: disable=protected-access
+    sys.unraisablehook = unraisablehook
+
+
+class _quiet_absl:  # pylint: disable=invalid-name
+  """absl at ERROR inside the block: Orbax warns that item folders have no
+  ``_CHECKPOINT_METADATA`` (true of every ``state`` folder, and harmless)."""
+
+  def __enter__(self):
+    self._logger = logging.getLogger("absl")
+    self._level = self._logger.level
+    self._logger.setLevel(logging.ERROR)
+
+  def __exit__(self, *exc):
+    self._logger.setLevel(self._level)
+
+
+def check_step_files(step_dir: str, items: Sequence[str] = ("state",)) -> None:
+  """Raises ``UnreadableCheckpoint`` naming the first missing file Orbax needs
+  (``<item>/_METADATA``; ``manifest.ocdbt`` of an OCDBT item)."""
+  d = epath.Path(step_dir)
+  for item in items:
+    it = d / item
+    if not it.exists():
+      raise UnreadableCheckpoint(step_dir, f"{item}/ is missing")
+    if item == "data":
+      continue  # grain iterator state: JSON files, checked by its reader
+    if not (it / "_METADATA").exists():
+      raise UnreadableCheckpoint(step_dir, f"{item}/_METADATA is missing (the tree of "
+                                           f"array names; the save was cut short?)")
+    if any(c.name.startswith("ocdbt.process_") for c in it.iterdir()) \
+        and not (it / "manifest.ocdbt").exists():
+      raise UnreadableCheckpoint(step_dir, f"{item}/manifest.ocdbt is missing (the "
+                                           f"index of the array data files)")
+
+
+class UnreadableCheckpoint(ValueError):
+  """A checkpoint step that cannot be restored; ``str`` says which and why."""
+
+  def __init__(self, step_dir: str, reason: str):
+    super().__init__(f"{step_dir}: {reason}")
+    self.step_dir, self.reason = step_dir, reason
+
+
+def describe_error(e: BaseException) -> str:
+  """One line on why Orbax / tensorstore could not read a checkpoint."""
+  msg = " ".join(str(e).split())
+  if "OUT_OF_RANGE" in msg or "is not valid for value of size" in msg:
+    return f"a data file is truncated or damaged ({msg[:300]})"
+  if isinstance(e, AttributeError) and "tree" in msg:
+    return ("its metadata (the tree of array names: _METADATA, or the OCDBT index "
+            "it points into) is unreadable or damaged")
+  return f"{type(e).__name__}: {msg[:300]}"
+
+
+def _try_each(cands: Sequence[tuple[str, int]], read, what: str
+              ) -> tuple[Any, str, int, list[str]]:
+  """``read(step_dir)`` on each candidate until one succeeds.
+
+  Logs each unreadable step with its reason and the step it falls back to;
+  raises ``UnreadableCheckpoint`` listing every reason when none restores.
+  """
+  _quiet_restore_teardown()
+  failures = []
+  for step_dir, step in cands:
+    try:
+      with _quiet_absl():
+        out = read(step_dir)
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+      raise
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types
+      reason = e.reason if isinstance(e, UnreadableCheckpoint) else describe_error(e)
+      failures.append(f"{step_dir}: {reason}")
+      log.warning("checkpoint %s (step %d) is unreadable: %s", step_dir, step, reason)
+      continue
+    if failures:
+      log.warning("%s: falling back to %s (step %d); %d newer/preferred step(s) "
+                  "unreadable", what, step_dir, step, len(failures))
+    return out, step_dir, step, failures
+  raise UnreadableCheckpoint(
+      cands[0][0] if cands else "?",
+      f"{what}: no checkpoint restores:\n  " + "\n  ".join(failures))
+
+
+@dataclasses.dataclass
+class Restored:
+  """Parameters of a checkpoint as plain numpy pytrees (see ``restore``).
+
+  params / batch_stats: Flax collections ({} when the model has none);
+  config: the run's ``config.json`` as a dict (None when absent); step: the
+  training step; path: the ``state`` folder read; workdir: the run folder
+  (None for a bare step folder); skipped: "<step folder>: reason" of each
+  newer or preferred step that was unreadable.
+  """
+  params: dict
+  batch_stats: dict
+  config: dict | None
+  step: int
+  path: str
+  workdir: str | None
+  skipped: list[str] = dataclasses.field(default_factory=list)
+
+
+def _read_variables(state_dir: str) -> dict:
+  """params, batch_stats and step of a saved TrainState (no optimizer state),
+  as numpy arrays on any device count."""
   ckptr = ocp.PyTreeCheckpointer()
   meta = ckptr.metadata(state_dir)
   tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  tree = dict(tree)
+  if "params" not in tree:
+    raise UnreadableCheckpoint(state_dir, f"no 'params' entry (found {sorted(tree)}); "
+                                          f"not a RadNet training checkpoint?")
+  item = {c: tree[c] for c in ("params", "batch_stats", "step")
+          if c in tree and (c == "step" or tree[c])}  # an empty batch_stats has no arrays
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  # A partial restore reads only these entries: the optimizer state (2x the
+  # parameters for Adam) is never loaded.
+  return ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=restore_args, partial_restore=True))
 
 
-def restore_params(path: str, prefer: str = "best") -> tuple[dict, dict, dict | None, int]:
-  """Loads parameters without the optimizer, onto any machine.
+def read_config(workdir: str | None) -> dict | None:
+  """A run's ``config.json`` as a dict (None without a workdir)."""
+  if workdir is None:
+    return None
+  p = epath.Path(workdir) / CONFIG_FILE
+  try:
+    return json.loads(p.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{p}: not valid JSON ({e})") from e
+
+
+def restore(path: str, prefer: str = "best", step: int | None = None) -> Restored:
+  """THE restore path: a run's parameters as numpy arrays, on any machine.
 
   Args:
-    path: a run workdir or a checkpoint directory (see ``resolve``).
-    prefer: "best" or "latest" when ``path`` is a workdir.
+    path: a run workdir, its ``checkpoints/`` or ``best/`` folder, a step
+      folder or its ``state`` folder; local or any ``etils.epath`` location.
+    prefer: for a workdir, "best" (the best validation step, falling back to
+      the training checkpoints newest first) or "latest" (training
+      checkpoints newest first, then best).
+    step: restore exactly this step (no fallback to other steps).
   Returns:
-    (params, batch_stats, config dict from ``config.json`` or None, step);
-    arrays are plain numpy.
+    ``Restored``: params, batch_stats (no optimizer state, whatever device
+    count or host count wrote them), config, step.
+  Raises:
+    FileNotFoundError: ``path`` holds no checkpoint.
+    UnreadableCheckpoint: no candidate step restores (each reason listed).
   """
-  state_dir, workdir, step = resolve(path, prefer)
-  tree = restore_state_tree(state_dir)
-  config = None
-  if workdir is not None:
-    with open(os.path.join(workdir, CONFIG_FILE)) as f:
-      config = json.load(f)
-  if step < 0 and "step" in tree:
-    step = int(np.asarray(tree["step"]))
-  return tree["params"], tree.get("batch_stats") or {}, config, int(step)
+  cands = candidates(path, prefer, step)
+
+  def read(step_dir):
+    check_step_files(step_dir)
+    return _read_variables(str(epath.Path(step_dir) / "state"))
+
+  tree, step_dir, n, skipped = _try_each(cands, read, f"restore {path}")
+  if n < 0 and "step" in tree:
+    n = int(np.asarray(tree["step"]))
+  workdir = _workdir_of(epath.Path(step_dir))
+  return Restored(params=tree["params"], batch_stats=tree.get("batch_stats") or {},
+                  config=read_config(workdir), step=int(n),
+                  path=str(epath.Path(step_dir) / "state"), workdir=workdir,
+                  skipped=skipped)
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict:
@@ -259,7 +505,8 @@ def init_from(state: Any, path: str, skip: Sequence[str] = ()) -> tuple[Any, dic
   Mapped by name (``merge_params``); the optimizer, step and RNG stay fresh.
   Logs counts and every missing / mismatched name (never dropped silently).
   """
-  params, batch_stats, _, step = restore_params(path)
+  src = restore(path)
+  params, batch_stats, step = src.params, src.batch_stats, src.step
   new_p, rep = merge_params(state.params, params, skip)
   new_bs, rep_bs = merge_params(state.batch_stats, batch_stats, skip) \
       if jax.tree.leaves(state.batch_stats) else (state.batch_stats, None)

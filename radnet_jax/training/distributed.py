@@ -4,7 +4,7 @@ One training process runs per host (TPU VM worker, GPU node) or per GPU; all
 processes run the same program on their share of the data and meet in the
 jit-compiled step. This module decides *whether* and *how* to call
 ``jax.distributed.initialize`` and checks the batch arithmetic, so that
-``run.py`` and ``train.py`` stay free of cluster details.
+``run.py`` and the tasks stay free of cluster details.
 
 How the processes are described, by priority:
 
@@ -23,18 +23,26 @@ computation); ``initialize`` raises a clear error otherwise.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import hashlib
 import importlib.util
 import logging
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Mapping, Sequence
 
 import jax
-from radnet_jax.cli import flags
+import numpy as np
+from absl import flags
+from absl import logging as absl_logging
+from jax.experimental import multihost_utils
+
+from radnet_jax.cli import flags as cli_flags  # one flag spelling (absl owns `flags`)
 
 log = logging.getLogger(__name__)
 
@@ -203,11 +211,7 @@ def initialize(coordinator_address: str | None = None,
 
 def is_initialized() -> bool:
   """True once ``jax.distributed.initialize`` has run in this process."""
-  try:
-    return jax.distributed.is_initialized()
-  except AttributeError:  # older JAX
-    from jax._src import distributed as _d  # pylint: disable=g-import-not-at-top
-    return _d.global_state.client is not None
+  return jax.distributed.is_initialized()
 
 
 def shutdown() -> None:
@@ -233,24 +237,22 @@ def configure_logging(level: int = logging.INFO) -> None:
   """
   quiet = not is_main_process()
   logging.getLogger().setLevel(logging.WARNING if quiet else level)
-  try:
-    from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
-    absl_logging.set_verbosity(absl_logging.WARNING if quiet else
-                               absl_logging.INFO)
-  except ImportError:
-    pass
+  absl_logging.set_verbosity(absl_logging.WARNING if quiet else absl_logging.INFO)
 
 
-def check_batch(global_batch: int, *, device_count: int | None = None,
+def check_batch(global_batch: int, *, mesh: Any = None, device_count: int | None = None,
                 process_count: int | None = None,
                 local_device_count: int | None = None) -> int:
   """Checks the global batch against the devices; returns the per-process batch.
 
-  The global batch is split evenly over all devices of the data mesh, and each
-  process feeds the rows that belong to its local devices, so the global batch
-  must be a multiple of the global device count (hence of the process count).
+  The global batch is split evenly over all devices of the data mesh
+  (``mesh``, else ``device_count``, else every device), and each process
+  feeds the rows that belong to its local devices, so the global batch must
+  be a multiple of the mesh's device count (hence of the process count).
   Raises ValueError with the numbers and the nearest valid batch sizes.
   """
+  if mesh is not None:
+    device_count = int(mesh.devices.size)
   device_count = jax.device_count() if device_count is None else device_count
   process_count = jax.process_count() if process_count is None else process_count
   if local_device_count is None:
@@ -275,30 +277,9 @@ def check_batch(global_batch: int, *, device_count: int | None = None,
   return global_batch // process_count
 
 
-def check_records(num_records: int, global_batch: int, *,
-                  process_count: int | None = None) -> int:
-  """Steps per epoch when each process reads ``num_records / processes``.
-
-  Raises ValueError when some process would not get one full batch (grain's
-  per-process sharding drops the remainder, so a tiny corpus on many hosts
-  would otherwise stall or train on nothing).
-  """
-  process_count = jax.process_count() if process_count is None else process_count
-  per_process_records = num_records // process_count
-  per_process_batch = global_batch // process_count
-  if per_process_batch == 0 or per_process_records < per_process_batch:
-    raise ValueError(
-        f"{num_records} records over {process_count} processes gives "
-        f"{per_process_records} per process, fewer than the per-process batch "
-        f"{per_process_batch} (global {global_batch}); use fewer processes, a "
-        f"smaller batch, or more data")
-  return per_process_records // per_process_batch
-
-
 def barrier(name: str) -> None:
   """Waits until every process reaches ``name`` (no-op for one process)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
 
 
@@ -311,9 +292,6 @@ def assert_same_on_all_processes(value: Any, what: str) -> None:
   """
   if jax.process_count() == 1:
     return
-  import hashlib  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   digest = hashlib.sha256(repr(value).encode()).digest()[:4]
   code = np.frombuffer(digest, dtype=np.int32).copy()
   multihost_utils.assert_equal(
@@ -328,7 +306,6 @@ def assert_same_on_all_processes(value: Any, what: str) -> None:
 def define_flags(flag_values: Any = None) -> None:
   """Defines --coordinator_address, --num_processes, --process_id,
   --local_device_ids, --distributed_timeout (idempotent)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
   fv = flags.FLAGS if flag_values is None else flag_values
   if "coordinator_address" in fv:
     return
@@ -351,7 +328,6 @@ def define_flags(flag_values: Any = None) -> None:
 
 def initialize_from_flags(flag_values: Any = None) -> Plan:
   """``initialize`` with the values of ``define_flags``'s flags."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
   fv = flags.FLAGS if flag_values is None else flag_values
   plan = initialize(fv.coordinator_address, fv.num_processes, fv.process_id,
                     fv.local_device_ids,
@@ -407,7 +383,6 @@ def launch_local(argv: Sequence[str], num_processes: int, *,
   port = free_port()
   base = dict(os.environ if env is None else env)
   procs, files = [], []
-  import tempfile  # pylint: disable=g-import-not-at-top
   for i in range(num_processes):
     child = dict(base)
     child[ENV_COORDINATOR] = f"127.0.0.1:{port}"
@@ -454,10 +429,9 @@ def launch_local(argv: Sequence[str], num_processes: int, *,
 
 def main(argv: Sequence[str] | None = None) -> int:
   """``python -m radnet_jax.training.distributed -n 2 [--cpu-devices 4] -- CMD ...``"""
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = flags.Parser(
+  parser = cli_flags.Parser(
       description="Run a command as N cooperating JAX processes on this machine.")
-  parser.add_argument("-n", "--num_processes", type=int, required=True)
+  parser.add_argument("-n", "--num-processes", type=int, required=True)
   parser.add_argument("--cpu-devices", type=int, default=None,
                       help="simulated CPU devices per process")
   parser.add_argument("--gpus-per-process", type=int, default=None)

@@ -152,6 +152,7 @@ class RegressionEvaluator:
 def save_confusion_png(path: str, confusion: Sequence[Sequence[int]],
                        classes: Sequence[str], title: str) -> None:
   """Writes a labelled confusion-matrix PNG (rows = truth, cols = prediction)."""
+  # matplotlib: slow to import and needed only for these plots.
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top

@@ -17,8 +17,6 @@ this module supplies everything else:
   step randomness ``fold_in(state.rng, state.step)``.
 * ``MetricWriter``: console progress (steps/s, ETA), TensorBoard event files
   (tensorboardX) and ``metrics.jsonl`` in the workdir.
-* ``check_finite``: raises on a NaN/Inf loss at a log step (the caller only
-  checkpoints after a finite check, so the last checkpoint stays good).
 """
 from __future__ import annotations
 
@@ -34,8 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tensorboardX
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from radnet_jax.training import distributed
 
 log = logging.getLogger("radnet_jax")
 
@@ -74,18 +75,6 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
-
-
-def check_global_batch(global_batch: int, mesh: Mesh) -> int:
-  """Returns the per-process batch; raises unless it divides over devices/hosts."""
-  n = mesh.devices.size
-  if global_batch % n:
-    raise ValueError(f"global batch size {global_batch} is not divisible by the "
-                     f"{n} devices of the mesh: set config.batch_size to a multiple of {n}")
-  if global_batch % jax.process_count():
-    raise ValueError(f"global batch size {global_batch} is not divisible by "
-                     f"{jax.process_count()} processes")
-  return global_batch // jax.process_count()
 
 
 def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
@@ -248,34 +237,20 @@ def make_eval_step(model: flax.linen.Module, mesh: Mesh,
 
 
 # ----------------------------------------------------------------- logging ---
-def check_finite(step: int, metrics: Mapping[str, float], workdir: str,
-                 last_ckpt: int | None) -> None:
-  """Raises FloatingPointError on a NaN/Inf loss, naming the checkpoint kept."""
-  loss = metrics.get("loss", 0.0)
-  if not math.isfinite(float(loss)):
-    kept = (f"the last good checkpoint (step {last_ckpt}) in {workdir} is kept"
-            if last_ckpt is not None else "no checkpoint was written yet")
-    raise FloatingPointError(
-        f"non-finite training loss ({loss}) at step {step}; {kept}. Lower "
-        f"config.optim.lr, raise warmup, or check the input data; rerunning "
-        f"resumes from that checkpoint.")
-
-
 class MetricWriter:
   """Console progress + TensorBoard + ``metrics.jsonl`` (process 0 writes)."""
 
   def __init__(self, workdir: str, total_steps: int, start_step: int = 0,
                tensorboard: bool = True):
     self.workdir, self.total = workdir, int(total_steps)
-    self.enabled = jax.process_index() == 0
+    self.enabled = distributed.is_main_process()
     self._t0, self._s0 = time.time(), int(start_step)
     self._tb = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
       if tensorboard:
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"))
 
   def reset_clock(self, step: int) -> None:
     """Restarts the steps/s clock (call after compilation / eval pauses)."""

@@ -14,8 +14,8 @@ Besides the trunk, the learnable input curve ``input_windows`` (pretraining's
 soft-tissue window, ``models/intensity.py``) is copied when both networks
 have one, so the trunk sees what it was trained on.
 
-Sources: a pretraining workdir or checkpoint directory (``checkpoints.resolve``
-finds the best or latest step), or ``medicalnet:PATH[:depth=N]`` for Tencent
+Sources: a pretraining workdir or checkpoint directory (``checkpoints.restore``
+reads its best, else newest readable, step), or ``medicalnet:PATH[:depth=N]`` for Tencent
 MedicalNet PyTorch weights (``radnet_jax.models.medicalnet.load_source``:
 the depth, width and shortcut type are read from the file). What a source
 was trained on is its preprocessing contract (``source_contract``): the
@@ -30,9 +30,7 @@ large gradients into the pretrained features.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import re
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -96,8 +94,8 @@ def load_source(path: str) -> tuple[dict, dict, int]:
              report.summary().splitlines()[0])
     to_np = lambda t: jax.tree.map(np.asarray, jax.device_get(t))
     return to_np(variables["params"]), to_np(variables.get("batch_stats", {})), 0
-  params, bs, _, step = checkpoints.restore_params(path)
-  return params, bs, step
+  restored = checkpoints.restore(path)
+  return restored.params, restored.batch_stats, restored.step
 
 
 def source_contract(source: str) -> contract_lib.Contract | None:
@@ -113,10 +111,7 @@ def source_contract(source: str) -> contract_lib.Contract | None:
                 source)
     return None
   c = contract_lib.read(workdir)
-  if c is None:
-    with open(os.path.join(workdir, checkpoints.CONFIG_FILE)) as f:
-      c = contract_lib.derive(json.load(f), workdir)
-  return c
+  return c if c is not None else contract_lib.derive(checkpoints.read_config(workdir), workdir)
 
 
 def medicalnet_backbone(source: str) -> dict:
