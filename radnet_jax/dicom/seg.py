@@ -36,6 +36,7 @@ import dataclasses
 import logging
 import os
 import re
+import struct
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -282,6 +283,10 @@ def rasterise(seg: str | Dataset, affine: np.ndarray, shape: Sequence[int], *,
   else:
     path = seg
     ds = read_dataset(path, stop_before_pixels=False)
+    try:   # pydicom parses sequences on first access: a truncated file fails there
+      ds.walk(lambda d, e: None)
+    except (struct.error, EOFError, ValueError, TypeError) as e:
+      raise ValueError(f"{path}: truncated or corrupt DICOM file ({type(e).__name__}: {e})") from e
   if not _is_seg(ds):
     raise ValueError(f"{path}: not a DICOM SEG (SOPClassUID "
                      f"{ds.get('SOPClassUID', '?')}, Modality {ds.get('Modality', '?')})")
