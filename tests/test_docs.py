@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.test_api import ROOT, make_checkpoint
+from tests.test_inference_load import ROOT, make_checkpoint
 
 DOC = os.path.join(ROOT, "docs", "usage.md")
 

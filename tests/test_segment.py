@@ -15,7 +15,7 @@ from radnet_jax.inference import segment as seg_inference
 from radnet_jax.shards import seg as segdata
 from radnet_jax.tasks import proposal
 from radnet_jax.tasks import segment
-from tests.test_api import make_checkpoint
+from tests.test_inference_load import make_checkpoint
 from tests.test_segdata import AFFINE_RAS, FILE_SHAPE, _write_lits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from tests.test_api import INPUT_SHAPE, make_checkpoint
+from tests.test_inference_load import INPUT_SHAPE, make_checkpoint
 
 SALT = "test-salt"
 
