@@ -45,6 +45,7 @@ import logging
 import os
 from typing import Any, Mapping, Sequence
 
+import ml_collections
 from etils import epath
 
 from radnet_jax import resample
@@ -310,7 +311,10 @@ def read(workdir: str) -> Contract | None:
 
 def derive(config: Any, where: str = "") -> Contract:
   """A contract for a workdir written before contracts existed: from its
-  config and, when still readable, its training shards' manifest (logged)."""
+  config (a ConfigDict or the ``config.json`` dict) and, when still
+  readable, its training shards' manifest (logged)."""
+  if not isinstance(config, ml_collections.ConfigDict):
+    config = ml_collections.ConfigDict(dict(config))
   manifest = None
   shards_dir = _get(_get(config, "data") or {}, "shards_dir")
   if task_of(config) == PRETRAIN and shards_dir:

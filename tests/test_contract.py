@@ -109,6 +109,10 @@ def test_old_workdir_derives_the_contract_with_a_warning(run, tmp_path, caplog):
     loaded = radnet_jax.load(old)
   assert "no contract.json" in caplog.text
   assert loaded.contract.origin.startswith("derived") and loaded.shard_shape == SHARDS_SHAPE
+  # The transfer reads a source's contract the same way (from config.json).
+  from radnet_jax.training import transfer
+  assert transfer.source_contract(old).shard_shape == SHARDS_SHAPE
+  assert transfer.source_contract(wd) == contract.read(wd)
   # Shards gone too: only the config is left to say it.
   moved = str(tmp_path / "gone")
   shutil.move(shards, moved)
