@@ -52,9 +52,11 @@ def read_nifti(path: str) -> tuple[np.ndarray, np.ndarray]:
 def load_nifti_volume(path: str, modality: str | None = None) -> Volume:
   """A NIfTI file -> ``dicom.Volume`` in the canonical orientation of DICOM series.
 
-  The last array axis of a NIfTI (``k``, the slice axis as written by
-  dcm2niix and most converters) becomes D; the acquisition plane is the one
-  the slice normal points along, and the volume is flipped/transposed to that
+  The slice axis becomes D: the array axis with the largest voxel spacing
+  (slices are the thickest voxels of a 2D acquisition; dcm2niix also writes
+  some 3D sagittal series with their slices along ``i``), the last axis
+  ``k`` when spacings tie (isotropic); the acquisition plane is the one the
+  slice normal points along, and the volume is flipped/transposed to that
   plane's canonical orientation (``dicom.geometry.reorient``), as DICOM
   series are. RAS world coordinates are converted to LPS.
 
@@ -71,8 +73,11 @@ def load_nifti_volume(path: str, modality: str | None = None) -> Volume:
   aff = RAS_TO_LPS @ affine_ras
   if not np.isfinite(aff).all() or abs(np.linalg.det(aff[:3, :3])) < 1e-9:
     raise ValueError(f"{path}: degenerate or non-finite affine")
-  vox = np.transpose(data, (2, 1, 0))   # (i, j, k) -> (k, j, i) = (D, H, W)
-  aff = aff[:, [2, 1, 0, 3]]
+  spacing = np.linalg.norm(aff[:3, :3], axis=0)
+  axis = 2 if spacing[2] >= spacing.max() * (1 - 1e-3) else int(np.argmax(spacing))
+  order = [axis] + [a for a in (2, 1, 0) if a != axis]   # (slice, in-plane, in-plane)
+  vox = np.transpose(data, order)   # e.g. (i, j, k) -> (k, j, i) = (D, H, W)
+  aff = aff[:, order + [3]]
   plane = dicom_geometry.plane_of(aff[:3, 0])
   vox, aff = dicom_geometry.reorient(vox, aff, plane)
   vox = np.ascontiguousarray(vox, np.float32)
