@@ -1,6 +1,6 @@
 r"""Few-shot study: liver Dice vs number of training volumes, scratch vs pretrained vs control.
 
-  python bench/fewshot.py --init_from PRETRAIN_WORKDIR [--control_from CONTROL_WORKDIR] \
+  python bench/fewshot.py --init-from PRETRAIN_WORKDIR [--control-from CONTROL_WORKDIR] \
       [--sizes 1,2,5,10,0] [--seeds 0,1,2] [--variants scratch,pretrained,control] \
       [--steps 300] [--patch 32,64,64] [--spacing 5,3,3] [--batch 4] \
       [--out bench/fewshot] [--proposal]
@@ -12,8 +12,8 @@ combination (size 0 = all training volumes), each in
 results.json, is reused, so the study resumes; several processes on one
 ``--out`` share the cells through claim files, and ``--wait`` keeps a process
 polling for cells whose trunk is still training). Variants: ``scratch``
-(random init), ``pretrained`` (trunk from ``--init_from``) and ``control``
-(the same transfer from ``--control_from``: a trunk pretrained with the same
+(random init), ``pretrained`` (trunk from ``--init-from``) and ``control``
+(the same transfer from ``--control-from``: a trunk pretrained with the same
 schedule on shards whose train labels were shuffled across volumes,
 bench/shuffled_labels.py), which separates what the metadata labels teach from
 what any pretraining on these volumes does. Writes ``<out>/fewshot.md`` (test
@@ -26,7 +26,6 @@ study stopped early has whole rows.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import logging
@@ -40,6 +39,8 @@ from scipy import stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from radnet_jax.cli import flags  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def _config(arg: str):
@@ -99,7 +100,7 @@ def run_one(variant: str, n: int, seed: int, a) -> dict | None:
       return json.load(f)
   init = {"pretrained": a.init_from, "control": a.control_from}.get(variant, "")
   if variant == "control" and not init:
-    raise SystemExit("variant control needs --control_from (a pretraining workdir on shuffled labels)")
+    raise SystemExit("variant control needs --control-from (a pretraining workdir on shuffled labels)")
   if init and not _init_ready(init):
     return None
   if not _claim(wd):
@@ -109,8 +110,7 @@ def run_one(variant: str, n: int, seed: int, a) -> dict | None:
   c.checkpoint_every = a.steps
   c.eval_every = a.steps
   if a.patch:
-    c.patch_shape = tuple(int(x) for x in a.patch.split(","))
-    c.eval.roi = c.patch_shape
+    c.input_shape = tuple(int(x) for x in a.patch.split(","))   # also the eval window
   if a.spacing:
     c.data.spacing = tuple(float(x) for x in a.spacing.split(","))
   if a.batch:
@@ -133,20 +133,20 @@ def run_one(variant: str, n: int, seed: int, a) -> dict | None:
 
 
 def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--init_from", default="", help="pretraining workdir ('' = auto)")
+  p = flags.Parser()
+  p.add_argument("--init-from", default="", help="pretraining workdir ('' = auto)")
   p.add_argument("--sizes", default="1,2,5,10,0")
-  p.add_argument("--control_from", default="", help="pretraining workdir on shuffled labels")
+  p.add_argument("--control-from", default="", help="pretraining workdir on shuffled labels")
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--variants", default="scratch,pretrained,control")
   p.add_argument("--steps", type=int, default=300)
   p.add_argument("--patch", default="", help="D,H,W training patch / eval ROI ('' = config)")
   p.add_argument("--spacing", default="", help="D,H,W mm of the training grid ('' = config)")
   p.add_argument("--batch", type=int, default=0, help="batch size (0 = config)")
-  p.add_argument("--shards_dir", default="")
-  p.add_argument("--skip_missing", action="store_true", help="tabulate finished runs only (train nothing)")
+  p.add_argument("--shards-dir", default="")
+  p.add_argument("--skip-missing", action="store_true", help="tabulate finished runs only (train nothing)")
   p.add_argument("--wait", action="store_true", help="keep polling for cells held by other processes / trunks")
-  p.add_argument("--lits_dir", default="", help="a LiTS-layout folder instead of the phantom set")
+  p.add_argument("--lits-dir", default="", help="a LiTS-layout folder instead of the phantom set")
   p.add_argument("--assd", action="store_true", help="also compute ASSD (slow on CPU)")
   p.add_argument("--proposal", action="store_true", help="also train/use the slab proposal")
   p.add_argument("--out", default=os.path.join(ROOT, "bench", "fewshot"))
