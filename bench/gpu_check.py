@@ -32,7 +32,6 @@ timings mean nothing.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import importlib.util
 import json
@@ -58,6 +57,7 @@ from radnet_jax.training import losses
 from radnet_jax.training import trainer  # noqa: E402
 from radnet_jax.labels import taxonomy as tax  # noqa: E402
 from radnet_jax.models import resnet3d, vnet  # noqa: E402
+from radnet_jax.cli import flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Dense bfloat16 tensor-core peaks (TFLOP/s, no sparsity), by device name.
@@ -377,7 +377,7 @@ def run_case(name: str, case, steps: int, warmup: int,
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = flags.Parser(description=__doc__.split("\n")[0])
   p.add_argument("--models", default="resnet50,vnet",
                  help="comma list of resnet50, vnet")
   p.add_argument("--batch", type=int, default=8, help="ResNet-50 batch")

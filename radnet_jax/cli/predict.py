@@ -11,18 +11,21 @@ prediction, with the reason), then prints a summary. ``--input`` may also be
 a NIfTI file or a folder of NIfTI files (no metadata labels then).
 
 The library function behind it is ``radnet_jax.predict(checkpoint, input, ...)``
-(``radnet_jax.api.predict``; see there for the arguments and columns).
+(``radnet_jax.inference.predict``; see there for the arguments and columns).
+Argument parsing only: jax is imported when the checkpoint is loaded, so
+``--help`` and a bad flag answer at once.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import sys
 from typing import Sequence
 
 from radnet_jax import api
-from radnet_jax.api import DEFAULT_THRESHOLD, QA_TASKS, Report
+from radnet_jax import privacy
+from radnet_jax.cli import flags
+from radnet_jax.inference.header_qa import DEFAULT_THRESHOLD, QA_TASKS, Report
 
 
 def summary_text(report: Report, threshold: float) -> str:
@@ -48,9 +51,9 @@ def summary_text(report: Report, threshold: float) -> str:
   return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> flags.Parser:
   """The command-line parser (documented flags are tested against it)."""
-  ap = argparse.ArgumentParser(
+  ap = flags.Parser(
       prog="python -m radnet_jax.cli.predict",
       description="Predict every series of a DICOM folder (or NIfTI) with a RadNet "
                   "checkpoint and flag headers that the pixels contradict.")
@@ -82,8 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
   """CLI entry; returns the exit status (2 for an unusable checkpoint)."""
   args = build_parser().parse_args(argv)
-
-  from radnet_jax import api, privacy  # pylint: disable=g-import-not-at-top
   out_dir = os.path.dirname(os.path.abspath(args.out))
   salt = privacy.load_or_create_salt(out_dir, args.salt)
   qa_tasks = tuple(t.strip() for t in args.qa_tasks.split(",") if t.strip())
@@ -92,15 +93,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  report = api.predict(loaded, args.input, threshold=args.threshold, qa_tasks=qa_tasks,
-                       batch_size=args.batch_size, salt=salt, priors=args.priors,
-                       modality=args.modality, workers=args.workers,
-                       progress=not args.no_progress, hash_paths=args.hash_paths)
+  try:
+    report = api.predict(loaded, args.input, threshold=args.threshold, qa_tasks=qa_tasks,
+                         batch_size=args.batch_size, salt=salt, priors=args.priors,
+                         modality=args.modality, workers=args.workers,
+                         progress=not args.no_progress, hash_paths=args.hash_paths)
+  except (FileNotFoundError, ValueError) as e:  # missing input, segmentation checkpoint
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   out, skipped = report.write_csv(args.out, args.skipped)
   print(summary_text(report, args.threshold))
   print(f"wrote {out} and {skipped} (checkpoint step {loaded.step})")
   return 0
-
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 import grain
 import numpy as np
 
+from radnet_jax.labels import lits
 from radnet_jax.shards import records
 from radnet_jax.shards import seg as segdata
 
@@ -33,11 +34,10 @@ def select_cases(train_cases: Sequence[str], n_train: int, seed: int) -> list[st
 
 def map_labels(mask: np.ndarray, num_classes: int) -> np.ndarray:
   """LiTS labels -> training classes: 2 classes = liver incl. tumour vs rest."""
+  lits.label_values(num_classes)   # 2 or 3, else a clear error
   if num_classes == 2:
-    return (mask > 0).astype(np.int32)
-  if num_classes == 3:
-    return mask.astype(np.int32)
-  raise ValueError(f"num_classes must be 2 (liver) or 3 (liver, tumour), got {num_classes}")
+    return np.isin(mask, lits.CLASSES["liver"]).astype(np.int32)
+  return mask.astype(np.int32)
 
 
 def sample_patch(volume: np.ndarray, mask: np.ndarray, fg_index: np.ndarray,

@@ -549,6 +549,14 @@ def record_from_dataset(ds: Dataset, salt: str) -> dict[str, Any]:
   return _complete_record(rec, ds, ds.get, salt)
 
 
+# Character sets in which an ASCII byte string means the same ASCII text
+# (fastread decodes ASCII only and raises on any other byte): single-byte
+# ISO 8859 sets, UTF-8, GB18030 / GBK. Not ISO 2022 (escape sequences) nor
+# ISO_IR 13 (JIS X 0201 puts the yen sign at the backslash).
+_ASCII_COMPATIBLE = frozenset({
+    "ISO_IR 6", "ISO_IR 100", "ISO_IR 101", "ISO_IR 109", "ISO_IR 110",
+    "ISO_IR 126", "ISO_IR 127", "ISO_IR 138", "ISO_IR 144", "ISO_IR 148",
+    "ISO_IR 166", "ISO_IR 203", "ISO_IR 192", "GB18030", "GBK"})
 # Present in a header, these make its record pydicom's job (sequences).
 _HEADER_NEEDS_PYDICOM = ("RadiopharmaceuticalInformationSequence",
                          "SharedFunctionalGroupsSequence",
@@ -566,8 +574,9 @@ def record_from_header(h: fastread.Header, salt: str) -> dict[str, Any]:
     if key in h:
       raise fastread.Unsupported(f"{key} in the header")
   charset = h.get_lenient("SpecificCharacterSet")
-  if charset not in (None, "ISO_IR 6", ["ISO_IR 6"]):
-    raise fastread.Unsupported("character set other than ASCII")
+  if charset is not None and (not isinstance(charset, str) or
+                              charset not in _ASCII_COMPATIBLE):
+    raise fastread.Unsupported(f"character set {charset!r}")
   rec: dict[str, Any] = {}
   for key in PLAIN_KEYS:
     value = _coerce(key, h.get_lenient(key))
