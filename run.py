@@ -16,7 +16,7 @@ from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-positio
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from radnet_jax import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
+from radnet_jax.training import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "experiments/pretrain.py",
@@ -33,7 +33,7 @@ def main(argv):
   variant = str(spec).split(":", 1)[1] if ":" in str(spec) else ""
   workdir = FLAGS.workdir or os.path.join("workdirs", name + (f"-{variant}" if variant else ""))
   config = FLAGS.config
-  entry = config.get("entry", "radnet_jax.train")
+  entry = config.get("entry", "radnet_jax.tasks.pretrain")
   import importlib  # pylint: disable=g-import-not-at-top
   importlib.import_module(entry).train_and_evaluate(config, workdir)
 

@@ -48,7 +48,6 @@ nothing.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import importlib.util
 import json
@@ -68,10 +67,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Only jax/flax/optax/numpy/pandas are needed: a lent GPU machine's image has
 # those but not grain / array_record / ml_collections, which `train`,
 # `segment` and the experiment configs import: losses come from the
-# grain-free `radnet_jax.losses`, the paper settings from PAPER_FALLBACK.
-from radnet_jax import device_augment, losses, trainer  # noqa: E402
+# grain-free `radnet_jax.training.losses`, the paper settings from PAPER_FALLBACK.
+from radnet_jax.data import device_augment
+from radnet_jax.training import losses
+from radnet_jax.training import trainer  # noqa: E402
 from radnet_jax.labels import taxonomy as tax  # noqa: E402
 from radnet_jax.models import layers, resnet3d, vnet  # noqa: E402
+from radnet_jax.cli import flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Dense bfloat16 tensor-core peaks (TFLOP/s, no sparsity), by device name.
@@ -176,7 +178,7 @@ def _flops(cost) -> float:
 def resnet_case(batch: int, shape: tuple[int, int, int], smoke: bool):
   """(model, loss_fn, batch dict, f32 model) for the paper pretraining step."""
   cfg, source = paper_config()
-  print(f"#   model/loss settings: {source}; losses: radnet_jax.losses", flush=True)
+  print(f"#   model/loss settings: {source}; losses: radnet_jax.training.losses", flush=True)
   taxonomy = tax.Taxonomy(cfg["taxonomy"])
   weights = cfg["weights"]
   heads = {t: taxonomy.num_classes[t] for t in tax.TASKS
@@ -442,7 +444,7 @@ def print_side_by_side(rows: list[dict], peak: float | None) -> None:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = flags.Parser(description=__doc__.split("\n")[0])
   p.add_argument("--models", default="resnet50,vnet",
                  help="comma list of resnet50, vnet")
   p.add_argument("--batch", type=int, default=8, help="ResNet-50 batch")

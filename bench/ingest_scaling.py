@@ -1,4 +1,4 @@
-"""Ingestion scaling: series/s of ``convert.build_shards`` with 1 and 2 processes,
+"""Ingestion scaling: series/s of ``build.build_shards`` with 1 and 2 processes,
 and the projected wall time and cost of a 60,000-series conversion.
 
   python bench/ingest_scaling.py [--series 8] [--min-slices 64] [--max-slices 96] \
@@ -25,13 +25,13 @@ series (>= 16 instances) of the ``idc-index-data`` 25.0.5 index (CT 209, MR
 """
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import shutil
 import sys
 import tempfile
 import time
+from radnet_jax.cli import flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -46,7 +46,7 @@ def _cpu() -> float:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = flags.Parser(description=__doc__.split("\n\n")[0])
   p.add_argument("--series", type=int, default=8)
   p.add_argument("--min-slices", type=int, default=64)
   p.add_argument("--max-slices", type=int, default=96)
@@ -66,7 +66,7 @@ def main() -> None:
   a = p.parse_args()
 
   import ingest  # bench/ingest.py: the synthetic CT corpus
-  from radnet_jax import convert
+  from radnet_jax.shards import build
 
   shape = tuple(int(s) for s in a.shape.split(","))
   tmp = tempfile.mkdtemp(prefix="ingest_scaling_")
@@ -81,7 +81,7 @@ def main() -> None:
       out = os.path.join(tmp, f"out{w}")
       shutil.rmtree(out, ignore_errors=True)
       c0, t0 = _cpu(), time.perf_counter()
-      s = convert.build_shards(corpus, out, shape=shape, workers=w, salt="bench",
+      s = build.build_shards(corpus, out, shape=shape, workers=w, salt="bench",
                                progress=False, keep_work=False)
       wall, cpu = time.perf_counter() - t0, _cpu() - c0
       n = sum(s["num_records"].values())

@@ -20,7 +20,7 @@ shard shape, then measures on this machine:
 
 With --on-device the host rows draw but do not apply the rotation and
 noise (`config.augment.on_device`), and one more row times
-`radnet_jax.device_augment.augment` jitted on this machine's JAX backend
+`radnet_jax.data.device_augment.augment` jitted on this machine's JAX backend
 (on CPU a stand-in: on a GPU those gathers are a small part of a step).
 
 The last lines give pipeline volumes/s over train-step volumes/s (>= 1: the
@@ -31,7 +31,6 @@ feed an accelerator step rate (--feed-vol-s, default 250 vol/s: ResNet-50 at
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import statistics
@@ -43,8 +42,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import pretrain  # noqa: E402
-from radnet_jax import demo, input_pipeline, records  # noqa: E402
+from radnet_jax.shards import demo
+from radnet_jax.data import pretrain as input_pipeline
+from radnet_jax.shards import records  # noqa: E402
 from radnet_jax.models.layers import usable_cores  # noqa: E402
+from radnet_jax.cli import flags
 
 
 def per_core(paths, shape, augment_cfg, n: int, seed: int = 0):
@@ -96,7 +98,7 @@ def jax_backend() -> str:
 def device_side(paths, shape, augment_cfg, batch: int, steps: int):
   """`device_augment.augment` jitted on one batch; (vol/s, CPU-s per vol)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from radnet_jax import device_augment  # pylint: disable=g-import-not-at-top
+  from radnet_jax.data import device_augment  # pylint: disable=g-import-not-at-top
   ds = input_pipeline.train_dataset(paths, shape=shape, batch_size=batch,
                                     seed=0, augment_cfg=augment_cfg)
   b = jax.device_put({k: v for k, v in next(iter(ds)).items()
@@ -154,7 +156,7 @@ def train_step(config, batch: int, steps: int):
 
 
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = flags.Parser(description=__doc__.split("\n")[0])
   p.add_argument("--variant", default="demo", choices=("demo", "paper"))
   p.add_argument("--series", type=int, default=48,
                  help="phantom series to build shards from (small: the "

@@ -14,7 +14,8 @@ import collections
 import os
 import sys
 
-from radnet_jax import convert, privacy
+from radnet_jax import privacy
+from radnet_jax.shards import convert
 from radnet_jax.phantom import load_truth
 
 TASKS = ("sequence", "plane", "contrast", "coverage")

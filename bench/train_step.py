@@ -24,7 +24,6 @@ compile time includes any tuning done in this run.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -38,6 +37,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from radnet_jax.models import layers, resnet3d, vnet  # noqa: E402
 from radnet_jax.models.layers import usable_cores as _usable_cores  # noqa: E402
+from radnet_jax.cli import flags
 
 RESNETS = ("resnet10", "resnet18", "resnet34", "resnet50")
 N_CLASSES = 5
@@ -175,7 +175,7 @@ def time_monai(name, shape, batch, steps, warmup):
 
 
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = flags.Parser(description=__doc__.split("\n")[0])
   p.add_argument("--model", default="resnet18",
                  choices=RESNETS + ("vnet", "resnet_vnet"))
   p.add_argument("--shape", default="64,64,64", help="D,H,W voxels")

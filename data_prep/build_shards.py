@@ -8,14 +8,16 @@ Re-running the same command resumes an interrupted run (finished stacks are
 reused from ``OUT/.work``) and, for the same input and ``OUT/.salt``, writes
 byte-identical shards. To correct labels: edit ``OUT/labels.csv`` and re-run
 with ``--overrides OUT/labels.csv`` (volumes are reused; only shards are
-rewritten). All logic lives in ``radnet_jax.convert.build_shards``.
+rewritten). All logic lives in ``radnet_jax.shards.build.build_shards``.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from radnet_jax import convert
+from radnet_jax.shards import build
+from radnet_jax.shards import convert
+from radnet_jax.cli import flags
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -38,7 +40,7 @@ def _split(text: str) -> tuple[float, float, float]:
   return split  # type: ignore[return-value]
 
 
-def add_conversion_flags(p: argparse.ArgumentParser) -> None:
+def add_conversion_flags(p: flags.Parser) -> None:
   """The flags that set what a conversion writes (shared with
   ``data_prep.beam_build_shards``): grid, labels, salt, sharding, split."""
   p.add_argument("--shape", type=_shape, default=convert.DEFAULT_SHAPE,
@@ -67,8 +69,8 @@ def add_conversion_flags(p: argparse.ArgumentParser) -> None:
   p.set_defaults(hash_paths=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m data_prep.build_shards",
+def build_parser() -> flags.Parser:
+  p = flags.Parser(prog="python -m data_prep.build_shards",
                               description=__doc__.split("\n\n")[0])
   p.add_argument("--input", required=True, help="root folder of DICOM files")
   p.add_argument("--out", required=True, help="output folder for shards + reports")
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
   p = build_parser()
   args = p.parse_args(argv)
   try:
-    convert.build_shards(
+    build.build_shards(
         args.input, args.out, shape=args.shape, overrides=args.overrides,
         workers=args.workers, taxonomy=args.taxonomy, priors=args.priors,
         salt=args.salt, records_per_shard=args.records_per_shard,

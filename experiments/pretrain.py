@@ -42,7 +42,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
 
   c.input_shape = (32, 64, 64)  # (D, H, W) voxels fed to the model
 
-  # Data. Empty shards_dir = the phantom demo corpus (radnet_jax.demo).
+  # Data. Empty shards_dir = the phantom demo corpus (radnet_jax.shards.demo).
   c.data = ml_collections.ConfigDict()
   c.data.shards_dir = ""
   c.data.cache_dir = ""  # "" = $RADNET_CACHE or ~/.cache/radnet_jax
@@ -60,7 +60,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   c.data.balance_keys = ()  # e.g. ("sequence", "plane") for CT-chest-heavy archives
   c.data.balance_power = 1.0
 
-  # Label-safe augmentation (radnet_jax.augment).
+  # Label-safe augmentation (radnet_jax.data.augment).
   c.augment = ml_collections.ConfigDict()
   c.augment.enabled = True
   c.augment.rotate_degrees = 10.0
@@ -73,7 +73,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   c.augment.gamma = 0.0
   c.augment.noise_std = 0.03
   # Rotation and noise inside the jitted train step instead of the host
-  # pipeline (radnet_jax.device_augment): "auto" = on GPU/TPU, where one host
+  # pipeline (radnet_jax.data.device_augment): "auto" = on GPU/TPU, where one host
   # core otherwise prepares only ~17 paper-sized volumes/s. A string:
   # "auto", "true" or "false" (--config.augment.on_device=true).
   c.augment.on_device = "auto"
@@ -88,7 +88,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   c.loss.spacing_loss = "huber"  # on log(mm): "huber" | "l1"
   c.loss.huber_delta = 0.1
 
-  # Optimizer (radnet_jax.trainer.make_optimizer).
+  # Optimizer (radnet_jax.training.trainer.make_optimizer).
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"
   c.optim.lr = 3e-3
@@ -110,6 +110,11 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   c.best_mode = "max"
   c.test_checkpoint = "best"  # "best" | "last"
   c.tensorboard = True
+  # Divergence (radnet_jax.training.loop): a logged training loss above this
+  # multiple of the median of the last divergence_window logged losses stops
+  # the run (as NaN/Inf does) before the step can be saved or become best.
+  c.divergence_factor = 1000.0
+  c.divergence_window = 50
 
   c.init_from = ""  # a workdir or checkpoint dir: params by name
   c.init_skip = ()  # regexes of params to leave at init (e.g. "head_.*")

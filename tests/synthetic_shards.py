@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from array_record.python import array_record_module as arm
 
-from radnet_jax import records
+from radnet_jax.shards import records
 
 
 def make_record(i: int, shape=(10, 20, 20), rng=None) -> dict:

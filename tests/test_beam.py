@@ -1,7 +1,7 @@
 """The Beam pipeline writes exactly the records of the local converter.
 
 Phantom corpus (8 series, tiny shape) converted twice: by
-``convert.build_shards`` (multiprocessing path, one worker) and by
+``build.build_shards`` (multiprocessing path, one worker) and by
 ``beam_pipeline`` on the DirectRunner, in both input modes (driver scan +
 distributed stacks; workers scanning patient folders). Same salt -> the same
 set of record bytes per split, the same labels.csv and errors.csv, and a
@@ -18,7 +18,11 @@ beam = pytest.importorskip(
 
 from array_record.python.array_record_module import ArrayRecordReader  # noqa: E402
 
-from radnet_jax import beam_pipeline, convert, phantom, privacy, records  # noqa: E402
+from radnet_jax import phantom, privacy
+from radnet_jax.shards import beam as beam_pipeline
+from radnet_jax.shards import build
+from radnet_jax.shards import convert
+from radnet_jax.shards import records  # noqa: E402
 
 SALT = "beam-test-salt"
 SHAPE = (4, 16, 16)
@@ -48,7 +52,7 @@ def corpus(tmp_path_factory):
   with open(os.path.join(dicom_dir, "broken.dcm"), "wb") as f:
     f.write(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00garbage")
   local = str(tmp_path_factory.mktemp("local"))
-  convert.build_shards(dicom_dir, local, shape=SHAPE, workers=1, salt=SALT,
+  build.build_shards(dicom_dir, local, shape=SHAPE, workers=1, salt=SALT,
                        records_per_shard=3, split=(0.5, 0.25, 0.25),
                        priors="builtin", progress=False)
   return dicom_dir, local
@@ -114,7 +118,7 @@ def test_units_and_shard_helpers(corpus, tmp_path, monkeypatch):
   assert beam_pipeline.list_units(dicom_dir, 0) == [dicom_dir]
   # Copying a unit through Beam's filesystem layer keeps the tree.
   dest = str(tmp_path / "copy")
-  beam_pipeline._localise(units[0], dest)  # pylint: disable=protected-access
+  beam_pipeline._localise(units[0], dest)
   n_src = sum(len(f) for _, _, f in os.walk(units[0]))
   assert n_src > 0 and sum(len(f) for _, _, f in os.walk(dest)) == n_src
   assert {beam_pipeline.shard_of(f"k{i}", 4) for i in range(64)} == {0, 1, 2, 3}
@@ -140,7 +144,7 @@ def test_beam_and_local_converter_stream_classic_stacks(corpus, tmp_path, stack_
   n_beam = sum(convert.read_manifest(str(tmp_path / "beam"))["num_records"].values())
   assert n_beam >= 6 and stack_loads == {"resampled": n_beam, "full": 0}
   stack_loads.update(resampled=0, full=0)
-  convert.build_shards(dicom_dir, str(tmp_path / "local"), shape=SHAPE, workers=1,
+  build.build_shards(dicom_dir, str(tmp_path / "local"), shape=SHAPE, workers=1,
                        salt=SALT, split=(0.5, 0.25, 0.25), priors="builtin",
                        progress=False)
   assert stack_loads == {"resampled": n_beam, "full": 0}

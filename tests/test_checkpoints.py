@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from radnet_jax import checkpoints, trainer
+from radnet_jax.training import checkpoints
+from radnet_jax.training import trainer
 from tests import synthetic_shards as ss
 
 SHAPE = (8, 16, 16, 1)
@@ -39,14 +40,15 @@ def test_save_on_8_devices_restore_anywhere(tmp_path):
                   jax.tree.leaves(jax.device_get(restored))):
     np.testing.assert_array_equal(a, b)
   # Plain numpy, no mesh, no optimizer.
-  params, bs, cfg, step = checkpoints.restore_params(wd)
-  assert step == 3 and cfg == {"model": {"name": "tiny"}}
+  r = checkpoints.restore(wd)
+  params, bs, cfg, step = r.params, r.batch_stats, r.config, r.step
+  assert step == 3 and not r.skipped and cfg == {"model": {"name": "tiny"}}
   ref = jax.device_get(state8.params)
   np.testing.assert_array_equal(params["head_plane"]["kernel"], ref["head_plane"]["kernel"])
   assert isinstance(bs["BatchNorm_0"]["mean"], np.ndarray)
   ck.close()
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
-    checkpoints.restore_params(str(tmp_path / "checkpoints" / "3" / "data"))
+    checkpoints.restore(str(tmp_path / "checkpoints" / "3" / "data"))
 
 
 def test_merge_params_reports():

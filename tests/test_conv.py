@@ -130,7 +130,7 @@ def test_fft_under_data_mesh(devices, monkeypatch):
   # sharding); a batch split over 2 devices uses the direct path.
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from radnet_jax import trainer
+  from radnet_jax.training import trainer
   monkeypatch.setattr(layers, "FFT_MIN_WORK", 0)
   monkeypatch.setattr(layers, "FFT_TILE", 4)
   calls = []
@@ -281,7 +281,7 @@ def test_taps_under_sharded_batch(op, kernel, strides):
   # batch-sharded jit. Values, grads and the output sharding must match xla.
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from radnet_jax import trainer
+  from radnet_jax.training import trainer
   mesh = trainer.make_mesh()
   rng = np.random.default_rng(2)
   x = jax.device_put(jnp.asarray(rng.normal(size=(8, 4, 6, 6, 3)), jnp.float32),
@@ -345,7 +345,7 @@ def test_batch_sharding_kept_on_unit_volume_and_channel_dropout():
   # unsharded: both raised ShardingTypeError inside VNet under the trainer.
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from radnet_jax import trainer
+  from radnet_jax.training import trainer
   from radnet_jax.models import vnet
   mesh = trainer.make_mesh()
   n = mesh.devices.size

@@ -17,7 +17,9 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from radnet_jax import convert, records
+from radnet_jax.shards import build
+from radnet_jax.shards import convert
+from radnet_jax.shards import records
 from radnet_jax.labels import taxonomy as tx
 
 lb = pytest.importorskip("radnet_jax.labels")
@@ -165,7 +167,7 @@ def corpus(tmp_path_factory):
 def built(corpus, tmp_path_factory):
   root, _ = corpus
   out = str(tmp_path_factory.mktemp("out"))
-  summary = convert.build_shards(root, out, shape=SHAPE, workers=1, salt=SALT,
+  summary = build.build_shards(root, out, shape=SHAPE, workers=1, salt=SALT,
                                  records_per_shard=2, progress=False)
   return out, summary
 
@@ -331,7 +333,7 @@ def test_deterministic_parallel_rerun_and_resume(corpus, built, tmp_path):
   out1, _ = built
   out2 = str(tmp_path / "out2")
   # A second run with a process pool gives byte-identical outputs.
-  convert.build_shards(root, out2, shape=SHAPE, workers=2, salt=SALT,
+  build.build_shards(root, out2, shape=SHAPE, workers=2, salt=SALT,
                        records_per_shard=2, progress=False)
   names = ["manifest.json", "labels.csv", "errors.csv"] + [
       os.path.basename(p) for s in convert.SPLITS for p in convert.shard_paths(out1, s)]
@@ -351,7 +353,7 @@ def test_deterministic_parallel_rerun_and_resume(corpus, built, tmp_path):
   os.remove(shard)
   open(shard + ".tmp", "wb").write(b"partial")
   open(os.path.join(out2, "train-00099-of-00100.array_record"), "wb").write(b"stale")
-  summary = convert.build_shards(root, out2, shape=SHAPE, workers=1, salt=SALT,
+  summary = build.build_shards(root, out2, shape=SHAPE, workers=1, salt=SALT,
                                  records_per_shard=2, progress=False)
   assert summary["cached"] == len(cache) - len(sorted(cache)[::2])
   assert summary["converted"] == len(sorted(cache)[::2])

@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from radnet_jax import convert
+from radnet_jax.shards import build
+from radnet_jax.shards import convert
 from radnet_jax.privacy import hash_id
 
 phantom = pytest.importorskip("radnet_jax.phantom")
@@ -21,7 +22,7 @@ def converted(tmp_path_factory):
   phantom.make_corpus(root, n=8, seed=3, small=True, workers=1, progress=False,
                       noise=phantom.HeaderNoise.off())
   out = str(tmp_path_factory.mktemp("shards"))
-  summary = convert.build_shards(os.path.join(root, "dicom"), out, shape=SHAPE,
+  summary = build.build_shards(os.path.join(root, "dicom"), out, shape=SHAPE,
                                  workers=1, salt=SALT, progress=False)
   truth = {hash_id(r["series_uid"], SALT): r
            for r in csv.DictReader(open(os.path.join(root, "truth.csv")))}
@@ -68,7 +69,7 @@ def test_overrides_win_are_recorded_and_reuse_volumes(converted, tmp_path):
     w.writerow({**target, "sequence": new_seq, "plane": "", "contrast": "",
                 "coverage": "", "spacing": "", "contrast_provenance": "edited"})
   before = {r["stack"]: r for r in _records(out)}
-  again = convert.build_shards(os.path.join(root, "dicom"), out, shape=SHAPE,
+  again = build.build_shards(os.path.join(root, "dicom"), out, shape=SHAPE,
                                workers=1, salt=SALT, overrides=path, progress=False)
   assert again["converted"] == 0 and again["cached"] == summary["converted"]
   after = {r["stack"]: r for r in _records(out)}

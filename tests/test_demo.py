@@ -3,7 +3,8 @@ import filecmp
 import os
 import shutil
 
-from radnet_jax import demo, privacy
+from radnet_jax import privacy
+from radnet_jax.shards import demo
 
 
 def _cfg(cache):

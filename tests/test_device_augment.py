@@ -1,10 +1,12 @@
-"""Device-side rotation + noise (radnet_jax.device_augment) vs the host path."""
+"""Device-side rotation + noise (radnet_jax.data.device_augment) vs the host path."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from radnet_jax import augment, device_augment, input_pipeline
+from radnet_jax.data import augment
+from radnet_jax.data import device_augment
+from radnet_jax.data import pretrain as input_pipeline
 
 
 def _smooth_volume(shape=(3, 17, 20), seed=0):

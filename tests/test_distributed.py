@@ -1,7 +1,7 @@
 """Multi-process training on one machine (2 JAX CPU processes, gloo collectives).
 
-The 2-process run goes through ``run.py`` (flags -> ``radnet_jax.distributed``
--> ``radnet_jax.train``), each process with 2 simulated CPU devices. The
+The 2-process run goes through ``run.py`` (flags -> ``radnet_jax.training.distributed``
+-> ``radnet_jax.tasks.pretrain``), each process with 2 simulated CPU devices. The
 reference is one process with 4 devices fed the *same global batches* (each
 global batch = process 0's rows + process 1's rows, built with the real
 ``input_pipeline.train_dataset`` for each process index), so the per-step
@@ -17,7 +17,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from radnet_jax import distributed
+from radnet_jax.training import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
@@ -73,9 +73,6 @@ def test_batch_arithmetic():
     distributed.check_batch(8, device_count=32, process_count=8, local_device_count=4)
   with pytest.raises(ValueError, match="same number of devices"):
     distributed.check_batch(8, device_count=8, process_count=2, local_device_count=3)
-  assert distributed.check_records(100, 16, process_count=2) == 6
-  with pytest.raises(ValueError, match="fewer than the per-process batch"):
-    distributed.check_records(20, 32, process_count=2)
 
 
 def test_single_process_helpers():
@@ -90,7 +87,7 @@ def test_single_process_helpers():
 def _write_shards(out_dir: str, n: int = 40) -> None:
   """Train-only shards (no val/test: the run skips evaluation)."""
   from array_record.python import array_record_module as arm
-  from radnet_jax import records
+  from radnet_jax.shards import records
   os.makedirs(out_dir, exist_ok=True)
   rng = np.random.default_rng(0)
   w = arm.ArrayRecordWriter(os.path.join(out_dir, "train-00000-of-00001.array_record"),
@@ -118,7 +115,7 @@ _REFERENCE = textwrap.dedent("""
     import json, sys
     import numpy as np
     from absl import app, flags
-    from radnet_jax import input_pipeline
+    from radnet_jax.data import pretrain as input_pipeline
     NPROC = 2
     _orig = input_pipeline.train_dataset
 
@@ -230,9 +227,10 @@ def _check_losses(runs):
 
 def _check_restore(runs):
   import jax
-  from radnet_jax import checkpoints
-  params, stats, config, step = checkpoints.restore_params(runs["multi"], "latest")
-  ref_params, ref_stats, _, ref_step = checkpoints.restore_params(runs["ref"], "latest")
+  from radnet_jax.training import checkpoints
+  multi, ref = checkpoints.restore(runs["multi"], "latest"), checkpoints.restore(runs["ref"], "latest")
+  params, stats, config, step = multi.params, multi.batch_stats, multi.config, multi.step
+  ref_params, ref_stats, ref_step = ref.params, ref.batch_stats, ref.step
   assert step == ref_step == STEPS
   assert config is not None and config["num_steps"] == STEPS
   leaves = jax.tree.leaves(params)

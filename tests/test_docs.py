@@ -7,11 +7,12 @@ import importlib
 import os
 import re
 import shlex
+import sys
 
 import numpy as np
 import pytest
 
-from tests.test_api import ROOT, make_checkpoint
+from tests.test_inference_load import ROOT, make_checkpoint
 
 DOC = os.path.join(ROOT, "docs", "usage.md")
 
@@ -22,13 +23,15 @@ def blocks(lang: str) -> list[str]:
   return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
 
 
-def medicalnet_state_dict(depth_preset: str = "resnet10") -> dict:
+def medicalnet_state_dict(depth_preset: str = "resnet10", **model_kwargs) -> dict:
   """A MedicalNet-format state dict (torch key names and (O, I, kD, kH, kW)
-  kernels) for the full-width preset, random values, plus MedicalNet's
-  segmentation head, which the importer must leave out."""
+  kernels) for the preset (full width unless ``num_filters=``), random
+  values, plus MedicalNet's segmentation head, which the importer must
+  leave out."""
   import jax
   from radnet_jax.models import resnet3d
-  model = resnet3d.get_model(depth_preset, layout="medicalnet", shortcut_type="B")
+  model = resnet3d.get_model(depth_preset, layout="medicalnet",
+                             **{"shortcut_type": "B", **model_kwargs})
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                              np.zeros((1, 16, 16, 16, 1), np.float32), False))
   rng = np.random.default_rng(0)
@@ -145,8 +148,8 @@ def parse_cli(module: str, argv: list[str], monkeypatch) -> argparse.Namespace:
 
 # The CLIs whose lines in usage.md are checked, and what each must be given.
 _CLIS = {
-    "radnet_jax.predict": ("checkpoint", "input"),
-    "radnet_jax.predict_seg": ("workdir", "input", "out"),
+    "radnet_jax.cli.predict": ("checkpoint", "input"),
+    "radnet_jax.cli.predict_seg": ("workdir", "input", "out"),
     "data_prep.build_seg_shards": ("input", "out"),
     "data_prep.make_phantoms": ("out",),
 }
@@ -160,11 +163,11 @@ def cli_commands() -> list[list[str]]:
 
 
 def test_cli_line_matching_is_exact():
-  # radnet_jax.predict_seg is not radnet_jax.predict, and a prefix is no match.
-  assert _CLI_RE.search("python -m radnet_jax.predict_seg --workdir W").group(1) == \
-      "radnet_jax.predict_seg"
-  assert _CLI_RE.search("python -m radnet_jax.predict --checkpoint C").group(1) == \
-      "radnet_jax.predict"
+  # radnet_jax.cli.predict_seg is not radnet_jax.predict, and a prefix is no match.
+  assert _CLI_RE.search("python -m radnet_jax.cli.predict_seg --workdir W").group(1) == \
+      "radnet_jax.cli.predict_seg"
+  assert _CLI_RE.search("python -m radnet_jax.cli.predict --checkpoint C").group(1) == \
+      "radnet_jax.cli.predict"
   assert not _CLI_RE.search("python -m radnet_jax.predictor --x 1")
   assert not _CLI_RE.search("python -m data_prep.make_phantoms_v2 --out P")
 
@@ -185,6 +188,22 @@ def test_usage_cli_lines_parse(monkeypatch):
 
 
 def test_parse_cli_rejects_unknown_flags(monkeypatch):
-  for module in ("radnet_jax.predict_seg", "data_prep.build_seg_shards"):
+  for module in ("radnet_jax.cli.predict_seg", "data_prep.build_seg_shards"):
     with pytest.raises(SystemExit):
       parse_cli(module, ["--input", "x", "--out", "y", "--no-such-flag"], monkeypatch)
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+  # .ci/run extracts the README's test line instead of keeping its own copy,
+  # so the README's command is what CI proves on a fresh clone.
+  sys.path.insert(0, os.path.join(ROOT, ".ci"))
+  try:
+    import readme_command  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.pop(0)
+  test_line = readme_command.command("test")
+  assert "pytest" in test_line and "requirements-dev.txt" in test_line
+  assert test_line in open(os.path.join(ROOT, "README.md")).read()
+  ci = open(os.path.join(ROOT, ".ci", "run")).read()
+  assert "readme_command.py test" in ci and "pytest" not in ci.replace("readme_command", "")
+  assert readme_command.command("install").endswith("python run.py --config=experiments/pretrain.py")

@@ -18,7 +18,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from radnet_jax import convert, dicom, records
+from radnet_jax import dicom
+from radnet_jax.shards import convert
+from radnet_jax.shards import records
 from radnet_jax import resample as rs
 from radnet_jax.dicom import geometry, volume
 from radnet_jax.dicom.errors import DicomError

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from radnet_jax import augment, input_pipeline as ip
+from radnet_jax.data import augment
+from radnet_jax.data import pretrain as ip
 from tests import synthetic_shards as ss
 
 SHAPE = (8, 16, 16)

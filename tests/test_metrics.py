@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from radnet_jax import metrics
+from radnet_jax.training import metrics
 
 
 def test_auc_hand_example():

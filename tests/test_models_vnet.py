@@ -133,7 +133,7 @@ def test_resnet_vnet_impls_agree_under_sharded_batch():
   # grad (op-by-op sharded cases, VNet's down convs included, in test_conv.py).
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from radnet_jax import trainer
+  from radnet_jax.training import trainer
   mesh = trainer.make_mesh()
   n = mesh.devices.size
   assert n == 8  # tests/conftest.py

@@ -3,7 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from radnet_jax import privacy, records
+from radnet_jax import privacy
+from radnet_jax.shards import records
 from radnet_jax.labels import taxonomy as tx
 
 

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from radnet_jax import seg_metrics as sm
+from radnet_jax.training import seg_metrics as sm
 
 
 def _cube(shape, lo, hi):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from data_prep import build_seg_shards
-from radnet_jax import segdata
+from radnet_jax.dicom import nifti
+from radnet_jax.shards import seg as segdata
 
 # A LiTS-like file grid: axes (i, j, k) = (x, y, slice); RAS affine with the
 # usual LiTS sign pattern (x towards -R... i.e. radiological) and slices
@@ -44,7 +45,7 @@ def _write_lits(root, n=4):
 
 def test_canonical_orientation_and_affine(tmp_path):
   root = _write_lits(str(tmp_path / "lits"), n=1)
-  vox, aff, geom = segdata.load_nifti_canonical(os.path.join(root, "volume-0.nii.gz"))
+  vox, aff, geom = nifti.load_nifti_canonical(os.path.join(root, "volume-0.nii.gz"))
   # D = slices (superior first), H = file j reversed? (j grows towards -A = P
   # already), W = file i (grows towards -R = L).
   assert vox.shape == (16, 24, 32)
@@ -63,7 +64,7 @@ def test_build_shards_round_trip(tmp_path):
   # Target spacing = 2x the file spacing along every axis: block-aligned
   # labels map to the coarse grid and back without loss.
   rc = build_seg_shards.main(["--input", root, "--out", out, "--spacing",
-                              "2.5,1.5,1.5", "--test_fraction", "0.25",
+                              "2.5,1.5,1.5", "--test-fraction", "0.25",
                               "--window=-200,250", "--range", "0,1"])
   assert rc == 0
   manifest = json.load(open(os.path.join(out, "manifest.json")))
@@ -84,7 +85,7 @@ def test_build_shards_round_trip(tmp_path):
     np.testing.assert_allclose(np.median(inner), (300 + c) / 450, atol=2e-3)
     np.testing.assert_allclose(rec["geometry"]["spacing"], (2.5, 1.5, 1.5))
     # Mapping the record mask back lands exactly on the original labels.
-    back = segdata.to_original_grid(rec["mask"], rec["geometry"])
+    back = nifti.to_original_grid(rec["mask"], rec["geometry"])
     assert back.shape == FILE_SHAPE
     np.testing.assert_array_equal(back, seg)
 
@@ -94,7 +95,7 @@ def test_prediction_saved_as_nifti_lines_up(tmp_path):
   cfg = segdata.SegPrepConfig(spacing=(2.5, 1.5, 1.5))
   rec = segdata.make_record("0", os.path.join(root, "volume-0.nii.gz"),
                             os.path.join(root, "segmentation-0.nii"), cfg)
-  out = segdata.save_nifti(rec["mask"], rec["geometry"], str(tmp_path / "pred.nii.gz"))
+  out = nifti.save_nifti(rec["mask"], rec["geometry"], str(tmp_path / "pred.nii.gz"))
   img = nib.load(out)
   np.testing.assert_allclose(img.affine, AFFINE_RAS, atol=1e-6)
   np.testing.assert_array_equal(np.asarray(img.dataobj), _case(0)[1])

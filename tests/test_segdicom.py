@@ -12,7 +12,10 @@ import pytest
 from pydicom.pixels import pack_bits
 
 from data_prep import build_seg_shards
-from radnet_jax import dicom, privacy, segdata, segdicom
+from radnet_jax.dicom import nifti
+from radnet_jax import dicom, privacy
+from radnet_jax.shards import seg as segdata
+from radnet_jax.dicom import seg as segdicom
 from radnet_jax.phantom import acquisition, make_lits
 from radnet_jax.phantom.anatomy import Grid
 from radnet_jax.phantom.lits import grid_affine
@@ -244,7 +247,7 @@ def test_shards_from_dicom_equal_shards_from_nifti(tmp_path, lits_dicom):
   assert m_nii.get("format") is None            # auto-detected NIfTI, as before
   rc = build_seg_shards.main(["--input", os.path.join(lits_dicom, "dicom"),
                               "--out", str(tmp_path / "dcm"), "--spacing", "10,8,8",
-                              "--test_fraction", "0", "--format", "dicom"])
+                              "--test-fraction", "0", "--format", "dicom"])
   assert rc == 0
   m_dcm = segdata.load_manifest(str(tmp_path / "dcm"))
   assert m_dcm["format"] == "dicom" and not m_dcm["errors"]
@@ -263,7 +266,7 @@ def test_shards_from_dicom_equal_shards_from_nifti(tmp_path, lits_dicom):
     assert b["mask"].max() >= 1 and b["has_mask"]
     np.testing.assert_allclose(a["affine"], b["affine"], atol=1e-3)
     # Predictions map back onto the DICOM (load_volume) grid.
-    back = segdata.to_original_grid(b["mask"], b["geometry"])
+    back = nifti.to_original_grid(b["mask"], b["geometry"])
     assert list(back.shape) == b["geometry"]["orig_shape"]
   text = open(tmp_path / "dcm" / "manifest.json").read()
   assert "2.25." not in text and "LITS0" not in text and "PHANTOM" not in text
@@ -290,7 +293,7 @@ def test_dicom_tree_with_unlabelled_series_and_orphan_seg(tmp_path, lits_dicom):
   assert len(cases) == 2 and sorted(os.path.basename(p) for p in (c0.seg_path, *c0.more_segs)) \
       == ["SEG-lesion.dcm", "SEG.dcm"]
   liver = segdicom.rasterise(str(tree / "case-0" / "SEG.dcm"), vol.affine, vol.voxels.shape)
-  want, _, _ = segdata.canonicalise(np.maximum(liver, lesion),
+  want, _, _ = nifti.canonicalise(np.maximum(liver, lesion),
                                     np.diag([-1.0, -1, 1, 1]) @ vol.affine, "x")
   np.testing.assert_array_equal(segdicom.load_case(c0)[3], want)
   cfg = segdata.SegPrepConfig(spacing=(10.0, 8.0, 8.0), test_fraction=0.0)
@@ -313,7 +316,10 @@ def _tiny_run(workdir: str):
   import jax
   import jax.numpy as jnp
   import ml_collections
-  from radnet_jax import checkpoints, segment, trainer
+  from radnet_jax import contract
+  from radnet_jax.models import factory
+  from radnet_jax.training import checkpoints
+  from radnet_jax.training import trainer
   spec = importlib.util.spec_from_file_location(
       "transfer_liver_cfg", os.path.join(ROOT, "experiments", "transfer_liver.py"))
   mod = importlib.util.module_from_spec(spec)
@@ -323,8 +329,8 @@ def _tiny_run(workdir: str):
   c.model.kwargs = ml_collections.ConfigDict({"filters": (4, 8, 16, 32, 64),
                                               "conv_impl": "xla"})
   c.data.spacing = (12.0, 12.0, 12.0)
-  c.eval.roi = (16, 16, 16)
-  model = segment.build_model(c)
+  c.input_shape = (16, 16, 16)   # patches and sliding windows
+  model = factory.segmentation_model(c)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                              jnp.zeros((1, 16, 16, 16, 1)), train=False))
   rng = np.random.default_rng(1)
@@ -344,23 +350,25 @@ def _tiny_run(workdir: str):
   ck.save(1, state, iter(grain.MapDataset.range(2).to_iter_dataset()))
   ck.close()
   checkpoints.save_config(workdir, c)
+  contract.write(workdir, contract.for_segment(c))   # as train_and_evaluate does
   return c
 
 
 def test_predict_seg_dicom_writes_a_seg_on_the_ct_grid(tmp_path, lits_dicom):
   import nibabel as nib
-  from radnet_jax import predict_seg, segment
+  from radnet_jax.cli import predict_seg
+  from radnet_jax.inference import segment
   wd = str(tmp_path / "run")
   _tiny_run(wd)
   folder, stack, vol = _case0(lits_dicom)
   out, nii = str(tmp_path / "pred" / "seg.dcm"), str(tmp_path / "pred" / "mask.nii.gz")
   assert predict_seg.main(["--workdir", wd, "--input", folder, "--out", out,
-                           "--prefer", "latest", "--nifti_out", nii]) == 0
+                           "--prefer", "latest", "--nifti-out", nii]) == 0
   # Independent prediction on the same grid.
-  fn, cfg = segment.load_seg_predictor(wd, "latest")
+  predictor = segment.load_seg_predictor(wd, "latest")
   hu, aff, geom, _ = segdicom.load_ct_canonical(stack)
-  pred, geom = segment.predict_canonical(fn, cfg, hu, aff, geom)
-  expect = segdata.to_original_grid(pred, geom)
+  pred, geom = segment.predict_canonical(predictor, hu, aff, geom)
+  expect = nifti.to_original_grid(pred, geom)
   got = segdicom.rasterise(out, vol.affine, vol.voxels.shape,
                            ct=segdicom.ct_reference(stack.files))
   np.testing.assert_array_equal(got, expect)
@@ -371,8 +379,8 @@ def test_predict_seg_dicom_writes_a_seg_on_the_ct_grid(tmp_path, lits_dicom):
       pydicom.dcmread(stack.files[0]).SeriesInstanceUID
   assert ds.Manufacturer == "RadNet-JAX"
   # NIfTI in -> NIfTI out on the input grid.
-  res = predict_seg.predict_path(wd, os.path.join(lits_dicom, "volume-0.nii.gz"),
-                                 str(tmp_path / "pred-0.nii.gz"), prefer="latest")
+  res = segment.predict_path(wd, os.path.join(lits_dicom, "volume-0.nii.gz"),
+                             str(tmp_path / "pred-0.nii.gz"), prefer="latest")
   img = nib.load(res["nifti"])
   assert img.shape == nib.load(os.path.join(lits_dicom, "volume-0.nii.gz")).shape
   # A folder without CT is a clear error.
@@ -395,3 +403,64 @@ def test_segment_names_to_labels():
   assert segdicom.segment_values([seg(1, "Kidney"), seg(2, "Liver")], "f.dcm",
                                  label_map={"KIDNEY": 0}) == {1: 0, 2: 1}
   assert segdicom.segment_values([seg(7, "x")], "f.dcm", label_map={7: 2}) == {7: 2}
+
+
+def _anonymise(src: str, dst: str, text_uids: bool = False) -> str:
+  """Copies a CT series the way real anonymisers leave it: SOPClassUID and
+  PatientID blanked (the file meta keeps the class), InstanceNumber,
+  SliceThickness, birth date and accession number deleted; ``text_uids``:
+  Study / Series / SOP UIDs replaced by strings that are not UIDs."""
+  import warnings
+  os.makedirs(dst, exist_ok=True)
+  for i, name in enumerate(sorted(os.listdir(src))):
+    ds = pydicom.dcmread(os.path.join(src, name))
+    if ds.get("Modality") != "CT":
+      continue
+    ds.SOPClassUID = ""
+    ds.PatientID = ""
+    for key in ("InstanceNumber", "SliceThickness", "PatientBirthDate",
+                "AccessionNumber", "PatientName"):
+      if key in ds:
+        delattr(ds, key)
+    if text_uids:
+      ds.StudyInstanceUID, ds.SeriesInstanceUID = "ANON-STUDY", "ANON-SERIES"
+      ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"ANON-IMG-{i}"
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      ds.save_as(os.path.join(dst, name))
+  return dst
+
+
+def test_predict_seg_on_an_anonymised_series_writes_mask_then_seg(tmp_path, lits_dicom):
+  import nibabel as nib
+  from radnet_jax.cli import predict_seg
+  from radnet_jax.inference import segment
+  wd = str(tmp_path / "run")
+  _tiny_run(wd)
+  folder, stack, vol = _case0(lits_dicom)
+  anon = _anonymise(folder, str(tmp_path / "anon"))
+  (anon_stack,) = dicom.scan(anon, salt=SALT).stacks
+  assert anon_stack.record["SOPClassUID"] == pydicom.uid.CTImageStorage   # file meta
+  out, nii = str(tmp_path / "p" / "seg.dcm"), str(tmp_path / "p" / "mask.nii.gz")
+  assert predict_seg.main(["--workdir", wd, "--input", anon, "--out", out,
+                           "--prefer", "latest", "--nifti-out", nii]) == 0
+  mask = np.asarray(nib.load(nii).dataobj)
+  anon_vol = dicom.load_volume(anon_stack)
+  got = segdicom.rasterise(out, anon_vol.affine, anon_vol.voxels.shape,
+                           ct=segdicom.ct_reference(anon_stack.files))
+  np.testing.assert_array_equal(got, mask)
+  ds = pydicom.dcmread(out)
+  refs = {r.ReferencedSOPClassUID for s in ds.ReferencedSeriesSequence
+          for r in s.ReferencedInstanceSequence}
+  assert refs == {pydicom.uid.CTImageStorage}
+  # UIDs that are not UIDs: no SEG can reference the images; the mask is
+  # still written, the reason is printed, the exit status is 2.
+  bad = _anonymise(folder, str(tmp_path / "anon_text"), text_uids=True)
+  out2 = str(tmp_path / "q" / "seg.dcm")
+  res = segment.predict_path(wd, bad, out2, prefer="latest")
+  assert res["seg"] is None and "StudyInstanceUID is missing or not a DICOM UID" in res["seg_error"]
+  assert not os.path.exists(out2)
+  np.testing.assert_array_equal(np.asarray(nib.load(res["nifti"]).dataobj), mask)
+  assert res["nifti"] == str(tmp_path / "q" / "seg.nii.gz")
+  assert predict_seg.main(["--workdir", wd, "--input", bad, "--out", out2,
+                           "--prefer", "latest"]) == 2

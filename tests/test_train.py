@@ -9,7 +9,11 @@ import ml_collections
 import pytest
 
 from experiments import pretrain
-from radnet_jax import checkpoints, train, trainer
+from radnet_jax.training import checkpoints
+from radnet_jax.training import distributed
+from radnet_jax.training import loop
+from radnet_jax.tasks import pretrain as train
+from radnet_jax.training import trainer
 from tests import synthetic_shards as ss
 
 SHAPE = (8, 16, 16)
@@ -106,13 +110,22 @@ def test_one_vs_eight_devices_and_no_recompilation():
 
 
 def test_batch_must_divide_devices():
-  with pytest.raises(ValueError, match="not divisible"):
-    trainer.check_global_batch(12, trainer.make_mesh(8))
+  with pytest.raises(ValueError, match="not divisible by the device count 8.*8 or 16"):
+    distributed.check_batch(12, mesh=trainer.make_mesh(8))
+  assert distributed.check_batch(12, mesh=trainer.make_mesh(4)) == 12  # one process
 
 
-def test_non_finite_loss_raises():
-  with pytest.raises(FloatingPointError, match="step 7.*step 5"):
-    trainer.check_finite(7, {"loss": float("nan")}, "/w", 5)
+def test_divergence_nan_and_explosion():
+  d = loop.Divergence(factor=100.0, window=3)
+  assert d.check({"loss": float("nan")}).startswith("non-finite training loss")
+  assert d.check({"loss": 2.0, "grad_norm": float("inf")}).startswith("non-finite gradient")
+  for x in (4.0, 2.0, 3.0):
+    assert d.check({"loss": x}) is None
+  assert d.check({"loss": 299.0}) is None           # 99.7x the median 3.0: healthy
+  # The window holds the last 3 healthy losses (2, 3, 299): median 3.
+  reason = d.check({"loss": 301.0})
+  assert reason is not None and "100x the median 3" in reason
+  assert loop.Divergence(factor=0.0, window=3, history=[1.0]).check({"loss": 1e30}) is None
 
 
 def tiny_config(shards_dir, steps=4):
@@ -149,15 +162,15 @@ def test_train_and_evaluate_end_to_end(straight_run):
   assert res["test"]["checkpoint"].startswith("best@")
   lines = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
   assert any("train/loss" in l for l in lines) and any("val/mean_accuracy" in l for l in lines)
-  params, bs, cfg, step = checkpoints.restore_params(wd, prefer="latest")
-  assert step == 4 and cfg["model"]["name"].endswith("TinyCNN")
-  assert isinstance(jax.tree.leaves(params)[0], np.ndarray) and jax.tree.leaves(bs)
+  r = checkpoints.restore(wd, prefer="latest")
+  assert r.step == 4 and r.config["model"]["name"].endswith("TinyCNN")
+  assert isinstance(jax.tree.leaves(r.params)[0], np.ndarray) and jax.tree.leaves(r.batch_stats)
 
 
 def test_train_with_rotation_and_noise_in_the_step(shards, tmp_path, monkeypatch):
   # augment.on_device: the host batches carry the drawn angle and noise level,
   # the jitted step (2-device mesh) applies them, traced once.
-  from radnet_jax import device_augment
+  from radnet_jax.data import device_augment
   seen = []
   real = device_augment.augment
   monkeypatch.setattr(device_augment, "augment",
@@ -197,9 +210,9 @@ def test_kill_and_resume_matches_uninterrupted(shards, straight_run, tmp_path, m
   assert checkpoints.Checkpointer(resumed).latest_step() == 2
   out = train.train_and_evaluate(cfg, resumed)
 
-  pa, _, _, sa = checkpoints.restore_params(straight, prefer="latest")
-  pb, _, _, sb = checkpoints.restore_params(resumed, prefer="latest")
-  assert sa == sb == 4
-  for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+  ra = checkpoints.restore(straight, prefer="latest")
+  rb = checkpoints.restore(resumed, prefer="latest")
+  assert ra.step == rb.step == 4
+  for a, b in zip(jax.tree.leaves(ra.params), jax.tree.leaves(rb.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert train.summary(ref["test"]) == pytest.approx(train.summary(out["test"]), rel=1e-5)

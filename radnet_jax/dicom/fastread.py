@@ -24,12 +24,35 @@ import math
 import struct
 from typing import Any
 
-from pydicom.uid import UID
+
+
+class UID(str):
+  """A transfer syntax / SOP class UID string (what ``Header.file_meta``
+  holds): the two properties the callers use, without importing pydicom
+  (whose import costs more than converting a small archive)."""
+
+  _UNCOMPRESSED = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1",
+                             "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"})
+
+  @property
+  def is_compressed(self) -> bool:
+    return str(self) not in self._UNCOMPRESSED
+
+  @property
+  def is_implicit_VR(self) -> bool:  # pylint: disable=invalid-name
+    return str(self) == "1.2.840.10008.1.2"
 
 # keyword -> (tag, VR, multi): multi False = one value expected.
 _TAGS: dict[str, tuple[int, str, bool]] = {
     "SOPClassUID": (0x00080016, "UI", False),
     "ImageType": (0x00080008, "CS", True),
+    "Manufacturer": (0x00080070, "LO", False),
+    "SequenceName": (0x00180024, "SH", False),
+    "DiffusionDirectionality": (0x00189075, "CS", False),
+    "InstanceNumber": (0x00200013, "IS", False),
+    "StackID": (0x00209056, "SH", False),
+    "InStackPositionNumber": (0x00209057, "UL", False),
+    "ImageComments": (0x00204000, "LT", False),
     "Modality": (0x00080060, "CS", False),
     "AcquisitionTime": (0x00080032, "TM", False),
     "EchoTime": (0x00180081, "DS", False),
@@ -57,14 +80,67 @@ _TAGS: dict[str, tuple[int, str, bool]] = {
     "PerFrameFunctionalGroupsSequence": (0x52009230, "SQ", False),
     "SharedFunctionalGroupsSequence": (0x52009229, "SQ", False),
     "DirectoryRecordSequence": (0x00041220, "SQ", False),
+    # The rest of the metadata record (``metadata.PLAIN_KEYS`` and the
+    # identifiers that are hashed), read by ``metadata.record_from_header``.
+    "ManufacturerModelName": (0x00081090, "LO", False),
+    "MagneticFieldStrength": (0x00180087, "DS", False),
+    "BodyPartExamined": (0x00180015, "CS", False),
+    "StudyDescription": (0x00081030, "LO", False),
+    "SeriesDescription": (0x0008103E, "LO", False),
+    "ProtocolName": (0x00181030, "LO", False),
+    "ScanningSequence": (0x00180020, "CS", True),
+    "SequenceVariant": (0x00180021, "CS", True),
+    "ScanOptions": (0x00180022, "CS", True),
+    "MRAcquisitionType": (0x00180023, "CS", False),
+    "RepetitionTime": (0x00180080, "DS", False),
+    "InversionTime": (0x00180082, "DS", False),
+    "FlipAngle": (0x00181314, "DS", False),
+    "EchoTrainLength": (0x00180091, "IS", False),
+    "ContrastBolusAgent": (0x00180010, "LO", False),
+    "ContrastBolusRoute": (0x00181040, "LO", False),
+    "ContrastBolusVolume": (0x00181041, "DS", False),
+    "ContrastBolusStartTime": (0x00181042, "TM", False),
+    "ContrastBolusIngredient": (0x00181048, "CS", False),
+    "SliceThickness": (0x00180050, "DS", False),
+    "SpacingBetweenSlices": (0x00180088, "DS", False),
+    "KVP": (0x00180060, "DS", False),
+    "ConvolutionKernel": (0x00181210, "SH", True),
+    "PatientPosition": (0x00185100, "CS", False),
+    "PatientSex": (0x00100040, "CS", False),
+    "PhotometricInterpretation": (0x00280004, "CS", False),
+    "Units": (0x00541001, "CS", False),
+    "SeriesNumber": (0x00200011, "IS", False),
+    "AcquisitionContrast": (0x00089209, "CS", False),
+    "PulseSequenceName": (0x00189005, "SH", False),
+    "EchoPulseSequence": (0x00189008, "CS", False),
+    "InversionRecovery": (0x00189009, "CS", False),
+    "ReconstructionDiameter": (0x00181100, "DS", False),
+    "ImagedNucleus": (0x00180085, "SH", False),
+    "NumberOfTemporalPositions": (0x00200105, "IS", False),
+    "SeriesType": (0x00541000, "CS", True),
+    "DecayCorrection": (0x00541102, "CS", False),
+    "CorrectedImage": (0x00280051, "CS", True),
+    "ContrastBolusAgentPhase": (0x00189344, "CS", False),
+    "PatientID": (0x00100020, "LO", False),
+    "PatientName": (0x00100010, "PN", False),
+    "StudyInstanceUID": (0x0020000D, "UI", False),
+    "RadiopharmaceuticalInformationSequence": (0x00540016, "SQ", False),
+    "ContrastBolusAgentSequence": (0x00180012, "SQ", False),
+    "SpecificCharacterSet": (0x00080005, "CS", True),
 }
 _BY_TAG = {tag: (kw, vr, multi) for kw, (tag, vr, multi) in _TAGS.items()}
-# Vendor private tags that scan reads through pydicom (diffusion): if one is
-# present the caller falls back. (group, creator, element offset)
-VENDOR_PRIVATE = ((0x0019, "SIEMENS MR HEADER", 0x0C),
-                  (0x0019, "SIEMENS MR HEADER", 0x0E),
-                  (0x2001, "Philips Imaging DD 001", 0x03),
-                  (0x0043, "GEMS_PARM_01", 0x39))
+# Vendor private elements whose values are kept (diffusion b-value and
+# gradient direction of GE, Philips, Siemens and UIH): (group, element offset
+# inside the creator's block). Other private elements are kept as presence
+# only. ``Header.private_value`` decodes them.
+PRIVATE_VALUES = frozenset({
+    (0x0019, 0x0C), (0x0019, 0x0E),                  # Siemens B_value, direction
+    (0x0019, 0xBB), (0x0019, 0xBC), (0x0019, 0xBD),  # GE direction x, y, z
+    (0x0043, 0x39),                                  # GE b-value (slop_int_6..9)
+    (0x2001, 0x03),                                  # Philips b-value
+    (0x2005, 0xB0), (0x2005, 0xB1), (0x2005, 0xB2),  # Philips direction
+    (0x0065, 0x09), (0x0065, 0x37),                  # UIH b-value, direction
+})
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00009, 0x7FE00008)
 _LONG_VR = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV",
                       b"UC", b"UN", b"UR", b"UT", b"UV"})
@@ -74,6 +150,7 @@ _SHORT_VR = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD",
 _LONG_VR_NAME = {code: code.decode() for code in _LONG_VR}
 _SHORT_VR_NAME = {code: code.decode() for code in _SHORT_VR}
 _IMPLICIT = "1.2.840.10008.1.2"
+_BINARY_VRS = frozenset({"US", "UL", "SS", "SL", "FD", "FL"})
 _UNDEFINED = 0xFFFFFFFF
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -122,6 +199,8 @@ class Header:
   Attributes:
     path: the file.
     file_meta: {'TransferSyntaxUID': UID, 'MediaStorageSOPClassUID': UID}.
+    has_private_values: False when no element of ``PRIVATE_VALUES`` is
+      present (``private_value`` would answer None for all).
     pixel_tag_offset: byte offset of the pixel data element's tag (or the
       file size when there is none), as pydicom's ``fp.tell()`` after
       ``stop_before_pixels``.
@@ -143,6 +222,9 @@ class Header:
     self._radnet_pixel_offset = pixel_tag_offset
     self.pixel_value_offset = pixel_value_offset
     self.pixel_length = pixel_length
+    # Whether any element of PRIVATE_VALUES was kept (most files: none, so
+    # the vendor diffusion look-ups stop at once).
+    self.has_private_values = True
 
   def __contains__(self, keyword: str) -> bool:
     return _TAGS[keyword][0] in self._values
@@ -157,6 +239,19 @@ class Header:
     value = _decode(item[0], vr, item[1], multi)
     self._cache[keyword] = value
     return value
+
+  def get_lenient(self, keyword: str) -> Any:
+    """``get`` for the metadata record: None when absent or empty (pydicom's
+    empty value, which the record drops), several values as a list even
+    where one is expected (the record keeps the first, as it does with
+    pydicom's values); anything else unusual raises Unsupported."""
+    tag, vr, _ = _TAGS[keyword]
+    item = self._values.get(tag)
+    if item is None or not item[1]:
+      return None
+    if vr not in _BINARY_VRS and not item[1].strip(b" \0"):
+      return None   # blank text
+    return _decode(item[0], vr, item[1], True)
 
   def __getattr__(self, keyword: str) -> Any:
     if keyword.startswith("_") or keyword not in _TAGS:
@@ -181,18 +276,43 @@ class Header:
         return True
     return False
 
+  def private_value(self, group: int, creator: str | None, offset: int,
+                    vr: str, multi: bool = False) -> Any:
+    """Value of a private element in ``PRIVATE_VALUES`` (pydicom's value), or
+    None when absent. ``creator`` None: the element of block 0x10 whatever
+    its creator (UIH's tags are documented by number only)."""
+    blocks = []
+    if creator is None:
+      blocks = [0x10]
+    else:
+      for (g, element), raw in self._creators.items():
+        if g != group:
+          continue
+        try:
+          text = raw.decode("ascii").rstrip(" \0")
+        except UnicodeDecodeError as e:
+          raise Unsupported("non-ASCII private creator") from e
+        if text == creator:
+          blocks.append(element)
+    for block in blocks:
+      item = self._values.get((group << 16) | (block << 8) | offset)
+      if item is not None:
+        return _decode(item[0], vr, item[1], multi)
+    return None
+
 
 def _decode(actual_vr: str, vr: str, raw: bytes, multi: bool) -> Any:
   """pydicom's value of a clean element, else Unsupported."""
   if actual_vr not in (vr, "") or not raw:
     raise Unsupported(f"VR {actual_vr} or empty value")
-  if vr in ("US", "UL", "FD"):
-    fmt, size = {"US": ("<H", 2), "UL": ("<I", 4), "FD": ("<d", 8)}[vr]
+  if vr in ("US", "UL", "FD", "FL"):
+    fmt, size = {"US": ("<H", 2), "UL": ("<I", 4), "FD": ("<d", 8),
+                 "FL": ("<f", 4)}[vr]
     if len(raw) % size:
       raise Unsupported("odd binary length")
     values = list(struct.unpack(f"<{len(raw) // size}{fmt[1]}", raw))
-    if vr == "FD" and not all(math.isfinite(v) for v in values):
-      raise Unsupported("non-finite FD")
+    if vr in ("FD", "FL") and not all(math.isfinite(v) for v in values):
+      raise Unsupported(f"non-finite {vr}")
   elif vr == "SQ":
     raise Unsupported("sequence value")
   else:
@@ -278,6 +398,19 @@ def _element_header(buf: _Buffer, pos: int, implicit: bool
 _SYNTAX_CACHE: dict[str, bool | None] = {}
 
 
+# The transfer syntaxes pydicom knows that are explicit VR little endian and
+# not deflated (native, or encapsulated: JPEG, JPEG-LS, JPEG 2000, HTJ2K,
+# RLE, MPEG, HEVC, JPIP, SMPTE ST 2110), as pydicom's UID properties say.
+_EXPLICIT_LE = frozenset(
+    ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.98", "1.2.840.10008.1.2.5",
+     "1.2.840.10008.1.20", "1.2.840.10008.1.2.6.1", "1.2.840.10008.1.2.6.2",
+     "1.2.840.10008.1.2.7.1", "1.2.840.10008.1.2.7.2", "1.2.840.10008.1.2.7.3"]
+    + [f"1.2.840.10008.1.2.4.{k}" for k in (*range(50, 67), 70, 80, 81,
+                                            *range(90, 96), *range(100, 109),
+                                            *range(201, 206))]
+    + [f"1.2.840.10008.1.2.4.{k}.1" for k in range(100, 107)])
+
+
 def _syntax_implicit(syntax: UID) -> bool | None:
   """True: implicit VR LE; False: explicit VR LE (native or encapsulated);
   None: a syntax this reader does not parse."""
@@ -285,8 +418,7 @@ def _syntax_implicit(syntax: UID) -> bool | None:
   if key not in _SYNTAX_CACHE:
     if key == _IMPLICIT:
       _SYNTAX_CACHE[key] = True
-    elif (syntax.is_transfer_syntax and syntax.is_little_endian and
-          not syntax.is_implicit_VR and not syntax.is_deflated):
+    elif key in _EXPLICIT_LE:
       _SYNTAX_CACHE[key] = False
     else:
       _SYNTAX_CACHE[key] = None
@@ -345,6 +477,7 @@ def _parse(path: str, buf: _Buffer, size: int, fp) -> Header | None:
   # --- dataset ---------------------------------------------------------------
   values: dict[int, tuple[str, bytes]] = {}
   creators: dict[tuple[int, int], bytes] = {}
+  private_values = False
   pixel_tag, pixel_value, pixel_length = size, None, None
   data = buf.data
   # The element header is parsed inline (this loop runs ~40 times a file, and
@@ -396,9 +529,17 @@ def _parse(path: str, buf: _Buffer, size: int, fp) -> Header | None:
         data = buf.need(end)
       creators[(group, elem)] = data[start:end]
     elif group & 1:
-      values[tag] = (vr, b"")  # private element: presence only
+      if elem >= 0x1000 and (group, elem & 0xFF) in PRIVATE_VALUES:
+        if end > len(data):
+          data = buf.need(end)
+        values[tag] = (vr, data[start:end])
+        private_values = True
+      else:
+        values[tag] = (vr, b"")  # private element: presence only
     elif end > size:
       raise Unsupported("element runs past the end of the file")
     pos = end
-  return Header(path, values, creators, meta, implicit, size, pixel_tag,
-                pixel_value, pixel_length)
+  header = Header(path, values, creators, meta, implicit, size, pixel_tag,
+                  pixel_value, pixel_length)
+  header.has_private_values = private_values
+  return header

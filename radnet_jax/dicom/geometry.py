@@ -22,11 +22,24 @@ flips and an in-plane transpose are applied so that, by plane:
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-# Gaps in a stack, in multiples of its median slice spacing: up to this wide
-# (one missing slice) load_volume fills them; scan cuts a stack at wider ones.
+# Gaps in a stack, in multiples of its slice spacing: from GAP_FACTOR up to
+# GAP_FILL_FACTOR wide (one missing slice) load_volume fills them; scan cuts a
+# stack at wider ones.
+GAP_FACTOR = 1.5
 GAP_FILL_FACTOR = 2.5
+# Two slice steps are the same spacing when they differ by at most this much
+# (mm, or this fraction of the smaller step): positions are written as decimal
+# strings, often rounded to 0.01-0.1 mm.
+SPACING_ATOL_MM = 0.05
+SPACING_RTOL = 0.05
+DUPLICATE_TOL_MM = 1e-2
+# dcm2niix calls a stack's spacing variable (and writes _Eq_) when a step
+# differs from another by more than this (mm).
+DCM2NIIX_VARY_MM = 0.2
 PLANES = ("SAG", "COR", "AX")  # indexed by the dominant LPS axis of the normal
 _X, _Y, _Z = np.eye(3)
 # Target direction of (D, H, W) for each plane.
@@ -163,3 +176,106 @@ def extent_si(affine: np.ndarray, shape: tuple[int, int, int]) -> float:
 def extent_mm(spacing: np.ndarray, shape: tuple[int, int, int]) -> list[float]:
   """[D, H, W] field of view in mm (voxel count x voxel size)."""
   return [float(s * n) for s, n in zip(spacing, shape)]
+
+
+# ---------------------------------------------------------------------------
+# Slice spacing: uniform, missing slices, or variable (several spacings).
+# ---------------------------------------------------------------------------
+
+
+def same_spacing(a: float, b: float) -> bool:
+  """True when two slice steps (mm) are the same spacing up to rounding."""
+  return abs(a - b) <= max(SPACING_ATOL_MM, SPACING_RTOL * min(a, b))
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceSpacing:
+  """How the slice positions of a stack are spaced (``classify_spacing``).
+
+  kind: ``"uniform"`` (one spacing, maybe with rounding jitter), ``"gaps"``
+    (one spacing with missing slices: isolated steps of >= ``GAP_FACTOR``
+    times the spacing on both sides), or ``"variable"`` (two or more spacings
+    that each hold for several consecutive slices, e.g. a head CT at 2.5 mm
+    through the posterior fossa and 5 mm above; or steps that differ by more
+    than ``DCM2NIIX_VARY_MM`` without being gaps, which dcm2niix also
+    resamples).
+  step: mm; the regular spacing (median of the steps) for uniform / gaps,
+    the smallest step for variable (dcm2niix's ``_Eq_`` spacing).
+  spacings: the distinct spacings of the runs of equal steps (mm, ascending;
+    gaps and cuts excluded).
+  gaps: indices i of the steps (slice i to i + 1) that are missing slices.
+  cuts: indices i of the steps wider than ``GAP_FILL_FACTOR`` times the
+    spacing next to them (missing files, separate slabs): ``scan`` cuts the
+    stack there.
+  """
+  kind: str
+  step: float
+  spacings: tuple[float, ...]
+  gaps: tuple[int, ...]
+  cuts: tuple[int, ...]
+
+
+def _runs(steps: np.ndarray) -> list[tuple[int, int, float]]:
+  """Maximal runs [start, stop) of consecutive equal steps, with the median."""
+  runs: list[tuple[int, int, float]] = []
+  start = 0
+  for i in range(1, len(steps) + 1):
+    if i == len(steps) or not same_spacing(steps[i], steps[start]):
+      runs.append((start, i, float(np.median(steps[start:i]))))
+      start = i
+  return runs
+
+
+def classify_spacing(diffs: np.ndarray) -> SliceSpacing:
+  """Classifies the steps between position-sorted slices (mm, (N - 1,)).
+
+  The steps are grouped into runs of equal spacing. A run of one step is a
+  *gap* (missing slices) when it is at least ``GAP_FACTOR`` times the spacing
+  of the run(s) next to it and those runs agree (an otherwise regular stack,
+  or the end of one), and a *cut* when it is wider than ``GAP_FILL_FACTOR``
+  times the wider neighbour; any other single step is a transition between
+  spacings. The stack is *variable* when two different spacings each hold
+  for at least two consecutive steps, or when the steps left (gaps and cuts
+  aside) differ by more than ``DCM2NIIX_VARY_MM`` (dcm2niix's threshold); a
+  smaller deviation is jitter (``uniform``). Steps below ``DUPLICATE_TOL_MM`` (repeated positions)
+  are ignored; indices refer to ``diffs``.
+  """
+  diffs = np.asarray(diffs, float)
+  keep = np.flatnonzero(diffs >= DUPLICATE_TOL_MM)
+  steps = diffs[keep]
+  if not len(steps):
+    return SliceSpacing("uniform", 0.0, (), (), ())
+  runs = _runs(steps)
+  gaps, cuts = [], []
+  for j, (a, b, value) in enumerate(runs):
+    near = [runs[k][2] for k in (j - 1, j + 1) if 0 <= k < len(runs)]
+    if b - a != 1 or not near:
+      continue
+    if value > GAP_FILL_FACTOR * max(near):
+      cuts.append(a)
+    elif value > GAP_FACTOR * max(near) and (
+        len(near) == 1 or same_spacing(near[0], near[1])):
+      gaps.append(a)
+  odd = set(gaps) | set(cuts)
+  regular = [(a, b, v) for a, b, v in runs if a not in odd]
+  distinct: list[float] = []
+  for _, _, v in sorted(regular, key=lambda r: r[2]):
+    if not distinct or not same_spacing(v, distinct[-1]):
+      distinct.append(v)
+  long_spacings = []
+  for a, b, v in regular:
+    if b - a >= 2 and not any(same_spacing(v, u) for u in long_spacings):
+      long_spacings.append(v)
+  rest = np.delete(steps, sorted(odd))
+  # dcm2niix resamples (_Eq_) whenever a step differs from the first by more
+  # than DCM2NIIX_VARY_MM; odd steps that are neither gaps nor a second
+  # spacing (e.g. 5 mm slices with one 1.1 mm and one 7 mm step) go the same way.
+  uneven = len(rest) > 1 and float(np.ptp(rest)) > DCM2NIIX_VARY_MM
+  if len(long_spacings) >= 2 or uneven:
+    kind, step = "variable", float(np.min(np.delete(steps, cuts)))
+  else:
+    kind = "gaps" if gaps else "uniform"
+    step = float(np.median(rest if len(rest) else steps))
+  return SliceSpacing(kind, step, tuple(round(v, 3) for v in distinct),
+                      tuple(int(keep[i]) for i in gaps),
+                      tuple(int(keep[i]) for i in cuts))

@@ -14,22 +14,33 @@ RLE all work), then:
 3. duplicates (same position within 0.01 mm): identical pixels -> one is kept
    (the first in the stack's deterministic order); different pixels ->
    ``DicomError`` (the series mixes acquisitions that scan could not split);
-4. missing slices: a gap of one missing slice (1.5x to 2.5x the median
-   spacing; one, or at most 10% of the slices, missing in all) is filled by linear
-   interpolation along D like dcm2niix's equidistant ``_Eq_`` output
-   (``record["MissingSlicesInterpolated"]`` counts them); anything larger
-   -> ``DicomError`` (``scan`` already splits a stack at gaps wider than
-   2.5x, so that is a stack built by hand or too many holes);
+4. slice spacing (``geometry.classify_spacing``: runs of equal steps):
+   - *missing slices* (an isolated step of 1.5x to 2.5x the spacing on both
+     sides; one, or at most 10% of the slices, missing in all) are filled
+     by linear interpolation along D onto the uniform grid at the median
+     spacing (``record["MissingSlicesInterpolated"]`` counts them); wider
+     single steps -> ``DicomError`` (``scan`` already cuts a stack there, so
+     that is a stack built by hand), as are too many holes;
+   - *variable spacing* (two or more spacings that each hold for several
+     slices, e.g. a head CT at 2.5 mm through the posterior fossa and 5 mm
+     above) is resampled like dcm2niix's ``_Eq_`` output: the smallest
+     spacing, laid from the inferior end of the stack (dcm2niix's first
+     slice), linear along the normal, at most twice the slice count (then
+     the spacing grows to span the stack); ``record["SliceSpacings"]`` lists
+     the spacings found;
+   - jitter (one spacing, a slice off the grid by more than 1% of it):
+     resampled onto the uniform grid at the median spacing;
+   every resampled stack has ``record["ResampledSliceSpacing"] = True``;
 5. gantry tilt (slices shifted in-plane from one to the next, i.e. the stack
-   direction is not the slice normal): **resampled** onto the orthogonal grid
-   like dcm2niix does: each slice is shifted in-plane (linear interpolation,
-   outside filled with the volume minimum) so that the D axis becomes n;
-   ``record["GantryTiltCorrected"]`` gives the angle in degrees;
-6. non-uniform spacing (some slice deviates from the uniform grid by more than
-   1% of the spacing, but no gap > 1.5x) and filled gaps: **resampled** along D onto a uniform
-   grid at the median spacing (linear interpolation);
-   ``record["ResampledSliceSpacing"] = True``;
-7. Siemens mosaics are unpacked (NumberOfImagesInMosaic, CSA slice normal);
+   direction is not the slice normal), either sign: **resampled** onto the
+   orthogonal grid like dcm2niix's ``_Tilt`` output: the plane grows by the
+   whole drift so that every slice fits, each slice is shifted in-plane
+   (linear, outside filled with the volume minimum) so that the D axis
+   becomes n; ``record["GantryTiltCorrected"]`` gives the angle in degrees;
+6. (tilt and variable spacing combine: tilt first, then along D);
+7. Siemens mosaics are unpacked (NumberOfImagesInMosaic, CSA slice normal),
+   and UIH VFRAME images (tiles ceil(sqrt(n)) wide, slice positions from
+   the private MR VFrame Sequence);
 8. reorients to the canonical orientation (flips and an in-plane transpose
    only; see ``geometry``).
 
@@ -50,19 +61,22 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydicom.dataset import Dataset
+
+if TYPE_CHECKING:  # pydicom is imported only where a file needs it (slow import)
+  from pydicom.dataset import Dataset
 
 from radnet_jax.dicom import fastread, geometry
 from radnet_jax.dicom.errors import DicomError
-from radnet_jax.dicom.metadata import functional_group
+from radnet_jax.dicom.metadata import (functional_group, uih_vframe_items,
+                                       vendor_geometry)
 from radnet_jax.dicom.reader import read_dataset
 from radnet_jax.dicom.types import Stack, Volume
 
-DUPLICATE_TOL_MM = 1e-2
-GAP_FACTOR = 1.5
+DUPLICATE_TOL_MM = geometry.DUPLICATE_TOL_MM
+GAP_FACTOR = geometry.GAP_FACTOR
 FILL_MAX_FRACTION = 0.1     # more than one filled slice: at most this fraction
 UNIFORM_TOL = 1e-2          # relative to the spacing
 TILT_TOL_PX = 0.05          # in-plane drift over the whole stack, in pixels
@@ -200,6 +214,8 @@ def _native_layout(h: fastread.Header) -> tuple | None:
   rows, cols = int(h.Rows), int(h.Columns)
   for key in ("ImagePositionPatient", "ImageOrientationPatient",
               "PixelSpacing"):
+    if key not in h:
+      return None  # geometry elsewhere (vendor tags): pydicom path
     h.get(key)  # decodable here, or Unsupported -> pydicom
   _rescale(h)
   if bits not in (8, 16, 32) or stored > bits or stored <= 0:
@@ -278,9 +294,8 @@ def _read_classic(stack: Stack) -> _Slices:
     if slices is None:
       slices = _Slices(len(stack.files), arr.shape[0], arr.shape[1])
     slope, inter = _rescale(ds)
-    slices.add(arr, ds.get("ImagePositionPatient"),
-               ds.get("ImageOrientationPatient"), ds.get("PixelSpacing"),
-               slope, inter, path)
+    ipp, iop = vendor_geometry(ds)  # the classic tags, else Philips' copy
+    slices.add(arr, ipp, iop, ds.get("PixelSpacing"), slope, inter, path)
   return slices
 
 
@@ -365,12 +380,93 @@ def _read_mosaic(stack: Stack) -> _Slices:
   return slices
 
 
-def _shift_rows_cols(img: np.ndarray, dh: float, dw: float, fill: float
-                     ) -> np.ndarray:
-  """out[h, w] = img[h - dh, w - dw] (bilinear), outside = fill."""
-  from scipy import ndimage  # pylint: disable=import-outside-toplevel
-  return ndimage.shift(img, (dh, dw), order=1, mode="constant", cval=fill,
-                       prefilter=False)
+def _read_uih_vframe(stack: Stack) -> _Slices:
+  """UIH VFRAME: one volume per file, its n slices tiled ceil(sqrt(n)) wide
+  and ceil(n / wide) high (or padded to a square grid) from the top-left
+  corner, each slice's position in an item of the private MR VFrame
+  Sequence (0065,1051)."""
+  path = stack.files[0]
+  ds = read_dataset(path, stop_before_pixels=False)
+  items = uih_vframe_items(ds)
+  n = len(items)
+  if n == 0:
+    raise DicomError(path, "UIH VFRAME image without its MR VFrame Sequence "
+                           "(0065,1051) (vendor UIH)")
+  arr = _pixels(ds, path)
+  wide = int(math.ceil(math.sqrt(n)))
+  cols = arr.shape[1] // wide
+  # UIH documents ceil(n / wide) rows of tiles; an image padded to a square
+  # grid has ``wide`` rows: take the count that gives square tiles, else the
+  # one that divides the image height.
+  high = int(math.ceil(n / wide))
+  candidates = [h for h in (high, wide) if arr.ndim == 2 and arr.shape[0] % h == 0]
+  square = [h for h in candidates if arr.shape[0] // h == cols]
+  high = (square or candidates or [high])[0]
+  rows = arr.shape[0] // high
+  if rows < 1 or cols < 1 or arr.ndim != 2:
+    raise DicomError(path, f"UIH VFRAME image {arr.shape} does not hold a "
+                           f"{high}x{wide} grid of {n} slices")
+  iop = _vec(ds.get("ImageOrientationPatient") or
+             items[0].get("ImageOrientationPatient"), 6, path,
+             "ImageOrientationPatient")
+  spacing = _vec(ds.get("PixelSpacing"), 2, path, "PixelSpacing")
+  slope, inter = _rescale(ds)
+  slices = _Slices(n, rows, cols)
+  for i, item in enumerate(items):
+    r0, c0 = (i // wide) * rows, (i % wide) * cols
+    ipp = _vec(item.get("ImagePositionPatient"), 3,
+               f"{path} (0065,1051) item {i + 1}", "ImagePositionPatient")
+    slices.add(arr[r0:r0 + rows, c0:c0 + cols], ipp, iop, spacing, slope,
+               inter, path)
+  return slices
+
+
+def _shift_axis(img: np.ndarray, axis: int, start: float, size: int,
+                fill: float, hold_first: bool) -> np.ndarray:
+  """Resamples ``img`` (H, W) along ``axis`` at coordinates start + 0..size-1
+  (linear); outside the pixels it is ``fill``, except that within one pixel
+  of the first (``hold_first``) or the last pixel that pixel is held. This
+  is the edge rule of dcm2niix's tilt correction (it interpolates rows in
+  its bottom-up order, so the held sliver is before DICOM row 0), so edge
+  voxels agree with it."""
+  n = img.shape[axis]
+  x = start + np.arange(size)
+  eps = 1e-3
+  if hold_first:
+    valid = (x > -1 + eps) & (x <= n - 1 + eps)
+  else:
+    valid = (x >= -eps) & (x < n - eps)
+  lo = np.clip(np.floor(x + eps).astype(int), 0, n - 1)
+  hi = np.minimum(lo + 1, n - 1)
+  frac = np.clip(x - lo, 0.0, 1.0).astype(np.float32)
+  a, b = np.take(img, lo, axis=axis), np.take(img, hi, axis=axis)
+  shape = [1, 1]
+  shape[axis] = size
+  frac = frac.reshape(shape)
+  out = a * (1 - frac) + b * frac
+  if axis == 0:
+    out[~valid] = fill
+  else:
+    out[:, ~valid] = fill
+  return out
+
+
+@dataclasses.dataclass
+class _Tilt:
+  """In-plane resampling of a gantry-tilted stack onto the orthogonal grid.
+
+  Slice k of the output samples input slice k at rows h0 - drift_h[k] + i and
+  columns w0 - drift_w[k] + j (pixels); the output plane (rows, cols) is
+  extended by the whole drift so that every slice fits (as dcm2niix's
+  ``_Tilt`` output: the first row is where the slice that drifted furthest
+  back starts).
+  """
+  drift_h: np.ndarray
+  drift_w: np.ndarray
+  h0: float
+  w0: float
+  rows: int
+  cols: int
 
 
 @dataclasses.dataclass
@@ -378,13 +474,13 @@ class _Grid:
   """Where the sorted, deduplicated slices go on the output grid.
 
   dz: slice spacing (mm); affine: raw (D, H, W) voxel -> LPS (before the
-  canonical flips); tilt: per-slice in-plane shifts (rows, columns) in pixels
-  or None; uniform: (lo, hi, w) linear interpolation onto a uniform grid or
-  None; info: record keys describing the corrections.
+  canonical flips); tilt: in-plane resampling or None; uniform: (lo, hi, w)
+  linear interpolation onto a uniform grid or None; info: record keys
+  describing the corrections.
   """
   dz: float
   affine: np.ndarray
-  tilt: tuple[np.ndarray, np.ndarray] | None
+  tilt: _Tilt | None
   uniform: tuple[np.ndarray, np.ndarray, np.ndarray] | None
   info: dict[str, Any]
 
@@ -413,58 +509,112 @@ def _duplicates(s: np.ndarray) -> np.ndarray:
   return np.flatnonzero(np.diff(s) < DUPLICATE_TOL_MM) + 1
 
 
+def _interp_weights(s: np.ndarray, target: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(lo, hi, w): slice target[k] = (1 - w) * slice lo + w * slice hi."""
+  count = len(s)
+  hi = np.clip(np.searchsorted(s, target, side="right"), 1, count - 1)
+  lo = hi - 1
+  w = np.clip((target - s[lo]) / (s[hi] - s[lo]), 0.0, 1.0).astype(np.float32)
+  return lo, hi, w
+
+
+def _equidistant(s: np.ndarray, step: float) -> np.ndarray:
+  """Target positions of dcm2niix's ``_Eq_`` rule for variable spacing.
+
+  The smallest step, laid from the last slice back (dcm2niix counts from
+  the slice that comes first in its NIfTI order, the last in our canonical
+  order), covering the whole stack; at most twice the slice count (as
+  dcm2niix: then the spacing grows so that the grid spans the stack exactly).
+  Returned ascending.
+  """
+  span = float(s[-1] - s[0])
+  k = int(np.floor(span / step + 1e-3)) + 1
+  if k > 2 * len(s):
+    k = 2 * len(s)
+    step = span / (k - 1)
+  return s[-1] - step * np.arange(k)[::-1]
+
+
+def _tilt(pos: np.ndarray, s: np.ndarray, n: np.ndarray, r: np.ndarray,
+          c: np.ndarray, dr: float, dc: float, rows: int, cols: int
+          ) -> _Tilt | None:
+  """The in-plane drift of the slice corners off the stack normal (gantry
+  tilt), or None when it stays under TILT_TOL_PX over the whole stack."""
+  if len(s) < 2:
+    return None
+  offsets = (pos - pos[0]) - np.outer(s - s[0], n)
+  drift = [offsets @ c / dr, offsets @ r / dc]
+  spans = [float(np.ptp(d)) for d in drift]
+  if max(spans) <= TILT_TOL_PX:
+    return None
+  for axis in (0, 1):
+    if spans[axis] <= TILT_TOL_PX:
+      drift[axis] = np.zeros(len(s))
+  extra = [int(math.ceil(float(np.ptp(d)) - 1e-3)) for d in drift]
+  # The plane grows by whole pixels; the fraction left over goes before the
+  # first row (rows) as in dcm2niix's _Tilt output (it shifts rows in its
+  # bottom-up row order), after the last column (columns; dcm2niix does
+  # not correct a column drift).
+  h0 = float(drift[0].max()) - extra[0]
+  w0 = float(drift[1].min())
+  return _Tilt(drift[0], drift[1], h0, w0, rows + extra[0], cols + extra[1])
+
+
 def _grid(s: np.ndarray, pos: np.ndarray, n: np.ndarray, iop: np.ndarray,
-          spacing: np.ndarray, record: dict[str, Any], where: str) -> _Grid:
+          spacing: np.ndarray, size: tuple[int, int], record: dict[str, Any],
+          where: str) -> _Grid:
   """Spacing, gaps, tilt and uniformity of sorted, deduplicated slices."""
   info: dict[str, Any] = {}
   r, c = iop[:3], iop[3:]
   dr, dc = spacing
   count = len(s)
-  filled = False    # slices missing in gaps, filled by the uniform resampling
-  # --- spacing and gaps ---------------------------------------------------
+  target = None     # positions along n of the output slices, when resampled
+  # --- spacing: uniform, missing slices, or variable ----------------------
   if count == 1:
     dz = float(record.get("SpacingBetweenSlices") or
                record.get("SliceThickness") or 1.0)
   else:
     diffs = np.diff(s)
-    med = float(np.median(diffs))
-    big = np.flatnonzero(diffs > GAP_FACTOR * med)
-    if len(big):
-      filled = True
+    plan = geometry.classify_spacing(diffs)
+    med = plan.step
+    if plan.cuts or plan.kind == "gaps":
+      big = sorted(plan.cuts + plan.gaps)
       missing = int(np.sum(np.maximum(np.round(diffs[big] / med) - 1, 1)))
       i = int(big[np.argmax(diffs[big])])
-      if (diffs[i] > geometry.GAP_FILL_FACTOR * med or
-          missing > max(1, FILL_MAX_FRACTION * (count + missing))):
+      if plan.cuts or missing > max(1, FILL_MAX_FRACTION * (count + missing)):
         raise DicomError(where, f"missing slice(s): gap of {diffs[i]:.3f} mm "
                                 f"after slice {i} (median spacing {med:.3f} "
                                 f"mm; {missing} slice(s) missing in all)")
       info["MissingSlicesInterpolated"] = missing
     dz = float((s[-1] - s[0]) / (count - 1))
+    if plan.kind == "variable":
+      # dcm2niix's _Eq_: equidistant at the smallest spacing, linear along n.
+      target = _equidistant(s, plan.step)
+      info["SliceSpacings"] = list(plan.spacings)
+    elif count > 2 and (plan.kind == "gaps" or np.max(
+        np.abs(s - (s[0] + dz * np.arange(count)))) > UNIFORM_TOL * dz):
+      # Filled gaps / jitter: uniform at the median spacing from slice 0.
+      k = int(np.floor((s[-1] - s[0]) / med + 1e-3)) + 1
+      target = s[0] + med * np.arange(k)
   # --- gantry tilt: in-plane drift of the positions ---------------------------
-  offsets = (pos - pos[0]) - np.outer(s - s[0], n)
-  drift_h, drift_w = offsets @ c / dr, offsets @ r / dc
-  tilt = None
-  if count > 1 and max(np.max(np.abs(drift_h)), np.max(np.abs(drift_w))) > TILT_TOL_PX:
-    tilt = (drift_h, drift_w)
+  tilt = _tilt(pos, s, n, r, c, dr, dc, *size)
+  if tilt is not None:
     along = (pos[-1] - pos[0]) / np.linalg.norm(pos[-1] - pos[0])
     info["GantryTiltCorrected"] = float(
         np.degrees(np.arccos(np.clip(abs(along @ n), 0, 1))))
-  # --- non-uniform spacing -> resample along D ------------------------------
   uniform = None
-  if count > 2:
-    resid = np.abs(s - (s[0] + dz * np.arange(count)))
-    if filled or np.max(resid) > UNIFORM_TOL * dz:
-      dz = float(np.median(np.diff(s)))
-      k = int(np.floor((s[-1] - s[0]) / dz + 1e-3)) + 1
-      target = s[0] + dz * np.arange(k)
-      hi = np.clip(np.searchsorted(s, target, side="right"), 1, count - 1)
-      lo = hi - 1
-      w = ((target - s[lo]) / (s[hi] - s[lo])).astype(np.float32)
-      uniform = (lo, hi, w)
-      info["ResampledSliceSpacing"] = True
+  origin = pos[0].astype(float).copy()
+  if tilt is not None:
+    origin += tilt.h0 * dr * c + tilt.w0 * dc * r
+  if target is not None:
+    uniform = _interp_weights(s, target)
+    dz = float((target[-1] - target[0]) / (len(target) - 1)) if len(target) > 1 else dz
+    origin += (target[0] - s[0]) * n
+    info["ResampledSliceSpacing"] = True
   affine = np.eye(4)
   affine[:3, 0], affine[:3, 1], affine[:3, 2] = n * dz, c * dr, r * dc
-  affine[:3, 3] = pos[0]
+  affine[:3, 3] = origin
   return _Grid(dz, affine, tilt, uniform, info)
 
 
@@ -486,20 +636,29 @@ def _assemble(sl: _Slices, where: str, record: dict[str, Any]
       while j in dup:
         j -= 1
       if not np.array_equal(vox[i], vox[j]):
+        tried = record.get("VolumeSplitTried")
         raise DicomError(where, f"two slices at the same position "
                                 f"({s[i]:.3f} mm along the normal) with "
-                                "different pixels: mixed acquisitions")
+                                "different pixels: mixed acquisitions"
+                                + (f" ({tried})" if tried else ""))
     keep = np.setdiff1d(np.arange(len(s)), dup)
     vox, pos, s = vox[keep], pos[keep], s[keep]
     info["DuplicateSlicesDropped"] = int(len(dup))
-  grid = _grid(s, pos, n, sl.iops[0], sl.spacings[0], record, where)
+  grid = _grid(s, pos, n, sl.iops[0], sl.spacings[0], vox.shape[1:], record,
+               where)
   info.update(grid.info)
   if grid.tilt is not None:
-    drift_h, drift_w = grid.tilt
+    t = grid.tilt
     fill = float(vox.min())
-    vox = np.ascontiguousarray(vox)
-    for i in range(1, len(s)):
-      vox[i] = _shift_rows_cols(vox[i], drift_h[i], drift_w[i], fill)
+    out = np.empty((len(s), t.rows, t.cols), np.float32)
+    for i in range(len(s)):
+      img = vox[i]
+      if t.rows != img.shape[0] or t.drift_h[i] != t.h0:
+        img = _shift_axis(img, 0, t.h0 - t.drift_h[i], t.rows, fill, True)
+      if t.cols != img.shape[1] or t.drift_w[i] != t.w0:
+        img = _shift_axis(img, 1, t.w0 - t.drift_w[i], t.cols, fill, False)
+      out[i] = img
+    vox = out
   if grid.uniform is not None:
     lo, hi, w = grid.uniform
     vox = (vox[lo] * (1 - w)[:, None, None] + vox[hi] * w[:, None, None])
@@ -537,6 +696,8 @@ def load_volume(stack: Stack) -> Volume:
   try:
     if stack.frames is not None:
       sl = _read_enhanced(stack)
+    elif record.get("MosaicLayout") == "UIH VFRAME":
+      sl = _read_uih_vframe(stack)
     elif record.get("NumberOfImagesInMosaic"):
       sl = _read_mosaic(stack)
     else:
@@ -663,7 +824,8 @@ def _load_resampled(stack: Stack, shape: tuple[int, int, int]
   n, s, order = _order(positions, iops, spacings, where)
   if not np.array_equal(order, np.arange(count)) or len(_duplicates(s)):
     return None
-  grid = _grid(s, positions, n, iops[0], spacings[0], stack.record, where)
+  grid = _grid(s, positions, n, iops[0], spacings[0], size, stack.record,
+               where)
   if grid.tilt is not None or grid.uniform is not None:
     return None
   raw_shape = (count,) + size

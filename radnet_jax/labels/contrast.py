@@ -15,7 +15,9 @@
    half of a W/WO exam this series is).
 
 When the tags and a description disagree, the tags win and the provenance
-says so.
+says so. A phase of a dynamic (DCE) series is decided by its own timing
+first (``contrast_of_time_point``): acquired before ContrastBolusStartTime
+-> no, at least ``CONTRAST_ARRIVAL_S`` after it -> yes, in between unknown.
 """
 from __future__ import annotations
 
@@ -140,8 +142,36 @@ def contrast_from_descriptions(f: Fields) -> Label:
   return unknown("no ContrastBolus tags and no contrast keyword")
 
 
+# Seconds from the start of an IV injection to the bolus reaching the
+# arteries (~10-20 s): a phase that starts earlier may still be unenhanced.
+CONTRAST_ARRIVAL_S = 10.0
+
+
+def contrast_of_time_point(f: Fields) -> Label | None:
+  """A dynamic series' phase before / after contrast arrival, from scan's
+  ``VolumeTimeAfterBolusS`` (AcquisitionTime of the volume minus
+  ContrastBolusStartTime); None when the record has no such timing."""
+  t = f.number("VolumeTimeAfterBolusS")
+  n, i = f.number("NumberOfVolumes"), f.number("VolumeIndex")
+  if t is None or n is None or i is None or n < 2:
+    return None
+  where = f"phase {int(i) + 1}/{int(n)}"
+  if t < 0:
+    return Label("no", f"tag:AcquisitionTime {-t:g} s before "
+                       f"ContrastBolusStartTime ({where}, before the injection)")
+  if t >= CONTRAST_ARRIVAL_S:
+    return Label("yes", f"tag:AcquisitionTime {t:g} s after "
+                        f"ContrastBolusStartTime ({where}, after arrival)")
+  return unknown(f"{where} starts {t:g} s after ContrastBolusStartTime, "
+                 f"before the bolus surely arrives ({CONTRAST_ARRIVAL_S:g} s)")
+
+
 def contrast_label(f: Fields) -> Label:
-  """'yes' / 'no' with provenance; tags first, descriptions second."""
+  """'yes' / 'no' with provenance; a dynamic phase's timing first, then
+  tags, then descriptions."""
+  phase = contrast_of_time_point(f)
+  if phase is not None:
+    return phase
   tag = contrast_from_tags(f)
   if tag is None:
     return contrast_from_descriptions(f)

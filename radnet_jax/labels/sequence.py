@@ -30,7 +30,14 @@ Order of evidence (first decisive wins):
    SequenceName), table ``_WEIGHTING_DESC``.
 
 When tags and a description disagree on the weighting, the tags win and the
-provenance says so. Classes outside the chosen taxonomy (PT, PD, DWI, ADC under
+provenance says so.
+
+Volumes that scan split out of a multi-volume series carry their key: a b0
+volume of a diffusion series (DiffusionBValue 0 or absent, SeriesBValues with
+b > 0) is DWI, not the T2 its spin-echo EPI tags suggest; a time point
+(``time_point``) is a DCE phase when T1-weighted, fMRI/perfusion (OTHER)
+when EPI; in the paper taxonomy time points are ``unknown`` (see
+``sequence_label``). Classes outside the chosen taxonomy (PT, PD, DWI, ADC under
 ``paper``) become ``OTHER``, with the reason in the provenance.
 """
 from __future__ import annotations
@@ -367,6 +374,13 @@ def _mr_sequence(f: Fields, image_type: tuple, descs: list) -> Label:
   b = f.number("DiffusionBValue")
   if b is not None and b > 0:
     return Label("DWI", f"tag:DiffusionBValue={b:g}")
+  directionality = f.upper("DiffusionDirectionality")
+  if directionality in ("DIRECTIONAL", "ISOTROPIC", "BMATRIX"):
+    return Label("DWI", f"tag:DiffusionDirectionality={directionality}")
+  series_b = f.numbers("SeriesBValues") or ()
+  if (b is None or b == 0) and any(v > 0 for v in series_b):
+    return Label("DWI", "tag:DiffusionBValue=0 (b0 volume of a diffusion "
+                        f"series with b={','.join(f'{v:g}' for v in series_b)})")
   if _SEQNAME_DWI.search(f.upper("SequenceName")):
     return Label("DWI", "tag:SequenceName (diffusion EPI)")
   # Purpose from descriptions.
@@ -398,9 +412,62 @@ def _mr_sequence(f: Fields, image_type: tuple, descs: list) -> Label:
   return unknown("MR without decisive sequence tags or description")
 
 
+# Splits (scan's ``VolumeSplitBy``) that make the volumes time points.
+_TEMPORAL_SPLITS = frozenset({
+    "TemporalPositionIdentifier", "TemporalPositionIndex", "AcquisitionNumber",
+    "TriggerTime", "AcquisitionTime", "InstanceNumber order", "frame order",
+    "file"})
+_DIFFUSION_SPLITS = frozenset({"DiffusionBValue", "DiffusionGradientOrientation"})
+
+
+def time_point(f: Fields) -> tuple[int, int] | None:
+  """(index, count) when the record is one time point of a multi-volume
+  series (fMRI, perfusion, DCE: scan's VolumeIndex / NumberOfVolumes split by
+  a temporal key), else None. Diffusion volumes are not time points."""
+  n, i = f.number("NumberOfVolumes"), f.number("VolumeIndex")
+  if n is None or i is None or n < 2:
+    return None
+  split = set(f.text("VolumeSplitBy").split("+"))
+  if split & _DIFFUSION_SPLITS or not split & _TEMPORAL_SPLITS:
+    return None
+  if any(v > 0 for v in (f.numbers("SeriesBValues") or ())):
+    return None
+  return int(i), int(n)
+
+
+def _time_series_class(f: Fields, lab: Label, point: tuple[int, int]) -> Label:
+  """A time point's class: a T1-weighted one is a DCE phase; an EPI one
+  without a weighting is fMRI or perfusion (``OTHER``)."""
+  i, n = point
+  where = f"time point {i + 1}/{n}"
+  if lab.value == "T1":
+    return Label("T1", f"{lab.provenance} (DCE {where})")
+  if not lab.known:
+    fam, _, _ = _families(f)
+    if "EP" in fam:
+      return Label(OTHER, f"tag:ScanningSequence=EP (EPI {where}: fMRI or "
+                          "perfusion)")
+  if lab.known:
+    return Label(lab.value, f"{lab.provenance} ({where})")
+  return lab
+
+
 def sequence_label(f: Fields, taxonomy: Taxonomy) -> Label:
-  """Sequence label mapped into ``taxonomy`` (classes outside it -> OTHER)."""
+  """Sequence label mapped into ``taxonomy`` (classes outside it -> OTHER).
+
+  Time points of a multi-volume series (DCE phases, fMRI/perfusion volumes)
+  keep their class in the extended taxonomy; the paper's classes describe
+  static series, so there a time point whose class is in the taxonomy is
+  ``unknown`` (masked) with the reason, rather than dozens of near-identical
+  "T1" or "T2" volumes from one dynamic series.
+  """
   lab = sequence_class(f)
+  point = time_point(f)
+  if point is not None:
+    lab = _time_series_class(f, lab, point)
+    if (taxonomy.name == "paper" and lab.known and lab.value != OTHER):
+      return unknown(f"{lab.provenance}: a time point of a dynamic series, "
+                     f"{lab.value} has no dynamic class in the 'paper' taxonomy")
   if lab.known and lab.value != OTHER and lab.value not in taxonomy.sequence:
     return Label(OTHER, f"{lab.provenance} ({lab.value}: not in the "
                         f"'{taxonomy.name}' taxonomy)")

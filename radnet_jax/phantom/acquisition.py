@@ -54,7 +54,16 @@ def scan_range(patient: Patient, region: str, rng: np.random.Generator) -> tuple
 
 
 def plan_grid(patient: Patient, plan, rng: np.random.Generator, max_slices: int = 120) -> Grid:
-  """The voxel grid of a series: plane axes (+ tilt), FOV around the target."""
+  """The voxel grid of a series: plane axes (+ tilt), FOV around the target.
+
+  Head series with a protocol FOV (``plan.fov``: brain MR, head CT) are
+  centred on the head with that square (or ``phase_ratio`` rectangular)
+  FOV, whatever the head's size, as head protocols are; the slab covers the
+  brain band (axial), the head width (sagittal) or its depth (coronal), or
+  ``plan.slab`` (3D). Other series size the FOV from the body.
+  """
+  if plan.fov and patient.head is not None:
+    return _head_grid(patient, plan, rng, max_slices)
   zlo, zhi = scan_range(patient, plan.region, rng)
   head = plan.region in ("brain", "headneck")
   hw = 80.0 if head else patient.half_width
@@ -74,10 +83,14 @@ def plan_grid(patient: Patient, plan, rng: np.random.Generator, max_slices: int 
   slab = axis_ext(n)
   if plan.plane == "SAG" and not head and plan.modality == "MR":
     slab = min(slab, rng.uniform(160, 260))   # body sagittals cover the midline slab
+  return _grid(plan, center, r, c, n, fov_r, fov_c, slab, max_slices)
+
+
+def _grid(plan, center, r, c, n, fov_r, fov_c, slab, max_slices) -> Grid:
   ps = max(fov_r, fov_c) / plan.matrix
   cols, rows = int(round(fov_r / ps / 2) * 2), int(round(fov_c / ps / 2) * 2)
   sp = plan.spacing
-  k = int(np.floor(slab / sp)) + 1
+  k = int(np.floor(slab / sp + 1e-6)) + 1
   if k > max_slices:
     sp = float(np.round(slab / (max_slices - 1), 2))
     plan.spacing = sp
@@ -88,6 +101,40 @@ def plan_grid(patient: Patient, plan, rng: np.random.Generator, max_slices: int 
   return Grid(origin=origin, r=r, c=c, n=n, spacing=(sp, ps, ps), shape=(k, rows, cols))
 
 
+def _head_grid(patient: Patient, plan, rng: np.random.Generator, max_slices: int) -> Grid:
+  """Grid of a head protocol: FOV ``plan.fov`` on the head, slab by plane."""
+  head, u = patient.head, rng.uniform
+  blo, bhi = patient.bands["brain"]
+  mid = 0.5 * (head.lo + head.hi)
+  # The FOV centre: the middle of the brain, as the technologist places it on the localizer.
+  center = np.array([mid[0] + rng.normal(0, 2), mid[1] + rng.normal(-5, 4), 0.5 * (blo + bhi) + rng.normal(-5, 5)])
+  r0, c0 = (np.array(v, float) for v in _AXES[plan.plane])
+  rot = np.eye(3)
+  if plan.tilt_deg > 0:   # mostly an AC-PC-like pitch about the left-right axis, a little random
+    rot = _rot_axis(np.array([1.0, 0, 0]), np.deg2rad(plan.tilt_deg) * rng.choice([-1, 1])) @ _rot(rng, 3.0)
+  r, c = rot @ r0, rot @ c0
+  n = np.cross(r, c)
+  fov_r = plan.fov * plan.phase_ratio   # a reduced phase FOV across the narrower head width
+  fov_c = plan.fov
+  if plan.slab:
+    slab = plan.slab
+  elif plan.plane == "AX":
+    zlo = blo - u(0, 12) if plan.modality == "MR" else blo - u(0, 25)
+    zhi = bhi + u(-2, 8)
+    slab = (zhi - zlo) / max(abs(n[2]), 0.5)
+    center[2] = 0.5 * (zlo + zhi)
+  elif plan.plane == "SAG":
+    slab = (head.hi[0] - head.lo[0]) * u(0.75, 1.0)
+  else:
+    slab = (head.hi[1] - head.lo[1]) * u(0.7, 0.95)
+  return _grid(plan, center, r, c, n, fov_r, fov_c, slab, max_slices)
+
+
+def _rot_axis(axis: np.ndarray, ang: float) -> np.ndarray:
+  k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+  return np.eye(3) + np.sin(ang) * k + (1 - np.cos(ang)) * k @ k
+
+
 def grid_z_range(grid: Grid) -> tuple:
   """(z_low, z_high) mm spanned by the grid's voxel centres."""
   K, I, J = grid.shape
@@ -96,8 +143,13 @@ def grid_z_range(grid: Grid) -> tuple:
   return float(corners[:, 2].min()), float(corners[:, 2].max())
 
 
-def simulate(patient: Patient, plan, grid: Grid, rng: np.random.Generator) -> np.ndarray:
-  """Image float32 (K, I, J): HU (CT), scanner units (MR), SUV (PT)."""
+def simulate(patient: Patient, plan, grid: Grid, rng: np.random.Generator, randomise: bool = False
+             ) -> np.ndarray:
+  """Image float32 (K, I, J): HU (CT), scanner units (MR), SUV (PT).
+
+  randomise: domain randomisation of MR intensities on top of the physics
+  (``physics.mr_image``).
+  """
   lab = render_labels(patient, grid)
   if plan.modality == "CT":
     return physics.ct_image(lab, plan.contrast == "yes", rng, spacing=grid.spacing,
@@ -105,13 +157,17 @@ def simulate(patient: Patient, plan, grid: Grid, rng: np.random.Generator) -> np
   if plan.modality == "PT":
     return physics.pet_image(lab, rng, spacing=grid.spacing)
   gd = 1.0 if plan.contrast == "yes" else 0.0
+  field = plan.field_t
+  common = dict(spacing=grid.spacing, thickness=plan.thickness, gd=gd, fat_sat=plan.fat_sat, field_t=field,
+                randomise=randomise)
+  if plan.epi:   # spin-echo EPI with diffusion weighting, fat suppressed
+    return physics.mr_image(lab, rng, tr=plan.tr, te=plan.te, b_value=plan.b_value,
+                            snr=float(rng.uniform(12, 30)), **dict(common, fat_sat=True))
+  if plan.iso3d and plan.ti is not None:   # MPRAGE / IR-FSPGR: IR-prepared GRE
+    return physics.mr_image(lab, rng, tr=plan.tr, te=plan.te, ti=plan.ti, **common)
   if plan.gre:   # spoiled gradient echo T1: steady state with flip angle
-    img = physics.mr_image(lab, rng, spacing=grid.spacing, thickness=plan.thickness,
-                           tr=plan.tr * 4 + 400, te=plan.te, gd=gd, fat_sat=plan.fat_sat)
-  else:
-    img = physics.mr_image(lab, rng, spacing=grid.spacing, thickness=plan.thickness, tr=plan.tr,
-                           te=plan.te, ti=plan.ti, gd=gd, fat_sat=plan.fat_sat)
-  return img
+    return physics.mr_image(lab, rng, tr=plan.tr * 4 + 400, te=plan.te, **common)
+  return physics.mr_image(lab, rng, tr=plan.tr, te=plan.te, ti=plan.ti, **common)
 
 
 def _base(ids: dict, plan, patient: Patient, date: str) -> Dataset:
@@ -169,8 +225,8 @@ def write_series(folder: str, names: list, plan, patient: Patient, grid: Grid, i
     stored = np.clip(stored, 0, 4095).astype(np.uint16 if ds.PixelRepresentation == 0 else np.int16)
   elif plan.modality == "MR":
     ds.PixelRepresentation = 0
-    ds.MagneticFieldStrength = 1.5
-    ds.ImagingFrequency = 63.87
+    ds.MagneticFieldStrength = float(plan.field_t)
+    ds.ImagingFrequency = round(42.577 * ds.MagneticFieldStrength, 3)
     stored = np.clip(np.round(img), 0, 4095).astype(np.uint16)
   else:
     ds.PixelRepresentation = 1

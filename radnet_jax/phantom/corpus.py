@@ -36,6 +36,7 @@ class _Job:
   noise: HeaderNoise
   max_slices: int
   small: bool
+  randomise: bool = False
 
 
 def _name(rng, style: int) -> str:
@@ -55,14 +56,30 @@ def series_tags(plan, rng) -> dict:
       t["SpacingBetweenSlices"] = plan.spacing
   elif plan.modality == "PT":
     t["ImageType"] = ["ORIGINAL", "PRIMARY"]
+  elif plan.epi:
+    t["ImageType"] = ["ORIGINAL", "PRIMARY", "DIFFUSION", "TRACEW" if plan.b_value else "NONE"]
+    t["ScanningSequence"] = ["EP"]
+    t["SequenceVariant"] = ["SK", "SP"]
+    t["ScanOptions"] = ["FS"]
+    t["SequenceName"] = f"*ep_b{int(plan.b_value)}t"
+    t["MRAcquisitionType"] = "2D"
+    t["DiffusionBValue"] = plan.b_value
+    t["EchoTime"], t["RepetitionTime"], t["FlipAngle"] = round(plan.te, 2), round(plan.tr, 1), 90.0
+    t["SpacingBetweenSlices"] = plan.spacing
   else:
     ir = plan.ti is not None
     t["ImageType"] = ["ORIGINAL", "PRIMARY", "M", "ND"]
-    t["ScanningSequence"] = (["SE", "IR"] if ir else ["GR"] if plan.gre else ["SE"])
-    t["SequenceVariant"] = ["SK", "SP", "MP"] if ir else ["SP", "OSP"] if plan.gre else ["SK", "SP"]
-    t["ScanOptions"] = (["FS"] if plan.fat_sat else []) + (["IR"] if ir else [])
-    t["SequenceName"] = ("*tir2d1_16" if ir else "*fl3d1" if plan.gre else
-                         "*tse2d1_15" if plan.sequence == "T2" else "*se2d1")
+    if plan.iso3d:   # MPRAGE / IR-FSPGR (IR-prepared GRE), or Philips 3D TFE (GRE)
+      t["ScanningSequence"] = ["GR", "IR"] if ir else ["GR"]
+      t["SequenceVariant"] = ["SK", "SP", "MP"]
+      t["ScanOptions"] = ["IR"] if ir else []
+      t["SequenceName"] = "*tfl3d1_16ns" if ir else "T1TFE"
+    else:
+      t["ScanningSequence"] = (["SE", "IR"] if ir else ["GR"] if plan.gre else ["SE"])
+      t["SequenceVariant"] = ["SK", "SP", "MP"] if ir else ["SP", "OSP"] if plan.gre else ["SK", "SP"]
+      t["ScanOptions"] = (["FS"] if plan.fat_sat else []) + (["IR"] if ir else [])
+      t["SequenceName"] = ("*tir2d1_16" if ir else "*fl3d1" if plan.gre else
+                           "*tse2d1_15" if plan.sequence == "T2" else "*se2d1")
     t["MRAcquisitionType"] = "3D" if plan.gre else "2D"
     t["EchoTime"], t["RepetitionTime"] = round(plan.te, 2), round(plan.tr, 1)
     if ir:
@@ -98,8 +115,10 @@ def _patient_job(job: _Job) -> list:
       ids = dict(ids, series_uid=acquisition.uid(job.seed, job.pid, s_no, se_no), series_no=se_no + 2)
       if job.small:
         plan.matrix = min(plan.matrix, 40)
-      grid = acquisition.plan_grid(patient, plan, rng, job.max_slices)
-      img = acquisition.simulate(patient, plan, grid, rng)
+      # 3D isotropic series keep their 160-192 slices (except in tests' small mode).
+      cap = job.max_slices if job.small or not plan.iso3d else max(job.max_slices, 200)
+      grid = acquisition.plan_grid(patient, plan, rng, cap)
+      img = acquisition.simulate(patient, plan, grid, rng, randomise=job.randomise)
       z_low, z_high = acquisition.grid_z_range(grid)
       row = {"series_uid": ids["series_uid"], "patient_id": pid_text, "modality": plan.modality,
              "sequence": plan.sequence, "plane": plan.plane, "contrast": plan.contrast,
@@ -108,7 +127,7 @@ def _patient_job(job: _Job) -> list:
              "study_uid": ids["study_uid"], "vendor": plan.vendor, "thickness": plan.thickness,
              "tilt_deg": round(plan.tilt_deg, 2), "rows": grid.shape[1], "columns": grid.shape[2],
              "pixel_spacing": round(grid.spacing[1], 4), "fat_sat": int(plan.fat_sat),
-             "z_low": round(z_low, 2), "z_high": round(z_high, 2)}
+             "z_low": round(z_low, 2), "z_high": round(z_high, 2), "field_t": plan.field_t if plan.modality == "MR" else ""}
       tags = series_tags(plan, rng)
       row["header_noise"] = "|".join(corrupt(tags, row, list(plan.alt_descriptions), job.noise, rng))
       order = np.arange(grid.shape[0]) if rng.random() < 0.5 else np.arange(grid.shape[0])[::-1]
@@ -150,7 +169,7 @@ def _summary(rows: list, extras: int, seconds: float, out_dir: str) -> dict:
 
 def make_corpus(out_dir: str, n: int = 200, seed: int = 0, *, workers: int | None = None,
                 noise: HeaderNoise | None = None, full_size: bool = False, progress: bool = True,
-                small: bool = False) -> dict:
+                small: bool = False, randomise: bool = False) -> dict:
   """Writes ``n`` synthetic image series (+ localizers, SR/PR objects) and truth.csv.
 
   Args:
@@ -162,13 +181,15 @@ def make_corpus(out_dir: str, n: int = 200, seed: int = 0, *, workers: int | Non
     full_size: clinical matrices/slice counts (512 CT, up to 400 slices).
     progress: tqdm progress bar.
     small: tiny matrices (<= 40) and <= 24 slices, for tests.
+    randomise: domain randomisation of MR intensities, bias, blur and noise
+      on top of the physics (``physics.mr_image(randomise=True)``).
   Returns:
     summary dict: n_series, n_patients, n_files, bytes, seconds, counts per class.
   Re-running into a complete out_dir with the same parameters reuses it.
   """
   noise = HeaderNoise() if noise is None else noise
   params = {"n": n, "seed": seed, "noise": dataclasses.asdict(noise), "full_size": full_size, "small": small,
-            "version": 1}
+            "randomise": bool(randomise), "version": 2}
   marker = os.path.join(out_dir, MARKER)
   if os.path.exists(marker):
     with open(marker) as f:
@@ -181,7 +202,7 @@ def make_corpus(out_dir: str, n: int = 200, seed: int = 0, *, workers: int | Non
     shutil.rmtree(dicom_dir)   # stale or different parameters: rebuild from scratch
   os.makedirs(dicom_dir)
   max_slices = 24 if small else (400 if full_size else 120)
-  jobs = [_Job(seed, pid, studies, dicom_dir, noise, max_slices, small)
+  jobs = [_Job(seed, pid, studies, dicom_dir, noise, max_slices, small, bool(randomise))
           for pid, studies in enumerate(plan_corpus(n, seed, full_size))]
   workers = min(workers or os.cpu_count() or 1, len(jobs))
   results = []

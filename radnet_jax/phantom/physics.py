@@ -15,12 +15,22 @@ for breast fibroglandular tissue. Signals come from the sequence equations:
 * inversion recovery (FLAIR): S = PD |1 - 2 exp(-TI/T1) + exp(-TR/T1)| exp(-TE/T2)
 
 Gadolinium shortens T1: 1/T1' = 1/T1 + r1 C with r1 = 4.5 /mM/s.
+
+At 3 T (``field_t=3``) T1 is longer and T2 a little shorter: Stanisz et al.
+2005 (3 T columns: white matter 1084 / 69 ms, grey matter 1820 / 99, blood
+1932 / 275, cord 993 / 78, myocardium 1471 / 47), de Bazelaire et al. 2004
+(3 T: liver 809 / 34, spleen 1328 / 61, kidney cortex 1142 / 76, medulla
+1545 / 81, fat 382 / 68, muscle 898 / 29), Lu et al. 2005 for CSF (T1 ~4.2 s);
+other tissues T1 x 1.25 and T2 x 0.92. Diffusion (EPI) multiplies by
+exp(-b ADC) with literature apparent diffusion coefficients (CSF / vitreous
+~3.0e-3 mm2/s, grey matter 0.85e-3, white matter 0.72e-3, ...).
 """
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
 
+from radnet_jax.phantom import ct
 from radnet_jax.phantom.anatomy import TISSUES
 
 # name: (HU pre, HU added by portal-venous iodine, PD, T1 ms, T2 ms, Gd mM, PET SUV)
@@ -52,11 +62,34 @@ TABLE = {
     "bile":       (8, 0, 0.95, 2600, 1000, 0.0, 0.5),
     "soft":       (40, 40, 0.75, 1000, 70, 0.30, 1.2),
     "disc":       (80, 10, 0.80, 1100, 100, 0.05, 0.5),
+    # body (phantom.body); CT enhancement per phase: phantom.ct.ENHANCE
+    "artery":     (45, 150, 0.85, 1441, 250, 1.20, 1.6),
+    "vein":       (45, 140, 0.85, 1441, 250, 1.20, 1.6),
+    "portal":     (45, 170, 0.85, 1441, 250, 1.20, 1.6),
+    "liver_portal": (45, 170, 0.85, 1441, 250, 1.20, 1.6),
+    "liver_vein": (45, 150, 0.85, 1441, 250, 1.20, 1.6),
+    "pancreas":   (40, 55, 0.75, 584, 46, 0.40, 1.5),
+    "collecting": (5, 0, 1.00, 3000, 1500, 0.0, 25.0),
+    "lesion_hyper": (38, 45, 0.80, 1000, 80, 0.80, 8.0),
+    "lumen":      (8, 0, 1.00, 3000, 800, 0.0, 0.8),
+    "stool":      (10, 0, 0.60, 1000, 60, 0.0, 1.5),
+    "cartilage":  (120, 5, 0.70, 1000, 40, 0.10, 0.5),
 }
 assert tuple(TABLE) == TISSUES
 _TAB = np.array(list(TABLE.values()), np.float32)
 HU, HU_CE, PD, T1, T2, GD, SUV = (_TAB[:, i] for i in range(7))
 R1_GD = 4.5e-3  # /mM/ms
+# 3 T relaxation (T1 ms, T2 ms) where measured (module docstring); else scaled.
+_T3 = {"gm": (1820, 99), "wm": (1084, 69), "csf": (4200, 1800), "blood": (1932, 275), "cord": (993, 78),
+       "myocardium": (1471, 47), "liver": (809, 34), "spleen": (1328, 61), "kidney": (1142, 76),
+       "medulla": (1545, 81), "fat": (382, 68), "muscle": (898, 29)}
+T1_3T = np.array([_T3.get(n, (TABLE[n][3] * 1.25, 0))[0] for n in TISSUES], np.float32)
+T2_3T = np.array([_T3[n][1] if n in _T3 else TABLE[n][4] * 0.92 for n in TISSUES], np.float32)
+# Apparent diffusion coefficient, 1e-3 mm2/s.
+_ADC = {"air": 0.0, "gas": 0.0, "bone": 0.1, "csf": 3.0, "vitreous": 2.9, "urine": 3.0, "bile": 2.8,
+        "gm": 0.85, "wm": 0.72, "cord": 0.8, "marrow": 0.4, "fat": 0.02, "kidney": 2.0, "medulla": 1.8,
+        "liver": 1.1, "spleen": 0.8, "lesion": 1.2, "blood": 1.6, "muscle": 1.4, "disc": 1.5}
+ADC = np.array([_ADC.get(n, 1.2) for n in TISSUES], np.float32) * 1e-3
 
 
 def tissue_values(name: str) -> dict:
@@ -108,35 +141,54 @@ def texture(rng: np.random.Generator, labels: np.ndarray, rel: float = 0.03) -> 
 
 
 def ct_image(labels: np.ndarray, contrast: bool, rng: np.random.Generator, *,
-             spacing: tuple, thickness: float, noise_hu: float = 10.0,
-             phase: float = 1.0) -> np.ndarray:
-  """CT image in HU (float32, same shape as labels).
+             spacing: tuple, thickness: float, noise_hu: float | None = 10.0,
+             phase: str = "portal", kernel: str = "standard", mas: float | None = None,
+             kvp: float = 120.0, diameter_mm: float = 300.0, patient_ct: dict | None = None,
+             beam_hardening: float = 1.0) -> np.ndarray:
+  """CT image in HU (float32, same shape as labels); see ``phantom.ct``.
 
-  contrast: portal-venous iodine enhancement (``phase`` scales it, e.g. 1.3 for
-  arterial-weighted blood). noise_hu: image noise SD in HU (quantum noise).
+  contrast: iodine given; phase: "arterial", "portal" (venous) or "delayed".
+  kernel: "soft", "standard" or "sharp" (PSF, edge overshoot, noise texture).
+  noise_hu: quantum-noise SD of the standard kernel (scaled by the kernel);
+  None: from the dose, ``mas`` at ``kvp`` for a patient of ``diameter_mm``.
+  patient_ct: ``Patient.ct`` (HU offsets, enhancement factors).
+  beam_hardening: strength of cupping and bone streaks (0 = off).
   """
-  hu = HU[labels] + (HU_CE[labels] * phase if contrast else 0.0)
-  soft = (hu > -200) & (hu < 200)
-  hu = np.where(soft, hu + 8.0 * smooth_field(rng, labels.shape, 12), hu)
-  hu = _blur(hu, spacing, thickness, fwhm_mm=1.2)
-  hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(noise_hu)
+  pc = patient_ct or {}
+  enh = ct.enhancement(phase if contrast else None, pc.get("enhance"), kvp)
+  hu = HU[labels] + ct.offsets(pc.get("offsets"))[labels] + enh[labels]
+  hu = hu + ct.texture(rng, labels, spacing, phase if contrast else None)
+  hu = ct.psf(hu, spacing, thickness, kernel)
+  nmul = None
+  if beam_hardening:
+    hu, nmul = ct.beam_hardening(hu, labels, spacing, rng, beam_hardening)
+  sd = (ct.noise_sd(mas, thickness, diameter_mm, kernel, kvp) if noise_hu is None
+        else noise_hu * ct.KERNEL[kernel][2])
+  n = ct.noise(rng, labels.shape, spacing, kernel) * np.float32(sd)
+  hu += n if nmul is None else n * nmul
   return np.clip(hu, -1024, 3071).astype(np.float32)
 
 
 def mr_signal(labels: np.ndarray, *, tr: float, te: float, ti: float | None = None,
-              gd: float = 0.0, fat_sat: bool = False) -> np.ndarray:
+              gd: float = 0.0, fat_sat: bool = False, field_t: float = 1.5,
+              b_value: float = 0.0) -> np.ndarray:
   """Noise-free MR signal (PD units) from the sequence equation per voxel.
 
-  tr, te, ti in ms; ti set -> inversion recovery (FLAIR), else spin echo.
-  gd: gadolinium dose factor (1 = standard 0.1 mmol/kg) scaling tissue C.
+  tr, te, ti in ms; ti set -> inversion recovery (FLAIR, MPRAGE), else spin
+  echo. gd: gadolinium dose factor (1 = standard 0.1 mmol/kg) scaling tissue
+  C. field_t: 1.5 or 3 (T) relaxation tables. b_value: diffusion weighting
+  (s/mm2), exp(-b ADC).
   """
   pd = PD[labels].copy()
   if fat_sat:
     pd[labels == TISSUES.index("fat")] *= 0.12
-  t1 = T1[labels]
+  hi = field_t >= 2.0
+  t1 = (T1_3T if hi else T1)[labels]
   if gd:
     t1 = 1.0 / (1.0 / t1 + R1_GD * GD[labels] * gd)
-  e2 = np.exp(-te / T2[labels])
+  e2 = np.exp(-te / (T2_3T if hi else T2)[labels])
+  if b_value:
+    e2 = e2 * np.exp(-b_value * ADC[labels])
   if ti is None:
     return pd * (1.0 - np.exp(-tr / t1)) * e2
   return pd * np.abs(1.0 - 2.0 * np.exp(-ti / t1) + np.exp(-tr / t1)) * e2
@@ -145,18 +197,37 @@ def mr_signal(labels: np.ndarray, *, tr: float, te: float, ti: float | None = No
 def mr_image(labels: np.ndarray, rng: np.random.Generator, *, spacing: tuple,
              thickness: float, tr: float, te: float, ti: float | None = None,
              gd: float = 0.0, fat_sat: bool = False, snr: float = 30.0,
-             bias: float = 0.2) -> np.ndarray:
+             bias: float = 0.2, field_t: float = 1.5, b_value: float = 0.0,
+             randomise: bool = False) -> np.ndarray:
   """MR magnitude image (float32, scanner units ~0..4000) with Rician noise.
 
   snr: signal of white matter-like tissue over the noise SD; bias: amplitude
-  of the smooth multiplicative receive-coil bias field.
+  of the smooth multiplicative receive-coil bias field (stronger at 3 T).
+  Partial volume: Gaussian in-plane PSF and the slice profile across
+  ``thickness`` (``_blur``).
+
+  randomise: domain randomisation (the SynthSeg idea) on top of the physics:
+  each tissue's signal times exp(N(0, 0.35)), a bias field of random
+  strength, a random PSF (0.6-3 mm), SNR 8-60 and a random gamma, so that
+  the network cannot rely on the exact tissue contrasts of the tables.
   """
-  s = mr_signal(labels, tr=tr, te=te, ti=ti, gd=gd, fat_sat=fat_sat)
+  s = mr_signal(labels, tr=tr, te=te, ti=ti, gd=gd, fat_sat=fat_sat, field_t=field_t, b_value=b_value)
+  fwhm = 1.0
+  if randomise:
+    s = s * np.exp(rng.normal(0, 0.35, len(TISSUES))).astype(np.float32)[labels]
+    bias = float(rng.uniform(0.1, 0.5))
+    fwhm = float(rng.uniform(0.6, 3.0))
+    snr = float(rng.uniform(8, 60))
+  elif field_t >= 2.0:
+    bias = bias * 1.6
   s = s * texture(rng, labels, 0.04)
-  s = _blur(s, spacing, thickness, fwhm_mm=1.0)
+  s = _blur(s, spacing, thickness, fwhm_mm=fwhm)
   s = s * np.exp(smooth_field(rng, labels.shape, coarse=3, amp=bias))
   body = s[labels > 0][::7]
-  scale = 1000.0 / max(float(np.percentile(body, 90)) if body.size else 1.0, 1e-3)
+  ref = float(np.percentile(body, 90)) if body.size else 1.0
+  if randomise:
+    s = ref * (np.maximum(s, 0) / max(ref, 1e-6)) ** np.float32(np.exp(rng.normal(0, 0.25)))
+  scale = 1000.0 / max(ref, 1e-3)
   s = s * scale
   sd = 1000.0 / snr * 0.3
   n1 = rng.standard_normal(s.shape, dtype=np.float32) * np.float32(sd)

@@ -54,6 +54,13 @@ class SeriesPlan:
   flip: float | None = None
   gre: bool = False
   reformat: bool = False
+  field_t: float = 1.5      # MR field strength (T)
+  fov: float = 0.0          # in-plane field of view (mm); 0 = from the anatomy (body)
+  phase_ratio: float = 1.0  # rows / columns of the FOV (rectangular FOV)
+  slab: float = 0.0         # extent along the slice normal (mm); 0 = from the anatomy
+  iso3d: bool = False       # 3D isotropic acquisition (MPRAGE / IR-FSPGR / 3D TFE)
+  epi: bool = False         # echo-planar diffusion (DWI / DTI)
+  b_value: float = 0.0      # diffusion weighting (s/mm2) of an EPI series
   description: str = ""
   alt_descriptions: tuple = ()
   body_part: str = ""
@@ -107,6 +114,19 @@ def describe(p: SeriesPlan, rng) -> str:
     return str(rng.choice([f"CT {word} {cue}", f"{p.thickness:.1f}mm {word} {cue}", f"{word} {cue}"]))
   # MR
   fs = p.fat_sat
+  pl3 = {"AX": "tra", "COR": "cor", "SAG": "sag"}[p.plane]
+  if p.epi:
+    b = int(p.b_value)
+    return str({"SIEMENS": rng.choice([f"ep2d_diff_{pl3}_b{b}", "ep2d_diff_mddw_20_p2", "DTI_30dir"]),
+                "GE MEDICAL SYSTEMS": rng.choice(["DWI ASSET", f"{p.plane.title()} DWI b{b}", "DTI 25 dir"]),
+                "Philips": rng.choice(["DWI_SENSE", f"DTI_high_{pl3.upper()}", "DwiSE"]),
+                "TOSHIBA": rng.choice(["DWI b1000", "DTI 12 axis"])}[p.vendor])
+  if p.iso3d:
+    d = {"SIEMENS": rng.choice(["t1_mprage_sag_p2_iso", "T1_MPRAGE_SAG_1mm", "t1_mpr_sag_iso"]),
+         "GE MEDICAL SYSTEMS": rng.choice(["Sag T1 3D BRAVO", "SAG 3D T1 FSPGR", "3D T1 IR-FSPGR SAG"]),
+         "Philips": rng.choice(["T1W_3D_TFE", "sT1W_3D_TFE_SAG", "3D_T1_TFE"]),
+         "TOSHIBA": rng.choice(["3D T1 MPRAGE SAG", "T1 3D FFE SAG"])}[p.vendor]
+    return str(d) + (str(rng.choice([" post", "_+C", " GAD"])) if post else "")
   if p.vendor == "SIEMENS":
     seq = "t1_vibe" if p.gre else _SIEMENS[p.sequence]
     d = f"{seq}{'_fs' if fs else ''}_{ {'AX': 'tra', 'COR': 'cor', 'SAG': 'sag'}[p.plane]}"
@@ -134,13 +154,51 @@ def _alt_descriptions(p: SeriesPlan, rng) -> tuple:
   out = []
   for seq in ("T1", "T2", "T2-FLAIR", "T1-FLAIR"):
     if p.modality == "MR" and seq != p.sequence:
-      out.append(describe(dataclasses.replace(p, sequence=seq, gre=False), rng))
+      out.append(describe(dataclasses.replace(p, sequence=seq, gre=False, epi=False, iso3d=False), rng))
   out.append(describe(dataclasses.replace(p, contrast="no" if p.contrast == "yes" else "yes"), rng))
   return tuple(out)
 
 
-def _tilt(rng) -> float:
-  return 0.0 if rng.random() < 0.35 else float(rng.uniform(0.5, 10.0))
+def _tilt(rng, most: float = 10.0) -> float:
+  return 0.0 if rng.random() < 0.35 else float(rng.uniform(0.5, most))
+
+
+def _head_mr_plan(seq: str, pl: str, st: str, region: str, vendor: str, rng, full_size: bool,
+                  field_t: float) -> SeriesPlan:
+  """One head MR series as head protocols acquire it.
+
+  2D: 3-6 mm slices (thickness 80-100 % of the spacing) in any plane, often
+  oblique (AC-PC angulation of axials up to 20 degrees), head-only FOV
+  200-250 mm (coronal / sagittal 220-256 mm, square; axials with a 75-100 %
+  rectangular FOV). 3D T1 (``iso3d``): sagittal 160-192 slices of ~1 mm,
+  FOV 240-256 mm. Matrices 256-512 (``full_size``) or 96-192 (demo sizes).
+  """
+  u = rng.uniform
+  mm = int(rng.choice([256, 320, 384, 512] if full_size else [96, 128, 160, 192]))
+  if seq == "T1" and pl == "SAG" and region == "brain" and rng.random() < 0.6:
+    n = int(rng.integers(160, 193))
+    sp = float(np.round(u(0.9, 1.2), 2))
+    m = int(rng.choice([256] if full_size else [96, 128]))
+    tr, ti = (float(u(1800, 2400)), float(u(850, 1100))) if vendor != "Philips" else (float(u(6.5, 9.0)), None)
+    return SeriesPlan("MR", "T1", "SAG", st, region, vendor, sp, sp, m, _tilt(rng, 6.0), gre=True, iso3d=True,
+                      tr=tr, te=float(u(2.2, 4.6)), ti=ti, flip=float(u(7, 12)), field_t=field_t,
+                      fov=float(u(240, 256)), slab=sp * (n - 1))
+  sp = float(rng.choice([3.0, 4.0, 5.0, 6.0]))
+  thick = sp if rng.random() < 0.5 else round(sp * u(0.8, 0.95), 1)
+  fov = float(u(200, 250) if pl == "AX" else u(220, 256))
+  ratio = float(u(0.75, 1.0)) if pl == "AX" and rng.random() < 0.6 else 1.0
+  return SeriesPlan("MR", seq, pl, st, region, vendor, sp, thick, mm, _tilt(rng, 20.0 if pl == "AX" else 12.0),
+                    field_t=field_t, fov=fov, phase_ratio=ratio, **_mr_params(seq, rng, False))
+
+
+def _dwi_plan(st: str, region: str, vendor: str, rng, field_t: float) -> SeriesPlan:
+  """EPI diffusion (DWI / DTI): 2-4 mm slices on a 64-128 matrix, mostly axial."""
+  u = rng.uniform
+  pl = str(rng.choice(["AX", "AX", "AX", "COR", "SAG"]))
+  sp = float(rng.choice([2.0, 2.5, 3.0, 4.0]))
+  return SeriesPlan("MR", "DWI", pl, st, region, vendor, sp, sp, int(rng.choice([64, 96, 128])),
+                    _tilt(rng, 20.0), tr=float(u(3000, 9000)), te=float(u(60, 100)), flip=90.0, epi=True,
+                    b_value=float(rng.choice([0.0, 1000.0, 1000.0])), field_t=field_t, fov=float(u(220, 250)))
 
 
 def plan_study(rng: np.random.Generator, full_size: bool = False) -> list:
@@ -157,13 +215,22 @@ def plan_study(rng: np.random.Generator, full_size: bool = False) -> list:
     if rng.random() < 0.3:
       states = ["no", "yes"]
     for st in states:
-      thick = float(rng.choice([1.0, 1.25, 2.0, 2.5, 3.0, 5.0]))
       m = int(rng.choice([512] if full_size else [128, 160, 192]))
-      plans.append(SeriesPlan("CT", "CT", "AX", st, region, vendor, thick, thick, m, 0.0))
+      if region == "brain":
+        # Head CT: head-only FOV 200-250 mm (0.4-0.5 mm pixels at 512), 0.6-5 mm
+        # slices, often with the gantry tilted along the orbito-meatal line.
+        thick = float(rng.choice([0.625, 1.0, 2.5, 3.0, 4.0, 5.0]))
+        fov = float(u(205, 250))
+        tilt = float(u(8, 25)) if rng.random() < 0.5 else 0.0
+        plans.append(SeriesPlan("CT", "CT", "AX", st, region, vendor, thick, thick, m, tilt, fov=fov))
+      else:
+        thick = float(rng.choice([1.0, 1.25, 2.0, 2.5, 3.0, 5.0]))
+        plans.append(SeriesPlan("CT", "CT", "AX", st, region, vendor, thick, thick, m, 0.0))
       for pl in ("COR", "SAG"):
         if rng.random() < (0.75 if pl == "COR" else 0.55):
           rt = float(rng.choice([2.0, 3.0, 4.0]))
-          plans.append(SeriesPlan("CT", "CT", pl, st, region, vendor, rt, rt, m, 0.0, reformat=True))
+          plans.append(SeriesPlan("CT", "CT", pl, st, region, vendor, rt, rt, m, 0.0, reformat=True,
+                                  fov=plans[-1].fov if region == "brain" else 0.0))
   elif modality == "PT":
     m = int(rng.choice([144, 200] if full_size else [96, 128]))
     sp = float(rng.choice([2.0, 3.0, 4.0]) if full_size else rng.choice([3.0, 4.0, 5.0]))
@@ -190,7 +257,14 @@ def plan_study(rng: np.random.Generator, full_size: bool = False) -> list:
     chosen = [pool[i] for i in rng.choice(len(pool), size=min(k, len(pool)), replace=False)]
     if rng.random() < 0.6:
       chosen += [post[i] for i in rng.choice(len(post), size=int(rng.integers(1, 3)), replace=False)]
+    field_t = 3.0 if rng.random() < 0.45 else 1.5
+    if region == "brain" and rng.random() < 0.35:
+      chosen.append(("DWI", "AX", "no"))
     for seq, pl, st in chosen:
+      if region == "brain":
+        plans.append(_dwi_plan(st, region, vendor, rng, field_t) if seq == "DWI" else
+                     _head_mr_plan(seq, pl, st, region, vendor, rng, full_size, field_t))
+        continue
       gre = seq == "T1" and region in ("abdomen", "pelvis") and rng.random() < 0.6
       if region == "brain":
         sp = float(rng.choice([3.0, 4.0, 5.0, 6.0]) if pl != "SAG" or seq != "T1" else rng.choice([1.0, 3.0, 5.0]))
@@ -199,7 +273,7 @@ def plan_study(rng: np.random.Generator, full_size: bool = False) -> list:
       thick = sp if rng.random() < 0.5 else round(sp * u(0.8, 0.95), 1)
       fs = seq == "T2" and region != "brain" and rng.random() < 0.5 or (st == "yes" and region != "brain" and rng.random() < 0.7)
       plan = SeriesPlan("MR", seq, pl, st, region, vendor, sp, thick, mm(), _tilt(rng), fat_sat=fs, gre=gre,
-                        **_mr_params(seq, rng, gre))
+                        field_t=field_t, **_mr_params(seq, rng, gre))
       plans.append(plan)
   study_desc = f"{'MRI' if modality == 'MR' else 'PET/CT' if modality == 'PT' else 'CT'} {STUDY_DESC[region]}"
   cstates = {p.contrast for p in plans}

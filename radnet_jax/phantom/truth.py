@@ -17,7 +17,7 @@ COLUMNS = ("series_uid", "patient_id", "modality", "sequence", "plane", "contras
            "coverage", "spacing", "region", "n_slices", "header_noise",
            # extra columns (not part of the fixed interface): for analysis
            "study_uid", "vendor", "thickness", "tilt_deg", "rows", "columns",
-           "pixel_spacing", "fat_sat", "z_low", "z_high")
+           "pixel_spacing", "fat_sat", "z_low", "z_high", "field_t")
 COVER_FRACTION = 0.5
 
 

@@ -126,3 +126,26 @@ def oblique_iop(plane: str, angle_deg: float) -> np.ndarray:
           "SAG": ([0, 1, 0], [0, 0, -1])}[plane]
   r, c = rot @ np.array(base[0], float), rot @ np.array(base[1], float)
   return np.concatenate([r, c])
+
+
+def in_plane_coords(world: np.ndarray, positions: Sequence, iop: Sequence[float],
+                    pixel_spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+  """(row, column) coordinates (pixels) of LPS points ``world`` (..., 3) in
+  the images of the two input slices whose planes bracket them along the
+  normal: arrays (..., 2), [..., 0] for the slice below, [..., 1] above (the
+  same slice twice on a slice or beyond the ends).
+
+  A converter's output voxel is interpolated (not extrapolated) exactly when
+  0 <= row <= rows - 1 and 0 <= column <= columns - 1 in both.
+  """
+  iop = np.asarray(iop, float)
+  r, c = iop[:3], iop[3:]
+  n = np.cross(r, c)
+  pos = np.asarray(positions, float)
+  order = np.argsort(pos @ n)
+  pos, s = pos[order], (pos @ n)[order]
+  t = world @ n
+  hi = np.clip(np.searchsorted(s, t - 1e-6), 0, len(s) - 1)
+  lo = np.clip(np.searchsorted(s, t + 1e-6, side="right") - 1, 0, len(s) - 1)
+  rel = np.stack([world - pos[lo], world - pos[hi]], axis=-2)   # (..., 2, 3)
+  return rel @ c / pixel_spacing[0], rel @ r / pixel_spacing[1]

@@ -1,0 +1,1 @@
+"""Input pipelines: grain pretraining input, segmentation patches, augmentation."""

@@ -1,0 +1,1 @@
+"""Tasks: pretraining, segmentation transfer, liver region proposal (each a train_and_evaluate)."""

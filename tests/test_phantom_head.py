@@ -1,0 +1,117 @@
+"""Template heads: the stored map, per-patient deformation, head protocols, MR physics."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from radnet_jax.phantom import acquisition, head, physics, protocols
+from radnet_jax.phantom.anatomy import T, TISSUES, Grid, make_patient, render_labels
+
+
+def _sagittal(p, x=0.0, ps=2.0, n=(130, 110)):
+  """One mid-sagittal slice through the head (rows inferior, columns posterior)."""
+  return Grid(np.array([x, -110.0, p.z_vertex + 10]), np.array([0, 1.0, 0]), np.array([0, 0, -1.0]),
+              np.array([-1.0, 0, 0]), (2.0, ps, ps), (1,) + n)
+
+
+def test_template_map_and_attribution():
+  tpl = head.template()
+  lab = tpl["labels"]
+  assert lab.dtype == np.uint8 and lab.ndim == 3 and float(tpl["spacing"]) == 1.5
+  assert set(str(n) for n in tpl["names"]) <= set(TISSUES)
+  names = [str(n) for n in tpl["names"]]
+  vol_ml = lambda t: (lab == names.index(t)).sum() * 1.5 ** 3 / 1000
+  assert 900 < vol_ml("gm") + vol_ml("wm") < 2000          # an adult brain (MNI is ~10 % large)
+  assert 5 < vol_ml("vitreous") < 20                         # two globes of ~6.5 ml
+  assert vol_ml("gas") > 30 and vol_ml("bone") > 200
+  text = head.attribution()
+  assert "ICBM152" in text and "Fonov" in text and "McGill" in text
+
+
+def test_each_patient_has_its_own_head_and_seed_fixes_it():
+  a, b = (make_patient(np.random.default_rng([4, i, 1]), i) for i in (0, 1))
+  a2 = make_patient(np.random.default_rng([4, 0, 1]), 0)
+  la, la2 = render_labels(a, _sagittal(a)), render_labels(a2, _sagittal(a2))
+  np.testing.assert_array_equal(la, la2)
+  lb = render_labels(b, _sagittal(b))
+  assert not np.array_equal(la, lb)
+  for lab in (la, lb):   # a mid-sagittal head: brain, CSF, skull with diploe, sinuses or airway, cord
+    present = {TISSUES[t] for t in np.unique(lab)}
+    assert {"gm", "wm", "csf", "bone", "marrow", "gas", "cord", "skin", "fat", "muscle"} <= present
+  # The brain lies below the vertex, inside the brain band; the face is anterior (-Y).
+  k, i, j = np.nonzero(np.isin(la, [T["gm"], T["wm"]]))
+  g = _sagittal(a)
+  z = g.origin[2] - i * g.spacing[1]
+  lo, hi = a.bands["brain"]
+  assert lo - 2 <= z.min() and z.max() <= hi and hi == pytest.approx(a.z_vertex)
+  assert a.bands["head"][1] == lo and a.bands["neck"][1] == a.bands["head"][0]
+
+
+def test_eyes_are_anterior_and_paired():
+  p = make_patient(np.random.default_rng(9))
+  # An axial slab through the orbits: vitreous on both sides, in front of the brain.
+  zs = np.arange(p.bands["brain"][0] - 10, p.bands["brain"][0] + 60, 4.0)
+  best = None
+  for z in zs:
+    g = Grid(np.array([-100.0, -130.0, z]), np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0]),
+             (1.0, 2.0, 2.0), (1, 120, 100))
+    lab = render_labels(p, g)[0]
+    v = np.argwhere(lab == T["vitreous"])
+    if len(v) and (best is None or len(v) > len(best[1])):
+      best = (lab, v)
+  lab, v = best
+  cols = v[:, 1] * 2.0 - 100.0          # x mm (LPS: + = left)
+  assert (cols < -10).sum() > 10 and (cols > 10).sum() > 10
+  brain_rows = np.argwhere(np.isin(lab, [T["gm"], T["wm"]]))[:, 0]
+  assert v[:, 0].mean() < brain_rows.mean()   # rows grow posterior: eyes in front
+
+
+def _plans(pred, n=400, seed=0, full_size=False):
+  rng = np.random.default_rng(seed)
+  out = []
+  while len(out) < n:
+    out += [p for p in protocols.plan_study(rng, full_size) if pred(p)]
+  return out
+
+
+def test_head_protocol_grids():
+  rng = np.random.default_rng(1)
+  p = make_patient(np.random.default_rng(2))
+  t1 = _plans(lambda q: q.iso3d, 6)
+  for plan in t1:
+    g = acquisition.plan_grid(p, dataclasses.replace(plan), rng, max_slices=200)
+    assert plan.plane == "SAG" and 160 <= g.shape[0] <= 193 and 0.9 <= g.spacing[0] <= 1.2
+    assert 240 <= g.shape[2] * g.spacing[2] <= 258
+  for plan in _plans(lambda q: q.modality == "MR" and q.region == "brain" and not q.iso3d and not q.epi, 20):
+    g = acquisition.plan_grid(p, dataclasses.replace(plan), rng)
+    assert 3.0 <= g.spacing[0] <= 6.0 and 190 <= g.shape[1] * g.spacing[1] <= 260
+  for plan in _plans(lambda q: q.epi, 8):
+    g = acquisition.plan_grid(p, dataclasses.replace(plan), rng)
+    assert 2.0 <= g.spacing[0] <= 4.0 and 64 <= max(g.shape[1:]) <= 128
+  for plan in _plans(lambda q: q.modality == "CT" and q.region == "brain" and not q.reformat, 6, full_size=True):
+    g = acquisition.plan_grid(p, dataclasses.replace(plan), rng, max_slices=400)
+    assert 0.39 <= g.spacing[1] <= 0.5 and 0.6 <= g.spacing[0] <= 5.0
+  # Whole brain in the axial slab: the head's brain band lies inside the grid's z range.
+  plan = _plans(lambda q: q.modality == "MR" and q.region == "brain" and q.plane == "AX" and not q.epi, 1)[0]
+  lo, hi = acquisition.grid_z_range(acquisition.plan_grid(p, dataclasses.replace(plan, tilt_deg=0.0), rng))
+  assert lo <= p.bands["brain"][0] + 12 and hi >= p.bands["brain"][1] - 2
+
+
+def test_mr_field_strength_diffusion_and_randomisation():
+  lab = np.array([T["csf"], T["wm"], T["gm"], T["fat"]], np.int8)
+  # MPRAGE-like IR-GRE at 1.5 and 3 T: T1 contrast wm > gm > csf at both fields.
+  for f in (1.5, 3.0):
+    csf, wm, gm, fat = physics.mr_signal(lab, tr=2000, te=3, ti=900, field_t=f)
+    assert wm > gm > csf
+  assert physics.T1_3T[T["wm"]] > physics.T1[T["wm"]] and physics.T1_3T[T["gm"]] > physics.T1[T["gm"]]
+  # b = 1000: CSF (free water) loses most of its signal, brain keeps more.
+  b0 = physics.mr_signal(lab, tr=6000, te=80)
+  b1 = physics.mr_signal(lab, tr=6000, te=80, b_value=1000)
+  assert b1[0] / b0[0] < 0.1 < b1[1] / b0[1]
+  big = np.repeat(lab, 400).reshape(4, 20, 20)
+  kw = dict(spacing=(3.0, 1.0, 1.0), thickness=3.0, tr=500, te=12)
+  plain = physics.mr_image(big, np.random.default_rng(0), **kw)
+  again = physics.mr_image(big, np.random.default_rng(0), **kw)
+  rand = physics.mr_image(big, np.random.default_rng(0), randomise=True, **kw)
+  np.testing.assert_array_equal(plain, again)
+  assert plain.shape == rand.shape and not np.allclose(plain, rand)
