@@ -22,6 +22,15 @@ then for every series, pinned to one CPU core and with warm file caches:
 
 Targets (issue 2): ours within 1.5x of dcm2niix's wall time per series while
 also labelling and resampling; peak memory under 2x one volume.
+
+Whole commands (issue 15, fixed cost): after the per-series table, the
+whole ``python -m data_prep.build_shards --input DIR --out OUT --workers 1``
+(start-up, scan, convert, shards, labels.csv, report, montages) against the
+whole ``dcm2niix -z n -b n -o OUT DIR``, on one series and on the archive of
+all ``--series`` series, wall and CPU time (children included) of each
+process, pinned to the same core, alternating runs (``--repeat``); target:
+ours within 1.2x of dcm2niix's wall. ``--whole-only`` skips the per-series
+table.
 """
 from __future__ import annotations
 
@@ -37,6 +46,7 @@ import tempfile
 import time
 
 import numpy as np
+from radnet_jax.cli import flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -227,6 +237,48 @@ def child(folder: str, shape: tuple, profile: bool = False,
           "labels": entry["labels"], "path": used, "sha": hashlib.sha256(data).hexdigest()[:16]}
 
 
+def _timed(cmd: list[str], cpu: int, env: dict | None = None,
+           cwd: str | None = None) -> dict:
+  """Wall and CPU (user + sys, children included) of one pinned process."""
+  t0 = time.perf_counter()
+  p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       preexec_fn=_pin(cpu), env=env, cwd=cwd)
+  _, status, usage = os.wait4(p.pid, 0)
+  wall = time.perf_counter() - t0
+  err = p.stderr.read().decode(errors="replace") if p.stderr else ""
+  if os.waitstatus_to_exitcode(status) != 0:
+    raise RuntimeError(f"{cmd[0]} failed ({status}): {err[-2000:]}")
+  return {"seconds": wall, "cpu": usage.ru_utime + usage.ru_stime}
+
+
+def run_whole(inputs: list[tuple[str, str]], work: str, cpu: int, repeat: int,
+              project: str = ROOT) -> list[tuple[str, dict, dict]]:
+  """(name, dcm2niix, ours) medians of whole commands on each input folder."""
+  env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+             MKL_NUM_THREADS="1", PYTHONPATH=project)
+  # As a user runs it: byte-compiled modules cached (one untimed run first).
+  env.pop("PYTHONDONTWRITEBYTECODE", None)
+  warm = os.path.join(work, "whole_warm")
+  shutil.rmtree(warm, ignore_errors=True)
+  _timed([sys.executable, "-m", "data_prep.build_shards", "--input", inputs[0][1],
+          "--out", warm, "--workers", "1"], cpu, env, project)
+  rows = []
+  for name, folder in inputs:
+    runs_d, runs_o = [], []
+    for k in range(repeat):
+      out_d = os.path.join(work, "whole_nii", f"{name}_{k}")
+      out_o = os.path.join(work, "whole_shards", f"{name}_{k}")
+      for out in (out_d, out_o):
+        shutil.rmtree(out, ignore_errors=True)
+      os.makedirs(out_d)
+      runs_d.append(_timed(["dcm2niix", "-z", "n", "-b", "n", "-o", out_d, folder], cpu))
+      runs_o.append(_timed([sys.executable, "-m", "data_prep.build_shards", "--input",
+                            folder, "--out", out_o, "--workers", "1"], cpu, env,
+                           project))
+    rows.append((name, _median(runs_d), _median(runs_o)))
+  return rows
+
+
 def _median(runs: list[dict]) -> dict:
   """Per-field median of repeated runs of one series (times, stages, peaks)."""
   out = dict(runs[0])
@@ -240,7 +292,7 @@ def _median(runs: list[dict]) -> dict:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = flags.Parser(description=__doc__.split("\n\n")[0])
   p.add_argument("--series", type=int, default=8)
   p.add_argument("--min-slices", type=int, default=100)
   p.add_argument("--max-slices", type=int, default=200)
@@ -256,6 +308,11 @@ def main() -> None:
                       "full: load_volume + cache_record")
   p.add_argument("--profile", action="store_true",
                  help="cProfile our path on the first series (to stderr)")
+  p.add_argument("--whole-only", action="store_true",
+                 help="only the whole-command rows (start-up included)")
+  p.add_argument("--project", default=ROOT,
+                 help="checkout whose data_prep.build_shards the whole-command "
+                      "rows run (a before / after figure)")
   args = p.parse_args()
   shape = tuple(int(s) for s in args.shape.split(","))
   if args.child:
@@ -280,6 +337,23 @@ def main() -> None:
                     "--shape", args.shape, "--path", args.path, "--profile"], env=env, check=True,
                    preexec_fn=_pin(cpu))
   load0 = os.getloadavg()[0]
+  whole = run_whole([("1 series", folders[0]), (f"{len(folders)} series", corpus)],
+                    work, cpu, args.repeat, args.project)
+  print("| whole command | dcm2niix wall s | ours wall s | wall ratio | "
+        "dcm2niix cpu s | ours cpu s | cpu ratio |")
+  print("|---|---|---|---|---|---|---|")
+  for name, d, o in whole:
+    print(f"| {name} | {d['seconds']:.2f} | {o['seconds']:.2f} | "
+          f"{o['seconds'] / d['seconds']:.2f} | {d['cpu']:.2f} | {o['cpu']:.2f} | "
+          f"{o['cpu'] / max(d['cpu'], 1e-3):.2f} |")
+  print("(whole: python -m data_prep.build_shards --workers 1 vs dcm2niix -z n -b n; "
+        "target wall ratio <= 1.2)\n")
+  if args.whole_only:
+    print(f"load average: {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, "
+          f"on {os.cpu_count()} cores")
+    if not args.keep:
+      shutil.rmtree(work, ignore_errors=True)
+    return
   rows = []
   for folder in folders:
     _warm(folder)

@@ -19,6 +19,7 @@ import sys
 from radnet_jax.dicom import isolation
 from radnet_jax.shards import build
 from radnet_jax.shards import convert
+from radnet_jax.cli import flags
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -41,7 +42,7 @@ def _split(text: str) -> tuple[float, float, float]:
   return split  # type: ignore[return-value]
 
 
-def add_conversion_flags(p: argparse.ArgumentParser) -> None:
+def add_conversion_flags(p: flags.Parser) -> None:
   """The flags that set what a conversion writes (shared with
   ``data_prep.beam_build_shards``): grid, labels, salt, sharding, split."""
   p.add_argument("--shape", type=_shape, default=convert.DEFAULT_SHAPE,
@@ -70,8 +71,8 @@ def add_conversion_flags(p: argparse.ArgumentParser) -> None:
   p.set_defaults(hash_paths=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m data_prep.build_shards",
+def build_parser() -> flags.Parser:
+  p = flags.Parser(prog="python -m data_prep.build_shards",
                               description=__doc__.split("\n\n")[0])
   p.add_argument("--input", required=True, help="root folder of DICOM files")
   p.add_argument("--out", required=True, help="output folder for shards + reports")

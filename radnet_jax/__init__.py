@@ -1,8 +1,9 @@
 """RadNet-JAX: self-supervised-by-metadata pretraining of 3D CNNs on DICOM.
 
-``radnet_jax.load``, ``radnet_jax.predict`` and ``radnet_jax.embed`` (see
-``radnet_jax.api``) are imported lazily, so ``import radnet_jax`` stays cheap
-(no jax import).
+``radnet_jax.load``, ``radnet_jax.predict``, ``radnet_jax.embed`` and
+``radnet_jax.segment`` (see ``radnet_jax.api``, a facade over
+``radnet_jax.inference``) are imported lazily, so ``import radnet_jax`` stays
+cheap (no jax import).
 """
 import os
 
@@ -21,22 +22,46 @@ CPU_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 _FLAG_JAXLIB = ("0.10.",)
 
 
+def _jaxlib_version() -> str | None:
+  """jaxlib's version without importing it: from its ``version.py`` (as
+  written by its build), else the installed distribution's metadata.
+  (``importlib.metadata`` alone costs ~0.1 s of every start-up, which a
+  command like build_shards on a small archive notices.)"""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  try:
+    spec = importlib.util.find_spec("jaxlib")
+  except (ImportError, ValueError):
+    return None
+  if spec is None:
+    return None
+  for folder in spec.submodule_search_locations or ():
+    try:
+      with open(os.path.join(folder, "version.py"), encoding="utf-8") as f:
+        m = re.search(r'^_version\s*=\s*"([^"]+)"', f.read(), re.MULTILINE)
+    except OSError:
+      continue
+    if m:
+      return m.group(1)
+  try:
+    from importlib import metadata  # pylint: disable=g-import-not-at-top
+    return metadata.version("jaxlib")
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
 def _configure_xla_cpu() -> None:
   flags = os.environ.get("XLA_FLAGS", "")
   if os.environ.get("RADNET_KEEP_XLA_FLAGS") or "ynn_fusion_type" in flags:
     return
-  try:
-    from importlib import metadata  # pylint: disable=g-import-not-at-top
-    jaxlib_version = metadata.version("jaxlib")
-  except Exception:  # pylint: disable=broad-except
-    return
-  if jaxlib_version.startswith(_FLAG_JAXLIB):
+  jaxlib_version = _jaxlib_version()
+  if jaxlib_version and jaxlib_version.startswith(_FLAG_JAXLIB):
     os.environ["XLA_FLAGS"] = f"{flags} {CPU_CONV_FLAG}".strip()
 
 
 _configure_xla_cpu()
 
-_API = ("load", "predict", "embed", "Loaded")
+_API = ("load", "predict", "embed", "segment", "Loaded")
 
 
 def __getattr__(name):

@@ -19,7 +19,8 @@ from tests.data import synth_dicom as sd
 
 SALT = "test-salt"
 ROWS = COLS = 20
-GEOMETRY_STYLES = ("ct_spacing_two", "ct_spacing_three", "ct_missing_slice",
+GEOMETRY_STYLES = ("ct_spacing_two", "ct_spacing_three", "ct_spacing_uneven",
+                   "ct_missing_slice",
                    "ct_tilt_pos", "ct_tilt_neg", "ct_tilt_spacing")
 
 
@@ -65,7 +66,9 @@ def _field_error(vol, folder):
     ([1, 1, 1, 2], "gaps", (1.0,), (3,), ()),
     ([2, 2, 2, 2, 20, 2, 2, 2], "uniform", (2.0,), (), (4,)),
     ([1.25, 1.25, 202.5], "uniform", (1.25,), (), (2,)),
-    ([1, 1, 1.08, 0.92, 1, 1], "uniform", (0.92, 1.0, 1.08), (), ()),
+    ([1, 1, 1.08, 0.92, 1, 1], "uniform", (0.92, 1.0, 1.08), (), ()),   # jitter
+    ([5, 5, 5, 7, 5, 5, 1.1, 5, 5], "variable", (1.1, 5.0, 7.0), (), ()),  # dcm2niix: > 0.2 mm
+    ([1.1] * 4 + [7, 5, 5, 5], "variable", (1.1, 5.0, 7.0), (), ()),
     ([1, 0, 1, 1, 0, 1], "uniform", (1.0,), (), ()),       # repeated positions
 ])
 def test_classify_spacing(diffs, kind, spacings, gaps, cuts):
@@ -75,7 +78,8 @@ def test_classify_spacing(diffs, kind, spacings, gaps, cuts):
     assert plan.step == min(d for d in diffs if d > 0)
 
 
-@pytest.mark.parametrize("style", ["ct_spacing_two", "ct_spacing_three"])
+@pytest.mark.parametrize("style", ["ct_spacing_two", "ct_spacing_three",
+                                   "ct_spacing_uneven"])
 def test_variable_spacing_is_resampled_equidistant(layouts, style):
   root, truth = layouts
   row = truth[style]

@@ -509,7 +509,7 @@ def test_predict_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
   assert err.strip() == f"error: {tmp_path / 'missing'}: input does not exist"
   # A segmentation checkpoint (a model without classification heads).
   seg = api.Loaded(model=object(), variables={}, path="workdirs/seg", step=1,
-                   config={"entry": "radnet_jax.tasks.segment"})
+                   config={"entry": "radnet_jax.tasks.segment"}, contract=None)
   monkeypatch.setattr(api, "load", lambda *a, **k: seg)
   monkeypatch.setattr(api.Loaded, "heads", property(lambda self: {}))
   assert cli.main(["--checkpoint", "workdirs/seg", "--input", str(tmp_path),

@@ -181,8 +181,8 @@ def test_coverage_rule():
 def test_lits_layout(tmp_path):
   nib = pytest.importorskip("nibabel")
   out = str(tmp_path / "lits")
-  make_lits(out, n=2, seed=1, workers=1, progress=False, small=True)
-  for i in range(2):
+  cases = make_lits(out, n=2, seed=1, workers=1, progress=False, small=True)["cases"]
+  for i, info in enumerate(cases):
     vol = nib.load(os.path.join(out, f"volume-{i}.nii.gz"))
     seg = nib.load(os.path.join(out, f"segmentation-{i}.nii.gz"))
     hu, m = np.asarray(vol.dataobj), np.asarray(seg.dataobj)
@@ -191,7 +191,10 @@ def test_lits_layout(tmp_path):
     np.testing.assert_allclose(vol.affine, seg.affine)
     assert nib.aff2axcodes(vol.affine) == ("L", "P", "S")
     liver_hu = float(np.median(hu[m == 1]))
-    assert 40 < liver_hu < 140                         # liver, pre or portal-venous
+    if info["phase"] in ("none", "arterial"):          # plain: 45-70 HU, 10-50 with steatosis
+      assert (5 if info["steatosis"] else 40) < liver_hu < 100
+    else:                                              # portal venous / delayed: enhanced
+      assert 50 < liver_hu < 200
     assert float(np.median(hu[m == 0])) < liver_hu     # background has air and fat
     # the liver lies in the patient's right side: RAS +x (LPS -x)
     xyz = nib.affines.apply_affine(vol.affine, np.argwhere(m == 1).mean(0))

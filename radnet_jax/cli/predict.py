@@ -11,7 +11,9 @@ prediction, with the reason), then prints a summary. ``--input`` may also be
 a NIfTI file or a folder of NIfTI files (no metadata labels then).
 
 The library function behind it is ``radnet_jax.predict(checkpoint, input, ...)``
-(``radnet_jax.api.predict``; see there for the arguments and columns).
+(``radnet_jax.inference.predict``; see there for the arguments and columns).
+Argument parsing only: jax is imported when the checkpoint is loaded, so
+``--help`` and a bad flag answer at once.
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ import sys
 from typing import Sequence
 
 from radnet_jax import api
-from radnet_jax.api import DEFAULT_THRESHOLD, QA_TASKS, Report
+from radnet_jax import privacy
+from radnet_jax.cli import flags
+from radnet_jax.inference.header_qa import DEFAULT_THRESHOLD, QA_TASKS, Report
 
 
 def summary_text(report: Report, threshold: float) -> str:
@@ -58,9 +62,9 @@ def _threshold(text: str) -> float:
   return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> flags.Parser:
   """The command-line parser (documented flags are tested against it)."""
-  ap = argparse.ArgumentParser(
+  ap = flags.Parser(
       prog="python -m radnet_jax.cli.predict",
       description="Predict every series of a DICOM folder (or NIfTI) with a RadNet "
                   "checkpoint and flag headers that the pixels contradict.")
@@ -95,11 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """CLI entry; returns the exit status (2 for an unusable checkpoint or input:
-  one line on stderr, no traceback)."""
+  """CLI entry; returns the exit status (2 for an unusable checkpoint, input or
+  salt: one line on stderr, no traceback)."""
   args = build_parser().parse_args(argv)
-
-  from radnet_jax import api, privacy  # pylint: disable=g-import-not-at-top
   if "://" not in args.input and not os.path.exists(args.input):
     print(f"error: {args.input}: input does not exist", file=sys.stderr)
     return 2
@@ -108,18 +110,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     salt = privacy.load_or_create_salt(os.path.dirname(os.path.abspath(args.out)),
                                        args.salt)
     loaded = api.load(args.checkpoint, prefer=args.prefer, dtype=args.dtype)
+  except (FileNotFoundError, ValueError, PermissionError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  try:
     report = api.predict(loaded, args.input, threshold=args.threshold, qa_tasks=qa_tasks,
                          batch_size=args.batch_size, salt=salt, priors=args.priors,
                          modality=args.modality, workers=args.workers,
                          progress=not args.no_progress, hash_paths=args.hash_paths)
-  except (FileNotFoundError, ValueError, PermissionError) as e:
+  except (FileNotFoundError, ValueError) as e:  # missing input, segmentation checkpoint
     print(f"error: {e}", file=sys.stderr)
     return 2
   out, skipped = report.write_csv(args.out, args.skipped)
   print(summary_text(report, args.threshold))
   print(f"wrote {out} and {skipped} (checkpoint step {loaded.step})")
   return 0
-
 
 
 if __name__ == "__main__":

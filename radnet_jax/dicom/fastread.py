@@ -24,7 +24,23 @@ import math
 import struct
 from typing import Any
 
-from pydicom.uid import UID
+
+
+class UID(str):
+  """A transfer syntax / SOP class UID string (what ``Header.file_meta``
+  holds): the two properties the callers use, without importing pydicom
+  (whose import costs more than converting a small archive)."""
+
+  _UNCOMPRESSED = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1",
+                             "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"})
+
+  @property
+  def is_compressed(self) -> bool:
+    return str(self) not in self._UNCOMPRESSED
+
+  @property
+  def is_implicit_VR(self) -> bool:  # pylint: disable=invalid-name
+    return str(self) == "1.2.840.10008.1.2"
 
 # keyword -> (tag, VR, multi): multi False = one value expected.
 _TAGS: dict[str, tuple[int, str, bool]] = {
@@ -64,6 +80,53 @@ _TAGS: dict[str, tuple[int, str, bool]] = {
     "PerFrameFunctionalGroupsSequence": (0x52009230, "SQ", False),
     "SharedFunctionalGroupsSequence": (0x52009229, "SQ", False),
     "DirectoryRecordSequence": (0x00041220, "SQ", False),
+    # The rest of the metadata record (``metadata.PLAIN_KEYS`` and the
+    # identifiers that are hashed), read by ``metadata.record_from_header``.
+    "ManufacturerModelName": (0x00081090, "LO", False),
+    "MagneticFieldStrength": (0x00180087, "DS", False),
+    "BodyPartExamined": (0x00180015, "CS", False),
+    "StudyDescription": (0x00081030, "LO", False),
+    "SeriesDescription": (0x0008103E, "LO", False),
+    "ProtocolName": (0x00181030, "LO", False),
+    "ScanningSequence": (0x00180020, "CS", True),
+    "SequenceVariant": (0x00180021, "CS", True),
+    "ScanOptions": (0x00180022, "CS", True),
+    "MRAcquisitionType": (0x00180023, "CS", False),
+    "RepetitionTime": (0x00180080, "DS", False),
+    "InversionTime": (0x00180082, "DS", False),
+    "FlipAngle": (0x00181314, "DS", False),
+    "EchoTrainLength": (0x00180091, "IS", False),
+    "ContrastBolusAgent": (0x00180010, "LO", False),
+    "ContrastBolusRoute": (0x00181040, "LO", False),
+    "ContrastBolusVolume": (0x00181041, "DS", False),
+    "ContrastBolusStartTime": (0x00181042, "TM", False),
+    "ContrastBolusIngredient": (0x00181048, "CS", False),
+    "SliceThickness": (0x00180050, "DS", False),
+    "SpacingBetweenSlices": (0x00180088, "DS", False),
+    "KVP": (0x00180060, "DS", False),
+    "ConvolutionKernel": (0x00181210, "SH", True),
+    "PatientPosition": (0x00185100, "CS", False),
+    "PatientSex": (0x00100040, "CS", False),
+    "PhotometricInterpretation": (0x00280004, "CS", False),
+    "Units": (0x00541001, "CS", False),
+    "SeriesNumber": (0x00200011, "IS", False),
+    "AcquisitionContrast": (0x00089209, "CS", False),
+    "PulseSequenceName": (0x00189005, "SH", False),
+    "EchoPulseSequence": (0x00189008, "CS", False),
+    "InversionRecovery": (0x00189009, "CS", False),
+    "ReconstructionDiameter": (0x00181100, "DS", False),
+    "ImagedNucleus": (0x00180085, "SH", False),
+    "NumberOfTemporalPositions": (0x00200105, "IS", False),
+    "SeriesType": (0x00541000, "CS", True),
+    "DecayCorrection": (0x00541102, "CS", False),
+    "CorrectedImage": (0x00280051, "CS", True),
+    "ContrastBolusAgentPhase": (0x00189344, "CS", False),
+    "PatientID": (0x00100020, "LO", False),
+    "PatientName": (0x00100010, "PN", False),
+    "StudyInstanceUID": (0x0020000D, "UI", False),
+    "RadiopharmaceuticalInformationSequence": (0x00540016, "SQ", False),
+    "ContrastBolusAgentSequence": (0x00180012, "SQ", False),
+    "SpecificCharacterSet": (0x00080005, "CS", True),
 }
 _BY_TAG = {tag: (kw, vr, multi) for kw, (tag, vr, multi) in _TAGS.items()}
 # Vendor private elements whose values are kept (diffusion b-value and
@@ -87,6 +150,7 @@ _SHORT_VR = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD",
 _LONG_VR_NAME = {code: code.decode() for code in _LONG_VR}
 _SHORT_VR_NAME = {code: code.decode() for code in _SHORT_VR}
 _IMPLICIT = "1.2.840.10008.1.2"
+_BINARY_VRS = frozenset({"US", "UL", "SS", "SL", "FD", "FL"})
 _UNDEFINED = 0xFFFFFFFF
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -175,6 +239,19 @@ class Header:
     value = _decode(item[0], vr, item[1], multi)
     self._cache[keyword] = value
     return value
+
+  def get_lenient(self, keyword: str) -> Any:
+    """``get`` for the metadata record: None when absent or empty (pydicom's
+    empty value, which the record drops), several values as a list even
+    where one is expected (the record keeps the first, as it does with
+    pydicom's values); anything else unusual raises Unsupported."""
+    tag, vr, _ = _TAGS[keyword]
+    item = self._values.get(tag)
+    if item is None or not item[1]:
+      return None
+    if vr not in _BINARY_VRS and not item[1].strip(b" \0"):
+      return None   # blank text
+    return _decode(item[0], vr, item[1], True)
 
   def __getattr__(self, keyword: str) -> Any:
     if keyword.startswith("_") or keyword not in _TAGS:
@@ -321,6 +398,19 @@ def _element_header(buf: _Buffer, pos: int, implicit: bool
 _SYNTAX_CACHE: dict[str, bool | None] = {}
 
 
+# The transfer syntaxes pydicom knows that are explicit VR little endian and
+# not deflated (native, or encapsulated: JPEG, JPEG-LS, JPEG 2000, HTJ2K,
+# RLE, MPEG, HEVC, JPIP, SMPTE ST 2110), as pydicom's UID properties say.
+_EXPLICIT_LE = frozenset(
+    ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.98", "1.2.840.10008.1.2.5",
+     "1.2.840.10008.1.20", "1.2.840.10008.1.2.6.1", "1.2.840.10008.1.2.6.2",
+     "1.2.840.10008.1.2.7.1", "1.2.840.10008.1.2.7.2", "1.2.840.10008.1.2.7.3"]
+    + [f"1.2.840.10008.1.2.4.{k}" for k in (*range(50, 67), 70, 80, 81,
+                                            *range(90, 96), *range(100, 109),
+                                            *range(201, 206))]
+    + [f"1.2.840.10008.1.2.4.{k}.1" for k in range(100, 107)])
+
+
 def _syntax_implicit(syntax: UID) -> bool | None:
   """True: implicit VR LE; False: explicit VR LE (native or encapsulated);
   None: a syntax this reader does not parse."""
@@ -328,8 +418,7 @@ def _syntax_implicit(syntax: UID) -> bool | None:
   if key not in _SYNTAX_CACHE:
     if key == _IMPLICIT:
       _SYNTAX_CACHE[key] = True
-    elif (syntax.is_transfer_syntax and syntax.is_little_endian and
-          not syntax.is_implicit_VR and not syntax.is_deflated):
+    elif key in _EXPLICIT_LE:
       _SYNTAX_CACHE[key] = False
     else:
       _SYNTAX_CACHE[key] = None

@@ -37,6 +37,9 @@ GAP_FILL_FACTOR = 2.5
 SPACING_ATOL_MM = 0.05
 SPACING_RTOL = 0.05
 DUPLICATE_TOL_MM = 1e-2
+# dcm2niix calls a stack's spacing variable (and writes _Eq_) when a step
+# differs from another by more than this (mm).
+DCM2NIIX_VARY_MM = 0.2
 PLANES = ("SAG", "COR", "AX")  # indexed by the dominant LPS axis of the normal
 _X, _Y, _Z = np.eye(3)
 # Target direction of (D, H, W) for each plane.
@@ -193,7 +196,9 @@ class SliceSpacing:
     (one spacing with missing slices: isolated steps of >= ``GAP_FACTOR``
     times the spacing on both sides), or ``"variable"`` (two or more spacings
     that each hold for several consecutive slices, e.g. a head CT at 2.5 mm
-    through the posterior fossa and 5 mm above).
+    through the posterior fossa and 5 mm above; or steps that differ by more
+    than ``DCM2NIIX_VARY_MM`` without being gaps, which dcm2niix also
+    resamples).
   step: mm; the regular spacing (median of the steps) for uniform / gaps,
     the smallest step for variable (dcm2niix's ``_Eq_`` spacing).
   spacings: the distinct spacings of the runs of equal steps (mm, ascending;
@@ -230,8 +235,9 @@ def classify_spacing(diffs: np.ndarray) -> SliceSpacing:
   or the end of one), and a *cut* when it is wider than ``GAP_FILL_FACTOR``
   times the wider neighbour; any other single step is a transition between
   spacings. The stack is *variable* when two different spacings each hold
-  for at least two consecutive steps; a lone odd step among one spacing is
-  jitter (``uniform``). Steps below ``DUPLICATE_TOL_MM`` (repeated positions)
+  for at least two consecutive steps, or when the steps left (gaps and cuts
+  aside) differ by more than ``DCM2NIIX_VARY_MM`` (dcm2niix's threshold); a
+  smaller deviation is jitter (``uniform``). Steps below ``DUPLICATE_TOL_MM`` (repeated positions)
   are ignored; indices refer to ``diffs``.
   """
   diffs = np.asarray(diffs, float)
@@ -261,7 +267,11 @@ def classify_spacing(diffs: np.ndarray) -> SliceSpacing:
     if b - a >= 2 and not any(same_spacing(v, u) for u in long_spacings):
       long_spacings.append(v)
   rest = np.delete(steps, sorted(odd))
-  if len(long_spacings) >= 2:
+  # dcm2niix resamples (_Eq_) whenever a step differs from the first by more
+  # than DCM2NIIX_VARY_MM; odd steps that are neither gaps nor a second
+  # spacing (e.g. 5 mm slices with one 1.1 mm and one 7 mm step) go the same way.
+  uneven = len(rest) > 1 and float(np.ptp(rest)) > DCM2NIIX_VARY_MM
+  if len(long_spacings) >= 2 or uneven:
     kind, step = "variable", float(np.min(np.delete(steps, cuts)))
   else:
     kind = "gaps" if gaps else "uniform"

@@ -33,21 +33,23 @@ Derived geometry keys (filled by ``scan`` from headers, refined by
 ``load_volume`` from the assembled volume): ``NumberOfSlices`` (int),
 ``SliceSpacing`` (mm, measured from slice positions), ``ExtentMM``
 ([D, H, W] field of view in mm = voxels x spacing), ``ExtentSI`` (extent of the
-volume along the patient superior-inferior axis, mm), ``StackKey``.
+volume along the patient superior-inferior axis, mm), ``StackKey``; and,
+when ``load_volume`` corrected the geometry: ``SliceSpacings`` (the distinct
+spacings of a variable-spacing stack, mm, resampled equidistant at the
+smallest), ``ResampledSliceSpacing``, ``MissingSlicesInterpolated``,
+``GantryTiltCorrected`` (degrees).
 """
 from __future__ import annotations
 
 import math
 import re
+import collections.abc
 import struct
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pydicom
-import pydicom.values
-from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
-from pydicom.valuerep import DSfloat, IS, PersonName
+if TYPE_CHECKING:  # pydicom is imported where a value needs it (its import is slow)
+  from pydicom.dataset import Dataset
 
 from radnet_jax.dicom import fastread
 from radnet_jax.privacy import hash_id, identifier_tokens, scrub_text
@@ -145,18 +147,15 @@ def _native(value: Any) -> Any:
   """pydicom value -> python native (str/int/float/list); None when empty."""
   if value is None:
     return None
-  if isinstance(value, (MultiValue, list, tuple)):
+  if isinstance(value, (bytes, bytearray)):
+    return None
+  if isinstance(value, collections.abc.Sequence) and not isinstance(value, str):
+    # list, tuple, pydicom's MultiValue
     items = [_native(v) for v in value]
     items = [v for v in items if v is not None]
     return items or None
-  if isinstance(value, PersonName):
-    return None  # never copy names
-  if isinstance(value, bytes):
-    return None
-  if isinstance(value, IS):
-    return int(value)
-  if isinstance(value, DSfloat):
-    return float(value)
+  # pydicom's IS / DSfloat are int / float subclasses; PersonName is neither
+  # a str nor a number, so names are never copied (None below).
   if isinstance(value, float):
     return float(value)
   if isinstance(value, int):
@@ -203,7 +202,8 @@ def _first_item(ds: Dataset | None, keyword: str) -> Dataset | None:
     seq = ds.get(keyword)
   except Exception:
     return None
-  if seq is None or not isinstance(seq, (list, pydicom.Sequence)) or not seq:
+  if (seq is None or isinstance(seq, (str, bytes)) or
+      not isinstance(seq, collections.abc.Sequence) or not seq):
     return None
   return seq[0]
 
@@ -229,6 +229,8 @@ def uih_vframe_items(ds: Dataset) -> list[Dataset]:
   elem = ds.get((0x0065, 0x1051))
   if elem is None:
     return []
+  import pydicom.values  # pylint: disable=import-outside-toplevel
+  from pydicom.dataset import Dataset  # pylint: disable=import-outside-toplevel,redefined-outer-name
   value = elem.value
   if isinstance(value, bytes):
     try:
@@ -437,7 +439,8 @@ def vendor_diffusion_direction(ds: Any) -> list[float] | None:
   """
   if "DiffusionGradientOrientation" in ds:
     value = ds.get("DiffusionGradientOrientation")
-    vec = _vector(list(value) if isinstance(value, (list, MultiValue)) else [value])
+    vec = _vector(list(value) if isinstance(value, collections.abc.Sequence) and
+                  not isinstance(value, str) else [value])
     if vec is not None:
       return vec
   if _may_have_private(ds):
@@ -605,6 +608,49 @@ def record_from_dataset(ds: Dataset, salt: str) -> dict[str, Any]:
       value = None
     if value is not None:
       rec[key] = value
+  return _complete_record(rec, ds, ds.get, salt)
+
+
+# Character sets in which an ASCII byte string means the same ASCII text
+# (fastread decodes ASCII only and raises on any other byte): single-byte
+# ISO 8859 sets, UTF-8, GB18030 / GBK. Not ISO 2022 (escape sequences) nor
+# ISO_IR 13 (JIS X 0201 puts the yen sign at the backslash).
+_ASCII_COMPATIBLE = frozenset({
+    "ISO_IR 6", "ISO_IR 100", "ISO_IR 101", "ISO_IR 109", "ISO_IR 110",
+    "ISO_IR 126", "ISO_IR 127", "ISO_IR 138", "ISO_IR 144", "ISO_IR 148",
+    "ISO_IR 166", "ISO_IR 203", "ISO_IR 192", "GB18030", "GBK"})
+# Present in a header, these make its record pydicom's job (sequences).
+_HEADER_NEEDS_PYDICOM = ("RadiopharmaceuticalInformationSequence",
+                         "SharedFunctionalGroupsSequence",
+                         "PerFrameFunctionalGroupsSequence",
+                         "ContrastBolusAgentSequence")
+
+
+def record_from_header(h: fastread.Header, salt: str) -> dict[str, Any]:
+  """``record_from_dataset`` of a ``fastread.Header``: the same record
+  (the equivalence tests compare the two on every test file), without
+  pydicom. Raises ``fastread.Unsupported`` where pydicom must decide
+  (sequences, non-ASCII text, odd values), so the caller reads the file
+  with pydicom instead."""
+  for key in _HEADER_NEEDS_PYDICOM:
+    if key in h:
+      raise fastread.Unsupported(f"{key} in the header")
+  charset = h.get_lenient("SpecificCharacterSet")
+  if charset is not None and (not isinstance(charset, str) or
+                              charset not in _ASCII_COMPATIBLE):
+    raise fastread.Unsupported(f"character set {charset!r}")
+  rec: dict[str, Any] = {}
+  for key in PLAIN_KEYS:
+    value = _coerce(key, h.get_lenient(key))
+    if value is not None:
+      rec[key] = value
+  return _complete_record(rec, h, h.get_lenient, salt)
+
+
+def _complete_record(rec: dict[str, Any], ds: Any, get, salt: str
+                     ) -> dict[str, Any]:
+  """The part of a record shared by pydicom datasets and fastread headers
+  (``get``: the value getter of either)."""
   for key, value in _enhanced_fields(ds).items():
     rec.setdefault(key, value)
   sop = sop_class_uid(ds)
@@ -631,10 +677,10 @@ def record_from_dataset(ds: Dataset, salt: str) -> dict[str, Any]:
     nuclide = _first_item(pharm, "RadionuclideCodeSequence")
     if nuclide is not None and _native(nuclide.get("CodeMeaning")):
       rec["Radionuclide"] = _native(nuclide.get("CodeMeaning"))
-  patient = _native(ds.get("PatientID")) or _native(
-      str(ds.get("PatientName", "")) or None)
+  patient = _native(get("PatientID")) or _native(
+      str(get("PatientName") or "") or None)
   rec["PatientHash"] = hash_id(patient, salt)
-  rec["StudyHash"] = hash_id(_native(ds.get("StudyInstanceUID")), salt)
-  rec["SeriesHash"] = hash_id(_native(ds.get("SeriesInstanceUID")), salt)
+  rec["StudyHash"] = hash_id(_native(get("StudyInstanceUID")), salt)
+  rec["SeriesHash"] = hash_id(_native(get("SeriesInstanceUID")), salt)
   rec["SourceFormat"] = "dicom"
   return scrub_record(rec, ds)

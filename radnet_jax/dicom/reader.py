@@ -5,9 +5,10 @@ import gzip
 import io
 import os
 
-import pydicom
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pydicom is imported on the first read (its import is slow)
+  from pydicom.dataset import Dataset
 
 from radnet_jax.dicom.errors import DicomError
 
@@ -21,6 +22,8 @@ def read_dataset(path: str, *, stop_before_pixels: bool) -> Dataset:
   read leniently, they look like a DICOM image or object (they carry a
   SOPClassUID or a Modality); anything else is "not a DICOM file".
   """
+  import pydicom  # pylint: disable=import-outside-toplevel
+  from pydicom.errors import InvalidDicomError  # pylint: disable=import-outside-toplevel
   try:
     if path.endswith(".gz"):
       with gzip.open(path, "rb") as f:

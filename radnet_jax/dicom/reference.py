@@ -1,7 +1,8 @@
 """Comparison with dcm2niix, the reference DICOM -> NIfTI converter.
 
 ``run_dcm2niix(src, out)`` converts a folder (``-z n -b n -p n``: plain NIfTI,
-no sidecar, the DICOM standard's rescale so both sides use the same one) and
+no sidecar, the DICOM standard's rescale so both sides use the same one;
+``-f %b_%s``: named after the first DICOM file) and
 ``reference_volumes(out)`` reads back every 3D volume (each volume of a 4D
 file separately). Where dcm2niix writes a corrected companion (``_Tilt``:
 gantry tilt, ``_Eq``: equidistant slices, ``_Tilt_Eq``: both) that one is
@@ -56,13 +57,14 @@ class Reference:
   name: file name without extension (plus ``[t]`` for volume t of a 4D
   file); variant: "", "Tilt", "Eq" or "Tilt_Eq"; voxels: float32 (I, J, K)
   after scl_slope / scl_inter; affine: (4, 4) voxel -> LPS mm; slope: the
-  scl_slope (1 when unset).
+  scl_slope (1 when unset); colour: an RGB file (not a grey volume).
   """
   name: str
   variant: str
   voxels: np.ndarray
   affine: np.ndarray
   slope: float
+  colour: bool = False   # an RGB file (voxels are zeros: not compared)
 
 
 @dataclasses.dataclass
@@ -82,9 +84,12 @@ def dcm2niix_path() -> str | None:
 
 def run_dcm2niix(src: str, out: str, exe: str = "dcm2niix",
                  timeout: float = 600) -> subprocess.CompletedProcess:
-  """``dcm2niix -z n -b n -p n -o out src`` (``out`` is created)."""
+  """``dcm2niix -z n -b n -p n -f %b_%s -o out src`` (``out`` is created;
+  each NIfTI is named after the first DICOM file it holds, so a volume can
+  be traced to its source, and the series number)."""
   os.makedirs(out, exist_ok=True)
-  return subprocess.run([exe, "-z", "n", "-b", "n", "-p", "n", "-o", out, src],
+  return subprocess.run([exe, "-z", "n", "-b", "n", "-p", "n", "-f", "%b_%s", "-o",
+                         out, src],
                         capture_output=True, text=True, timeout=timeout,
                         check=False)
 
@@ -114,6 +119,12 @@ def reference_volumes(out: str) -> list[Reference]:
       continue
     img = nib.load(f)
     data = np.asarray(img.dataobj)
+    if data.dtype.names is not None or data.dtype.kind not in "biuf":
+      # RGB: a colour image (screenshot, secondary capture), not a grey volume.
+      refs.append(Reference(os.path.basename(stem), variant,
+                            np.zeros(img.shape[:3], np.float32),
+                            RAS_TO_LPS @ img.affine, 1.0, colour=True))
+      continue
     slope, inter = img.header.get_slope_inter()
     slope = 1.0 if slope is None or not np.isfinite(slope) else float(slope)
     inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)

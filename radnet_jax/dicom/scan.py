@@ -59,14 +59,17 @@ import math
 import os
 import stat
 import warnings
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
-from pydicom.dataset import Dataset
+
+if TYPE_CHECKING:  # pydicom is imported only where a file needs it (slow import)
+  from pydicom.dataset import Dataset
 
 from radnet_jax.dicom import fastread, geometry, isolation
 from radnet_jax.dicom.errors import DicomError
 from radnet_jax.dicom.metadata import (functional_group, record_from_dataset,
+                                       record_from_header,
                                        sop_class_uid, uih_vframe_items,
                                        vendor_geometry,
                                        vendor_b_value,
@@ -376,7 +379,7 @@ def _enhanced_entries(path: str, ds: Dataset, frames: int) -> list[_Entry]:
     if iop is None or ipp is None or spacing is None:
       raise DicomError(path, f"frame {f + 1}: missing plane position, "
                              "orientation or pixel spacing")
-    content = functional_group(ds, f, "FrameContentSequence") or Dataset()
+    content = functional_group(ds, f, "FrameContentSequence") or {}
     keys: dict[str, Any] = {}
     echo = functional_group(ds, f, "MREchoSequence")
     diff = functional_group(ds, f, "MRDiffusionSequence")
@@ -420,9 +423,15 @@ def _enhanced_entries(path: str, ds: Dataset, frames: int) -> list[_Entry]:
   return entries
 
 
-def _file_record(ds: Dataset, entries: list[_Entry], salt: str) -> dict[str, Any]:
-  """The metadata record of one file (plus its mosaic image count)."""
-  record = record_from_dataset(ds, salt)
+def _file_record(ds: Dataset | fastread.Header, entries: list[_Entry],
+                 salt: str) -> dict[str, Any]:
+  """The metadata record of one file (plus its mosaic image count); from a
+  fastread header without pydicom (``record_from_header``, which raises
+  Unsupported where pydicom must decide)."""
+  if isinstance(ds, fastread.Header):
+    record = record_from_header(ds, salt)
+  else:
+    record = record_from_dataset(ds, salt)
   if entries[0].n_slices > 1:
     record["NumberOfImagesInMosaic"] = int(entries[0].n_slices)
   return record
@@ -488,8 +497,6 @@ def _entries(path: str, ds: Dataset | fastread.Header, salt: str,
     return Skipped(path, e.reason, series)
   keys = {(e.series_uid, e.hard_key) for e in entries}
   if seen is None or not keys <= seen:
-    if fast:
-      ds = read_dataset(path, stop_before_pixels=True)
     entries[0].record = _file_record(ds, entries, salt)
     if seen is not None:
       seen |= keys

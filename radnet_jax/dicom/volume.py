@@ -61,10 +61,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydicom.dataset import Dataset
+
+if TYPE_CHECKING:  # pydicom is imported only where a file needs it (slow import)
+  from pydicom.dataset import Dataset
 
 from radnet_jax.dicom import fastread, geometry, isolation
 from radnet_jax.dicom.errors import DicomError

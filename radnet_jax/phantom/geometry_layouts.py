@@ -9,6 +9,8 @@ style                what the series does (as real archives do it)
 ct_spacing_two       GE head CT at two spacings: 2.5 mm through the
                      posterior fossa, 5 mm above (dcm2niix writes ``_Eq_``)
 ct_spacing_three     three spacings, 1.25 / 2.5 / 7 mm (GE's 1.1-7 mm kind)
+ct_spacing_uneven    5 mm steps with one 7 mm and one 1.1 mm step (odd
+                     steps, no second spacing run; dcm2niix still ``_Eq_``)
 ct_missing_slice     regular 2 mm stack with one file missing (a gap, not a
                      change of spacing)
 ct_tilt_pos          Philips head CT, gantry tilt +16 degrees
@@ -46,7 +48,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from radnet_jax.phantom.acquisition import SOP, uid
 
-STYLES = ("ct_spacing_two", "ct_spacing_three", "ct_missing_slice",
+STYLES = ("ct_spacing_two", "ct_spacing_three", "ct_spacing_uneven",
+          "ct_missing_slice",
           "ct_tilt_pos", "ct_tilt_neg", "ct_tilt_spacing", "ct_anonymised",
           "ct_anon_text_uids", "mr_anonymised")
 TRUTH_COLUMNS = ("folder", "style", "modality", "n_files", "spacing_kind",
@@ -90,6 +93,8 @@ def _steps(style: str) -> tuple[list[float], float]:
     return [2.5] * 11 + [5.0] * 8, 0.0
   if style == "ct_spacing_three":
     return [1.25] * 8 + [2.5] * 6 + [7.0] * 5, 0.0
+  if style == "ct_spacing_uneven":
+    return [5.0] * 6 + [7.0] + [5.0] * 4 + [1.1] + [5.0] * 5, 0.0
   if style == "ct_missing_slice":
     steps = [2.0] * 15
     steps[6:8] = [4.0]  # the file of slice 7 is lost

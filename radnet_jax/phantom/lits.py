@@ -1,9 +1,15 @@
 """Liver segmentation set in the LiTS layout (``volume-N.nii.gz``, ``segmentation-N.nii.gz``).
 
-Abdominal CT of phantom patients (portal-venous contrast in most cases), int16
-HU like LiTS, with masks 0 background, 1 liver, 2 tumour. NIfTI is RAS, so the
-affine is the LPS voxel->mm matrix with X and Y negated. The data array is
-indexed (x=column, y=row, z=slice) like the LiTS files read with nibabel.
+Abdominal CT of phantom patients (``phantom.body``: lobulated livers with
+vessels, steatosis in some, lesions in most), int16 HU like LiTS, with masks
+0 background, 1 liver (parenchyma and intrahepatic vessels), 2 tumour. Cases
+differ as real LiTS scans do: contrast phase (none, arterial, portal venous,
+delayed) with per-patient enhancement, tube load and kVp (noise), kernel,
+slice thickness, FOV 350-450 mm and the scan range. The neighbours of the liver
+overlap its HU (spleen, kidney cortex, collapsed bowel, muscle, heart), so the
+liver is not a threshold away. NIfTI is RAS, so the affine is the LPS
+voxel->mm matrix with X and Y negated. The data array is indexed (x=column,
+y=row, z=slice) like the LiTS files read with nibabel.
 """
 from __future__ import annotations
 
@@ -14,11 +20,16 @@ import time
 import numpy as np
 
 from radnet_jax import parallel
-from radnet_jax.phantom import acquisition, physics
+from radnet_jax.phantom import acquisition, ct, physics
 from radnet_jax.phantom.anatomy import T, Grid, make_patient, render_labels
 from radnet_jax.phantom.protocols import SeriesPlan
 
 MARKER = "lits.json"
+VERSION = 2   # 2: phantom.body anatomy, phases, kernels, dose (1: ellipsoid abdomen)
+LIVER = ("liver", "liver_portal", "liver_vein")
+TUMOUR = ("lesion", "lesion_hyper")
+# (phase or None for plain CT, probability): LiTS is mostly portal venous
+PHASE_MIX = ((None, 0.15), ("arterial", 0.15), ("portal", 0.6), ("delayed", 0.1))
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -32,13 +43,25 @@ def grid_affine(grid: Grid) -> np.ndarray:
   return a
 
 
+def masks(labels: np.ndarray) -> np.ndarray:
+  """LiTS mask (uint8: 0 background, 1 liver incl. intrahepatic vessels, 2 tumour) of a tissue-label map."""
+  seg = np.zeros(labels.shape, np.uint8)
+  seg[np.isin(labels, [T[t] for t in LIVER])] = 1
+  seg[np.isin(labels, [T[t] for t in TUMOUR])] = 2
+  return seg
+
+
 def lits_case(seed: int, case: int, full_size: bool = False, small: bool = False):
   """One case -> (hu int16 (X, Y, Z), seg uint8 (X, Y, Z), RAS affine, info dict)."""
   rng = np.random.default_rng([seed, case, 0x11])
-  n_les = int(rng.choice([0, 1, 1, 2, 3, 4]))
+  n_les = int(rng.choice([0, 1, 1, 2, 3, 4, 6]))
   patient = make_patient(np.random.default_rng([seed, case, 0x12]), case, lesions=n_les)
-  contrast = rng.random() < 0.85
+  phase = PHASE_MIX[int(rng.choice(len(PHASE_MIX), p=[p for _, p in PHASE_MIX]))][0]
+  contrast = phase is not None
   thick = float(rng.choice([0.7, 1.0, 1.5, 2.0, 2.5, 3.0, 5.0]))
+  kernel = str(rng.choice(ct.KERNELS, p=[0.3, 0.6, 0.1]))
+  kvp = float(rng.choice([100.0, 120.0, 120.0, 140.0]))
+  mas = float(rng.uniform(80, 350))
   if full_size:
     matrix, lo, hi = 512, 75, 987
   elif small:
@@ -47,8 +70,9 @@ def lits_case(seed: int, case: int, full_size: bool = False, small: bool = False
     matrix, lo, hi = int(rng.choice([128, 144, 160])), 40, 100
   plan = SeriesPlan("CT", "CT", "AX", "yes" if contrast else "no", "abdomen", "SIEMENS", thick, thick, matrix, 0.0)
   b = patient.bands
-  z_low, z_high = b["kidney"][0] - rng.uniform(10, 60), b["liver"][1] + rng.uniform(10, 40)
-  fov = max(2 * patient.half_width * 1.08, 2 * patient.half_depth * 1.15) * rng.uniform(1.0, 1.1)
+  z_low = b["kidney"][0] - rng.uniform(10, 60) if rng.random() < 0.7 else b["pelvis"][0] - rng.uniform(0, 30)
+  z_high = b["liver"][1] + rng.uniform(10, 40) if rng.random() < 0.8 else b["lung"][1] - rng.uniform(0, 60)
+  fov = ct.abdominal_fov(rng, patient.half_width, patient.half_depth)
   ps = fov / matrix
   k = int(np.clip(np.floor((z_high - z_low) / thick) + 1, lo, hi))
   sp = (z_high - z_low) / (k - 1)
@@ -56,13 +80,18 @@ def lits_case(seed: int, case: int, full_size: bool = False, small: bool = False
   origin = np.array([-(matrix - 1) / 2 * ps + rng.normal(0, 3), -(matrix - 1) / 2 * ps + 8, z_low])
   grid = Grid(origin=origin, r=r, c=c, n=n, spacing=(sp, ps, ps), shape=(k, matrix, matrix))
   lab = render_labels(patient, grid)
-  hu = physics.ct_image(lab, contrast, rng, spacing=grid.spacing, thickness=max(thick, sp),
-                        noise_hu=float(rng.uniform(8, 20)))
-  seg = np.zeros(lab.shape, np.uint8)
-  seg[lab == T["liver"]] = 1
-  seg[lab == T["lesion"]] = 2
+  diameter = 2.0 * float(np.sqrt(patient.half_width * patient.half_depth))
+  hu = physics.ct_image(lab, contrast, rng, spacing=grid.spacing, thickness=max(thick, sp), noise_hu=None,
+                        phase=phase or "portal", kernel=kernel, mas=mas, kvp=kvp,
+                        diameter_mm=diameter, patient_ct=patient.ct)
+  # Whole HU once, for the NIfTI and the DICOM writer alike (float32 img + 1024 would
+  # round a few x.5-ish values differently than the NIfTI's np.round(img)).
+  hu = np.round(hu).astype(np.float32)
+  seg = masks(lab)
   to_xyz = lambda a: np.ascontiguousarray(a.transpose(2, 1, 0))
-  info = {"case": case, "contrast": "yes" if contrast else "no", "spacing": [ps, ps, round(sp, 4)],
+  info = {"case": case, "contrast": "yes" if contrast else "no", "phase": phase or "none", "kernel": kernel,
+          "kvp": kvp, "mas": round(mas, 1), "steatosis": patient.ct["offsets"]["liver"] < -10,
+          "spacing": [ps, ps, round(sp, 4)],
           "shape": [matrix, matrix, k], "lesions": n_les, "liver_voxels": int((seg == 1).sum()),
           "tumour_voxels": int((seg == 2).sum())}
   return (to_xyz(np.round(hu).astype(np.int16)), to_xyz(seg), LPS_TO_RAS @ grid_affine(grid), info,
@@ -86,7 +115,9 @@ def _job(args) -> dict:
   if dicom:
     folder = os.path.join(out_dir, "dicom", f"case-{case}")
     os.makedirs(folder, exist_ok=True)
-    plan.description, plan.body_part, plan.study_description = "Abdomen 5.0 B30f", "ABDOMEN", "CT ABDOMEN"
+    plan.description = {"arterial": "Abdomen arterial 1.0 B30f", "portal": "Abdomen PV 1.0 B30f",
+                        "delayed": "Abdomen delayed 1.0 B30f"}.get(info["phase"], "Abdomen 5.0 B30f")
+    plan.body_part, plan.study_description = "ABDOMEN", "CT ABDOMEN"
     ids = {"patient_id": f"LITS{case:04d}", "study_no": case, "study_uid": acquisition.uid(seed, "lits", case),
            "for_uid": acquisition.uid(seed, "lits", case, "for"), "series_uid": acquisition.uid(seed, "lits", case, 1),
            "series_no": 2}
@@ -117,7 +148,7 @@ def make_lits(out_dir: str, n: int = 20, seed: int = 0, *, workers: int | None =
   NIfTI volumes then hold the same HU as the DICOM (clipped to [-1024, 3071]).
   Returns {"cases": [info...], "seconds": s}; idempotent via ``lits.json``.
   """
-  params = {"n": n, "seed": seed, "dicom": dicom, "full_size": full_size, "small": small, "version": 1}
+  params = {"n": n, "seed": seed, "dicom": dicom, "full_size": full_size, "small": small, "version": VERSION}
   if dicom:
     params["dicom_seg"] = True   # dicom=True folders from before the SEG are redone
   marker = os.path.join(out_dir, MARKER)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from radnet_jax.phantom import ct
 from radnet_jax.phantom.anatomy import TISSUES
 
 # name: (HU pre, HU added by portal-venous iodine, PD, T1 ms, T2 ms, Gd mM, PET SUV)
@@ -61,6 +62,18 @@ TABLE = {
     "bile":       (8, 0, 0.95, 2600, 1000, 0.0, 0.5),
     "soft":       (40, 40, 0.75, 1000, 70, 0.30, 1.2),
     "disc":       (80, 10, 0.80, 1100, 100, 0.05, 0.5),
+    # body (phantom.body); CT enhancement per phase: phantom.ct.ENHANCE
+    "artery":     (45, 150, 0.85, 1441, 250, 1.20, 1.6),
+    "vein":       (45, 140, 0.85, 1441, 250, 1.20, 1.6),
+    "portal":     (45, 170, 0.85, 1441, 250, 1.20, 1.6),
+    "liver_portal": (45, 170, 0.85, 1441, 250, 1.20, 1.6),
+    "liver_vein": (45, 150, 0.85, 1441, 250, 1.20, 1.6),
+    "pancreas":   (40, 55, 0.75, 584, 46, 0.40, 1.5),
+    "collecting": (5, 0, 1.00, 3000, 1500, 0.0, 25.0),
+    "lesion_hyper": (38, 45, 0.80, 1000, 80, 0.80, 8.0),
+    "lumen":      (8, 0, 1.00, 3000, 800, 0.0, 0.8),
+    "stool":      (10, 0, 0.60, 1000, 60, 0.0, 1.5),
+    "cartilage":  (120, 5, 0.70, 1000, 40, 0.10, 0.5),
 }
 assert tuple(TABLE) == TISSUES
 _TAB = np.array(list(TABLE.values()), np.float32)
@@ -128,18 +141,31 @@ def texture(rng: np.random.Generator, labels: np.ndarray, rel: float = 0.03) -> 
 
 
 def ct_image(labels: np.ndarray, contrast: bool, rng: np.random.Generator, *,
-             spacing: tuple, thickness: float, noise_hu: float = 10.0,
-             phase: float = 1.0) -> np.ndarray:
-  """CT image in HU (float32, same shape as labels).
+             spacing: tuple, thickness: float, noise_hu: float | None = 10.0,
+             phase: str = "portal", kernel: str = "standard", mas: float | None = None,
+             kvp: float = 120.0, diameter_mm: float = 300.0, patient_ct: dict | None = None,
+             beam_hardening: float = 1.0) -> np.ndarray:
+  """CT image in HU (float32, same shape as labels); see ``phantom.ct``.
 
-  contrast: portal-venous iodine enhancement (``phase`` scales it, e.g. 1.3 for
-  arterial-weighted blood). noise_hu: image noise SD in HU (quantum noise).
+  contrast: iodine given; phase: "arterial", "portal" (venous) or "delayed".
+  kernel: "soft", "standard" or "sharp" (PSF, edge overshoot, noise texture).
+  noise_hu: quantum-noise SD of the standard kernel (scaled by the kernel);
+  None: from the dose, ``mas`` at ``kvp`` for a patient of ``diameter_mm``.
+  patient_ct: ``Patient.ct`` (HU offsets, enhancement factors).
+  beam_hardening: strength of cupping and bone streaks (0 = off).
   """
-  hu = HU[labels] + (HU_CE[labels] * phase if contrast else 0.0)
-  soft = (hu > -200) & (hu < 200)
-  hu = np.where(soft, hu + 8.0 * smooth_field(rng, labels.shape, 12), hu)
-  hu = _blur(hu, spacing, thickness, fwhm_mm=1.2)
-  hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(noise_hu)
+  pc = patient_ct or {}
+  enh = ct.enhancement(phase if contrast else None, pc.get("enhance"), kvp)
+  hu = HU[labels] + ct.offsets(pc.get("offsets"))[labels] + enh[labels]
+  hu = hu + ct.texture(rng, labels, spacing, phase if contrast else None)
+  hu = ct.psf(hu, spacing, thickness, kernel)
+  nmul = None
+  if beam_hardening:
+    hu, nmul = ct.beam_hardening(hu, labels, spacing, rng, beam_hardening)
+  sd = (ct.noise_sd(mas, thickness, diameter_mm, kernel, kvp) if noise_hu is None
+        else noise_hu * ct.KERNEL[kernel][2])
+  n = ct.noise(rng, labels.shape, spacing, kernel) * np.float32(sd)
+  hu += n if nmul is None else n * nmul
   return np.clip(hu, -1024, 3071).astype(np.float32)
 
 

@@ -22,7 +22,7 @@ Two input modes:
   (``radnet_jax.dicom.scan``) and the stacks are distributed;
 * **remote** (``gs://`` / ``s3://`` prefix, e.g. an IDC download mirrored to
   a bucket with one folder per series): the driver lists the sub-folders
-  (``--scan_depth`` levels down) and each worker copies one folder to local
+  (``--scan-depth`` levels down) and each worker copies one folder to local
   disk, scans and converts it. A series must not span two units.
 
 Shard layout: records of a split go to ``ceil(n / records_per_shard)``

@@ -40,7 +40,6 @@ import collections
 import contextlib
 import errno
 import hashlib
-import json
 import math
 import os
 import re
@@ -65,7 +64,7 @@ SPLITS = ("train", "val", "test")
 # 48x192x192 float16 is 3.5 MB: 128 records ~ 450 MB per shard file.
 DEFAULT_RECORDS_PER_SHARD = 128
 WRITER_OPTIONS = "group_size:1"
-MANIFEST = "manifest.json"
+MANIFEST = records.MANIFEST
 WORK_DIR = ".work"
 # Bump when the cached content changes (resampling, normalisation; 2: free
 # text scrubbed of PHI, so caches written before are never reused).
@@ -556,12 +555,8 @@ def read_record(path: str) -> dict:
 
 
 def read_manifest(out_dir: str) -> dict:
-  """The ``manifest.json`` of a conversion output directory."""
-  path = os.path.join(out_dir, MANIFEST)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no manifest (run data_prep.build_shards)")
-  with open(path) as f:
-    return json.load(f)
+  """The ``manifest.json`` of a conversion output directory (``records.read_manifest``)."""
+  return records.read_manifest(out_dir, "pretrain")
 
 
 def shard_paths(out_dir: str, split: str) -> list[str]:

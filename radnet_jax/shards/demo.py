@@ -16,6 +16,8 @@ import shutil
 import time
 from typing import Mapping
 
+from radnet_jax.shards import records
+
 log = logging.getLogger("radnet_jax")
 
 CACHE_ENV = "RADNET_CACHE"
@@ -59,7 +61,7 @@ def demo_salt(seed: int) -> str:
 
 
 def _manifest_ok(shards: str) -> bool:
-  return os.path.exists(os.path.join(shards, "manifest.json"))
+  return records.has_manifest(shards)
 
 
 def ensure_phantom_shards(data_cfg: Mapping, taxonomy: str = "paper") -> str:

@@ -101,11 +101,17 @@ class MontageCollector:
           bucket.append((name, mid))
 
   def write(self, out_dir: str, task_classes: Mapping[str, Sequence[str]]) -> list[str]:
-    """Writes ``montage_<task>.png`` per task; returns the file names."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Writes ``montage_<task>.png`` per task; returns the file names.
 
+    One row per class (its name and count on the left), one tile per kept
+    mid-slice (windowed to its own min..max, the stack name above it),
+    drawn with Pillow: a montage costs milliseconds, where importing
+    matplotlib alone cost more than converting a small archive (issue 15).
+    The bytes depend only on the images and names (no timestamps), so
+    re-runs write identical files.
+    """
+    from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
+    tile, label_w, title_h, name_h = 96, 110, 18, 11
     written = []
     for task, classes in task_classes.items():
       by_class = self.slices.get(task, {})
@@ -114,31 +120,41 @@ class MontageCollector:
       if not order:
         continue
       ncol = self.per_class
-      fig, axes = plt.subplots(len(order), ncol, squeeze=False,
-                               figsize=(1.6 * ncol + 1.2, 1.7 * len(order)))
+      row_h = tile + name_h + 4
+      canvas = Image.new("L", (label_w + ncol * (tile + 4), title_h + len(order) * row_h),
+                         255)
+      draw = ImageDraw.Draw(canvas)
+      draw.text((4, 3), f"{task}: mid-slices per class", fill=0)
       for r, cls in enumerate(order):
         items = by_class[cls]
-        for c in range(ncol):
-          ax = axes[r][c]
-          ax.set_xticks([])
-          ax.set_yticks([])
-          for side in ax.spines.values():
-            side.set_visible(False)
-          if c < len(items):
-            name, img = items[c]
-            lo, hi = float(np.min(img)), float(np.max(img))
-            ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
-            ax.set_title(name[:8], fontsize=6)
-        axes[r][0].set_ylabel(f"{cls}\n(n={len(items)} shown)", fontsize=8)
-      fig.suptitle(f"{task}: mid-slices per class", fontsize=10)
-      fig.tight_layout()
+        y0 = title_h + r * row_h
+        draw.text((4, y0 + tile // 2 - 6), f"{cls}"[:17], fill=0)
+        draw.text((4, y0 + tile // 2 + 6), f"(n={len(items)} shown)", fill=90)
+        for c, (name, img) in enumerate(items[:ncol]):
+          x0 = label_w + c * (tile + 4)
+          draw.text((x0, y0), name[:8], fill=60)
+          canvas.paste(_tile(img, tile), (x0, y0 + name_h))
       fname = f"montage_{task}.png"
-      # Fixed metadata so that re-runs write identical bytes.
-      fig.savefig(os.path.join(out_dir, fname), dpi=80,
-                  metadata={"Software": None})
-      plt.close(fig)
+      canvas.save(os.path.join(out_dir, fname), optimize=False)
       written.append(fname)
     return written
+
+
+def _tile(img: np.ndarray, size: int):
+  """A mid-slice (H, W) as a size x size grey tile (aspect kept, centred),
+  windowed to its own min..max."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  img = np.asarray(img, np.float32)
+  lo, hi = float(np.min(img)), float(np.max(img))
+  grey = np.clip((img - lo) / (hi - lo if hi > lo else 1.0) * 255.0, 0, 255)
+  im = Image.fromarray(grey.astype(np.uint8), "L")
+  h, w = img.shape
+  scale = size / max(h, w)
+  im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                 Image.Resampling.BILINEAR)
+  out = Image.new("L", (size, size), 0)
+  out.paste(im, ((size - im.width) // 2, (size - im.height) // 2))
+  return out
 
 
 def _pct(n: int, total: int) -> str:

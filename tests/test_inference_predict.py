@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from tests.test_api import INPUT_SHAPE, make_checkpoint
+from tests.test_inference_load import INPUT_SHAPE, make_checkpoint
 
 SALT = "test-salt"
 
@@ -237,3 +237,16 @@ def test_predict_streams_classic_stacks(corpus, forced_ckpt, stack_loads):
   report = radnet_jax.predict(forced_ckpt, corpus["dicom"], salt=SALT, batch_size=3)
   assert len(report.rows) == len(corpus["truth"]) > 0
   assert stack_loads == {"resampled": len(report.rows), "full": 0}
+
+
+def test_cli_unusable_input_is_one_line_not_a_traceback(forced_ckpt, corpus, tmp_path, capsys):
+  from radnet_jax.cli import predict as cli
+  out = str(tmp_path / "p.csv")
+  assert cli.main(["--checkpoint", forced_ckpt, "--input", str(tmp_path / "nope"),
+                   "--out", out, "--no-progress"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: ") and "input does not exist" in err and "\n" not in err
+  assert cli.main(["--checkpoint", forced_ckpt, "--input", corpus["dicom"], "--out", out,
+                   "--threshold", "5", "--no-progress"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err == "error: threshold must be in (0, 1], got 5.0"
