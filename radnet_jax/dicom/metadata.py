@@ -548,15 +548,26 @@ def _enhanced_fields(ds: Dataset) -> dict[str, Any]:
   return out
 
 
-def _identifying_values(ds: Dataset) -> set[str]:
+def _identifying_values(ds: Dataset | fastread.Header) -> set[str]:
   """Tokens of the header's names, IDs, dates and institution (top level:
-  where PS3.15 puts them; the record never copies nested text)."""
+  where PS3.15 puts them; the record never copies nested text). A fastread
+  header holds only the tags scan needs, so its file's full header is read
+  (once per record, i.e. per series group)."""
+  if isinstance(ds, fastread.Header):
+    import pydicom  # pylint: disable=import-outside-toplevel - slow import, see above
+    try:
+      ds = pydicom.dcmread(ds.path, stop_before_pixels=True, force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise fastread.Unsupported(f"header for scrubbing unreadable ({e})") from e
   values: list[Any] = []
   for elem in ds:
     try:
       if elem.VR in ("PN", "DA", "DT") or elem.keyword in _IDENTIFYING_KEYS:
         value = elem.value
-        values.append([str(v) for v in value] if isinstance(value, (MultiValue, list))
+        # MultiValue is a MutableSequence; PersonName is no str and iterates
+        # its characters, so it must not be taken for a list.
+        values.append([str(v) for v in value]
+                      if isinstance(value, (collections.abc.MutableSequence, tuple))
                       else str(value))
     except Exception:  # pylint: disable=broad-except - malformed: nothing to remove
       continue
