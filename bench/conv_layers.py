@@ -18,7 +18,6 @@ forward + gradients.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from radnet_jax.models import layers  # noqa: E402
+from radnet_jax.cli import flags
 
 # name, input side, C, O, kernel, stride (MONAI VNet at a 64^3 input)
 LAYERS = [
@@ -56,7 +56,7 @@ def best_time(fn, *args, repeats: int) -> tuple[float, float]:
 
 
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = flags.Parser(description=__doc__.split("\n")[0])
   p.add_argument("--out-taps-ratio", type=float, default=None,
                  help="layers.OUT_TAPS_MAX_RATIO (default: the module's)")
   p.add_argument("--split", type=int, default=None,

@@ -22,7 +22,6 @@ series; ``--phantom N`` also scans + loads every stack of a
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -32,6 +31,7 @@ import time
 import tracemalloc
 
 import numpy as np
+from radnet_jax.cli import flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -147,7 +147,7 @@ def full_path(stack, shape=(48, 192, 192)):
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = flags.Parser(description=__doc__.split("\n\n")[0])
   p.add_argument("--slices", type=int, default=150)
   p.add_argument("--series", type=int, default=2)
   p.add_argument("--repeat", type=int, default=3)

@@ -1,6 +1,6 @@
 r"""Few-shot study: liver Dice vs number of training volumes, scratch vs pretrained vs control.
 
-  python bench/fewshot.py --init_from PRETRAIN_WORKDIR [--control_from CONTROL_WORKDIR] \
+  python bench/fewshot.py --init-from PRETRAIN_WORKDIR [--control-from CONTROL_WORKDIR] \
       [--sizes 1,2,5,10,0] [--seeds 0,1,2] [--variants scratch,pretrained,control] \
       [--steps 300] [--patch 32,64,64] [--spacing 5,3,3] [--batch 4] \
       [--out bench/fewshot] [--proposal]
@@ -9,9 +9,11 @@ Runs ``radnet_jax.tasks.segment.train_and_evaluate`` with
 ``experiments/transfer_liver.py:<variant>,n=<size>,seed=<seed>`` for every
 combination (size 0 = all training volumes), each in
 ``<out>/runs/<variant>-n<size>-s<seed>`` (a finished run, i.e. one with
-results.json, is reused, so the study resumes). Variants: ``scratch``
-(random init), ``pretrained`` (trunk from ``--init_from``) and ``control``
-(the same transfer from ``--control_from``: a trunk pretrained with the same
+results.json, is reused, so the study resumes; several processes on one
+``--out`` share the cells through claim files, and ``--wait`` keeps a process
+polling for cells whose trunk is still training). Variants: ``scratch``
+(random init), ``pretrained`` (trunk from ``--init-from``) and ``control``
+(the same transfer from ``--control-from``: a trunk pretrained with the same
 schedule on shards whose train labels were shuffled across volumes,
 bench/shuffled_labels.py), which separates what the metadata labels teach from
 what any pretraining on these volumes does. Writes ``<out>/fewshot.md`` (test
@@ -24,7 +26,6 @@ study stopped early has whole rows.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import logging
@@ -38,6 +39,8 @@ from scipy import stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from radnet_jax.cli import flags  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def _config(arg: str):
@@ -56,54 +59,95 @@ def interval(d: np.ndarray, level: float = 0.95) -> tuple:
   return float(d.mean() - h), float(d.mean() + h)
 
 
-def run_one(variant: str, n: int, seed: int, a) -> dict:
+def _claim(wd: str) -> bool:
+  """Claims a run for this process (``<run>.claim`` holds the pid); False if a live process has it.
+
+  Several ``fewshot.py`` processes on one ``--out`` share the cells: each runs
+  the unclaimed ones, a claim of a dead process is taken over.
+  """
+  path = wd + ".claim"
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  for _ in range(2):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      os.write(fd, str(os.getpid()).encode())
+      os.close(fd)
+      return True
+    except FileExistsError:
+      try:
+        with open(path) as f:
+          pid = int(f.read() or 0)
+        os.kill(pid, 0)
+        return pid == os.getpid()
+      except (ProcessLookupError, ValueError):
+        os.remove(path)   # the claiming process died: take the run over
+  return False
+
+
+def _init_ready(workdir: str) -> bool:
+  """A pretraining workdir is usable once it finished (results.json) or was stopped with a checkpoint."""
+  return os.path.exists(os.path.join(workdir, "results.json")) or os.path.exists(
+      os.path.join(workdir, "STOPPED"))
+
+
+def run_one(variant: str, n: int, seed: int, a) -> dict | None:
+  """Result of one cell: cached, or trained now; None when another process has it or its trunk is not ready."""
   from radnet_jax.tasks import segment  # pylint: disable=g-import-not-at-top
   wd = os.path.join(a.out, "runs", f"{variant}-n{n}-s{seed}")
   res_path = os.path.join(wd, "results.json")
   if os.path.exists(res_path):
     with open(res_path) as f:
       return json.load(f)
+  init = {"pretrained": a.init_from, "control": a.control_from}.get(variant, "")
+  if variant == "control" and not init:
+    raise SystemExit("variant control needs --control-from (a pretraining workdir on shuffled labels)")
+  if init and not _init_ready(init):
+    return None
+  if not _claim(wd):
+    return None
   c = _config(f"{'scratch' if variant == 'scratch' else 'pretrained'},n={n},seed={seed}")
   c.num_steps = a.steps
   c.checkpoint_every = a.steps
   c.eval_every = a.steps
   if a.patch:
-    c.patch_shape = tuple(int(x) for x in a.patch.split(","))
-    c.eval.roi = c.patch_shape
+    c.input_shape = tuple(int(x) for x in a.patch.split(","))   # also the eval window
   if a.spacing:
     c.data.spacing = tuple(float(x) for x in a.spacing.split(","))
   if a.batch:
     c.batch_size = a.batch
   c.eval.save_nifti = False
+  c.eval.assd = a.assd
   c.proposal.enabled = a.proposal
   c.tensorboard = False
-  if variant == "pretrained":
-    c.init_from = a.init_from or "auto"
-  elif variant == "control":
-    if not a.control_from:
-      raise SystemExit("variant control needs --control_from (a pretraining workdir on shuffled labels)")
-    c.init_from = a.control_from
+  if variant != "scratch":
+    c.init_from = init or "auto"
   if a.shards_dir:
     c.data.shards_dir = a.shards_dir
+  if a.lits_dir:
+    c.data.lits_dir = a.lits_dir
   shutil.rmtree(wd, ignore_errors=True)  # an unfinished run starts over
   segment.train_and_evaluate(c, wd)
+  os.remove(wd + ".claim")
   with open(res_path) as f:
     return json.load(f)
 
 
 def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--init_from", default="", help="pretraining workdir ('' = auto)")
+  p = flags.Parser()
+  p.add_argument("--init-from", default="", help="pretraining workdir ('' = auto)")
   p.add_argument("--sizes", default="1,2,5,10,0")
-  p.add_argument("--control_from", default="", help="pretraining workdir on shuffled labels")
+  p.add_argument("--control-from", default="", help="pretraining workdir on shuffled labels")
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--variants", default="scratch,pretrained,control")
   p.add_argument("--steps", type=int, default=300)
   p.add_argument("--patch", default="", help="D,H,W training patch / eval ROI ('' = config)")
   p.add_argument("--spacing", default="", help="D,H,W mm of the training grid ('' = config)")
   p.add_argument("--batch", type=int, default=0, help="batch size (0 = config)")
-  p.add_argument("--shards_dir", default="")
-  p.add_argument("--skip_missing", action="store_true", help="tabulate finished runs only (train nothing)")
+  p.add_argument("--shards-dir", default="")
+  p.add_argument("--skip-missing", action="store_true", help="tabulate finished runs only (train nothing)")
+  p.add_argument("--wait", action="store_true", help="keep polling for cells held by other processes / trunks")
+  p.add_argument("--lits-dir", default="", help="a LiTS-layout folder instead of the phantom set")
+  p.add_argument("--assd", action="store_true", help="also compute ASSD (slow on CPU)")
   p.add_argument("--proposal", action="store_true", help="also train/use the slab proposal")
   p.add_argument("--out", default=os.path.join(ROOT, "bench", "fewshot"))
   a = p.parse_args()
@@ -113,21 +157,31 @@ def main():
   variants = a.variants.split(",")
   os.makedirs(a.out, exist_ok=True)
   t0 = time.time()
+  cells = [(n, sd, v) for n in sizes for sd in seeds for v in variants]   # size-major, then seed
+  done: dict = {}
+  while True:
+    for cell in cells:
+      if cell in done or (a.skip_missing and not os.path.exists(
+          os.path.join(a.out, "runs", f"{cell[2]}-n{cell[0]}-s{cell[1]}", "results.json"))):
+        continue
+      r = run_one(cell[2], cell[0], cell[1], a)
+      if r is not None:
+        done[cell] = r
+        logging.info("%s n=%d seed=%d: test liver Dice %.4f", cell[2], cell[0], cell[1],
+                     r["test"]["liver/dice_global"])
+    waiting = [c for c in cells if c not in done]
+    if a.skip_missing or not waiting or not a.wait:
+      break
+    logging.info("%d run(s) held by other processes or waiting for a trunk; checking again in 60 s", len(waiting))
+    time.sleep(60)
   table: dict = {}
   n_all = None
-  for n in sizes:     # size-major, then seed: a stopped study has matched rows
-    for s in seeds:
-      for v in variants:
-        if a.skip_missing and not os.path.exists(os.path.join(a.out, "runs", f"{v}-n{n}-s{s}", "results.json")):
-          continue
-        r = run_one(v, n, s, a)
-        table.setdefault((v, n), []).append(r["test"]["liver/dice_global"])
-        if n == 0:
-          n_all = r["n_train"]
-        logging.info("%s n=%d seed=%d: test liver Dice %.4f", v, n, s,
-                     r["test"]["liver/dice_global"])
+  for (n, _, v), r in sorted(done.items()):
+    table.setdefault((v, n), []).append(r["test"]["liver/dice_global"])
+    if n == 0:
+      n_all = r["n_train"]
 
-  label = lambda n: f"all ({n_all})" if n == 0 else str(n)
+  label = lambda n: (f"all ({n_all})" if n_all else "all") if n == 0 else str(n)
   lines = [f"| training volumes | " + " | ".join(variants) + " |",
            "|---|" + "---|" * len(variants)]
   for n in sizes:
@@ -154,6 +208,8 @@ def main():
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
   for i, v in enumerate(variants):
     ns = [n for n in sizes if table.get((v, n))]
+    if not ns:
+      continue
     d = [np.array(table[(v, n)], float) for n in ns]
     iv = np.array([interval(x) for x in d])
     mean = np.array([x.mean() for x in d])

@@ -26,13 +26,28 @@ timed step must be finite, and the bfloat16 forward must agree with a
 float32 forward (highest precision) of the same parameters on the same batch
 (relative L2 error of the logits and their cosine similarity).
 
---smoke shrinks everything (ResNet-10 at 8x32x32, VNet 8..128 at 16^3,
-3 steps) so the script's logic can be checked on a CPU in ~3 minutes; its
-timings mean nothing.
+MONAI peer (issue 18): before JAX touches the GPU, the same networks' train
+steps run in PyTorch in a separate process (`bench/gpu_check_monai.py`:
+MONAI's resnet50 with the paper stem and VNet, same shapes, batch and bf16
+autocast, torch.compile, cudnn.benchmark, the faster of NCDHW and
+channels_last_3d); the final table puts its step time next to the
+project's, with project/MONAI and both MFUs from the same (project's jaxpr)
+FLOP count. --no-monai skips it; a MONAI failure or timeout
+(--monai-timeout) leaves its columns empty and does not stop the project rows.
+
+VNet's transposed convs use the per-backend formulation of
+`radnet_jax.models.layers.transpose_formulation` (GPU: "subpixel", one conv
++ depth-to-space); `--vnet-transpose subpixel,dilated` times a VNet row per
+formulation in the same run (the A/B against `lax.conv_transpose`).
+
+--smoke shrinks everything (ResNet-10 at 8x32x32 batch 2, VNet 8..128 at
+16^3 batch 2, 3 steps; MONAI: ResNet-10, its VNet at 16^3, 2 steps, no
+compile) so the
+script's logic can be checked on a CPU in a few minutes; its timings mean
+nothing.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import importlib.util
 import json
@@ -57,7 +72,8 @@ from radnet_jax.data import device_augment
 from radnet_jax.training import losses
 from radnet_jax.training import trainer  # noqa: E402
 from radnet_jax.labels import taxonomy as tax  # noqa: E402
-from radnet_jax.models import resnet3d, vnet  # noqa: E402
+from radnet_jax.models import layers, resnet3d, vnet  # noqa: E402
+from radnet_jax.cli import flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Dense bfloat16 tensor-core peaks (TFLOP/s, no sparsity), by device name.
@@ -376,8 +392,59 @@ def run_case(name: str, case, steps: int, warmup: int,
   }
 
 
+def run_monai_peer(a) -> dict[str, dict]:
+  """Runs bench/gpu_check_monai.py in a child process; {model: row}.
+
+  Its output streams through; a failure or timeout gives {} (logged), so
+  the project rows still run.
+  """
+  import tempfile  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "monai.json")
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "gpu_check_monai.py"),
+           "--models", a.models, "--batch", str(a.batch), "--vnet-batch",
+           str(a.vnet_batch), "--steps", str(a.steps), "--warmup",
+           str(a.warmup), "--json", out] + (["--smoke"] if a.smoke else [])
+    print(f"# MONAI peer: {' '.join(cmd[1:])}", flush=True)
+    t = time.perf_counter()
+    try:
+      rc = subprocess.run(cmd, timeout=a.monai_timeout, check=False).returncode
+    except subprocess.TimeoutExpired:
+      print(f"# MONAI peer: timed out after {a.monai_timeout:.0f} s; no "
+            f"peer columns", flush=True)
+      return {}
+    print(f"# MONAI peer: exit {rc} after {time.perf_counter() - t:.0f} s",
+          flush=True)
+    if not os.path.exists(out):
+      return {}
+    with open(out) as f:
+      return {r["model"]: r for r in json.load(f)["rows"]}
+
+
+def print_side_by_side(rows: list[dict], peak: float | None) -> None:
+  """project vs MONAI per row: step times, ratio, MFU of both from the
+  project's FLOP count (the same networks)."""
+  print(f"{'model':<22} {'input':<11} {'batch':>5} {'project ms':>10} "
+        f"{'MONAI ms':>9} {'proj/MONAI':>10} {'TFLOP/step':>10} "
+        f"{'proj MFU':>8} {'MONAI MFU':>9} {'MONAI layout':>12}")
+  for r in rows:
+    peer = r.get("peer")
+    flops = r["tflop_per_step"] * 1e12
+    mfu = lambda s: (f"{100 * flops / s / 1e12 / peak:7.1f}%" if peak
+                     else "     n/a")
+    if peer:
+      pm, ratio = f"{1e3 * peer['step_s']:9.1f}", f"{r['step_s'] / peer['step_s']:10.2f}"
+      pmfu, lay = mfu(peer["step_s"]) + " ", peer["layout"]
+    else:
+      pm, ratio, pmfu, lay = f"{'-':>9}", f"{'-':>10}", f"{'-':>9}", "-"
+    print(f"{r['model']:<22} {r['input']:<11} {r['batch']:>5} "
+          f"{1e3 * r['step_s']:>10.1f} {pm} {ratio} "
+          f"{r['tflop_per_step']:>10.4f} {mfu(r['step_s'])} {pmfu:>9} "
+          f"{lay:>12}")
+
+
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = flags.Parser(description=__doc__.split("\n")[0])
   p.add_argument("--models", default="resnet50,vnet",
                  help="comma list of resnet50, vnet")
   p.add_argument("--batch", type=int, default=8, help="ResNet-50 batch")
@@ -395,12 +462,27 @@ def main(argv=None) -> int:
   p.add_argument("--host-augment", action="store_true",
                  help="ResNet step without the rotation + noise that "
                       "augment.on_device runs in the step (default: with)")
+  p.add_argument("--no-monai", action="store_true",
+                 help="skip the MONAI (PyTorch) peer rows")
+  p.add_argument("--monai-timeout", type=float, default=240.0,
+                 help="seconds for the whole MONAI peer process")
+  p.add_argument("--vnet-transpose", default="auto",
+                 help="comma list of VNet transposed-conv formulations to "
+                      "time, each a row: auto (per backend), subpixel, "
+                      "dilated")
   p.add_argument("--profile", type=int, default=0, metavar="N",
                  help="trace 2 extra steps and print the N ops with the "
                       "most device time")
   a = p.parse_args(argv)
   if a.steps < 1 or a.warmup < 1:
     p.error("--steps and --warmup must be >= 1")
+  forms = [f.strip() for f in a.vnet_transpose.split(",") if f.strip()]
+  bad = [f for f in forms if f not in ("auto",) + layers.TRANSPOSE_IMPLS]
+  if bad or not forms:
+    p.error(f"--vnet-transpose: unknown {bad} (auto, subpixel, dilated)")
+  # The peer runs first, in its own process: JAX then preallocates most of
+  # the GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION) for the project rows.
+  peer = {} if a.no_monai else run_monai_peer(a)
 
   name = device_name()
   peak = a.peak_tflops or peak_tflops(name)
@@ -408,7 +490,7 @@ def main(argv=None) -> int:
   batch, vbatch, steps, warmup = a.batch, a.vnet_batch, a.steps, a.warmup
   if a.smoke:
     res_shape, vnet_shape = (8, 32, 32), (16, 16, 16)
-    batch, vbatch, steps, warmup = min(batch, 2), 1, min(steps, 3), 1
+    batch, vbatch, steps, warmup = min(batch, 2), 2, min(steps, 3), 1
   print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
         f", device: {name} ({jax.default_backend()}, {jax.device_count()} "
         f"device(s)), jax {jax.__version__}, bf16 dense peak "
@@ -423,21 +505,32 @@ def main(argv=None) -> int:
     model = model.strip()
     if model == "resnet50":
       case = resnet_case(batch, res_shape, a.smoke)
-    elif model == "vnet":
-      case = vnet_case(vbatch, vnet_shape, a.smoke)
-    else:
+    elif model != "vnet":
       p.error(f"unknown model {model!r} (resnet50, vnet)")
-    print(f"# {model}: compiling and timing ...", flush=True)
-    label = f"{model}-smoke" if a.smoke else model  # smoke: smaller nets
-    pre = None
-    if model == "resnet50" and not a.host_augment:
-      pre = device_augment.augment
-      label += "+aug"
-    rows.append(run_case(label, case, steps, warmup, peak, a.profile, pre,
-                         a.convs))
-    r = rows[-1]
-    print(f"#   compile {r['compile_s']:.1f} s, loss {r['loss_first']:.4f} -> "
-          f"{r['loss_last']:.4f}", flush=True)
+    for form in (forms if model == "vnet" else [None]):
+      if model == "vnet":
+        case = vnet_case(vbatch, vnet_shape, a.smoke)
+      print(f"# {model}: compiling and timing ...", flush=True)
+      label = f"{model}-smoke" if a.smoke else model  # smoke: smaller nets
+      pre = None
+      if model == "resnet50" and not a.host_augment:
+        pre = device_augment.augment
+        label += "+aug"
+      if form is not None:
+        # Read when the step is traced (inside run_case).
+        layers.TRANSPOSE_IMPL = None if form == "auto" else form
+        label += (f"[{layers.transpose_formulation()}]"
+                  if layers.resolve_impl("auto") == "xla" else "[cpu-taps]")
+      try:
+        rows.append(run_case(label, case, steps, warmup, peak, a.profile, pre,
+                             a.convs))
+      finally:
+        layers.TRANSPOSE_IMPL = None
+      r = rows[-1]
+      r["peer"] = peer.get(model)
+      print(f"#   compile {r['compile_s']:.1f} s, step "
+            f"{1e3 * r['step_s']:.1f} ms, loss {r['loss_first']:.4f} -> "
+            f"{r['loss_last']:.4f}", flush=True)
 
   print(f"{'model':<18} {'input':<11} {'batch':>5} {'step ms':>9} {'vol/s':>8} "
         f"{'TFLOP/step':>10} {'XLA comp.':>9} {'XLA low.':>9} {'TFLOP/s':>8} "
@@ -451,11 +544,14 @@ def main(argv=None) -> int:
           f"{r['tflop_per_step_xla_lowered']:>9.4f} "
           f"{r['tflops']:>8.1f} {mfu:>6} {r['bf16_vs_f32_rel_l2']:>14.4f} "
           f"{r['bf16_vs_f32_cosine']:>7.4f} {'ok' if r['ok'] else 'FAIL':>5}")
+  print()
+  print_side_by_side(rows, peak)
   if a.json:
     with open(a.json, "w") as f:
       json.dump({"device": name, "peak_tflops": peak, "smoke": a.smoke,
                  "jax": jax.__version__, "rows": rows}, f, indent=1)
-  return 0 if all(r["ok"] for r in rows) else 1
+  peers_ok = all(r["ok"] for r in peer.values())
+  return 0 if all(r["ok"] for r in rows) and peers_ok else 1
 
 
 if __name__ == "__main__":

@@ -7,10 +7,17 @@
 #   bash bench/gpu_check.sh --smoke          # tiny shapes, runs on CPU too
 #   bash bench/gpu_check.sh --host-augment   # ResNet step without the on-device rotation + noise
 #   bash bench/gpu_check.sh --convs --profile 12  # + every conv with its cuDNN algorithm, top kernels
+#   bash bench/gpu_check.sh --vnet-transpose subpixel,dilated  # + VNet with lax.conv_transpose
+#   bash bench/gpu_check.sh --no-monai       # project rows only
 #
-# Needs the project's Python environment with a CUDA build of jaxlib (the
-# machine has no network: install before). Exits non-zero if a correctness
-# check fails; the whole run is capped at GPU_CHECK_TIMEOUT seconds (480).
+# Every run first times MONAI's same networks in PyTorch (bench/gpu_check_monai.py,
+# own process, --monai-timeout 240 s) and prints project/MONAI per model.
+# Needs the project's Python environment with a CUDA build of jaxlib and
+# PyTorch with CUDA (the machine has no network). MONAI is pure Python: if it
+# is not importable, the wheels in bench/wheels/ (bench/requirements-gpu.txt)
+# are installed offline into a scratch directory on PYTHONPATH. Exits
+# non-zero if a correctness check fails; the whole run is capped at
+# GPU_CHECK_TIMEOUT seconds (540).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PYTHON:-}" ]; then
@@ -25,6 +32,16 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 fi
 BACKEND=$("$PYTHON" -c 'import jax; print(jax.default_backend())' 2>/dev/null || echo none)
 echo "# python: $PYTHON, jax backend: $BACKEND"
+if ! "$PYTHON" -c 'import monai' >/dev/null 2>&1; then
+  if ls bench/wheels/*.whl >/dev/null 2>&1; then
+    SITE="${TMPDIR:-/tmp}/gpu_check_site"
+    "$PYTHON" -m pip install -q --no-index --no-deps --target "$SITE" bench/wheels/*.whl \
+      && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" \
+      && echo "# MONAI installed offline from bench/wheels into $SITE"
+  else
+    echo "# MONAI not importable and no bench/wheels/*.whl (see bench/requirements-gpu.txt)"
+  fi
+fi
 if [ "$BACKEND" != "gpu" ] && [ "$SMOKE" = 0 ]; then
   echo "error: jax sees no GPU (backend '$BACKEND'); install a CUDA jaxlib matching jax" \
        "(pip install 'jax[cuda12]==<same version>') or run with --smoke" >&2
@@ -33,4 +50,4 @@ fi
 # Let XLA take most of the GPU memory up front (faster allocation), but leave
 # room for cuDNN workspaces.
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
-exec timeout "${GPU_CHECK_TIMEOUT:-480}" "$PYTHON" bench/gpu_check.py "$@"
+exec timeout "${GPU_CHECK_TIMEOUT:-540}" "$PYTHON" bench/gpu_check.py "$@"

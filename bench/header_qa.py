@@ -21,13 +21,13 @@ corpus: these series were never seen in training).
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import sys
 import time
 
 import numpy as np
+from radnet_jax.cli import flags as cli_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -64,7 +64,7 @@ def flagged_at(row: dict, threshold: float, tasks=TASKS) -> list[str]:
 
 
 def main() -> None:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = cli_flags.Parser(description=__doc__.splitlines()[0])
   ap.add_argument("--checkpoint", required=True)
   ap.add_argument("--corpus", required=True, help="phantom corpus dir (dicom/ + truth.csv)")
   ap.add_argument("--make", default="", help="n=120,seed=11,noise=2: write the corpus first")

@@ -46,6 +46,7 @@ import tempfile
 import time
 
 import numpy as np
+from radnet_jax.cli import flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -291,7 +292,7 @@ def _median(runs: list[dict]) -> dict:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = flags.Parser(description=__doc__.split("\n\n")[0])
   p.add_argument("--series", type=int, default=8)
   p.add_argument("--min-slices", type=int, default=100)
   p.add_argument("--max-slices", type=int, default=200)

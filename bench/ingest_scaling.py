@@ -25,13 +25,13 @@ series (>= 16 instances) of the ``idc-index-data`` 25.0.5 index (CT 209, MR
 """
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import shutil
 import sys
 import tempfile
 import time
+from radnet_jax.cli import flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -46,7 +46,7 @@ def _cpu() -> float:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = flags.Parser(description=__doc__.split("\n\n")[0])
   p.add_argument("--series", type=int, default=8)
   p.add_argument("--min-slices", type=int, default=64)
   p.add_argument("--max-slices", type=int, default=96)

@@ -31,7 +31,6 @@ feed an accelerator step rate (--feed-vol-s, default 250 vol/s: ResNet-50 at
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import statistics
@@ -47,6 +46,7 @@ from radnet_jax.shards import demo
 from radnet_jax.data import pretrain as input_pipeline
 from radnet_jax.shards import records  # noqa: E402
 from radnet_jax.models.layers import usable_cores  # noqa: E402
+from radnet_jax.cli import flags
 
 
 def per_core(paths, shape, augment_cfg, n: int, seed: int = 0):
@@ -156,7 +156,7 @@ def train_step(config, batch: int, steps: int):
 
 
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = flags.Parser(description=__doc__.split("\n")[0])
   p.add_argument("--variant", default="demo", choices=("demo", "paper"))
   p.add_argument("--series", type=int, default=48,
                  help="phantom series to build shards from (small: the "

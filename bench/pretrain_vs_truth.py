@@ -14,7 +14,6 @@ unknown header label). Records are joined on the salted SeriesHash.
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import jax
@@ -25,12 +24,13 @@ from radnet_jax.data import augment
 from radnet_jax.shards import convert
 from radnet_jax.labels import taxonomy as tax
 from radnet_jax.phantom import load_truth
+from radnet_jax.cli import flags
 
 TASKS = ("sequence", "plane", "contrast")
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = flags.Parser(description=__doc__.split("\n")[0])
   p.add_argument("workdir")
   p.add_argument("corpus")
   p.add_argument("shards")

@@ -9,7 +9,6 @@ batch, and times `--steps` steps after a compile step on random data. Prints
 a table: compile wall (s), wall and process CPU seconds per step (CPU time is
 the fair measure on a shared, loaded machine), and the load average.
 """
-import argparse
 import importlib.util
 import os
 import sys
@@ -23,6 +22,7 @@ import numpy as np  # noqa: E402
 from radnet_jax.models import factory  # noqa: E402
 from radnet_jax.tasks import segment  # noqa: E402
 from radnet_jax.training import trainer  # noqa: E402
+from radnet_jax.cli import flags
 
 
 def _config(path: str, arg: str):
@@ -35,8 +35,10 @@ def _config(path: str, arg: str):
 def bench(config, impl: str, steps: int) -> dict:
   config = config.copy_and_resolve_references()
   config.model.kwargs.conv_impl = impl
+  # An empty backbone is the pretraining model (segment.resolve_source).
+  config.model.backbone = config.model.backbone or config.pretrain.model.name
   mesh = trainer.make_mesh(config.num_devices or None)
-  patch = tuple(int(s) for s in config.patch_shape)
+  patch = tuple(int(s) for s in config.input_shape)
   model = factory.segmentation_model(config)
   tx, schedule = trainer.make_optimizer(config.optim, config.num_steps)
   state = trainer.create_train_state(model, tx, patch + (1,), 0, mesh)
@@ -65,7 +67,7 @@ def bench(config, impl: str, steps: int) -> dict:
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[2])
+  p = flags.Parser(description=__doc__.split("\n")[2])
   p.add_argument("--config", default="experiments/transfer_liver.py")
   p.add_argument("--variant", default="scratch")
   p.add_argument("--impls", default="taps,xla")
@@ -73,7 +75,7 @@ def main():
   a = p.parse_args()
   config = _config(a.config, a.variant)
   rows = [bench(config, impl, a.steps) for impl in a.impls.split(",")]
-  print(f"\npatch {tuple(config.patch_shape)}, batch {config.batch_size}, "
+  print(f"\npatch {tuple(config.input_shape)}, batch {config.batch_size}, "
         f"{config.model.name}/{config.model.get('backbone', '')}, "
         f"{jax.device_count()} {jax.default_backend()} device(s)\n")
   print("| conv_impl | compile wall (s) | wall / step (s) | CPU / step (s) | load (1 min) |")

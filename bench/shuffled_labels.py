@@ -14,7 +14,6 @@ records whose sequence / plane target changed.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -24,6 +23,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from radnet_jax.cli import flags  # noqa: E402  pylint: disable=wrong-import-position
 
 LABEL_KEYS = ("targets", "coverage", "labels", "provenance")
 
@@ -77,7 +78,7 @@ def shuffle_shards(src: str, dst: str, seed: int = 0) -> dict:
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = flags.Parser(description=__doc__, formatter_class=flags.RawDescriptionHelpFormatter)
   p.add_argument("--shards", required=True)
   p.add_argument("--out", required=True)
   p.add_argument("--seed", type=int, default=0)

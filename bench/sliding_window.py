@@ -1,7 +1,7 @@
 r"""Sliding-window inference time per volume: radnet_jax vs MONAI, same VNet and ROI.
 
   python bench/sliding_window.py [--volume 64,128,128] [--roi 32,64,64] \
-      [--overlap 0.25] [--sw_batch 2] [--repeats 3] [--filters 16,32,64,128,256]
+      [--overlap 0.25] [--sw-batch 2] [--repeats 3] [--filters 16,32,64,128,256]
 
 Both sides run Milletari's VNet with the same channel widths (ours:
 radnet_jax.models.vnet.VNet; theirs: monai.networks.nets.VNet), random
@@ -12,7 +12,6 @@ monai are bench-only dependencies. Prints a markdown table.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -24,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from radnet_jax.models import layers  # noqa: E402
+from radnet_jax.cli import flags
 
 
 def _ints(s):
@@ -31,14 +31,14 @@ def _ints(s):
 
 
 def main():
-  p = argparse.ArgumentParser()
+  p = flags.Parser()
   p.add_argument("--volume", type=_ints, default=(64, 128, 128))
   p.add_argument("--roi", type=_ints, default=(32, 64, 64))
   p.add_argument("--overlap", type=float, default=0.25)
-  p.add_argument("--sw_batch", type=int, default=2)
+  p.add_argument("--sw-batch", type=int, default=2)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--filters", type=_ints, default=(16, 32, 64, 128, 256))
-  p.add_argument("--skip_monai", action="store_true")
+  p.add_argument("--skip-monai", action="store_true")
   a = p.parse_args()
 
   from radnet_jax.inference import sliding_window as inference

@@ -19,7 +19,6 @@ dimension). Wall seconds; the CPU seconds of this process for the two scans.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import resource
@@ -35,6 +34,7 @@ sys.path.insert(0, ROOT)
 from radnet_jax import dicom  # noqa: E402  pylint: disable=wrong-import-position
 from radnet_jax.dicom import fastread  # noqa: E402  pylint: disable=wrong-import-position
 from radnet_jax.phantom import layouts  # noqa: E402  pylint: disable=wrong-import-position
+from radnet_jax.cli import flags  # noqa: E402  pylint: disable=wrong-import-position
 
 SALT = "bench"
 
@@ -75,8 +75,7 @@ def _dcm2niix(src: str, repeat: int) -> tuple[float, int]:
 
 
 def main(argv=None) -> None:
-  ap = argparse.ArgumentParser(description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = flags.Parser(description=__doc__, formatter_class=flags.RawDescriptionHelpFormatter)
   ap.add_argument("--volumes", type=int, default=31)
   ap.add_argument("--slices", type=int, default=30)
   ap.add_argument("--matrix", type=int, default=64)

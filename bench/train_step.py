@@ -14,10 +14,16 @@ computes, e.g. far fewer in Fourier-domain convs; used for both rows),
 achieved GFLOP/s and % of this CPU's float32 peak (measured with a large
 matmul unless --peak-gflops is given). The last line is the ratio of
 median step times project/monai. torch and monai: bench/requirements.txt.
+
+The CPU lowering of each conv is autotuned per machine at first use
+(`radnet_jax.models.layers`, cached under $RADNET_CACHE/conv_autotune);
+`--autotune off` uses the fixed rules instead. The header names the CPU and
+its measured peak; after the project row the tuned convs are listed (choice,
+the rule's choice, ms per candidate for forward + gradients), and the
+compile time includes any tuning done in this run.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -29,8 +35,9 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from radnet_jax.models import resnet3d, vnet  # noqa: E402
+from radnet_jax.models import layers, resnet3d, vnet  # noqa: E402
 from radnet_jax.models.layers import usable_cores as _usable_cores  # noqa: E402
+from radnet_jax.cli import flags
 
 RESNETS = ("resnet10", "resnet18", "resnet34", "resnet50")
 N_CLASSES = 5
@@ -111,7 +118,10 @@ def time_project(name, shape, batch, steps, warmup, conv_impl, stem):
   ca = ca[0] if isinstance(ca, (list, tuple)) else ca
   gflop = float(ca.get("flops", float("nan"))) / 1e9
   state, step = make_step(name, conv_impl, stem, x, y)
+  t0 = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=0).lower(state).compile()
+  print(f"# project compile {time.perf_counter() - t0:.1f} s (incl. any conv "
+        f"autotuning)", flush=True)
   times, cpu = [], []
   for i in range(warmup + steps):
     t, c = time.perf_counter(), time.process_time()
@@ -165,7 +175,7 @@ def time_monai(name, shape, batch, steps, warmup):
 
 
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = flags.Parser(description=__doc__.split("\n")[0])
   p.add_argument("--model", default="resnet18",
                  choices=RESNETS + ("vnet", "resnet_vnet"))
   p.add_argument("--shape", default="64,64,64", help="D,H,W voxels")
@@ -176,19 +186,30 @@ def main(argv=None) -> None:
   p.add_argument("--stem", default="monai", choices=("monai", "radnet"),
                  help="ResNet stem: MONAI's 7^3/2 (same net as the peer) or "
                       "the paper's 3x7x7/1x2x2")
+  p.add_argument("--autotune", default="auto", choices=("auto", "on", "off"),
+                 help="per-machine autotuning of the CPU conv lowerings "
+                      "(auto: $RADNET_CONV_AUTOTUNE, default on)")
   p.add_argument("--peak-gflops", type=float, default=None)
   p.add_argument("--no-monai", action="store_true")
   a = p.parse_args(argv)
   shape = tuple(int(s) for s in a.shape.split(","))
+  if a.autotune != "auto":
+    layers.CONV_AUTOTUNE = a.autotune == "on"
   peak = a.peak_gflops or measure_peak_gflops()
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-  print(f"# {jax.default_backend()} x{_usable_cores()} cores, fp32 peak "
-        f"{peak:.0f} GFLOP/s, load avg {load:.1f}, jax {jax.__version__}, "
-        f"conv_impl={a.conv_impl}")
+  tune = (f"on, cache {layers.autotune_cache_path()}"
+          if layers.autotune_enabled() else "off (fixed rules)")
+  print(f"# {jax.default_backend()} x{_usable_cores()} cores, CPU "
+        f"{layers.cpu_id()}, fp32 peak {peak:.0f} GFLOP/s, load avg "
+        f"{load:.1f}, jax {jax.__version__}, conv_impl={a.conv_impl}, "
+        f"autotune {tune}")
 
   med, cpu, gflop = time_project(a.model, shape, a.batch, a.steps, a.warmup,
                                  a.conv_impl, a.stem)
   rows = [("jax/flax", med, cpu)]
+  for key, e in sorted(layers.autotune_log().items()):
+    ms = " ".join(f"{n}={t:.0f}" for n, t in sorted(e["ms"].items()))
+    print(f"# tuned {key}: {e['choice']} (rule {e['rule']}; ms {ms})")
   if not a.no_monai:
     r = time_monai(a.model, shape, a.batch, a.steps, a.warmup)
     if r is not None:

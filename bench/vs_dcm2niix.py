@@ -188,7 +188,10 @@ def make_phantoms(out: str) -> list[str]:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  # Here, not at the top: a --worker process imports the checkout --project
+  # names, which may predate radnet_jax.cli.flags.
+  from radnet_jax.cli import flags  # pylint: disable=import-outside-toplevel
+  p = flags.Parser(description=__doc__.split("\n\n")[0])
   p.add_argument("dirs", nargs="*")
   p.add_argument("--phantoms", default=None, help="write the phantom layouts here and add them")
   p.add_argument("--project", default=ROOT, help="checkout whose radnet_jax converts")

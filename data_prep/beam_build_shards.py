@@ -19,11 +19,11 @@ Flink / Spark: ``--runner=FlinkRunner --flink_master=HOST:8081`` or
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 from data_prep.build_shards import add_conversion_flags
 from radnet_jax.shards import convert
+from radnet_jax.cli import flags
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
   if "--" in argv:
     i = argv.index("--")
     argv, beam_args = argv[:i], argv[i + 1:]
-  p = argparse.ArgumentParser(prog="python -m data_prep.beam_build_shards",
+  p = flags.Parser(prog="python -m data_prep.beam_build_shards",
                               description=__doc__.split("\n\n")[0])
   p.add_argument("--input", required=True,
                  help="DICOM root: a local folder, or gs://... / s3://... prefix")

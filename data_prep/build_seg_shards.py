@@ -2,13 +2,13 @@
 
   python -m data_prep.build_seg_shards --input LITS_DIR --out DIR \
       [--format auto|nifti|dicom] [--spacing 2.5,1.5,1.5] [--window=-200,250] \
-      [--range 0,1] [--val_fraction 0] [--test_fraction 0.25] [--seed 0] \
-      [--label_map "Liver parenchyma=1,Kidney=0"] [--workers 1] [--unlabelled]
+      [--range 0,1] [--val-fraction 0] [--test-fraction 0.25] [--seed 0] \
+      [--label-map "Liver parenchyma=1,Kidney=0"] [--workers 1] [--unlabelled]
 
 LITS_DIR holds volume-N.nii[.gz] and segmentation-N.nii[.gz] (any depth), or
 (DICOM) CT series and the DICOM SEG objects that reference them (any layout;
 segments named liver -> 1, tumour/lesion/neoplasm -> 2, others need
---label_map). DICOM case ids are salted series hashes (salt: $RADNET_SALT or
+--label-map). DICOM case ids are salted series hashes (salt: $RADNET_SALT or
 DIR/.salt). Writes DIR/seg_{train,val,test}.array_record and DIR/manifest.json;
 the logic lives in radnet_jax.shards.seg and radnet_jax.dicom.seg.
 """
@@ -18,6 +18,7 @@ import argparse
 import sys
 
 from radnet_jax.shards import seg as segdata
+from radnet_jax.cli import flags
 
 
 def _floats(text: str, n: int, what: str) -> tuple:
@@ -36,21 +37,21 @@ def _label_map(text: str) -> dict:
   for item in filter(None, (t.strip() for t in text.split(","))):
     name, sep, value = item.rpartition("=")
     if not sep or not name.strip():
-      raise argparse.ArgumentTypeError(f"--label_map: expected NAME=VALUE items, got {item!r}")
+      raise argparse.ArgumentTypeError(f"--label-map: expected NAME=VALUE items, got {item!r}")
     try:
       out[name.strip()] = int(value)
     except ValueError:
-      raise argparse.ArgumentTypeError(f"--label_map: {item!r}: value must be 0, 1 or 2"
+      raise argparse.ArgumentTypeError(f"--label-map: {item!r}: value must be 0, 1 or 2"
                                        ) from None
   return out
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = flags.Parser(description=__doc__.split("\n\n")[0])
   p.add_argument("--input", required=True, help="LiTS-format folder or DICOM CT + SEG folder")
   p.add_argument("--format", default="auto", choices=("auto", "nifti", "dicom"),
                  help="input kind (auto: NIfTI when volume-*.nii* files exist)")
-  p.add_argument("--label_map", default="",
+  p.add_argument("--label-map", default="",
                  help="DICOM SEG segment label -> 0 (ignore) / 1 (liver) / 2 (tumour)")
   p.add_argument("--workers", type=int, default=1, help="DICOM header-scan processes")
   p.add_argument("--unlabelled", action="store_true",
@@ -60,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                  help="target voxel size D,H,W in mm")
   p.add_argument("--window", default="-200,250", help="HU window lo,hi (write --window=-200,250)")
   p.add_argument("--range", default="0,1", help="output range of the window")
-  p.add_argument("--val_fraction", type=float, default=0.0)
-  p.add_argument("--test_fraction", type=float, default=0.25)
+  p.add_argument("--val-fraction", type=float, default=0.0)
+  p.add_argument("--test-fraction", type=float, default=0.25)
   p.add_argument("--seed", type=int, default=0)
   a = p.parse_args(argv)
   try:

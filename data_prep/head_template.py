@@ -39,11 +39,12 @@ of skin / brain surface points are stored for the band and scan-range logic.
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
 from scipy import ndimage
+
+from radnet_jax.cli import flags
 
 SPACING = 1.5
 # RAS box (mm) of the map: the MNI brain spans x +-72, y -107..73, z -72..82.
@@ -283,7 +284,7 @@ def _rx(a: float) -> np.ndarray:
 
 
 def main(argv=None) -> None:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap = flags.Parser(description=__doc__.split("\n")[0])
   ap.add_argument("--nilearn", required=True, help="an unpacked nilearn package folder")
   ap.add_argument("--out", default="radnet_jax/phantom/data/head_labels.npz")
   args = ap.parse_args(argv)

@@ -10,17 +10,17 @@ adds ``sequence``, ``plane``, ``contrast``, ``coverage``, ``spacing`` and one
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 from radnet_jax.labels.index import PHI_COLUMNS, distribution, label_index_file
 from radnet_jax.labels.priors import Priors
 from radnet_jax.privacy import SALT_ENV, load_or_create_salt
+from radnet_jax.cli import flags
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = flags.Parser(description=__doc__.split("\n\n")[0])
   p.add_argument("--index", required=True, help="input .csv[.gz] or .parquet")
   p.add_argument("--out", required=True, help="output .csv[.gz] or .parquet")
   p.add_argument("--taxonomy", default="paper", choices=("paper", "extended"))

@@ -10,7 +10,6 @@ scored as exact set match and as per-band accuracy.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 
@@ -18,6 +17,7 @@ from radnet_jax.dicom import scan
 from radnet_jax.labels import label
 from radnet_jax.labels.taxonomy import COVERAGE_BANDS, SEQUENCE_CLASSES
 from radnet_jax.phantom.truth import load_truth
+from radnet_jax.cli import flags
 
 SALT = "label-report"
 
@@ -84,7 +84,7 @@ def format_report(stats: dict) -> str:
 
 
 def main(argv=None) -> None:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = flags.Parser(description=__doc__, formatter_class=flags.RawDescriptionHelpFormatter)
   ap.add_argument("--corpus", required=True)
   ap.add_argument("--taxonomy", default="paper", choices=sorted(SEQUENCE_CLASSES))
   ap.add_argument("--workers", type=int, default=1)

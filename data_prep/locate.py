@@ -11,16 +11,16 @@ given. It prints only; nothing is written.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import sys
 
 from radnet_jax.shards import convert
+from radnet_jax.cli import flags
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m data_prep.locate",
+def build_parser() -> flags.Parser:
+  p = flags.Parser(prog="python -m data_prep.locate",
                               description=__doc__.split("\n\n")[0])
   p.add_argument("--input", required=True,
                  help="the --input folder the conversion was given")

@@ -11,15 +11,15 @@ DIR/layouts/truth.csv with one row per expected 3D volume). The logic lives in `
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
 from radnet_jax.phantom import HeaderNoise, make_corpus, make_layouts, make_lits
+from radnet_jax.cli import flags
 
 
 def main(argv=None) -> None:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = flags.Parser(description=__doc__, formatter_class=flags.RawDescriptionHelpFormatter)
   ap.add_argument("--out", required=True, help="output folder")
   ap.add_argument("--n", type=int, default=200, help="number of image series")
   ap.add_argument("--seed", type=int, default=0)

@@ -15,7 +15,6 @@ percentiles of each image, as the model's normalisation).
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import matplotlib
@@ -26,6 +25,7 @@ import numpy as np  # noqa: E402
 
 from radnet_jax.phantom import physics  # noqa: E402
 from radnet_jax.phantom.anatomy import Grid, make_patient, render_labels  # noqa: E402
+from radnet_jax.cli import flags
 
 ROWS = (("CT", dict(modality="CT", contrast=False)), ("CT +C", dict(modality="CT", contrast=True)),
         ("T1", dict(tr=500, te=12)), ("T1 +Gd", dict(tr=500, te=12, gd=1.0)),
@@ -105,7 +105,7 @@ def _real_pairs(patient, rng) -> list:
 
 
 def main(argv=None) -> None:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = flags.Parser(description=__doc__, formatter_class=flags.RawDescriptionHelpFormatter)
   ap.add_argument("--out", default="docs/phantom.png")
   ap.add_argument("--seed", type=int, default=0)
   args = ap.parse_args(argv)

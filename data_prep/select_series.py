@@ -1,8 +1,8 @@
 r"""Select a label-balanced subset of a labelled IDC index; write download lists.
 
     python -m data_prep.select_series --index out/idc_labels.parquet \
-        --out out/selection --per_class 500 --modalities CT,MR \
-        --require_known sequence,plane --max_per_patient 4 --seed 0
+        --out out/selection --per-class 500 --modalities CT,MR \
+        --require-known sequence,plane --max-per-patient 4 --seed 0
 
 then download and convert (see docs/tpu.md, "From the IDC index"):
 
@@ -16,10 +16,10 @@ downloaded by this script.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 from radnet_jax.labels import selection
+from radnet_jax.cli import flags
 
 
 def _csv(text: str | None) -> tuple[str, ...]:
@@ -27,25 +27,25 @@ def _csv(text: str | None) -> tuple[str, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = flags.Parser(description=__doc__.split("\n\n")[0])
   p.add_argument("--index", required=True,
                  help="labelled index (.parquet/.csv) from data_prep.label_index")
   p.add_argument("--out", required=True, help="output folder")
-  p.add_argument("--per_class", type=int, default=100,
+  p.add_argument("--per-class", type=int, default=100,
                  help="target series per (task, class)")
   p.add_argument("--tasks", default=",".join(selection.SELECT_TASKS),
                  help="tasks to balance (comma-separated)")
   p.add_argument("--modalities", default="CT,MR,PT",
                  help="keep these modalities ('' = all)")
-  p.add_argument("--min_instances", type=int, default=16,
+  p.add_argument("--min-instances", type=int, default=16,
                  help="drop series with fewer DICOM instances")
-  p.add_argument("--max_size_mb", type=float, default=None)
-  p.add_argument("--include_derived", action="store_true",
+  p.add_argument("--max-size-mb", type=float, default=None)
+  p.add_argument("--include-derived", action="store_true",
                  help="keep IDC analysis-result series")
-  p.add_argument("--require_known", default="",
+  p.add_argument("--require-known", default="",
                  help="tasks whose label must be known (comma-separated)")
-  p.add_argument("--max_per_patient", type=int, default=None)
-  p.add_argument("--max_series", type=int, default=None, help="overall budget")
+  p.add_argument("--max-per-patient", type=int, default=None)
+  p.add_argument("--max-series", type=int, default=None, help="overall budget")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--dest", default="dicom",
                  help="download folder named in the s5cmd lines")

@@ -13,7 +13,9 @@ Variants (comma-separated config argument, e.g. ``:scratch,n=5``):
   pretrained (default)  init_from="auto": the cached pretraining demo run
       (``<cache>/pretrain-demo``, cache = $RADNET_CACHE or
       ~/.cache/radnet_jax), trained first with experiments/pretrain.py:demo
-      if absent. Or pass --config.init_from=PRETRAIN_WORKDIR.
+      if absent. Or pass --config.init_from=PRETRAIN_WORKDIR, or
+      --config.init_from=medicalnet:resnet_18.pth (MedicalNet weights; the
+      depth is read from the file, or :depth=18).
   scratch               same network, random init.
   n=K                   K training volumes (nested subsets by
       data.subset_seed); default all.
@@ -70,11 +72,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.seed = int(v.get("seed", 0))
   c.num_devices = 0
 
-  # Model (radnet_jax.models.vnet): ResNet-encoder VNet; the backbone preset
-  # must be the pretraining model's so that the trunk transfers 1:1.
+  # Model (radnet_jax.models.vnet): ResNet-encoder VNet. Its backbone is the
+  # pretraining model, so that the trunk transfers 1:1: "" = taken from the
+  # init_from run's contract (or the MedicalNet file, or config.pretrain for
+  # a scratch run); a preset name overrides it.
   c.model = ml_collections.ConfigDict()
   c.model.name = "resnet_vnet"
-  c.model.backbone = "resnet_tiny"
+  c.model.backbone = ""
   c.model.dtype = "float32"
   # Decoder widths from deep to shallow (stage3, stage2, stage1, stem, full).
   c.model.kwargs = ml_collections.ConfigDict(
@@ -83,7 +87,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
        # native 3D conv there: bench/seg_train_step.py), "xla" on GPU/TPU.
        "conv_impl": "auto"})
   c.num_classes = 2  # 2: background / liver (incl. tumour); 3: + tumour
-  c.patch_shape = (32, 64, 64)  # (D, H, W) voxels; multiples of the net's stride
+  # (D, H, W) voxels the network takes: the training patches and the sliding
+  # window at evaluation and inference (one shape, one name, as in
+  # experiments/pretrain.py); multiples of the net's stride.
+  c.input_shape = (32, 64, 64)
 
   # Data (radnet_jax.shards.seg / segment.ensure_shards).
   c.data = ml_collections.ConfigDict()
@@ -93,6 +100,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.phantom_n = 16  # phantom LiTS volumes
   c.data.phantom_seed = 0
   c.data.spacing = (5.0, 3.0, 3.0)  # mm (D, H, W) of the training grid
+  # HU window -> range of a scratch run. With a pretraining run as init_from
+  # the trunk is fed its own pretraining mapping instead (its contract:
+  # -1000..1000 HU -> [-1, 1] and its learnable soft-tissue curve), unless
+  # intensity_from = "config" (tasks/segment.resolve_source; logged).
   c.data.window = (-200.0, 250.0)  # HU
   c.data.out_range = (0.0, 1.0)
   c.data.val_fraction = 0.0
@@ -139,17 +150,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # Transfer: "auto" = cached pretraining demo (run first if missing).
   c.init_from = "" if v.get("scratch") else "auto"
+  c.intensity_from = "source"  # "source" (the init_from run's contract) | "config"
   c.pretrain_workdir = ""  # where "auto" looks / trains ("" = <cache>/pretrain-demo)
   c.pretrain = _pretrain_config("tiny" if tiny else "demo")
   c.freeze_encoder_steps = 0 if v.get("scratch") else 30
   c.freeze_patterns = ("trunk/.*",)
 
+  # Sliding windows of input_shape, padded with the low end of the intensity
+  # range (air); neither is a separate knob.
   c.eval = ml_collections.ConfigDict()
-  c.eval.roi = c.patch_shape
   c.eval.overlap = 0.25
   c.eval.sw_batch_size = 2
   c.eval.mode = "gaussian"
-  c.eval.pad_value = 0.0
   c.eval.lcc = True
   c.eval.assd = True
   c.eval.save_nifti = True
@@ -168,8 +180,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.proposal.min_voxels = 1
 
   if tiny:
-    c.patch_shape = (16, 32, 32)
-    c.eval.roi = c.patch_shape
+    c.input_shape = (16, 32, 32)
     c.data.phantom_n = 4
     c.data.threads = 1
     c.batch_size = 2

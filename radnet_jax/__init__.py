@@ -1,8 +1,9 @@
 """RadNet-JAX: self-supervised-by-metadata pretraining of 3D CNNs on DICOM.
 
-``radnet_jax.load``, ``radnet_jax.predict`` and ``radnet_jax.embed`` (see
-``radnet_jax.api``) are imported lazily, so ``import radnet_jax`` stays cheap
-(no jax import).
+``radnet_jax.load``, ``radnet_jax.predict``, ``radnet_jax.embed`` and
+``radnet_jax.segment`` (see ``radnet_jax.api``, a facade over
+``radnet_jax.inference``) are imported lazily, so ``import radnet_jax`` stays
+cheap (no jax import).
 """
 import os
 
@@ -60,7 +61,7 @@ def _configure_xla_cpu() -> None:
 
 _configure_xla_cpu()
 
-_API = ("load", "predict", "embed", "Loaded")
+_API = ("load", "predict", "embed", "segment", "Loaded")
 
 
 def __getattr__(name):

@@ -4,6 +4,9 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Conv lowerings by the fixed rules (deterministic, no per-shape timing);
+# tests/test_conv.py turns the autotuner on where it tests it.
+os.environ.setdefault("RADNET_CONV_AUTOTUNE", "0")
 
 import pytest  # noqa: E402  (after the environment above)
 

@@ -1,4 +1,7 @@
 """Conv lowerings: "taps" equals lax.conv_general_dilated (values and grads)."""
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -365,3 +368,208 @@ def test_batch_sharding_kept_on_unit_volume_and_channel_dropout():
   per_channel = out.reshape(n, -1, 6)
   assert set(np.unique(per_channel)) <= {0.0, 2.0}
   assert np.all(per_channel.min(axis=1) == per_channel.max(axis=1))
+
+
+# ---- per-machine autotuning of the CPU lowering -------------------------
+
+def _autotune_on(monkeypatch, tmp_path):
+  monkeypatch.setattr(layers, "CONV_AUTOTUNE", True)
+  monkeypatch.setattr(layers, "AUTOTUNE_MIN_FLOPS", 0)
+  monkeypatch.setattr(layers, "AUTOTUNE_REPEATS", 1)
+  monkeypatch.setenv("RADNET_CACHE", str(tmp_path))
+  monkeypatch.setattr(layers, "_TUNED", {})
+  monkeypatch.setattr(layers, "_TUNE_LOG", {})
+  monkeypatch.setattr(layers, "_CACHE_STATE", {})
+
+
+def _fake_timer(monkeypatch, times):
+  calls = []
+
+  def timer(name, *a):
+    calls.append(name)
+    return times[name]
+  monkeypatch.setattr(layers, "_time_lowering", timer)
+  return calls
+
+
+def test_autotune_off_by_env_uses_rules(monkeypatch, tmp_path):
+  _autotune_on(monkeypatch, tmp_path)
+  monkeypatch.setattr(layers, "CONV_AUTOTUNE", None)
+  monkeypatch.setenv("RADNET_CONV_AUTOTUNE", "0")
+  assert not layers.autotune_enabled()
+  calls = _fake_timer(monkeypatch, {})
+  x, w = jnp.ones((1, 6, 8, 8, 8)), jnp.ones((5, 5, 5, 8, 2))
+  jax.jit(lambda x, w: conv3d(x, w, impl="taps")).lower(x, w)
+  assert calls == [] and not (tmp_path / "conv_autotune").exists()
+  monkeypatch.setenv("RADNET_CONV_AUTOTUNE", "1")
+  assert layers.autotune_enabled()
+
+
+@pytest.mark.parametrize("kernel,strides,shape,out,fastest", [
+    ((5, 5, 5), 1, (1, 6, 8, 8, 8), 2, "depth_taps"),  # rule says out_taps
+    ((5, 5, 5), 1, (1, 6, 7, 9, 4), 4, "fft"),         # rule: direct
+    ((3, 3, 3), 1, (2, 5, 4, 4, 3), 3, "out_taps"),    # rule: im2col
+])
+def test_autotune_picks_fastest_caches_and_keeps_numerics(
+    kernel, strides, shape, out, fastest, monkeypatch, tmp_path):
+  _autotune_on(monkeypatch, tmp_path)
+  monkeypatch.setattr(layers, "FFT_TILE", 4)
+  x = jnp.asarray(np.random.default_rng(6).normal(size=shape), jnp.float32)
+  w = jnp.asarray(np.random.default_rng(7).normal(size=(*kernel, shape[-1],
+                                                        out)) / 5, jnp.float32)
+  pads = resolve_padding(None, shape[1:4], kernel, (strides,) * 3, (1,) * 3)
+  out_size = tuple(lax.conv_general_dilated(
+      x, w, (strides,) * 3, pads,
+      dimension_numbers=("NDHWC", "DHWIO", "NDHWC")).shape[1:4])
+  args = (x, w, (strides,) * 3, pads, (1, 1, 1), out_size)
+  cands = layers.candidate_lowerings(*args)
+  rule = layers.rule_lowering(*args)
+  assert fastest in cands and rule in cands and fastest != rule
+  times = {n: 1.0 for n in cands}
+  times[fastest] = 0.5
+  calls = _fake_timer(monkeypatch, times)
+  traces = []
+
+  def loss(x, w):
+    traces.append(1)
+    y = conv3d(x, w, strides, impl="taps")
+    return jnp.sum(jnp.sin(y)), y
+  step = jax.jit(jax.grad(loss, (0, 1), has_aux=True))
+  for _ in range(3):
+    (gx, gw), y = step(x, w)
+  # Tuned once at the first trace, the jitted function traced once.
+  assert sorted(calls) == sorted(cands) and len(traces) == 1
+  log = layers.autotune_log()
+  (key, entry), = log.items()
+  assert entry["choice"] == fastest and entry["rule"] == rule
+  # The cache file holds the choice under this machine's key.
+  path = layers.autotune_cache_path()
+  assert path.startswith(str(tmp_path))
+  data = json.loads(open(path).read())
+  assert data["entries"][key]["choice"] == fastest
+  assert data["machine"]["cpu"] == layers.cpu_id()
+  assert not [f for f in os.listdir(os.path.dirname(path))
+              if f.startswith(".")]                  # no temporaries left
+  # A new process (empty in-memory table) reads it without timing again.
+  monkeypatch.setattr(layers, "_TUNED", {})
+  assert layers.choose_lowering(*args) == fastest and len(calls) == len(cands)
+  # The tuned lowering equals lax.conv_general_dilated in values and grads.
+  (gxa, gwa), ya = jax.jit(jax.grad(
+      lambda x, w: (jnp.sum(jnp.sin(conv3d(x, w, strides, impl="xla"))),
+                    conv3d(x, w, strides, impl="xla")),
+      (0, 1), has_aux=True))(x, w)
+  np.testing.assert_allclose(y, ya, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(gx, gxa, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(gw, gwa, rtol=1e-5, atol=5e-4)
+
+
+def test_autotune_keeps_rule_within_margin_and_skips_small(monkeypatch,
+                                                           tmp_path):
+  _autotune_on(monkeypatch, tmp_path)
+  x, w = jnp.ones((1, 6, 8, 8, 8)), jnp.ones((5, 5, 5, 8, 2))
+  args = (x, w, (1, 1, 1), [(2, 2)] * 3, (1, 1, 1), (6, 8, 8))
+  rule = layers.rule_lowering(*args)
+  times = {n: 1.0 for n in layers.candidate_lowerings(*args)}
+  times["depth_taps"] = 0.97            # within AUTOTUNE_MARGIN of the rule
+  _fake_timer(monkeypatch, times)
+  assert layers.choose_lowering(*args) == rule == "out_taps"
+  # Convs below AUTOTUNE_MIN_FLOPS follow the rules without timing.
+  monkeypatch.setattr(layers, "AUTOTUNE_MIN_FLOPS", 1e12)
+  monkeypatch.setattr(layers, "_TUNED", {})
+  calls = _fake_timer(monkeypatch, {})
+  assert layers.choose_lowering(*args) == rule and calls == []
+
+
+def test_autotune_unwritable_cache_falls_back_to_rules(monkeypatch, tmp_path):
+  _autotune_on(monkeypatch, tmp_path)
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  monkeypatch.setenv("RADNET_CACHE", str(blocker))
+  calls = _fake_timer(monkeypatch, {"depth_taps": 0.1, "out_taps": 1.0,
+                                    "fft": 1.0, "im2col": 1.0})
+  x, w = jnp.ones((1, 6, 8, 8, 8)), jnp.ones((5, 5, 5, 8, 2))
+  args = (x, w, (1, 1, 1), [(2, 2)] * 3, (1, 1, 1), (6, 8, 8))
+  assert layers.choose_lowering(*args) == "out_taps" and calls == []
+
+
+def test_autotune_times_real_candidates(monkeypatch, tmp_path):
+  # The real timer on a tiny conv: every candidate compiles and runs, the
+  # chosen lowering is one of them and the file records all the times.
+  _autotune_on(monkeypatch, tmp_path)
+  x = jnp.asarray(np.random.default_rng(8).normal(size=(1, 4, 6, 6, 4)),
+                  jnp.float32)
+  w = jnp.asarray(np.random.default_rng(9).normal(size=(5, 5, 5, 4, 2)),
+                  jnp.float32)
+  y = jax.jit(lambda x, w: conv3d(x, w, impl="taps"))(x, w)
+  (entry,) = layers.autotune_log().values()
+  assert set(entry["ms"]) == {"depth_taps", "out_taps", "im2col", "fft"}
+  assert all(t > 0 for t in entry["ms"].values())
+  assert entry["choice"] in entry["ms"]
+  np.testing.assert_allclose(y, conv3d(x, w, impl="xla"), rtol=1e-5,
+                             atol=1e-4)
+
+
+# ---- the GPU formulation of the transposed conv, checked on CPU ---------
+
+# (kernel, strides, input shape, out channels)
+TRANSPOSE_CASES = [
+    ((2, 2, 2), 2, (2, 3, 4, 5, 3), 4),        # VNet up conv
+    ((1, 2, 2), (1, 2, 2), (1, 3, 4, 2, 2), 3),  # anisotropic
+    ((3, 3, 3), 2, (1, 3, 2, 4, 2), 3),        # kernel not a stride multiple
+    ((4, 3, 5), (2, 1, 3), (1, 2, 3, 3, 2), 2),
+    ((2, 2, 2), 2, (1, 1, 1, 1, 3), 2),        # 1^3 input (deepest VNet level)
+]
+
+
+@pytest.mark.parametrize("kernel,strides,shape,out", TRANSPOSE_CASES)
+def test_subpixel_transpose_equals_dilated(kernel, strides, shape, out):
+  rng = np.random.default_rng(10)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(*kernel, shape[-1], out)) / 3, jnp.float32)
+
+  def run(impl, form):
+    def loss(x, w):
+      y = conv_transpose3d(x, w, strides, impl, form)
+      return jnp.sum(jnp.sin(y)), y
+    (gx, gw), y = jax.jit(jax.grad(loss, (0, 1), has_aux=True))(x, w)
+    return y, gx, gw
+  ref = run("xla", "dilated")
+  got = run("xla", "subpixel")
+  s3 = (strides,) * 3 if isinstance(strides, int) else strides
+  assert got[0].shape == tuple([shape[0]] + [(n - 1) * s + k for n, s, k in
+                                             zip(shape[1:4], s3, kernel)]
+                               + [out])
+  for a, b in zip(got, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  if tuple(kernel) == s3:            # and the CPU (taps) path
+    for a, b in zip(run("taps", None), ref):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_transpose_formulation_per_backend(monkeypatch):
+  monkeypatch.delenv("RADNET_TRANSPOSE_IMPL", raising=False)
+  assert layers.transpose_formulation("gpu") == "subpixel"
+  assert layers.transpose_formulation("cpu") == "dilated"
+  assert layers.transpose_formulation("tpu") == "dilated"
+  monkeypatch.setenv("RADNET_TRANSPOSE_IMPL", "dilated")
+  assert layers.transpose_formulation("gpu") == "dilated"
+  monkeypatch.setattr(layers, "TRANSPOSE_IMPL", "subpixel")
+  assert layers.transpose_formulation("cpu") == "subpixel"
+  monkeypatch.setattr(layers, "TRANSPOSE_IMPL", "direct")
+  with pytest.raises(ValueError, match="formulation"):
+    layers.transpose_formulation("gpu")
+  # The CPU default path ("taps") ignores the formulation: VNet's 2^3 up
+  # conv stays one dot, no convolution, whatever is set.
+  monkeypatch.setattr(layers, "TRANSPOSE_IMPL", "subpixel")
+  x, w = jnp.ones((1, 2, 3, 4, 3)), jnp.ones((2, 2, 2, 3, 4))
+  hlo = jax.jit(lambda x, w: conv_transpose3d(x, w, 2, "taps")).lower(
+      x, w).as_text()
+  assert "convolution" not in hlo and "dot_general" in hlo
+  # The formulations themselves: an input-dilated conv vs a 1x1x1 conv.
+  def lhs_dilations(form):
+    hlo = jax.jit(lambda x, w: conv_transpose3d(x, w, 2, "xla", form)).lower(
+        x, w).as_text()
+    assert hlo.count("stablehlo.convolution") == 1
+    return hlo.split("lhs_dilate = [", 1)[1].split("]", 1)[0]
+  assert lhs_dilations("dilated") == "2, 2, 2"
+  assert lhs_dilations("subpixel") == "1, 1, 1"

@@ -4,7 +4,7 @@ Series from ``radnet_jax.phantom.geometry_layouts``: an empty SOPClassUID
 (the file meta keeps the class), Study / Series / SOP UIDs replaced by
 strings that are not UIDs, an empty or absent PatientID, no InstanceNumber,
 no SliceThickness. predict_seg and the SEG writer are in test_segdicom.py,
-the classification CLI in test_predict.py.
+the classification CLI in test_inference_predict.py.
 """
 import os
 import warnings

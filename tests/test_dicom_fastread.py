@@ -204,10 +204,14 @@ def test_fast_reader_declines_what_it_does_not_handle(tmp_path):
 def test_record_from_header_equals_record_from_dataset(tmp_path):
   # The metadata record built from a fastread header (no pydicom) is the one
   # pydicom's dataset gives, on every test file where the fast path answers;
-  # the phantom's anonymised and tilted CTs are among them.
+  # the phantom's anonymised and tilted CTs and a small phantom corpus with
+  # header noise (ISO_IR 100, vendor tags) are among them.
+  from radnet_jax import phantom
   from radnet_jax.dicom import metadata
   from radnet_jax.phantom import geometry_layouts
-  geometry_layouts.make_geometry_layouts(str(tmp_path), rows=8, cols=8)
+  geometry_layouts.make_geometry_layouts(str(tmp_path / "geo"), rows=8, cols=8)
+  phantom.make_corpus(str(tmp_path / "corpus"), n=2, seed=3, workers=1, small=True,
+                      progress=False)
   files = _all_files() + list(scan_mod.iter_files(str(tmp_path)))
   answered = 0
   for path in files:

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.test_api import ROOT, make_checkpoint
+from tests.test_inference_load import ROOT, make_checkpoint
 
 DOC = os.path.join(ROOT, "docs", "usage.md")
 
@@ -23,13 +23,15 @@ def blocks(lang: str) -> list[str]:
   return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
 
 
-def medicalnet_state_dict(depth_preset: str = "resnet10") -> dict:
+def medicalnet_state_dict(depth_preset: str = "resnet10", **model_kwargs) -> dict:
   """A MedicalNet-format state dict (torch key names and (O, I, kD, kH, kW)
-  kernels) for the full-width preset, random values, plus MedicalNet's
-  segmentation head, which the importer must leave out."""
+  kernels) for the preset (full width unless ``num_filters=``), random
+  values, plus MedicalNet's segmentation head, which the importer must
+  leave out."""
   import jax
   from radnet_jax.models import resnet3d
-  model = resnet3d.get_model(depth_preset, layout="medicalnet", shortcut_type="B")
+  model = resnet3d.get_model(depth_preset, layout="medicalnet",
+                             **{"shortcut_type": "B", **model_kwargs})
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                              np.zeros((1, 16, 16, 16, 1), np.float32), False))
   rng = np.random.default_rng(0)

@@ -4,6 +4,9 @@ import importlib.util
 import json
 import os
 
+import numpy as np
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -67,3 +70,49 @@ def test_conv_report_reads_cudnn_calls_and_cpu_convolutions():
   assert rows[0]["result"] == "f32[1,8,8,4]"
   assert rows[0]["operands"] == ["f32[1,8,8,2]", "f32[3,3,2,4]"]
   assert rows[0]["window"].startswith("size=3x3")
+
+
+def test_monai_heads_match_taxonomy():
+  spec = importlib.util.spec_from_file_location(
+      "gpu_check_monai", os.path.join(ROOT, "bench", "gpu_check_monai.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  from radnet_jax.labels import taxonomy as tax
+  n = tax.Taxonomy("paper").num_classes
+  assert mod.HEADS == {t: n[t] for t in tax.TASKS}
+
+
+def test_monai_peer_smoke_and_side_by_side(capsys):
+  # The MONAI peer's smoke path, as gpu_check.py runs it (child process,
+  # CPU, tiny shapes, no compile): one finite row per model with the same
+  # shapes as the project's smoke rows; then the side-by-side table.
+  import argparse
+  pytest.importorskip("monai")
+  mod = _load()
+  a = argparse.Namespace(models="resnet50,vnet", batch=8, vnet_batch=1,
+                         steps=2, warmup=1, smoke=True, monai_timeout=240)
+  peer = mod.run_monai_peer(a)
+  assert set(peer) == {"resnet50", "vnet"}
+  res, vn = peer["resnet50"], peer["vnet"]
+  assert (res["input"], res["batch"]) == ("8x32x32", 2)
+  assert (vn["input"], vn["batch"]) == ("16x16x16", 2)
+  for r in (res, vn):
+    assert r["ok"] and r["step_s"] > 0 and np.isfinite(r["loss_last"])
+    # CPU: NCDHW, no compile, float32 (bf16 autocast and compile are on CUDA)
+    assert r["layout"] == "ncdhw" and not r["compiled"]
+    assert not r["bf16_autocast"]
+  # Project rows (timings of this test's choosing) next to the peer's.
+  rows = [{"model": "vnet-smoke[cpu-taps]", "input": vn["input"], "batch": 2,
+           "step_s": 2.0 * vn["step_s"], "tflop_per_step": 0.002,
+           "peer": vn},
+          {"model": "resnet50-smoke+aug", "input": res["input"], "batch": 2,
+           "step_s": 0.5, "tflop_per_step": 0.001, "peer": None}]
+  capsys.readouterr()
+  mod.print_side_by_side(rows, 1e-3)
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].split()[:4] == ["model", "input", "batch", "project"]
+  vrow = lines[1].split()
+  assert vrow[0] == "vnet-smoke[cpu-taps]" and float(vrow[5]) == 2.0
+  mfu = 100 * 0.002 / (2.0 * vn["step_s"]) / 1e-3
+  assert vrow[7] == f"{mfu:.1f}%"
+  assert lines[2].split()[4:6] == ["-", "-"]

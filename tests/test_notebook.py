@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from tests.test_api import ROOT, make_checkpoint
+from tests.test_inference_load import ROOT, make_checkpoint
 
 NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
 

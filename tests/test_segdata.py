@@ -64,7 +64,7 @@ def test_build_shards_round_trip(tmp_path):
   # Target spacing = 2x the file spacing along every axis: block-aligned
   # labels map to the coarse grid and back without loss.
   rc = build_seg_shards.main(["--input", root, "--out", out, "--spacing",
-                              "2.5,1.5,1.5", "--test_fraction", "0.25",
+                              "2.5,1.5,1.5", "--test-fraction", "0.25",
                               "--window=-200,250", "--range", "0,1"])
   assert rc == 0
   manifest = json.load(open(os.path.join(out, "manifest.json")))

@@ -247,7 +247,7 @@ def test_shards_from_dicom_equal_shards_from_nifti(tmp_path, lits_dicom):
   assert m_nii.get("format") is None            # auto-detected NIfTI, as before
   rc = build_seg_shards.main(["--input", os.path.join(lits_dicom, "dicom"),
                               "--out", str(tmp_path / "dcm"), "--spacing", "10,8,8",
-                              "--test_fraction", "0", "--format", "dicom"])
+                              "--test-fraction", "0", "--format", "dicom"])
   assert rc == 0
   m_dcm = segdata.load_manifest(str(tmp_path / "dcm"))
   assert m_dcm["format"] == "dicom" and not m_dcm["errors"]
@@ -316,6 +316,7 @@ def _tiny_run(workdir: str):
   import jax
   import jax.numpy as jnp
   import ml_collections
+  from radnet_jax import contract
   from radnet_jax.models import factory
   from radnet_jax.training import checkpoints
   from radnet_jax.training import trainer
@@ -328,7 +329,7 @@ def _tiny_run(workdir: str):
   c.model.kwargs = ml_collections.ConfigDict({"filters": (4, 8, 16, 32, 64),
                                               "conv_impl": "xla"})
   c.data.spacing = (12.0, 12.0, 12.0)
-  c.eval.roi = (16, 16, 16)
+  c.input_shape = (16, 16, 16)   # patches and sliding windows
   model = factory.segmentation_model(c)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                              jnp.zeros((1, 16, 16, 16, 1)), train=False))
@@ -349,23 +350,24 @@ def _tiny_run(workdir: str):
   ck.save(1, state, iter(grain.MapDataset.range(2).to_iter_dataset()))
   ck.close()
   checkpoints.save_config(workdir, c)
+  contract.write(workdir, contract.for_segment(c))   # as train_and_evaluate does
   return c
 
 
 def test_predict_seg_dicom_writes_a_seg_on_the_ct_grid(tmp_path, lits_dicom):
   import nibabel as nib
   from radnet_jax.cli import predict_seg
-  from radnet_jax.tasks import segment
+  from radnet_jax.inference import segment
   wd = str(tmp_path / "run")
   _tiny_run(wd)
   folder, stack, vol = _case0(lits_dicom)
   out, nii = str(tmp_path / "pred" / "seg.dcm"), str(tmp_path / "pred" / "mask.nii.gz")
   assert predict_seg.main(["--workdir", wd, "--input", folder, "--out", out,
-                           "--prefer", "latest", "--nifti_out", nii]) == 0
+                           "--prefer", "latest", "--nifti-out", nii]) == 0
   # Independent prediction on the same grid.
-  fn, cfg = segment.load_seg_predictor(wd, "latest")
+  predictor = segment.load_seg_predictor(wd, "latest")
   hu, aff, geom, _ = segdicom.load_ct_canonical(stack)
-  pred, geom = segment.predict_canonical(fn, cfg, hu, aff, geom)
+  pred, geom = segment.predict_canonical(predictor, hu, aff, geom)
   expect = nifti.to_original_grid(pred, geom)
   got = segdicom.rasterise(out, vol.affine, vol.voxels.shape,
                            ct=segdicom.ct_reference(stack.files))
@@ -377,8 +379,8 @@ def test_predict_seg_dicom_writes_a_seg_on_the_ct_grid(tmp_path, lits_dicom):
       pydicom.dcmread(stack.files[0]).SeriesInstanceUID
   assert ds.Manufacturer == "RadNet-JAX"
   # NIfTI in -> NIfTI out on the input grid.
-  res = predict_seg.predict_path(wd, os.path.join(lits_dicom, "volume-0.nii.gz"),
-                                 str(tmp_path / "pred-0.nii.gz"), prefer="latest")
+  res = segment.predict_path(wd, os.path.join(lits_dicom, "volume-0.nii.gz"),
+                             str(tmp_path / "pred-0.nii.gz"), prefer="latest")
   img = nib.load(res["nifti"])
   assert img.shape == nib.load(os.path.join(lits_dicom, "volume-0.nii.gz")).shape
   # A folder without CT is a clear error.
@@ -432,6 +434,7 @@ def _anonymise(src: str, dst: str, text_uids: bool = False) -> str:
 def test_predict_seg_on_an_anonymised_series_writes_mask_then_seg(tmp_path, lits_dicom):
   import nibabel as nib
   from radnet_jax.cli import predict_seg
+  from radnet_jax.inference import segment
   wd = str(tmp_path / "run")
   _tiny_run(wd)
   folder, stack, vol = _case0(lits_dicom)
@@ -440,7 +443,7 @@ def test_predict_seg_on_an_anonymised_series_writes_mask_then_seg(tmp_path, lits
   assert anon_stack.record["SOPClassUID"] == pydicom.uid.CTImageStorage   # file meta
   out, nii = str(tmp_path / "p" / "seg.dcm"), str(tmp_path / "p" / "mask.nii.gz")
   assert predict_seg.main(["--workdir", wd, "--input", anon, "--out", out,
-                           "--prefer", "latest", "--nifti_out", nii]) == 0
+                           "--prefer", "latest", "--nifti-out", nii]) == 0
   mask = np.asarray(nib.load(nii).dataobj)
   anon_vol = dicom.load_volume(anon_stack)
   got = segdicom.rasterise(out, anon_vol.affine, anon_vol.voxels.shape,
@@ -454,7 +457,7 @@ def test_predict_seg_on_an_anonymised_series_writes_mask_then_seg(tmp_path, lits
   # still written, the reason is printed, the exit status is 2.
   bad = _anonymise(folder, str(tmp_path / "anon_text"), text_uids=True)
   out2 = str(tmp_path / "q" / "seg.dcm")
-  res = predict_seg.predict_path(wd, bad, out2, prefer="latest")
+  res = segment.predict_path(wd, bad, out2, prefer="latest")
   assert res["seg"] is None and "StudyInstanceUID is missing or not a DICOM UID" in res["seg_error"]
   assert not os.path.exists(out2)
   np.testing.assert_array_equal(np.asarray(nib.load(res["nifti"]).dataobj), mask)

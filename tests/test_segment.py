@@ -1,22 +1,22 @@
-"""Segmentation task: loss, patch sampling, proposal logic, end-to-end run."""
+"""Segmentation task: loss, proposal logic, end-to-end run."""
 import importlib.util
 import json
+import logging
 import os
 
-import grain
 import jax
 import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
-from flax.core import FrozenDict
 
-from radnet_jax.training import checkpoints
+from radnet_jax import contract
+from radnet_jax.inference import segment as seg_inference
+from radnet_jax.shards import seg as segdata
 from radnet_jax.tasks import proposal
 from radnet_jax.tasks import segment
-from radnet_jax.training import trainer
-from radnet_jax.models import resnet3d
-from tests.test_segdata import AFFINE_RAS, FILE_SHAPE, _case, _write_lits
+from tests.test_inference_load import make_checkpoint
+from tests.test_segdata import AFFINE_RAS, FILE_SHAPE, _write_lits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,30 +41,6 @@ def test_seg_loss_values():
   np.testing.assert_allclose(float(m["ce"]), np.log(2), rtol=1e-5)
   np.testing.assert_allclose(float(m["soft_dice"]), 0.5, rtol=1e-4)
   np.testing.assert_allclose(float(loss), np.log(2) + 0.5, rtol=1e-4)
-
-
-def test_foreground_biased_patches_and_padding():
-  vol = np.zeros((20, 40, 40), np.float32)
-  mask = np.zeros((20, 40, 40), np.uint8)
-  mask[15:18, 30:35, 2:6] = 1
-  fg = np.flatnonzero(mask)
-  rng = np.random.default_rng(0)
-  hits = [segment.sample_patch(vol, mask, fg, (8, 8, 8), rng, 1.0)[1].any()
-          for _ in range(50)]
-  assert all(hits)
-  rand = [segment.sample_patch(vol, mask, fg, (8, 8, 8), rng, 0.0)[1].any()
-          for _ in range(50)]
-  assert sum(rand) < 25
-  v, m = segment.sample_patch(vol + 1, mask, fg, (32, 48, 8), rng, 1.0, pad_value=-1)
-  assert v.shape == (32, 48, 8) and m.shape == (32, 48, 8)
-  assert (v == -1).sum() == 32 * 48 * 8 - 20 * 40 * 8 and m.sum() > 0
-
-
-def test_select_cases_nested_subsets():
-  cases = [str(i) for i in range(10)]
-  a = segment.select_cases(cases, 2, seed=1)
-  b = segment.select_cases(cases, 5, seed=1)
-  assert len(a) == 2 and b[:2] == a and len(segment.select_cases(cases, 0, 1)) == 10
 
 
 class _FixedScores(proposal.SlabProposer):
@@ -99,25 +75,12 @@ def rbg_prng():
   jax.config.update("jax_default_prng_impl", old)
 
 
-def _pretrain_ckpt(path):
-  model = resnet3d.get_model("resnet_tiny", heads=FrozenDict({"plane": 3}), conv_impl="xla")
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                             jnp.zeros((1, 16, 32, 32, 1)), train=False))
-  rng = np.random.default_rng(0)
-  v = jax.tree.map(lambda s: np.abs(rng.normal(0, .1, s.shape)).astype(s.dtype), shapes)
-  state = trainer.TrainState(step=jnp.int32(3), params=v["params"],
-                             batch_stats=v["batch_stats"], opt_state={},
-                             rng=jax.random.PRNGKey(0))
-  ck = checkpoints.Checkpointer(path)
-  ck.save(3, state, iter(grain.MapDataset.range(2).to_iter_dataset()))
-  ck.close()
-  return v["params"]
-
-
 def test_train_and_evaluate_end_to_end(tmp_path, rbg_prng):
   lits = _write_lits(str(tmp_path / "lits"), n=4)
   pre = str(tmp_path / "pretrain")
-  pre_params = _pretrain_ckpt(pre)
+  # A pretraining workdir as training writes it (config.json + contract.json):
+  # ResNetTiny behind its learnable soft-tissue curve, on HU/1000 -> [-1, 1].
+  pre_params = make_checkpoint(pre)
   c = _config("tiny,n=2")
   c.data.lits_dir = lits
   c.data.cache_dir = str(tmp_path / "cache")
@@ -136,7 +99,25 @@ def test_train_and_evaluate_end_to_end(tmp_path, rbg_prng):
   assert res["test"]["liver/dice_global"] == pytest.approx(t["liver/dice_global"])
   rep = json.load(open(os.path.join(workdir, "transfer_report.json")))
   n_trunk = len(jax.tree.leaves(pre_params["trunk"]))
-  assert len(rep["loaded"]) == n_trunk and not rep["mismatched"]
+  # The trunk and the input curve in front of it.
+  assert sorted(n for n in rep["loaded"] if n.startswith("input_windows/")) == [
+      "input_windows/bias", "input_windows/scale", "input_windows/window_scales"]
+  assert len(rep["loaded"]) == n_trunk + 3 and not rep["mismatched"]
+  # Bug 2: the trunk is fed the intensities it was pretrained on (its contract),
+  # not the config's -200..250 HU window, and the backbone is the source's model.
+  con = contract.read(workdir)
+  assert con.task == "segment" and con.intensity["CT"].spec == "ct_window(-1000,1000)->[-1,1]"
+  assert con.spacing_mm == (2.5, 1.5, 1.5) and con.input_shape == (16, 32, 32)
+  assert con.labels == {"0": "background", "1": "liver"} and con.num_classes == 2
+  cfg = json.load(open(os.path.join(workdir, "config.json")))
+  assert cfg["model"]["backbone"] == "resnet_tiny"
+  assert cfg["model"]["kwargs"]["input_windows"] == [[-0.16, 0.24]]
+  (rec,) = segdata.load_records(saved["shards_dir"], "test")
+  assert rec["normalisation"] == "ct_window(-1000,1000)->[-1,1]"
+  # Liver voxels are 100 + case HU (tests/test_segdata._case): HU / 1000 now,
+  # where the config's window would have given (100 + 200) / 450 = 0.67.
+  liver = np.asarray(rec["volume"], np.float32)[rec["mask"] > 0]
+  np.testing.assert_allclose(np.median(liver), (100 + int(rec["case"])) / 1000, atol=0.01)
   # Prediction written in the original geometry of the test case.
   (case,) = [k for k in t["cases"]]
   img = nib.load(os.path.join(workdir, "predictions", f"case-{case}.nii.gz"))
@@ -145,8 +126,8 @@ def test_train_and_evaluate_end_to_end(tmp_path, rbg_prng):
   assert set(np.unique(np.asarray(img.dataobj))) <= {0, 1}
   assert os.path.exists(os.path.join(workdir, "checkpoints"))
   # A new NIfTI segmented by the saved run lands on its own grid.
-  out = segment.predict_nifti(workdir, os.path.join(lits, "volume-1.nii.gz"),
-                              str(tmp_path / "pred-1.nii.gz"))
+  out = seg_inference.predict_nifti(workdir, os.path.join(lits, "volume-1.nii.gz"),
+                                    str(tmp_path / "pred-1.nii.gz"))
   img = nib.load(out)
   assert img.shape == FILE_SHAPE and img.get_data_dtype() == np.uint8
   np.testing.assert_allclose(img.affine, AFFINE_RAS, atol=1e-6)
@@ -173,10 +154,48 @@ def test_liver_and_tumour_classes_end_to_end(tmp_path):
   assert "tumour/dice" in t["cases"][case]
   # The saved network predicts 3 classes (a run that ignored num_classes
   # would give 2 and still report a tumour Dice).
-  predict_fn, cfg = segment.load_seg_predictor(workdir)
-  probs = np.asarray(predict_fn(jnp.zeros((1, *cfg.patch_shape, 1), jnp.float32)))
-  assert probs.shape == (1, *cfg.patch_shape, 3)
+  predict_fn, cfg = seg_inference.load_seg_predictor(workdir)
+  probs = np.asarray(predict_fn(jnp.zeros((1, *cfg.input_shape, 1), jnp.float32)))
+  assert probs.shape == (1, *cfg.input_shape, 3)
   np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
   img = nib.load(os.path.join(workdir, "predictions", f"case-{case}.nii.gz"))
   assert img.shape == FILE_SHAPE
   assert set(np.unique(np.asarray(img.dataobj))) <= {0, 1, 2}
+
+
+def test_intensity_from_the_source_contract_or_the_config(tmp_path, caplog):
+  pre = str(tmp_path / "pretrain")
+  make_checkpoint(pre)
+  c = _config("tiny")
+  c.init_from = pre
+  with caplog.at_level(logging.INFO, logger="radnet_jax"):
+    eff, src = segment.resolve_source(c, str(tmp_path / "wd1"))
+  assert src == pre and tuple(eff.data.window) == (-1000.0, 1000.0)
+  assert tuple(eff.data.out_range) == (-1.0, 1.0)
+  assert [tuple(w) for w in eff.model.kwargs.input_windows] == [(-0.16, 0.24)]
+  assert eff.model.backbone == "resnet_tiny"
+  assert "instead of config.data.window (-200.0, 250.0)" in caplog.text
+  caplog.clear()
+  c.intensity_from = "config"   # the knob: keep the config's window, and say so
+  with caplog.at_level(logging.INFO, logger="radnet_jax"):
+    eff, _ = segment.resolve_source(c, str(tmp_path / "wd2"))
+  assert tuple(eff.data.window) == (-200.0, 250.0) and tuple(eff.data.out_range) == (0, 1)
+  assert "input_windows" not in eff.model.kwargs
+  assert "intensity_from=config" in caplog.text and "ct_window(-1000,1000)" in caplog.text
+  c.intensity_from = "hu"
+  with pytest.raises(ValueError, match="intensity_from must be"):
+    segment.resolve_source(c, str(tmp_path / "wd3"))
+  # Scratch: the config's window, the backbone of config.pretrain.
+  eff, src = segment.resolve_source(_config("tiny,scratch"), str(tmp_path / "wd4"))
+  assert src == "" and tuple(eff.data.window) == (-200.0, 250.0)
+  assert eff.model.backbone == "resnet_tiny"
+
+
+def test_shards_must_hold_what_the_network_is_fed():
+  c = _config("tiny,scratch")
+  built = {"normalisation": "ct_window(-200,250)->[0,1]", "config": {"spacing": [5.0, 3.0, 3.0]}}
+  segment.check_shards(built, c, "S")
+  c.data.window, c.data.out_range = (-1000.0, 1000.0), (-1.0, 1.0)   # a source's contract
+  with pytest.raises(ValueError, match=r"S: shards built as ct_window\(-200,250\)->\[0,1\] "
+                                       r".*--window=-1000,1000 --range=-1,1 --spacing 5,3,3"):
+    segment.check_shards(built, c, "S")

@@ -158,8 +158,8 @@ def test_cli(tmp_path, capsys):
   path = tmp_path / "labelled.csv"
   _labelled(120).to_csv(path, index=False)
   rc = select_series.main(["--index", str(path), "--out", str(tmp_path / "sel"),
-                           "--per_class", "3", "--modalities", "",
-                           "--min_instances", "0", "--seed", "1"])
+                           "--per-class", "3", "--modalities", "",
+                           "--min-instances", "0", "--seed", "1"])
   assert rc == 0
   assert "total:" in capsys.readouterr().out
   assert (tmp_path / "sel" / "manifest.s5cmd").exists()

@@ -124,3 +124,77 @@ def test_path_mask():
   m = transfer.path_mask({"trunk": {"a": 1, "b": {"c": 2}}, "out": {"a": 3}},
                          ("trunk/.*",))
   assert m == {"trunk": {"a": True, "b": {"c": True}}, "out": {"a": False}}
+
+
+# ------------------------------------------------------ MedicalNet weights (bug 3)
+
+
+def _medicalnet_pth(path, preset="resnet10", **kw):
+  """A MedicalNet-layout .pth (torch tensors, "module." prefixes, the
+  segmentation head) written by torch, narrow so that the test is quick."""
+  torch = pytest.importorskip("torch")
+  from tests.test_docs import medicalnet_state_dict
+  sd = medicalnet_state_dict(preset, num_filters=8, **kw)
+  torch.save({"state_dict": {f"module.{k}": torch.from_numpy(v) for k, v in sd.items()}},
+             path)
+  return sd
+
+
+def test_medicalnet_depth_from_the_file_the_name_or_explicit(tmp_path):
+  from radnet_jax.models import medicalnet
+  pth = str(tmp_path / "weights.pth")
+  _medicalnet_pth(pth, "resnet18", shortcut_type="A")
+  info = medicalnet.describe(medicalnet.read_state_dict(pth), pth)
+  assert info == {"depth": 18, "block": "basic", "num_filters": 8, "in_channels": 1,
+                  "shortcut_type": "A"}
+  assert medicalnet.parse_source(f"medicalnet:{pth}") == (pth, None)
+  assert medicalnet.parse_source(f"medicalnet:{pth}:depth=18") == (pth, 18)
+  assert medicalnet.parse_source("medicalnet:/w/resnet_34.pth") == ("/w/resnet_34.pth", 34)
+  variables, got, _ = medicalnet.load_source(f"medicalnet:{pth}:depth=18")
+  assert got["depth"] == 18 and "stage1_block2" in variables["params"]["trunk"]
+  with pytest.raises(ValueError, match="depth 10 was asked for, but the file holds a ResNet-18"):
+    medicalnet.load_source(f"medicalnet:{pth}:depth=10")
+  with pytest.raises(ValueError, match="depth must be one of"):
+    medicalnet.parse_source(f"medicalnet:{pth}:depth=12")
+  assert transfer.medicalnet_backbone(f"medicalnet:{pth}") == {
+      "preset": "resnet18", "layout": "medicalnet", "shortcut_type": "A", "num_filters": 8}
+
+
+def test_init_from_medicalnet_end_to_end(tmp_path):
+  """``--config.init_from=medicalnet:PATH``: backbone from the file, every
+  trunk tensor loaded with its values, the run trains, evaluates and saves."""
+  import json
+  import os
+  from radnet_jax.models import factory
+  from radnet_jax.tasks import segment
+  from tests.test_segdata import _write_lits
+  from tests.test_segment import _config
+  pth = str(tmp_path / "resnet_10.pth")
+  sd = _medicalnet_pth(pth)
+  c = _config("tiny,n=2")
+  c.data.lits_dir = _write_lits(str(tmp_path / "lits"), n=3)
+  c.data.cache_dir = str(tmp_path / "cache")
+  c.data.spacing = (2.5, 1.5, 1.5)
+  c.model.kwargs.conv_impl = IMPL
+  c.proposal.enabled = False
+  c.num_devices = 1
+  c.init_from = f"medicalnet:{pth}"
+  wd = str(tmp_path / "wd")
+  res = segment.train_and_evaluate(c, wd)
+  assert 0.0 <= res["test"]["liver/dice_global"] <= 1.0
+  cfg = json.load(open(os.path.join(wd, "config.json")))
+  assert cfg["model"]["backbone"] == {"preset": "resnet10", "layout": "medicalnet",
+                                      "shortcut_type": "B", "num_filters": 8}
+  # Every trunk tensor loaded, with the file's values (conv1 (O, I, kD, kH, kW)
+  # -> (kD, kH, kW, I, O)); the decoder left random.
+  model = factory.segmentation_model(segment.resolve_source(c, str(tmp_path / "wd2"))[0])
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(SHAPE),
+                                             train=False))
+  rep = json.load(open(os.path.join(wd, "transfer_report.json")))
+  assert len(rep["loaded"]) == len(jax.tree.leaves(shapes["params"]["trunk"]))
+  assert not rep["mismatched"] and rep["batch_stats_loaded"] > 0
+  assert all(n.startswith("trunk/") for n in rep["loaded"])
+  v = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  p, _, _ = transfer.transfer_variables(v["params"], v["batch_stats"], c.init_from)
+  np.testing.assert_array_equal(p["trunk"]["stem_conv"]["kernel"],
+                                sd["conv1.weight"].transpose(2, 3, 4, 1, 0))

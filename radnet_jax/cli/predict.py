@@ -11,7 +11,9 @@ prediction, with the reason), then prints a summary. ``--input`` may also be
 a NIfTI file or a folder of NIfTI files (no metadata labels then).
 
 The library function behind it is ``radnet_jax.predict(checkpoint, input, ...)``
-(``radnet_jax.api.predict``; see there for the arguments and columns).
+(``radnet_jax.inference.predict``; see there for the arguments and columns).
+Argument parsing only: jax is imported when the checkpoint is loaded, so
+``--help`` and a bad flag answer at once.
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ import sys
 from typing import Sequence
 
 from radnet_jax import api
-from radnet_jax.api import DEFAULT_THRESHOLD, QA_TASKS, Report
+from radnet_jax import privacy
+from radnet_jax.cli import flags
+from radnet_jax.inference.header_qa import DEFAULT_THRESHOLD, QA_TASKS, Report
 
 
 def summary_text(report: Report, threshold: float) -> str:
@@ -48,9 +52,19 @@ def summary_text(report: Report, threshold: float) -> str:
   return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _threshold(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    value = float("nan")
+  if not 0 < value <= 1:
+    raise argparse.ArgumentTypeError(f"must be a probability in (0, 1], got {text!r}")
+  return value
+
+
+def build_parser() -> flags.Parser:
   """The command-line parser (documented flags are tested against it)."""
-  ap = argparse.ArgumentParser(
+  ap = flags.Parser(
       prog="python -m radnet_jax.cli.predict",
       description="Predict every series of a DICOM folder (or NIfTI) with a RadNet "
                   "checkpoint and flag headers that the pixels contradict.")
@@ -60,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--out", default="predictions.csv", help="predictions CSV")
   ap.add_argument("--skipped", default=None,
                   help="skipped-inputs CSV (default: <out stem>_skipped.csv)")
-  ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+  ap.add_argument("--threshold", type=_threshold, default=DEFAULT_THRESHOLD,
                   help="confidence of the network needed to flag a header (0-1]")
   ap.add_argument("--qa-tasks", default=",".join(QA_TASKS),
                   help="comma-separated tasks that can raise qa_flag")
@@ -73,34 +87,44 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--priors", default=None, help="label priors: builtin or a file")
   ap.add_argument("--modality", default=None, help="modality of NIfTI inputs (CT, MR)")
   ap.add_argument("--dtype", default=None, help="compute dtype override, e.g. float32")
-  ap.add_argument("--hash-paths", action="store_true",
-                  help="skipped files by salted hash instead of relative path")
+  paths = ap.add_mutually_exclusive_group()
+  paths.add_argument("--plain-paths", dest="hash_paths", action="store_false",
+                     help="skipped files by path relative to --input (for de-identified "
+                          "archives; the default writes salted hashes, as build_shards)")
+  paths.add_argument("--hash-paths", dest="hash_paths", action="store_true",
+                     help="skipped files by salted hash of the relative path (default)")
+  ap.set_defaults(hash_paths=True)
   ap.add_argument("--no-progress", action="store_true")
   return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """CLI entry; returns the exit status (2 for an unusable checkpoint)."""
+  """CLI entry; returns the exit status (2 for an unusable checkpoint, input or
+  salt: one line on stderr, no traceback)."""
   args = build_parser().parse_args(argv)
-
-  from radnet_jax import api, privacy  # pylint: disable=g-import-not-at-top
-  out_dir = os.path.dirname(os.path.abspath(args.out))
-  salt = privacy.load_or_create_salt(out_dir, args.salt)
+  if "://" not in args.input and not os.path.exists(args.input):
+    print(f"error: {args.input}: input does not exist", file=sys.stderr)
+    return 2
   qa_tasks = tuple(t.strip() for t in args.qa_tasks.split(",") if t.strip())
   try:
+    salt = privacy.load_or_create_salt(os.path.dirname(os.path.abspath(args.out)),
+                                       args.salt)
     loaded = api.load(args.checkpoint, prefer=args.prefer, dtype=args.dtype)
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, ValueError, PermissionError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  report = api.predict(loaded, args.input, threshold=args.threshold, qa_tasks=qa_tasks,
-                       batch_size=args.batch_size, salt=salt, priors=args.priors,
-                       modality=args.modality, workers=args.workers,
-                       progress=not args.no_progress, hash_paths=args.hash_paths)
+  try:
+    report = api.predict(loaded, args.input, threshold=args.threshold, qa_tasks=qa_tasks,
+                         batch_size=args.batch_size, salt=salt, priors=args.priors,
+                         modality=args.modality, workers=args.workers,
+                         progress=not args.no_progress, hash_paths=args.hash_paths)
+  except (FileNotFoundError, ValueError) as e:  # missing input, segmentation checkpoint
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   out, skipped = report.write_csv(args.out, args.skipped)
   print(summary_text(report, args.threshold))
   print(f"wrote {out} and {skipped} (checkpoint step {loaded.step})")
   return 0
-
 
 
 if __name__ == "__main__":

@@ -121,13 +121,9 @@ def manifest_label_counts(shards_dir: str, split: str, taxonomy: tax.Taxonomy
 
   Same format as ``label_counts`` (no pass over the records needed).
   """
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  path = os.path.join(shards_dir, "manifest.json")
-  if not os.path.exists(path):
+  if not records.has_manifest(shards_dir):
     return None
-  with open(path) as f:
-    counts = json.load(f).get("counts", {}).get(split)
+  counts = records.read_manifest(shards_dir, "pretrain").get("counts", {}).get(split)
   if not counts:
     return None
   return {t: np.array([int(counts.get(t, {}).get(c, 0)) for c in taxonomy.classes(t)],

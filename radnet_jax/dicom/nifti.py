@@ -1,4 +1,9 @@
-"""NIfTI and the axial canonical layout of the segmentation path.
+"""All NIfTI reading and writing, and the axial canonical layout of the segmentation path.
+
+``read_nifti`` is the one reader of NIfTI files. ``load_nifti_volume`` gives
+a ``dicom.Volume`` in the canonical orientation of the DICOM series (the
+pretraining inputs, ``dicom.geometry.reorient``); ``load_nifti_canonical`` the
+axial canonical layout below (segmentation).
 
 Every segmentation input (a LiTS NIfTI, a DICOM CT stack) is reoriented to one
 canonical voxel order, axial ``(D, H, W)`` with D towards inferior, H towards
@@ -14,10 +19,76 @@ from typing import Any, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
+from radnet_jax.dicom import geometry as dicom_geometry
+from radnet_jax.dicom.types import Volume
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Axial canonical: D -> inferior, H -> posterior, W -> left (nibabel codes name
 # the direction each array axis grows towards, in RAS labels).
 _CANONICAL = nib.orientations.axcodes2ornt(("I", "P", "L"))
+
+
+def is_nifti(path: str) -> bool:
+  """Whether ``path`` names a NIfTI file (by its suffix)."""
+  return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def read_nifti(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """A 3D NIfTI (or 4D with one frame) -> (float32 voxels in file order,
+  ``(4, 4)`` voxel index -> RAS mm affine); ValueError naming the file."""
+  try:
+    img = nib.load(path)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+  except Exception as e:  # nibabel raises many types for corrupt files
+    raise ValueError(f"{path}: cannot read NIfTI ({type(e).__name__}: {e})") from e
+  if data.ndim == 4 and data.shape[3] == 1:
+    data = data[..., 0]
+  if data.ndim != 3 or min(data.shape) < 1:
+    raise ValueError(f"{path}: expected a 3D volume, got shape {data.shape}")
+  return data, np.asarray(img.affine, np.float64)
+
+
+def load_nifti_volume(path: str, modality: str | None = None) -> Volume:
+  """A NIfTI file -> ``dicom.Volume`` in the canonical orientation of DICOM series.
+
+  The slice axis becomes D: the array axis with the largest voxel spacing
+  (slices are the thickest voxels of a 2D acquisition; dcm2niix also writes
+  some 3D sagittal series with their slices along ``i``), the last axis
+  ``k`` when spacings tie (isotropic); the acquisition plane is the one the
+  slice normal points along, and the volume is flipped/transposed to that
+  plane's canonical orientation (``dicom.geometry.reorient``), as DICOM
+  series are. RAS world coordinates are converted to LPS.
+
+  Args:
+    path: ``.nii`` or ``.nii.gz`` with a 3D volume (or 4D with one frame).
+    modality: "CT" (values are HU) or "MR"/"PT"/...; None guesses CT when the
+      1st percentile is below -500 (air in HU), else MR. It selects the
+      intensity normalisation, so pass it when known.
+  Returns:
+    Volume: voxels float32 ``(D, H, W)``, affine ``(4, 4)`` LPS, spacing
+    ``(3,)`` mm, record {"Modality", "ModalitySource"}.
+  """
+  data, affine_ras = read_nifti(path)
+  aff = RAS_TO_LPS @ affine_ras
+  if not np.isfinite(aff).all() or abs(np.linalg.det(aff[:3, :3])) < 1e-9:
+    raise ValueError(f"{path}: degenerate or non-finite affine")
+  spacing = np.linalg.norm(aff[:3, :3], axis=0)
+  axis = 2 if spacing[2] >= spacing.max() * (1 - 1e-3) else int(np.argmax(spacing))
+  order = [axis] + [a for a in (2, 1, 0) if a != axis]   # (slice, in-plane, in-plane)
+  vox = np.transpose(data, order)   # e.g. (i, j, k) -> (k, j, i) = (D, H, W)
+  aff = aff[:, order + [3]]
+  plane = dicom_geometry.plane_of(aff[:3, 0])
+  vox, aff = dicom_geometry.reorient(vox, aff, plane)
+  vox = np.ascontiguousarray(vox, np.float32)
+  spacing = np.linalg.norm(aff[:3, :3], axis=0)
+  source = "given"
+  if modality is None:
+    finite = vox[np.isfinite(vox)]
+    modality = "CT" if finite.size and np.percentile(finite, 1) < -500 else "MR"
+    source = "guessed from intensities"
+  return Volume(vox, aff, spacing, {"Modality": str(modality).upper(),
+                                    "ModalitySource": source})
 
 
 def load_nifti_canonical(path: str) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -30,16 +101,8 @@ def load_nifti_canonical(path: str) -> tuple[np.ndarray, np.ndarray, dict]:
     geometry: ``orig_shape``, ``orig_affine`` (file grid -> LPS mm),
       ``orig_spacing`` (mm per file axis), ``canonical_shape``, ``ornt``.
   """
-  try:
-    img = nib.load(path)
-    data = np.asarray(img.dataobj, dtype=np.float32)
-  except Exception as e:  # nibabel raises many types for corrupt files
-    raise ValueError(f"{path}: cannot read NIfTI ({type(e).__name__}: {e})") from e
-  if data.ndim == 4 and data.shape[3] == 1:
-    data = data[..., 0]
-  if data.ndim != 3:
-    raise ValueError(f"{path}: expected a 3D volume, got shape {data.shape}")
-  return canonicalise(data, np.asarray(img.affine, np.float64), path)
+  data, affine_ras = read_nifti(path)
+  return canonicalise(data, affine_ras, path)
 
 
 def canonicalise(data: np.ndarray, affine_ras: np.ndarray, where: str

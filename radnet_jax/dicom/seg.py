@@ -48,14 +48,13 @@ from radnet_jax.dicom import nifti
 from radnet_jax.dicom.errors import DicomError
 from radnet_jax.dicom.metadata import functional_group, is_uid, sop_class_uid
 from radnet_jax.dicom.reader import read_dataset
+from radnet_jax.labels.lits import LIVER, TUMOUR  # the one LiTS vocabulary
 from radnet_jax.privacy import hash_id
 
 log = logging.getLogger(__name__)
 
 SEG_SOP = "1.2.840.10008.5.1.4.1.1.66.4"
 LABELMAP_SEG_SOP = "1.2.840.10008.5.1.4.1.1.66.7"
-LIVER, TUMOUR = 1, 2
-LABEL_NAMES = {LIVER: "liver", TUMOUR: "tumour"}
 # SNOMED CT codes that identify a segment's meaning (SegmentedPropertyType).
 _LIVER_CODES = {"10200004"}                       # Liver
 _TUMOUR_CODES = {"108369006", "86049000", "52988006", "4147007", "14799000",
@@ -148,7 +147,7 @@ def segment_values(segments: Sequence[SegmentInfo], path: str,
       raise ValueError(
           f"{path}: segment {s.number} ({s.label!r}, type {s.property_type!r}) is "
           f"neither liver nor tumour; pass label_map={{'{s.label}': 0|1|2}} "
-          f"(--label_map on the command line) to map or ignore it")
+          f"(--label-map on the command line) to map or ignore it")
   bad = {k: v for k, v in out.items() if v not in (0, LIVER, TUMOUR)}
   if bad:
     raise ValueError(f"{path}: label_map values must be 0, 1 or 2, got {bad}")

@@ -1,1 +1,2 @@
-"""Using trained networks: sliding-window inference (load / predict / embed live in radnet_jax.api)."""
+"""Using trained networks: load (restore + preprocessing contract), inputs, apply,
+header_qa, predict, embed, segment, sliding_window. ``radnet_jax.api`` is the facade."""

@@ -12,7 +12,8 @@ Every network this project trains or restores is built here, so training,
 * ``segmentation_model(config)``: ``ResNetVNet`` (encoder = the ResNet3D preset
   ``model.backbone``, the one pretraining used) or the classic ``VNet``.
 * ``slab_classifier(config)``: the liver-slab proposal network, the
-  ``model.backbone`` preset with one ``liver`` logit.
+  ``model.backbone`` (a preset, or {"preset", **trunk kwargs}) with one
+  ``liver`` logit.
 """
 from __future__ import annotations
 
@@ -103,7 +104,12 @@ def slab_classifier(config: Any) -> Any:
   nothing else from ``model.kwargs`` (the decoder's options do not apply).
   """
   kw = {k: v for k, v in _kwargs(config.model).items() if k in ("conv_impl",)}
-  return resnet3d.get_model(str(config.model.backbone), heads=FrozenDict({"liver": 1}), **kw)
+  # A preset name, or {"preset": name, **trunk kwargs} (MedicalNet weights, a
+  # paper stem: tasks/segment.resolve_source derives it from the source).
+  backbone = config.model.backbone
+  backbone = {"preset": backbone} if isinstance(backbone, str) else dict(backbone)
+  return resnet3d.get_model(str(backbone.pop("preset")), heads=FrozenDict({"liver": 1}),
+                            **backbone, **kw)
 
 
 def from_config(config: Any) -> Any:

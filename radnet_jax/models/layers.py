@@ -12,14 +12,25 @@ are much better tuned, so on CPU a 3D conv is written as 2D convolutions over
 the depth taps ("taps"), and big-kernel convolutions on large volumes (VNet's
 5^3) in the Fourier domain; on GPU/TPU XLA's native convolution (cuDNN / TPU
 convolution units) stays ("xla"). "auto" picks by `jax.default_backend()`.
+Which CPU lowering a conv shape gets is autotuned per machine at first use
+and cached (`choose_lowering`; `RADNET_CONV_AUTOTUNE=0` = the fixed rules of
+`rule_lowering`). Transposed convs on GPU use a sub-pixel formulation
+(`transpose_formulation`).
 
 Layouts are channel-last: activations `(B, D, H, W, C)`, kernels
 `(kD, kH, kW, C_in, C_out)`.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import logging
 import math
 import os
+import platform
+import tempfile
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -426,7 +437,6 @@ def conv3d_taps(x: Array, kernel: Array, strides: Sequence[int],
   sd, sh, sw = strides
   dd, dh, dw = dilation
   (pd0, pd1), (ph0, ph1), (pw0, pw1) = padding
-  dt = x.dtype
 
   # 1x1x1: subsample and matmul.
   if (kd, kh, kw) == (1, 1, 1) and all(p == (0, 0) for p in padding):
@@ -453,16 +463,27 @@ def conv3d_taps(x: Array, kernel: Array, strides: Sequence[int],
     raise ValueError(f"conv output depth <= 0 for input depth {d}, kernel {kd}")
   oh = _out_size(h, kh, sh, dh, ph0, ph1)
   ow = _out_size(w, kw, sw, dw, pw0, pw1)
-  if _use_fft(x, kernel, strides, padding, dilation, (od, oh, ow)):
-    return _conv3d_fft(x, kernel, (od, oh, ow), padding)
-  if oh * ow <= IM2COL_MAX_PLANE:
-    return _conv3d_im2col(x, kernel, (od, oh, ow), strides, padding, dilation)
-  if sd == 1 and kd > 1 and OUT_TAPS_MAX_RATIO * o <= c:
-    return _conv3d_out_taps(x, kernel, (od, oh, ow), strides, padding,
-                            dilation)
+  out_size = (od, oh, ow)
+  name = choose_lowering(x, kernel, strides, padding, dilation, out_size)
+  return _LOWERINGS[name](x, kernel, out_size, strides, padding, dilation)
+
+
+def _conv3d_depth_taps(x: Array, kernel: Array, out_size: Sequence[int],
+                       strides: Sequence[int],
+                       padding: Sequence[tuple[int, int]],
+                       dilation: Sequence[int]) -> Array:
+  """The general case of `conv3d_taps`: depth taps stacked on the channels,
+  one 2D conv `(B*D', H, W, kD*C) x (kH, kW, kD*C, O)` per depth piece."""
+  b, _, h, w, c = x.shape
+  kd, kh, kw, _, o = kernel.shape
+  od, oh, ow = out_size
+  sd, sh, sw = strides
+  dd, dh, dw = dilation
+  (pd0, pd1), (ph0, ph1), (pw0, pw1) = padding
   if pd0 or pd1:
     x = jnp.pad(x, ((0, 0), (pd0, pd1), (0, 0), (0, 0), (0, 0)))
-  k2 = kernel.transpose(1, 2, 0, 3, 4).reshape(kh, kw, kd * c, o).astype(dt)
+  k2 = kernel.transpose(1, 2, 0, 3, 4).reshape(kh, kw, kd * c, o).astype(
+      x.dtype)
   pieces = []
   for lo, hi in _pieces(x, od, 2.0 * b * od * oh * ow * kd * kh * kw * c * o):
     # Output depths [lo, hi): view t takes input depths t*dd + i*sd.
@@ -476,6 +497,296 @@ def conv3d_taps(x: Array, kernel: Array, strides: Sequence[int],
         rhs_dilation=(dh, dw), dimension_numbers=_DN2)
     pieces.append(y.reshape(b, m, *y.shape[1:]))
   return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=1)
+
+
+def _conv3d_fft_lowering(x, kernel, out_size, strides, padding, dilation):
+  del strides, dilation  # 1 (checked by the candidates / `_use_fft`)
+  return _conv3d_fft(x, kernel, out_size, padding)
+
+
+# The lowerings of a general (not 1x1x1, not patchify) conv in `conv3d_taps`,
+# all `(x, kernel, out_size, strides, padding, dilation) -> y` (looked up by
+# module global name at call time).
+_LOWERINGS = {
+    "depth_taps": lambda *a: _conv3d_depth_taps(*a),
+    "out_taps": lambda *a: _conv3d_out_taps(*a),
+    "im2col": lambda *a: _conv3d_im2col(*a),
+    "fft": lambda *a: _conv3d_fft_lowering(*a),
+}
+
+
+def rule_lowering(x: Array, kernel: Array, strides: Sequence[int],
+                  padding: Sequence[tuple[int, int]], dilation: Sequence[int],
+                  out_size: Sequence[int]) -> str:
+  """The fixed rules (measured on one 2-core AMD EPYC, see the constants).
+
+  What `conv3d_taps` uses when autotuning is off, for convs too small to
+  tune, and for batches split over devices.
+  """
+  c, o = kernel.shape[3:]
+  if _use_fft(x, kernel, strides, padding, dilation, out_size):
+    return "fft"
+  if out_size[1] * out_size[2] <= IM2COL_MAX_PLANE:
+    return "im2col"
+  if strides[0] == 1 and kernel.shape[0] > 1 and OUT_TAPS_MAX_RATIO * o <= c:
+    return "out_taps"
+  return "depth_taps"
+
+
+# ---------------------------------------------------------------------------
+# Per-machine autotuning of the lowering (CPU).
+#
+# The rules above were set from sweeps on one CPU; on another (an AVX-512
+# Intel Xeon with a faster oneDNN) the best lowering of the same conv
+# differs. With autotuning on, the first trace of each conv shape that is
+# big enough (>= AUTOTUNE_MIN_FLOPS forward) times every candidate lowering
+# (forward + input and weight gradients, jitted, on random data of the same
+# shape and dtype, best of AUTOTUNE_REPEATS) and keeps the fastest; the rule's
+# choice is kept unless another is faster by more than AUTOTUNE_MARGIN. The
+# choice is static per shape, so a jitted step is traced once as before.
+# Choices are cached per machine in a JSON file under
+# `$RADNET_CACHE/conv_autotune/` (else `~/.cache/radnet_jax/...`), keyed by
+# CPU model and flags, jax / jaxlib version, XLA_FLAGS, usable cores and this
+# module's lowering settings; one file per such machine key, entries keyed by
+# shape, strides, padding, dilation and dtype; written atomically (temporary
+# file + rename). Every candidate is tested equal to
+# `lax.conv_general_dilated` (tests/test_conv.py), so the choice changes
+# speed, not results (beyond float32 rounding).
+#
+# Off: `RADNET_CONV_AUTOTUNE=0` (the test suite sets it), or
+# `CONV_AUTOTUNE = False`; then, and when the cache directory cannot be
+# written, the rules decide (deterministic). Only on the CPU backend, and
+# not for a batch split over several devices.
+CONV_AUTOTUNE: bool | None = None     # None: $RADNET_CONV_AUTOTUNE, default on
+AUTOTUNE_ENV = "RADNET_CONV_AUTOTUNE"
+AUTOTUNE_MIN_FLOPS = 2e8
+AUTOTUNE_REPEATS = 3
+AUTOTUNE_MARGIN = 0.05
+# Full im2col is a candidate for output planes up to this many voxels when
+# its patch tensor holds at most AUTOTUNE_IM2COL_MAX_ELEMS elements.
+AUTOTUNE_IM2COL_MAX_PLANE = 64
+AUTOTUNE_IM2COL_MAX_ELEMS = 2 ** 24
+_AUTOTUNE_VERSION = 1
+_TUNED: dict[str, str] = {}            # this process's choices, by entry key
+_TUNE_LOG: dict[str, dict] = {}        # ... with the measured times
+_CACHE_STATE: dict[str, Any] = {}      # path, writable
+
+
+def autotune_enabled() -> bool:
+  """CONV_AUTOTUNE if set, else $RADNET_CONV_AUTOTUNE (default on)."""
+  if CONV_AUTOTUNE is not None:
+    return bool(CONV_AUTOTUNE)
+  v = os.environ.get(AUTOTUNE_ENV, "1").strip().lower()
+  return v not in ("0", "off", "false", "no", "")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_id() -> str:
+  """CPU model name plus a digest of its feature flags (Linux /proc/cpuinfo)."""
+  info = {}
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+      for line in f:
+        key, _, val = line.partition(":")
+        info.setdefault(key.strip(), val.strip())   # the first CPU's values
+  except OSError:
+    pass
+  model = (info.get("model name") or info.get("Processor")
+           or platform.processor() or platform.machine() or "unknown")
+  flags = " ".join(sorted((info.get("flags") or info.get("Features") or
+                           "").split()))
+  digest = hashlib.sha1(flags.encode()).hexdigest()[:10] if flags else "noflags"
+  return f"{model} [{digest}]"
+
+
+def _machine_key() -> dict[str, Any]:
+  import jaxlib  # pylint: disable=g-import-not-at-top  (light, jax has it)
+  settings = (CONV_SPLIT, CONV_SPLIT_MIN_FLOPS, FFT_TILE, FFT_MIN_TILES,
+              AUTOTUNE_REPEATS, AUTOTUNE_MARGIN)
+  return {"cpu": cpu_id(), "jax": jax.__version__,
+          "jaxlib": getattr(jaxlib, "__version__", "?"),
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "cores": usable_cores(), "settings": repr(settings),
+          "version": _AUTOTUNE_VERSION}
+
+
+def autotune_cache_path() -> str:
+  """The JSON file holding this machine key's choices."""
+  root = os.environ.get("RADNET_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "radnet_jax")
+  digest = hashlib.sha1(json.dumps(_machine_key(), sort_keys=True).encode()
+                        ).hexdigest()[:16]
+  return os.path.join(root, "conv_autotune", f"{digest}.json")
+
+
+def _read_cache(path: str) -> dict[str, Any]:
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+    if isinstance(data, dict) and isinstance(data.get("entries"), dict):
+      return data
+  except (OSError, ValueError):
+    pass
+  return {"machine": _machine_key(), "entries": {}}
+
+
+def _write_cache(path: str, key: str, entry: dict) -> bool:
+  """Merges one entry into the cache file atomically; False if unwritable."""
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    data = _read_cache(path)       # other processes may have added entries
+    data["entries"][key] = entry
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+    try:
+      with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+      os.replace(tmp, path)
+    finally:
+      if os.path.exists(tmp):
+        os.unlink(tmp)
+    return True
+  except OSError as e:
+    logging.getLogger(__name__).warning(
+        "conv autotune: cannot write the cache %s (%s); using the fixed "
+        "rules", path, e)
+    return False
+
+
+def _cache_writable(path: str) -> bool:
+  """Whether the cache directory can be written (probed once per path)."""
+  if _CACHE_STATE.get("path") != path:
+    ok = True
+    try:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      fd, tmp = tempfile.mkstemp(prefix=".probe-", dir=os.path.dirname(path))
+      os.close(fd)
+      os.unlink(tmp)
+    except OSError as e:
+      ok = False
+      logging.getLogger(__name__).warning(
+          "conv autotune off: cache directory of %s not writable (%s)", path, e)
+    _CACHE_STATE.update(path=path, writable=ok)
+  return _CACHE_STATE["writable"]
+
+
+def candidate_lowerings(x: Array, kernel: Array, strides: Sequence[int],
+                        padding: Sequence[tuple[int, int]],
+                        dilation: Sequence[int],
+                        out_size: Sequence[int]) -> list[str]:
+  """Lowerings that apply to this conv and may be the fastest somewhere.
+
+  depth_taps always; out_taps at depth stride 1 with C >= O; full im2col for
+  small output planes; the Fourier path for stride-1, undilated convs with
+  >= FFT_MIN_TAPS taps (channel and size limits are the tuner's business).
+  The rule's choice is always among them.
+  """
+  b, c = x.shape[0], kernel.shape[3]
+  o = kernel.shape[4]
+  taps = math.prod(kernel.shape[:3])
+  out = ["depth_taps"]
+  if strides[0] == 1 and kernel.shape[0] > 1 and o <= c:
+    out.append("out_taps")
+  if (out_size[1] * out_size[2] <= AUTOTUNE_IM2COL_MAX_PLANE
+      and b * math.prod(out_size) * taps * c <= AUTOTUNE_IM2COL_MAX_ELEMS):
+    out.append("im2col")
+  if (tuple(strides) == (1, 1, 1) and tuple(dilation) == (1, 1, 1)
+      and all(p >= 0 for pair in padding for p in pair)
+      and taps >= FFT_MIN_TAPS and _batch_devices(x) == 1):
+    out.append("fft")
+  rule = rule_lowering(x, kernel, strides, padding, dilation, out_size)
+  if rule not in out:
+    out.append(rule)
+  return out
+
+
+def _entry_key(x, kernel, strides, padding, dilation) -> str:
+  return (f"x{'x'.join(map(str, x.shape))}_k{'x'.join(map(str, kernel.shape))}"
+          f"_s{'x'.join(map(str, strides))}"
+          f"_p{'x'.join(f'{lo}-{hi}' for lo, hi in padding)}"
+          f"_d{'x'.join(map(str, dilation))}_{jnp.dtype(x.dtype).name}")
+
+
+def _time_lowering(name: str, x: Array, kernel: Array,
+                   out_size: Sequence[int], strides: Sequence[int],
+                   padding: Sequence[tuple[int, int]],
+                   dilation: Sequence[int],
+                   give_up: float = float("inf")) -> float:
+  """Best wall seconds of one jitted forward + input and weight gradients.
+
+  Stops repeating once a run takes more than `give_up` seconds (a candidate
+  already 2x slower than the best so far is not timed further).
+  """
+  fn = _LOWERINGS[name]
+  with jax.ensure_compile_time_eval():
+    rng = np.random.default_rng(0)
+    xs = jnp.asarray(rng.standard_normal(x.shape, np.float32), x.dtype)
+    ws = jnp.asarray(rng.standard_normal(kernel.shape, np.float32) * 0.05,
+                     kernel.dtype)
+
+    @jax.jit
+    def step(xs, ws):
+      y, vjp = jax.vjp(lambda a, k: fn(a, k, out_size, strides, padding,
+                                       dilation), xs, ws)
+      return vjp(y)
+    jax.block_until_ready(step(xs, ws))          # compile + first run
+    best = float("inf")
+    for _ in range(AUTOTUNE_REPEATS):
+      t = time.perf_counter()
+      jax.block_until_ready(step(xs, ws))
+      best = min(best, time.perf_counter() - t)
+      if best > give_up:
+        break
+  return best
+
+
+def choose_lowering(x: Array, kernel: Array, strides: Sequence[int],
+                    padding: Sequence[tuple[int, int]],
+                    dilation: Sequence[int],
+                    out_size: Sequence[int]) -> str:
+  """The lowering `conv3d_taps` uses: the rules, or the tuned choice."""
+  rule = rule_lowering(x, kernel, strides, padding, dilation, out_size)
+  b, c, o = x.shape[0], kernel.shape[3], kernel.shape[4]
+  flops = 2.0 * b * math.prod(out_size) * math.prod(kernel.shape[:3]) * c * o
+  if (not autotune_enabled() or flops < AUTOTUNE_MIN_FLOPS
+      or _batch_devices(x) > 1 or jax.default_backend() != "cpu"):
+    return rule
+  cands = candidate_lowerings(x, kernel, strides, padding, dilation, out_size)
+  if len(cands) == 1:
+    return rule
+  key = _entry_key(x, kernel, strides, padding, dilation)
+  path = autotune_cache_path()
+  mem_key = f"{path}|{key}"
+  if mem_key in _TUNED:
+    return _TUNED[mem_key]
+  entry = _read_cache(path)["entries"].get(key)
+  if not (isinstance(entry, dict) and entry.get("choice") in cands):
+    if not _cache_writable(path):
+      return rule
+    t0 = time.perf_counter()
+    times = {}
+    for n in sorted(cands, key=lambda n: n != rule):     # the rule's first
+      times[n] = _time_lowering(n, x, kernel, out_size, strides, padding,
+                                dilation, 2.0 * min(times.values(),
+                                                    default=float("inf")))
+    best = min(times, key=times.get)
+    if times[best] > (1.0 - AUTOTUNE_MARGIN) * times[rule]:
+      best = rule
+    entry = {"choice": best, "rule": rule,
+             "ms": {n: round(1e3 * t, 3) for n, t in times.items()},
+             "tune_s": round(time.perf_counter() - t0, 2)}
+    logging.getLogger(__name__).info("conv autotune %s: %s (rule %s) %s",
+                                     key, best, rule, entry["ms"])
+    if not _write_cache(path, key, entry):
+      _CACHE_STATE.update(path=path, writable=False)
+      return rule
+  _TUNED[mem_key] = entry["choice"]
+  _TUNE_LOG[key] = entry
+  return entry["choice"]
+
+
+def autotune_log() -> dict[str, dict]:
+  """This process's tuned convs: entry key -> choice, rule, times (ms)."""
+  return dict(_TUNE_LOG)
 
 
 def conv3d(x: Array, kernel: Array, strides: Sequence[int] = (1, 1, 1),
@@ -504,8 +815,75 @@ def conv3d(x: Array, kernel: Array, strides: Sequence[int] = (1, 1, 1),
                               x)
 
 
+# How the "xla" path writes a transposed conv, per backend (None: "dilated"):
+# "dilated" is `lax.conv_transpose`, a conv over the stride-dilated input
+# (XLA's CPU and TPU form; on GPU its 3D forms and their gradients are a slow
+# cuDNN path, jax issues 8537 / 31662 / 23783), "subpixel" one ordinary conv
+# to s^3 * O channels plus a depth-to-space (`_conv_transpose3d_subpixel`:
+# for VNet's 2^3 stride-2 up convs a 1x1x1 conv, i.e. a GEMM, with plain
+# GEMM gradients). TRANSPOSE_IMPL or $RADNET_TRANSPOSE_IMPL override it for
+# every backend; the CPU default path ("taps") does not use this.
+TRANSPOSE_IMPLS = ("dilated", "subpixel")
+TRANSPOSE_BY_BACKEND = {"gpu": "subpixel"}
+TRANSPOSE_IMPL: str | None = None
+TRANSPOSE_ENV = "RADNET_TRANSPOSE_IMPL"
+
+
+def transpose_formulation(backend: str | None = None) -> str:
+  """The "xla"-path transposed-conv formulation for `backend` (default: JAX's)."""
+  form = TRANSPOSE_IMPL or os.environ.get(TRANSPOSE_ENV) or None
+  if form is None:
+    form = TRANSPOSE_BY_BACKEND.get(backend or jax.default_backend(),
+                                    "dilated")
+  if form not in TRANSPOSE_IMPLS:
+    raise ValueError(f"transposed-conv formulation must be one of "
+                     f"{TRANSPOSE_IMPLS}, got {form!r}")
+  return form
+
+
+def _conv_transpose3d_subpixel(x: Array, kernel: Array,
+                               strides: Sequence[int]) -> Array:
+  """PyTorch-semantics transposed conv as one conv + depth-to-space.
+
+  Output voxel `s*q + p` (phase p < s per axis) sums `x[q - j] @ w[p + s*j]`
+  over `j < J = ceil(k / s)`: for every phase an ordinary conv of `x` with
+  the taps `p, p + s, ...` of the kernel. The kernel is zero-padded to `J*s`
+  taps per axis and the s^3 phases become output channels, so the whole op
+  is ONE stride-1 conv `(J, J, J, C, s^3 * O)` with padding J - 1 on both
+  sides (a 1x1x1 conv when kernel == stride), then the phases are moved
+  into space and the result cropped to `(n - 1) * s + k`. No input dilation:
+  forward, input gradient and weight gradient are ordinary convolutions.
+  """
+  b, d, h, w, c = x.shape
+  ks = kernel.shape[:3]
+  o = kernel.shape[4]
+  s0, s1, s2 = strides
+  j0, j1, j2 = (-(-k // st) for k, st in zip(ks, strides))
+  kp = jnp.pad(kernel, [(0, j * st - k) for j, st, k in
+                        zip((j0, j1, j2), strides, ks)] + [(0, 0), (0, 0)])
+  kp = kp.reshape(j0, s0, j1, s1, j2, s2, c, o)[::-1, :, ::-1, :, ::-1]
+  kp = kp.transpose(0, 2, 4, 6, 1, 3, 5, 7).reshape(j0, j1, j2, c,
+                                                     s0 * s1 * s2 * o)
+  z = lax.conv_general_dilated(
+      x, kp.astype(x.dtype), (1, 1, 1), [(j - 1, j - 1) for j in (j0, j1, j2)],
+      dimension_numbers=_DN)
+  n0, n1, n2 = d + j0 - 1, h + j1 - 1, w + j2 - 1
+  # One axis split / merge per reshape (see `_reshape_steps`).
+  z = _reshape_steps(z, [(b, n0, n1, n2, s0, s1 * s2 * o),
+                         (b, n0, n1, n2, s0, s1, s2 * o),
+                         (b, n0, n1, n2, s0, s1, s2, o)])
+  z = z.transpose(0, 1, 4, 2, 5, 3, 6, 7)    # b n0 s0 n1 s1 n2 s2 o
+  z = _reshape_steps(z, [(b, n0 * s0, n1, s1, n2, s2, o),
+                         (b, n0 * s0, n1 * s1, n2, s2, o),
+                         (b, n0 * s0, n1 * s1, n2 * s2, o)])
+  z = z[:, :(d - 1) * s0 + ks[0], :(h - 1) * s1 + ks[1],
+        :(w - 1) * s2 + ks[2]]
+  return _keep_batch_sharding(z, x)
+
+
 def conv_transpose3d(x: Array, kernel: Array, strides: Sequence[int],
-                     impl: str = "auto") -> Array:
+                     impl: str = "auto",
+                     transpose_impl: str | None = None) -> Array:
   """Transposed 3D conv, PyTorch `ConvTranspose3d(padding=0)` semantics.
 
   Args:
@@ -513,6 +891,10 @@ def conv_transpose3d(x: Array, kernel: Array, strides: Sequence[int],
     kernel: `(kD, kH, kW, C, O)`; each input voxel i adds `x[i] @ kernel[a]`
       to output voxel `s*i + a`.
     strides: 3 ints.
+    impl: as in `conv3d` ("auto" = "taps" on CPU, "xla" elsewhere).
+    transpose_impl: the formulation of the "xla" path, "dilated" or
+      "subpixel"; None = `transpose_formulation()` (per backend: subpixel
+      on GPU, dilated elsewhere).
 
   Returns:
     `(B, (D-1)*sD + kD, ..., O)`.
@@ -524,13 +906,22 @@ def conv_transpose3d(x: Array, kernel: Array, strides: Sequence[int],
   kd, kh, kw, c, o = kernel.shape
   if x.shape[-1] != c:
     raise ValueError(f"input has {x.shape[-1]} channels, kernel expects {c}")
-  if resolve_impl(impl) == "taps" and (kd, kh, kw) == strides:
-    b, d, h, w, _ = x.shape
-    y = jnp.einsum("bdhwc,xyzco->bdxhywzo", x, kernel)
-    y = _reshape_steps(y, [(b, d * kd, h, kh, w, kw, o),
-                           (b, d * kd, h * kh, w, kw, o),
-                           (b, d * kd, h * kh, w * kw, o)])
-    return _keep_batch_sharding(y, x)
+  if resolve_impl(impl) == "taps":
+    if (kd, kh, kw) == strides:
+      b, d, h, w, _ = x.shape
+      y = jnp.einsum("bdhwc,xyzco->bdxhywzo", x, kernel)
+      y = _reshape_steps(y, [(b, d * kd, h, kh, w, kw, o),
+                             (b, d * kd, h * kh, w, kw, o),
+                             (b, d * kd, h * kh, w * kw, o)])
+      return _keep_batch_sharding(y, x)
+    form = "dilated"        # the CPU path, as measured there
+  else:
+    form = transpose_impl or transpose_formulation()
+    if form not in TRANSPOSE_IMPLS:
+      raise ValueError(f"transpose_impl must be one of {TRANSPOSE_IMPLS}, "
+                       f"got {form!r}")
+  if form == "subpixel":
+    return _conv_transpose3d_subpixel(x, kernel, strides)
   return lax.conv_transpose(x, kernel[::-1, ::-1, ::-1], strides, "VALID",
                             dimension_numbers=_DN)
 
@@ -581,6 +972,8 @@ class ConvTranspose3D(nn.Module):
   """Transposed 3D conv (PyTorch padding=0 semantics); params `kernel`, `bias`.
 
   Output size per axis `(n - 1) * stride + kernel`; kernel `(kD, kH, kW, C, O)`.
+  `transpose_impl` picks the formulation of the "xla" path ("dilated" |
+  "subpixel", None = per backend; see `conv_transpose3d`).
   """
   features: int
   kernel_size: int | Sequence[int] = 2
@@ -589,6 +982,7 @@ class ConvTranspose3D(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   conv_impl: str = "auto"
+  transpose_impl: str | None = None   # "xla" path: see `conv_transpose3d`
   kernel_init: Any = kaiming_fan_out
   bias_init: Any = nn.initializers.zeros
 
@@ -599,7 +993,7 @@ class ConvTranspose3D(nn.Module):
     kernel = self.param("kernel", self.kernel_init,
                         (*ks, x.shape[-1], self.features), self.param_dtype)
     y = conv_transpose3d(x.astype(self.dtype), kernel.astype(self.dtype),
-                         self.strides, self.conv_impl)
+                         self.strides, self.conv_impl, self.transpose_impl)
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (self.features,),
                         self.param_dtype)

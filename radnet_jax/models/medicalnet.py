@@ -16,6 +16,7 @@ tensor axes are our `(D, H, W)`, channel moved last.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -29,6 +30,11 @@ from radnet_jax.models.resnet3d import ResNet3D, get_model
 
 DEPTH_PRESETS = {10: "resnet10", 18: "resnet18", 34: "resnet34",
                  50: "resnet50", 101: "resnet101"}
+# (block, blocks per stage) -> depth, as MedicalNet's resnet.py builds them.
+_DEPTHS = {("basic", (1, 1, 1, 1)): 10, ("basic", (2, 2, 2, 2)): 18,
+           ("basic", (3, 4, 6, 3)): 34, ("bottleneck", (3, 4, 6, 3)): 50,
+           ("bottleneck", (3, 4, 23, 3)): 101}
+PREFIX = "medicalnet:"
 _BN = {"weight": ("params", "scale"), "bias": ("params", "bias"),
        "running_mean": ("batch_stats", "mean"),
        "running_var": ("batch_stats", "var")}
@@ -109,8 +115,81 @@ def _target(key: str) -> tuple[str, tuple[str, ...]] | str:
   return "not a MedicalNet ResNet trunk key"
 
 
+def read_state_dict(path_or_state_dict: str | Mapping[str, Any]) -> dict[str, Any]:
+  """The (unprefixed) state dict of a MedicalNet ``.pth`` file or mapping."""
+  return _read(path_or_state_dict)
+
+
+def describe(sd: Mapping[str, Any], where: str = "state dict") -> dict[str, Any]:
+  """Architecture of a MedicalNet state dict, read from its keys and shapes.
+
+  Returns {"depth", "shortcut_type" ("A" | "B"), "num_filters" (stem width),
+  "in_channels", "block" ("basic" | "bottleneck")}; ValueError naming
+  ``where`` when the layer layout is not one of MedicalNet's ResNets.
+  """
+  if "conv1.weight" not in sd:
+    raise ValueError(f"{where}: no conv1.weight; not a MedicalNet ResNet")
+  blocks = []
+  for layer in range(1, 5):
+    ids = {int(m.group(1)) for k in sd
+           if (m := re.match(rf"layer{layer}\.(\d+)\.", k))}
+    blocks.append(max(ids) + 1 if ids else 0)
+  block = "bottleneck" if any(re.match(r"layer\d\.\d+\.conv3\.", k) for k in sd) \
+      else "basic"
+  depth = _DEPTHS.get((block, tuple(blocks)))
+  if depth is None:
+    raise ValueError(f"{where}: {block} blocks per stage {tuple(blocks)} match no "
+                     f"MedicalNet ResNet depth ({sorted(DEPTH_PRESETS)})")
+  w = _to_numpy(sd["conv1.weight"]).shape
+  return {"depth": depth, "block": block, "num_filters": int(w[0]), "in_channels": int(w[1]),
+          "shortcut_type": "B" if any(".downsample." in k for k in sd) else "A"}
+
+
+def parse_source(source: str) -> tuple[str, int | None]:
+  """``medicalnet:PATH[:depth=N]`` -> (PATH, N or the depth in a ``resnet_N``
+  file name, or None: then the state dict says it, see ``describe``)."""
+  spec = source[len(PREFIX):] if source.startswith(PREFIX) else source
+  depth = None
+  m = re.fullmatch(r"(.*):depth=(\d+)", spec)
+  if m:
+    spec, depth = m.group(1), int(m.group(2))
+  else:
+    named = re.search(r"resnet_?(\d+)", os.path.basename(spec), flags=re.I)
+    if named and int(named.group(1)) in DEPTH_PRESETS:
+      depth = int(named.group(1))
+  if depth is not None and depth not in DEPTH_PRESETS:
+    raise ValueError(f"{source}: MedicalNet depth must be one of {sorted(DEPTH_PRESETS)}, "
+                     f"got {depth}")
+  return spec, depth
+
+
+def trunk_spec(info: Mapping[str, Any]) -> dict[str, Any]:
+  """``vnet.ResNetVNet(trunk=...)`` / ``model.backbone`` of a described file."""
+  return {"preset": DEPTH_PRESETS[int(info["depth"])], "layout": "medicalnet",
+          "shortcut_type": str(info["shortcut_type"]), "num_filters": int(info["num_filters"])}
+
+
+def load_source(source: str) -> tuple[dict[str, Any], dict[str, Any], ImportReport]:
+  """``medicalnet:PATH[:depth=N]`` -> (variables {"params", "batch_stats"} with
+  the trunk under "trunk", ``describe``'s architecture, report).
+
+  The depth is read from the file; a depth in the name (``resnet_18.pth``)
+  or given (``:depth=18``) must agree with it.
+  """
+  path, depth = parse_source(source)
+  sd = _read(path)
+  info = describe(sd, path)
+  if depth is not None and depth != info["depth"]:
+    raise ValueError(f"{source}: depth {depth} was asked for, but the file holds a "
+                     f"ResNet-{info['depth']} ({info['block']} blocks)")
+  _, variables, report = load_medicalnet(sd, info["depth"],
+                                         num_filters=info["num_filters"],
+                                         source_name=path)
+  return variables, info, report
+
+
 def load_medicalnet(path_or_state_dict: str | Mapping[str, Any], depth: int,
-                    **model_kwargs: Any
+                    source_name: str | None = None, **model_kwargs: Any
                     ) -> tuple[ResNet3D, dict[str, Any], ImportReport]:
   """Builds `ResNet3D(layout="medicalnet")` and fills it from MedicalNet.
 
@@ -118,6 +197,7 @@ def load_medicalnet(path_or_state_dict: str | Mapping[str, Any], depth: int,
     path_or_state_dict: a `resnet_{depth}.pth` file (a state dict, or a dict
       with "state_dict"), or the state dict itself (torch tensors or numpy).
     depth: 10, 18, 34, 50 or 101.
+    source_name: the file named in errors when a state dict is passed.
     **model_kwargs: extra `ResNet3D` kwargs (heads, dtype, conv_impl, ...);
       new heads stay randomly initialised (reported).
 
@@ -132,7 +212,7 @@ def load_medicalnet(path_or_state_dict: str | Mapping[str, Any], depth: int,
     raise ValueError(f"MedicalNet depth must be one of {sorted(DEPTH_PRESETS)}"
                      f", got {depth}")
   src = f"{path_or_state_dict}" if isinstance(path_or_state_dict, str) \
-      else "state dict"
+      else (source_name or "state dict")
   sd = _read(path_or_state_dict)
   if "conv1.weight" not in sd:
     raise ValueError(f"{src}: no conv1.weight; not a MedicalNet ResNet")

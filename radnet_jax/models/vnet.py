@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from radnet_jax.models.intensity import InputWindows
 from radnet_jax.models.layers import Conv3D, ConvTranspose3D, batch_norm
 from radnet_jax.models.resnet3d import ResNetTrunk, preset_kwargs
 
@@ -237,6 +238,9 @@ class ResNetVNet(nn.Module):
     decoder_kernel: their kernel size.
     act: "elu" | "prelu" | "relu" in the decoder.
     dtype, param_dtype, conv_impl: as in `ResNet3D` (the trunk uses them too).
+    input_windows: the learnable intensity curve in front of the trunk
+      (`intensity.InputWindows`, as `ResNet3D.input_windows`; empty = none):
+      a transferred trunk keeps the curve it was pretrained behind.
 
   Each decoder level upsamples by the exact stride between the two feature
   maps (transposed conv, kernel = stride; 1^3 conv when the resolution is the
@@ -253,12 +257,16 @@ class ResNetVNet(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   conv_impl: str = "auto"
+  input_windows: Sequence[Sequence[float]] = ()
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     """`x` `(B, D, H, W, C)` -> float32 logits `(B, D, H, W, out_channels)`."""
     if x.ndim != 5:
       raise ValueError(f"ResNetVNet wants (B, D, H, W, C) input, got {x.shape}")
+    if self.input_windows:
+      x = InputWindows(tuple(tuple(float(v) for v in w) for w in self.input_windows),
+                       name="input_windows")(x)
     if len(self.decoder_filters) != 5 or len(self.decoder_convs) != 5:
       raise ValueError("decoder_filters and decoder_convs need 5 entries")
     feats = ResNetTrunk(**trunk_kwargs(self.trunk), dtype=self.dtype,

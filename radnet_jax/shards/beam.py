@@ -22,7 +22,7 @@ Two input modes:
   (``radnet_jax.dicom.scan``) and the stacks are distributed;
 * **remote** (``gs://`` / ``s3://`` prefix, e.g. an IDC download mirrored to
   a bucket with one folder per series): the driver lists the sub-folders
-  (``--scan_depth`` levels down) and each worker copies one folder to local
+  (``--scan-depth`` levels down) and each worker copies one folder to local
   disk, scans and converts it. A series must not span two units.
 
 Shard layout: records of a split go to ``ceil(n / records_per_shard)``
@@ -115,7 +115,7 @@ def stack_record(stack: Any, opts: Options, priors_obj: Any = None,
   md = cached["metadata"]
   try:
     entry = convert.label_entry(md, stack.key, opts.taxonomy, priors_obj,
-                                overrides_table)
+                                overrides_table, scan_record=stack.record)
   except Exception as e:  # noqa: BLE001
     raise StageError("label", e) from e
   sp = convert.split_of(convert.patient_key(md, stack.key), opts.split, opts.seed)

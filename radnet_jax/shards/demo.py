@@ -17,6 +17,7 @@ import time
 from typing import Mapping
 
 from radnet_jax.phantom import corpus as phantom_corpus
+from radnet_jax.shards import records
 
 log = logging.getLogger("radnet_jax")
 
@@ -62,7 +63,7 @@ def demo_salt(seed: int) -> str:
 
 
 def _manifest_ok(shards: str) -> bool:
-  return os.path.exists(os.path.join(shards, "manifest.json"))
+  return records.has_manifest(shards)
 
 
 def ensure_phantom_shards(data_cfg: Mapping, taxonomy: str = "paper") -> str:

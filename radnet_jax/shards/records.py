@@ -43,6 +43,8 @@ metadata            the PHI-free DICOM metadata record the labels were
 Pretraining shards are written by ``radnet_jax.shards.build.build_shards``
 (``{split}-{index:05d}-of-{count:05d}.array_record``, ``group_size:1``) with a
 ``manifest.json`` listing them; ``convert.shard_paths(out_dir, split)``.
+Every reader of a shards folder's ``manifest.json`` (pretraining or
+segmentation) goes through ``read_manifest``.
 
 Segmentation records (``kind == "segmentation"``): ``volume`` float16
 ``(D, H, W)``, ``mask`` uint8 ``(D, H, W)`` (0 background, 1 liver, 2 tumour),
@@ -57,8 +59,10 @@ import struct
 from typing import Any, Mapping
 
 import numpy as np
+from etils import epath
 
 SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
 MAGIC = b"RDNT"
 _HEAD = struct.Struct("<4sHI")
 _ALIGN = 64
@@ -140,3 +144,30 @@ def read_meta(path: str) -> dict:
 def spacing_target(value: Any) -> float:
   """JSON null (written for NaN) back to NaN."""
   return float("nan") if value is None else float(value)
+
+
+def read_manifest(shards_dir: str, kind: str | None = None) -> dict:
+  """The ``manifest.json`` of a shards folder (local or any ``epath`` location).
+
+  kind: "pretrain" or "segmentation" to check which converter wrote it.
+  Raises FileNotFoundError (no manifest) or ValueError (not JSON, or another
+  kind), naming the file.
+  """
+  path = epath.Path(shards_dir) / MANIFEST
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: no manifest (build the shards first: python -m "
+                            f"data_prep.build_shards, or data_prep.build_seg_shards)")
+  try:
+    manifest = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from e
+  # Manifests written before "kind" existed are pretraining manifests.
+  found = manifest.get("kind", "pretrain")
+  if kind is not None and found != kind:
+    raise ValueError(f"{path}: a {found!r} manifest, expected {kind!r}")
+  return manifest
+
+
+def has_manifest(shards_dir: str) -> bool:
+  """Whether ``shards_dir`` holds a complete conversion (its manifest)."""
+  return (epath.Path(shards_dir) / MANIFEST).exists()

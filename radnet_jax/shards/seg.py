@@ -38,19 +38,18 @@ import os
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
-import nibabel as nib
 import numpy as np
 
 from radnet_jax.shards import records
 from radnet_jax import resample as resample_lib
 from radnet_jax.dicom import nifti
 from radnet_jax.dicom import seg as segdicom
+from radnet_jax.labels import lits
 from radnet_jax.privacy import safe_name
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-LABELS = (0, 1, 2)
 _VOLUME_RE = re.compile(r"^volume-(.+?)\.nii(\.gz)?$")
 
 
@@ -187,7 +186,7 @@ def record_from_canonical(case: str, hu: np.ndarray, affine: np.ndarray,
   vol, grid_affine, geometry = preprocess(hu, affine, geometry, cfg)
   if seg is not None:
     seg = np.rint(seg)
-    bad = np.setdiff1d(np.unique(seg), LABELS)
+    bad = np.setdiff1d(np.unique(seg), lits.LABELS)
     if bad.size:
       raise ValueError(f"{where}: unexpected labels {bad.tolist()} "
                        f"(expected 0 background, 1 liver, 2 tumour)")
@@ -294,8 +293,7 @@ def build_shards(input_dir: str, out_dir: str, cfg: SegPrepConfig = SegPrepConfi
   os.makedirs(out_dir, exist_ok=True)
   writers, counts = {}, {s: 0 for s in SPLITS}
   manifest = {"kind": "segmentation", "config": dataclasses.asdict(cfg),
-              "normalisation": cfg.normalisation, "labels": {
-                  "0": "background", "1": "liver", "2": "tumour"},
+              "normalisation": cfg.normalisation, "labels": lits.vocabulary(3),
               "splits": {s: [] for s in SPLITS}, "cases": {}, "errors": []}
   if fmt == "dicom":
     manifest["format"] = "dicom"
@@ -333,7 +331,7 @@ def build_shards(input_dir: str, out_dir: str, cfg: SegPrepConfig = SegPrepConfi
   manifest["files"] = {s: os.path.basename(shard_path(out_dir, s))
                        for s in SPLITS if counts[s]}
   manifest["counts"] = counts
-  with open(os.path.join(out_dir, "manifest.json"), "w") as f:
+  with open(os.path.join(out_dir, records.MANIFEST), "w") as f:
     json.dump(manifest, f, indent=1)
   if progress:
     print(f"{'split':<6} {'cases':>5}")
@@ -345,12 +343,8 @@ def build_shards(input_dir: str, out_dir: str, cfg: SegPrepConfig = SegPrepConfi
 
 
 def load_manifest(shards_dir: str) -> dict:
-  path = os.path.join(shards_dir, "manifest.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no segmentation manifest (run "
-                            f"python -m data_prep.build_seg_shards first)")
-  with open(path) as f:
-    return json.load(f)
+  """The segmentation shards' ``manifest.json`` (``records.read_manifest``)."""
+  return records.read_manifest(shards_dir, "segmentation")
 
 
 def load_records(shards_dir: str, split: str,

@@ -19,11 +19,13 @@ import jax
 import ml_collections
 import numpy as np
 
+from radnet_jax import contract as contract_lib
 from radnet_jax.data import device_augment
 from radnet_jax.data import pretrain as input_pipeline
 from radnet_jax.labels import taxonomy as tax
 from radnet_jax.models import factory
 from radnet_jax.shards import demo
+from radnet_jax.shards import records
 from radnet_jax.training import checkpoints
 from radnet_jax.training import distributed
 from radnet_jax.training import loop
@@ -119,7 +121,9 @@ def write_results(workdir: str, results: Mapping[str, Any], split: str, extra: M
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains, validates (best checkpoint), tests; returns the test results.
 
-  Writes to ``workdir``: config.json, checkpoints/, best/, metrics.jsonl,
+  Writes to ``workdir``: config.json, contract.json (the preprocessing
+  contract: shard shape, intensity mapping, orientation, taxonomy; what
+  ``radnet_jax.load`` prepares inputs by), checkpoints/, best/, metrics.jsonl,
   tb/ (TensorBoard), results.json, results.md, results_<split>.md, plots/.
   """
   os.makedirs(workdir, exist_ok=True)
@@ -207,6 +211,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --------------------------------------------------------------- restore --
   checkpoints.save_config(workdir, config)
+  if jax.process_index() == 0:   # what inference will prepare inputs as
+    manifest = records.read_manifest(shards_dir) if records.has_manifest(shards_dir) else None
+    contract_lib.write(workdir, contract_lib.for_pretrain(config, manifest))
   ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints,
                                   best_metric=config.best_metric if counts["val"] else None,
                                   best_mode=config.best_mode)

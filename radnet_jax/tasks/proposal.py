@@ -127,7 +127,8 @@ def train_proposer(config, shards_dir: str, cases: Sequence[str], init_from: str
 
   ``config.proposal``: slab_depth, in_plane, steps, batch_size, lr,
   threshold, margin, min_voxels. ``config.model.backbone`` names the
-  ResNet3D preset (the same as pretraining, so the trunk transfers).
+  ResNet3D preset, or {"preset", **trunk kwargs} (the same as pretraining,
+  so the trunk transfers; ``segment.resolve_source`` derives it).
   """
   pc = config.proposal
   t0 = time.time()

@@ -2,31 +2,40 @@
 
 ``train_and_evaluate(config, workdir)`` is the ``config.entry`` of
 ``experiments/transfer_liver.py`` (``python run.py --config=...``). It reuses
-``radnet_jax.training.trainer`` (mesh, optimizer, jitted steps, metric writer) and
-``radnet_jax.training.checkpoints`` (Orbax resume with the grain iterator state, best
-checkpoint); this module only supplies what is specific to segmentation:
+``radnet_jax.training.loop`` (the one fit loop: logging, divergence checks,
+best checkpoint, resume with the grain iterator state), ``radnet_jax.training.trainer``
+(mesh, optimizer, jitted steps) and ``radnet_jax.models.factory`` (the network);
+this module only supplies what is specific to segmentation:
 
 * data: segmentation shards (``radnet_jax.shards.seg``); with an empty
   ``config.data.shards_dir`` the phantom LiTS set is generated and converted
   once into the cache (``radnet_jax.shards.demo.cache_root``);
-* a grain pipeline of foreground-biased random patches: with probability
-  ``config.data.fg_prob`` a patch is centred on a random liver voxel, else on
-  a random voxel; intensity/noise/flip augmentation;
+* a grain pipeline of foreground-biased random patches
+  (``radnet_jax.data.segment``): with probability ``config.data.fg_prob`` a
+  patch is centred on a random liver voxel, else on a random voxel;
+  intensity/noise/flip augmentation;
 * loss: softmax cross-entropy + soft Dice over the foreground classes;
 * transfer (``radnet_jax.training.transfer``): encoder weights from a pretraining
   checkpoint, optionally frozen for the first K steps;
-* evaluation on whole volumes: sliding-window inference
-  (``radnet_jax.inference.sliding_window``), optional liver-slab proposal
-  (``radnet_jax.tasks.proposal``), largest-connected-component post-processing,
-  Dice / ASSD (``radnet_jax.training.seg_metrics``) on the record grid; predicted masks
-  written as NIfTI in each case's original geometry; ``results.json``.
+* the source's preprocessing contract (``radnet_jax.contract``): with a
+  pretraining run as ``init_from``, the trunk is fed the intensity mapping it
+  was pretrained on (and its learnable input curve), and ``model.backbone``
+  is the source's model (``resolve_source``); ``config.intensity_from =
+  "config"`` keeps ``config.data.window`` instead, and says so in the log;
+* evaluation on whole volumes with the same code as inference on new CTs
+  (``radnet_jax.inference.segment``: sliding windows of the patch shape,
+  largest-connected-component post-processing), optional liver-slab
+  proposal (``radnet_jax.tasks.proposal``), Dice / ASSD
+  (``radnet_jax.training.seg_metrics``) on the record grid; predicted masks
+  written as NIfTI in each case's original geometry; ``results.json``;
+* the run's contract (spacing, HU window, orientation, patch shape, labels)
+  written to ``<workdir>/contract.json``: what inference reads.
 
 Batches: ``volume`` float32 ``(B, d, h, w, 1)``, ``label`` int32
 ``(B, d, h, w)`` (0 background, 1 liver[, 2 tumour] per ``num_classes``).
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -34,18 +43,21 @@ import shutil
 import time
 from typing import Any, Mapping, Sequence
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from radnet_jax import contract as contract_lib
 from radnet_jax import phantom
+from radnet_jax.data import segment as seg_input
 from radnet_jax.dicom import nifti
-from radnet_jax.inference import sliding_window as inference
+from radnet_jax.inference import segment as seg_inference
+from radnet_jax.inference import sliding_window
+from radnet_jax.labels import lits
 from radnet_jax.models import factory
+from radnet_jax.models import vnet
 from radnet_jax.shards import demo
-from radnet_jax.shards import records
 from radnet_jax.shards import seg as segdata
 from radnet_jax.tasks import pretrain
 from radnet_jax.tasks import proposal
@@ -118,187 +130,31 @@ def ensure_shards(data_cfg: Mapping) -> str:
   return shards
 
 
-def select_cases(train_cases: Sequence[str], n_train: int, seed: int) -> list[str]:
-  """The first ``n_train`` cases of a seeded shuffle (all if n_train <= 0).
-
-  Nested: the cases chosen for n are a subset of those for n + 1 (same seed).
-  """
-  cases = sorted(train_cases)
-  order = np.random.default_rng(seed).permutation(len(cases))
-  chosen = [cases[i] for i in order]
-  return chosen if n_train <= 0 else chosen[:n_train]
-
-
-def map_labels(mask: np.ndarray, num_classes: int) -> np.ndarray:
-  """LiTS labels -> training classes: 2 classes = liver incl. tumour vs rest."""
-  if num_classes == 2:
-    return (mask > 0).astype(np.int32)
-  if num_classes == 3:
-    return mask.astype(np.int32)
-  raise ValueError(f"num_classes must be 2 (liver) or 3 (liver, tumour), got {num_classes}")
-
-
-def sample_patch(volume: np.ndarray, mask: np.ndarray, fg_index: np.ndarray,
-                 patch: Sequence[int], rng: np.random.Generator, fg_prob: float,
-                 pad_value: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-  """A ``patch``-sized crop ``(d, h, w)`` of volume and mask.
-
-  Centred on a random foreground voxel (``fg_index``: flat indices) with
-  probability ``fg_prob``, else on a uniform random voxel; axes shorter than
-  the patch are padded (volume with ``pad_value``, mask with 0).
-  """
-  patch = tuple(int(p) for p in patch)
-  shape = volume.shape
-  if fg_index.size and rng.random() < fg_prob:
-    centre = np.unravel_index(int(fg_index[rng.integers(fg_index.size)]), shape)
-  else:
-    centre = tuple(int(rng.integers(s)) for s in shape)
-  sl, pads = [], []
-  for c, s, p in zip(centre, shape, patch):
-    if s >= p:
-      start = int(np.clip(c - p // 2, 0, s - p))
-      sl.append(slice(start, start + p))
-      pads.append((0, 0))
-    else:
-      sl.append(slice(0, s))
-      before = int(rng.integers(p - s + 1))
-      pads.append((before, p - s - before))
-  v = np.asarray(volume[tuple(sl)], np.float32)
-  m = np.asarray(mask[tuple(sl)])
-  if any(p != (0, 0) for p in pads):
-    v = np.pad(v, pads, constant_values=pad_value)
-    m = np.pad(m, pads)
-  return v, m
-
-
-def augment_patch(v: np.ndarray, m: np.ndarray, rng: np.random.Generator,
-                  cfg: Mapping) -> tuple[np.ndarray, np.ndarray]:
-  """Label-safe augmentation: intensity scale/shift, Gaussian noise, flips.
-
-  cfg keys: scale (relative), shift (absolute, in normalised units),
-  noise_std, flip_probs (per axis D, H, W).
-  """
-  if cfg.get("scale", 0):
-    v = v * np.float32(1.0 + rng.uniform(-cfg["scale"], cfg["scale"]))
-  if cfg.get("shift", 0):
-    v = v + np.float32(rng.uniform(-cfg["shift"], cfg["shift"]))
-  if cfg.get("noise_std", 0):
-    v = v + rng.normal(0.0, cfg["noise_std"], v.shape).astype(np.float32)
-  for ax, p in enumerate(cfg.get("flip_probs", (0.0, 0.0, 0.0))):
-    if p and rng.random() < p:
-      v, m = np.flip(v, ax), np.flip(m, ax)
-  return np.ascontiguousarray(v, np.float32), np.ascontiguousarray(m)
-
-
-def train_dataset(shards_dir: str, cases: Sequence[str], *, patch: Sequence[int],
-                  batch_size: int, seed: int, num_classes: int, fg_prob: float,
-                  augment_cfg: Mapping | None, pad_value: float = 0.0,
-                  cache_size: int = 32, num_threads: int = 2, prefetch: int = 2,
-                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """Infinite, checkpointable grain dataset of patch batches (see module doc).
-
-  Each process samples from its slice of ``cases``. Decoded volumes are kept
-  in an LRU cache of ``cache_size`` cases.
-  """
-  path = segdata.shard_path(shards_dir, "train")
-  src = grain.sources.ArrayRecordDataSource([path])
-  index = [i for i in range(len(src)) if records.decode(src[i])["case"] in set(cases)]
-  index = index[process_index::process_count]
-  if not index:
-    raise ValueError(f"{path}: none of the training cases {list(cases)[:5]} "
-                     f"on process {process_index}/{process_count}")
-
-  @functools.lru_cache(maxsize=cache_size)
-  def load(i: int):
-    rec = records.decode(src[i])
-    return rec["volume"], rec["mask"], np.flatnonzero(rec["mask"] > 0)
-
-  def draw(k: int, rng: np.random.Generator) -> dict:
-    vol, mask, fg = load(index[k % len(index)])
-    v, m = sample_patch(vol, mask, fg, patch, rng, fg_prob, pad_value)
-    if augment_cfg is not None:
-      v, m = augment_patch(v, m, rng, augment_cfg)
-    return {"volume": v[..., None], "label": map_labels(m, num_classes)}
-
-  ds = (grain.MapDataset.range(len(index)).shuffle(seed=seed).repeat()
-        .random_map(draw, seed=seed + 1).batch(batch_size, drop_remainder=True))
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=max(num_threads, 1),
-                                              prefetch_buffer_size=max(prefetch, 1)))
-
-
 def _logits(out):
   return out[0] if isinstance(out, (tuple, list)) else out
 
 
-_PREDICT_FNS: dict[int, tuple[Any, Any]] = {}
-
-
-def _predict_probs_fn(model):
-  """Jitted (variables, windows) -> softmax probabilities, one per model
-  object (keyed by identity: Flax modules with dict fields do not hash)."""
-  hit = _PREDICT_FNS.get(id(model))
-  if hit is None or hit[0] is not model:
-    def f(variables, x):
-      return jax.nn.softmax(_logits(model.apply(variables, x, train=False))
-                            .astype(jnp.float32), axis=-1)
-    hit = _PREDICT_FNS[id(model)] = (model, jax.jit(f))
-  return hit[1]
-
-
-def predictor(model, state_or_vars) -> inference.PredictFn:
-  """Softmax predictor for sliding windows; compiled once per window shape."""
-  if hasattr(state_or_vars, "params"):
-    variables = {"params": state_or_vars.params}
-    if jax.tree.leaves(state_or_vars.batch_stats):
-      variables["batch_stats"] = state_or_vars.batch_stats
-  else:
-    variables = state_or_vars
-  # Plain single-device copies: the training state lives on the mesh (with
-  # explicit data-axis shardings) but windows are blended on one device.
-  variables = jax.device_put(jax.device_get(variables), jax.devices()[0])
-  return functools.partial(_predict_probs_fn(model), variables)
-
-
 # ---------------------------------------------------------------- evaluate ---
-def segment_volume(predict_fn: inference.PredictFn, volume: np.ndarray,
-                   eval_cfg: Mapping, z_range: tuple[int, int] | None = None
-                   ) -> np.ndarray:
-  """Label map ``(D, H, W)`` uint8 of a normalised record volume.
+def evaluate(predict_fn: sliding_window.PredictFn, recs: Sequence[Mapping],
+             roi: Sequence[int], eval_cfg: Mapping, num_classes: int, *,
+             pad_value: float = 0.0, proposer=None, save_dir: str | None = None,
+             overlay_dir: str | None = None) -> dict:
+  """Dice/ASSD over whole volumes (record grid); optional NIfTI/overlay output.
 
-  Sliding window over ``z_range`` (slices [z0, z1), everything else
-  background) or the whole volume; argmax; largest connected component when
-  ``eval_cfg.lcc``.
+  Sliding windows of ``roi`` (the patch shape) padded with ``pad_value``
+  (``inference.segment.segment_volume``, as on new CTs).
   """
-  vol = np.asarray(volume, np.float32)
-  out = np.zeros(vol.shape, np.uint8)
-  z0, z1 = (0, vol.shape[0]) if z_range is None else z_range
-  if z1 <= z0:
-    return out
-  probs = inference.sliding_window_inference(
-      vol[z0:z1, ..., None], tuple(eval_cfg["roi"]), predict_fn,
-      overlap=eval_cfg["overlap"], sw_batch_size=eval_cfg["sw_batch_size"],
-      mode=eval_cfg["mode"], pad_value=eval_cfg.get("pad_value", 0.0))
-  out[z0:z1] = np.asarray(jnp.argmax(probs, axis=-1), np.uint8)
-  if eval_cfg.get("lcc", True):
-    out = seg_metrics.keep_largest_organ(out, organ=tuple(range(1, int(out.max()) + 1))
-                                         or (1,))
-  return out
-
-
-def evaluate(predict_fn: inference.PredictFn, recs: Sequence[Mapping],
-             eval_cfg: Mapping, num_classes: int, proposer=None,
-             save_dir: str | None = None, overlay_dir: str | None = None) -> dict:
-  """Dice/ASSD over whole volumes (record grid); optional NIfTI/overlay output."""
-  classes = {"liver": (1, 2)} if num_classes == 2 else dict(seg_metrics.LITS_CLASSES)
-  ev = seg_metrics.SegEvaluator(classes=classes, compute_assd=eval_cfg.get("assd", True))
+  ev = seg_metrics.SegEvaluator(classes=lits.report_classes(num_classes),
+                                compute_assd=eval_cfg.get("assd", True))
   prop_rows = []
   for rec in recs:
     z = None
     if proposer is not None:
       z = proposer.propose(rec["volume"])
       prop_rows.append(proposer.score_case(z, rec["mask"]))
-    pred = segment_volume(predict_fn, rec["volume"], eval_cfg, z)
-    ref = rec["mask"] if num_classes == 3 else (rec["mask"] > 0).astype(np.uint8)
+    pred = seg_inference.segment_volume(predict_fn, rec["volume"], tuple(roi), eval_cfg,
+                                        pad_value=pad_value, z_range=z)
+    ref = rec["mask"] if num_classes == 3 else map_labels(rec["mask"], 2).astype(np.uint8)
     ev.add(str(rec["case"]), pred, ref, rec["geometry"]["spacing"])
     if save_dir:
       nifti.save_nifti(pred, rec["geometry"],
@@ -372,6 +228,122 @@ def resolve_init(config: ml_collections.ConfigDict) -> str:
   return pre
 
 
+def _trunk_fields(kwargs: Mapping[str, Any]) -> dict:
+  return {k: v for k, v in dict(kwargs or {}).items() if k in vnet._TRUNK_FIELDS}  # pylint: disable=protected-access
+
+
+def resolve_source(config: ml_collections.ConfigDict, workdir: str
+                   ) -> tuple[ml_collections.ConfigDict, str]:
+  """The run's effective config and its transfer source ("" = scratch).
+
+  What the trunk was pretrained on decides what it is fed:
+
+  * resuming (``<workdir>/contract.json`` exists): the preprocessing and
+    backbone the run started with;
+  * ``init_from`` a pretraining run: its contract's CT intensity mapping
+    replaces ``config.data.window`` / ``out_range`` and its learnable input
+    curve (``model.kwargs.input_windows``) goes in front of the trunk, unless
+    ``config.intensity_from == "config"`` (logged either way); an empty
+    ``model.backbone`` becomes the source's model (preset + trunk kwargs);
+  * ``init_from = "medicalnet:PATH[:depth=N]"``: the backbone is the file's
+    ResNet (depth, width, shortcut read from it); MedicalNet weights carry
+    no contract, so ``config.data.window`` stays (logged);
+  * scratch: an empty ``model.backbone`` is ``config.pretrain``'s model.
+  """
+  d = config.to_dict()
+  model, data = d["model"], d["data"]
+  knob = str(d.get("intensity_from", "source"))
+  if knob not in ("source", "config"):
+    raise ValueError(f"config.intensity_from must be 'source' or 'config', got {knob!r}")
+  resnet = model.get("name") == "resnet_vnet"
+  own = contract_lib.read(workdir)
+  src = ""
+  if own is not None and _checkpoints_exist(workdir):
+    ct = own.intensity_for("CT")
+    data["window"], data["out_range"] = list(ct.window), list(ct.out_range)
+    data["spacing"] = list(own.spacing_mm)
+    model.update({k: v for k, v in own.model.items() if k in ("backbone",)})
+    if "input_windows" in dict(own.model.get("kwargs") or {}):
+      model.setdefault("kwargs", {})["input_windows"] = own.model["kwargs"]["input_windows"]
+    log.info("preprocessing: resuming with the run's own contract (%s)",
+             contract_lib.summary(own))
+    return ml_collections.ConfigDict(d), (resolve_init(config) if config.init_from else "")
+  if config.init_from:
+    src = resolve_init(config)
+  source = transfer.source_contract(src) if src else None
+  if source is not None and source.task == contract_lib.PRETRAIN:
+    ct = source.intensity_for("CT")
+    windows = dict(source.model.get("kwargs") or {}).get("input_windows") or ()
+    if knob == "source":
+      if ct.kind != "window":
+        raise ValueError(f"{src}: source CT intensity {ct.spec} is not an HU window")
+      log.info("transfer: the trunk is fed the intensities it was pretrained on: CT %s "
+               "(from %s's contract) instead of config.data.window %s -> %s "
+               "(--config.intensity_from=config keeps the config's)", ct.spec, src,
+               tuple(data["window"]), tuple(data["out_range"]))
+      data["window"], data["out_range"] = list(ct.window), list(ct.out_range)
+      if windows and resnet:
+        model.setdefault("kwargs", {})["input_windows"] = [list(w) for w in windows]
+        log.info("transfer: with the source's learnable input curve (windows %s)",
+                 [tuple(w) for w in windows])
+    else:
+      log.warning("transfer: config.intensity_from=config: the trunk is fed CT "
+                  "ct_window(%g,%g)->[%g,%g] although %s was pretrained on %s",
+                  *data["window"], *data["out_range"], src, ct.spec)
+    derived = source.model.get("name")
+    trunk = _trunk_fields(source.model.get("kwargs"))
+    derived = {"preset": derived, **trunk} if trunk else derived
+  elif src and transfer.is_medicalnet(src):
+    derived = transfer.medicalnet_backbone(src)
+    log.info("transfer: %s carries no preprocessing contract: the trunk is fed "
+             "config.data.window ct_window(%g,%g)->[%g,%g]", src, *data["window"],
+             *data["out_range"])
+  else:
+    pre = d.get("pretrain") or {}
+    derived = (pre.get("model") or {}).get("name") or None
+  if resnet:
+    if not model.get("backbone"):
+      if not derived:
+        raise ValueError("config.model.backbone is empty and there is no transfer source "
+                         "or config.pretrain to take it from")
+      model["backbone"] = derived
+      log.info("model: backbone %s (from %s)", derived, src or "config.pretrain")
+    elif derived and model["backbone"] != derived:
+      log.warning("model: config.model.backbone=%s but the source %s was trained as %s: "
+                  "the transfer reports every tensor that does not fit", model["backbone"],
+                  src or "config.pretrain", derived)
+  return ml_collections.ConfigDict(d), src
+
+
+def check_shards(manifest: Mapping[str, Any], config: ml_collections.ConfigDict,
+                 shards_dir: str) -> None:
+  """Raises ValueError unless the shards hold what the run's contract says
+  the network is fed (spacing, HU window and range; ``resolve_source``)."""
+  want = prep_config(config.data)
+  built = manifest.get("config") or {}
+  spacing = tuple(float(s) for s in built.get("spacing", ()))
+  if manifest.get("normalisation") != want.normalisation or \
+      not np.allclose(spacing, want.spacing):
+    lo, hi = want.window
+    a, b = want.out_range
+    raise ValueError(
+        f"{shards_dir}: shards built as {manifest.get('normalisation')} at {spacing} mm, "
+        f"but this run feeds the network {want.normalisation} at {want.spacing} mm "
+        f"(config.data, with a pretraining init_from: the source's contract). Rebuild "
+        f"them (python -m data_prep.build_seg_shards ... --window={lo:g},{hi:g} "
+        f"--range={a:g},{b:g} --spacing {','.join(f'{s:g}' for s in want.spacing)}) or "
+        f"set --config.intensity_from=config")
+
+
+def _checkpoints_exist(workdir: str) -> bool:
+  """Whether ``workdir`` already holds a training checkpoint (a resume)."""
+  try:
+    checkpoints.resolve(workdir, "latest")
+    return True
+  except FileNotFoundError:
+    return False
+
+
 # ------------------------------------------------------------------- train ---
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains the segmentation network, evaluates held-out volumes.
@@ -383,7 +355,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   os.makedirs(workdir, exist_ok=True)
   t_start = time.time()
-  patch = tuple(int(s) for s in config.patch_shape)
+  config, src = resolve_source(config, workdir)
+  patch = tuple(int(s) for s in config.input_shape)   # training patches = sliding windows
+  pad_value = float(config.data.out_range[0])   # the intensity of air: padding
 
   # ------------------------------------------------------------------ mesh --
   mesh = trainer.make_mesh(config.num_devices or None)
@@ -392,16 +366,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ------------------------------------------------------------------ data --
   shards_dir = ensure_shards(config.data)
   manifest = segdata.load_manifest(shards_dir)
-  train_cases = select_cases(manifest["splits"]["train"], config.data.n_train,
+  check_shards(manifest, config, shards_dir)
+  train_cases = seg_input.select_cases(manifest["splits"]["train"], config.data.n_train,
                              config.data.subset_seed)
   log.info("data: %d training volume(s) of %d, %d val, %d test, from %s",
            len(train_cases), len(manifest["splits"]["train"]),
            len(manifest["splits"]["val"]), len(manifest["splits"]["test"]), shards_dir)
   aug = config.augment.to_dict() if config.augment.enabled else None
-  train_ds = train_dataset(
+  train_ds = seg_input.train_dataset(
       shards_dir, train_cases, patch=patch, batch_size=local_batch, seed=config.seed,
       num_classes=config.num_classes, fg_prob=config.data.fg_prob, augment_cfg=aug,
-      pad_value=float(config.data.out_range[0]), num_threads=config.data.threads,
+      pad_value=pad_value, num_threads=config.data.threads,
       prefetch=config.data.prefetch, process_index=jax.process_index(),
       process_count=jax.process_count())
   train_iter = iter(train_ds)
@@ -428,13 +403,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --------------------------------------------------------------- restore --
   checkpoints.save_config(workdir, config)
+  if distributed.is_main_process():   # what inference will prepare CTs as
+    contract_lib.write(workdir, contract_lib.for_segment(config))
   val_recs = segdata.load_records(shards_dir, "val")
   ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints,
                                   best_metric="val/liver/dice_global" if val_recs else None)
   reports = []
 
   def init(st):  # no checkpoint in the workdir: the pretrained trunk, if any
-    src = resolve_init(config)
     if not src:
       return st
     st, rep = transfer.transfer_state(st, src)
@@ -453,8 +429,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_cfg = config.eval.to_dict()
 
   def validate(st):
-    res = evaluate(predictor(model, st), val_recs, dict(eval_cfg, assd=False),
-                   config.num_classes)
+    res = evaluate(seg_inference.predictor(model, st), val_recs, patch,
+                   dict(eval_cfg, assd=False), config.num_classes, pad_value=pad_value)
     return {"liver/dice_global": res["liver/dice_global"]}
 
   t_train = time.time()
@@ -471,9 +447,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     which = f"best@{step}" if step == int(best["step"]) else f"last@{step} (best unreadable)"
   proposer = None
   if config.proposal.enabled:
-    proposer = proposal.train_proposer(config, shards_dir, train_cases,
-                                       resolve_init(config) if config.init_from else "",
-                                       workdir)
+    proposer = proposal.train_proposer(config, shards_dir, train_cases, src, workdir)
   test_recs = segdata.load_records(shards_dir, "test")
   results = {"checkpoint": which, "shards_dir": shards_dir, "n_train": len(train_cases),
              "train_cases": train_cases, "init_from": config.init_from,
@@ -482,8 +456,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for split, recs in (("test", test_recs), ("val", val_recs)):
     if not recs:
       continue
-    out = evaluate(predictor(model, state), recs, eval_cfg, config.num_classes,
-                   proposer=proposer,
+    out = evaluate(seg_inference.predictor(model, state), recs, patch, eval_cfg,
+                   config.num_classes, pad_value=pad_value, proposer=proposer,
                    save_dir=os.path.join(workdir, "predictions") if config.eval.save_nifti
                    and split == "test" else None,
                    overlay_dir=os.path.join(workdir, "plots") if config.eval.save_overlays
@@ -516,48 +490,3 @@ def _jsonsafe(obj: Any) -> Any:
   if isinstance(obj, np.integer):
     return int(obj)
   return obj
-
-
-# ----------------------------------------------------------------- predict ---
-def load_seg_predictor(workdir: str, prefer: str = "latest"
-                       ) -> tuple[inference.PredictFn, ml_collections.ConfigDict]:
-  """(softmax predictor, run config) of a trained segmentation run.
-
-  Uses the run's ``config.json`` (model, spacing, HU window, sliding-window
-  settings) and its best or latest readable checkpoint (``prefer``;
-  ``checkpoints.restore``).
-  """
-  restored = checkpoints.restore(workdir, prefer)
-  if restored.config is None:
-    raise FileNotFoundError(f"{workdir}: no config.json beside the checkpoint")
-  config = ml_collections.ConfigDict(restored.config)
-  variables = {"params": restored.params}
-  if restored.batch_stats:
-    variables["batch_stats"] = restored.batch_stats
-  return predictor(factory.segmentation_model(config), variables), config
-
-
-def predict_canonical(predict_fn: inference.PredictFn, config: ml_collections.ConfigDict,
-                      hu: np.ndarray, affine: np.ndarray, geometry: dict
-                      ) -> tuple[np.ndarray, dict]:
-  """Canonical HU ``(D, H, W)`` (``nifti.load_nifti_canonical`` or
-  ``segdicom.load_ct_canonical``) -> (uint8 label map on the record grid,
-  geometry for ``nifti.to_original_grid`` / ``save_nifti``)."""
-  vol, _, geometry = segdata.preprocess(hu, affine, geometry, prep_config(config.data))
-  return segment_volume(predict_fn, vol, config.eval.to_dict()), geometry
-
-
-def predict_nifti(workdir: str, nifti_path: str, out_path: str,
-                  prefer: str = "latest") -> str:
-  """Segments a CT NIfTI (HU) with a trained run; writes the uint8 mask NIfTI
-  on the input's own voxel grid and affine. Returns ``out_path``.
-
-  Uses the run's ``config.json`` (model, spacing, HU window, sliding-window
-  settings) and its best or latest checkpoint. The slab proposal is not
-  applied here (its classifier is not saved with the run). DICOM input:
-  ``radnet_jax.cli.predict_seg``.
-  """
-  predict_fn, config = load_seg_predictor(workdir, prefer)
-  hu, affine, geometry = nifti.load_nifti_canonical(nifti_path)
-  pred, geometry = predict_canonical(predict_fn, config, hu, affine, geometry)
-  return nifti.save_nifti(pred, geometry, out_path)

@@ -54,6 +54,12 @@ def _manager(directory: str, keep: int | None, items: Sequence[str]) -> ocp.Chec
                                item_names=tuple(items))
 
 
+def _abstract(state: Any) -> Any:
+  """Restore target: the shapes, dtypes and shardings of ``state``'s arrays."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      state)
+
+
 class Checkpointer:
   """Last-N resumable checkpoints plus the best one by a validation metric.
 
@@ -102,8 +108,7 @@ class Checkpointer:
     if not steps:
       raise FileNotFoundError(f"no checkpoint{'' if step is None else f' of step {step}'} "
                               f"in {self.workdir}/checkpoints")
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target_state)
+    abstract = _abstract(target_state)
     base = os.path.join(self.workdir, "checkpoints")
 
     def read(step_dir):
@@ -165,8 +170,7 @@ class Checkpointer:
     rec = self.best_record()
     if self.best is None or rec is None:
       raise FileNotFoundError(f"no best checkpoint in {self.workdir}/best")
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target_state)
+    abstract = _abstract(target_state)
     cands = [(os.path.join(self.workdir, "best", str(rec["step"])), int(rec["step"]))]
     cands += [(os.path.join(self.workdir, "checkpoints", str(s)), s)
               for s in sorted(self.latest.all_steps(), reverse=True)]

@@ -42,6 +42,8 @@ from absl import flags
 from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
+from radnet_jax.cli import flags as cli_flags  # one flag spelling (absl owns `flags`)
+
 log = logging.getLogger(__name__)
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
@@ -426,13 +428,13 @@ def launch_local(argv: Sequence[str], num_processes: int, *,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """``python -m radnet_jax.training.distributed -n 2 [--cpu_devices 4] -- CMD ...``"""
-  parser = argparse.ArgumentParser(
+  """``python -m radnet_jax.training.distributed -n 2 [--cpu-devices 4] -- CMD ...``"""
+  parser = cli_flags.Parser(
       description="Run a command as N cooperating JAX processes on this machine.")
-  parser.add_argument("-n", "--num_processes", type=int, required=True)
-  parser.add_argument("--cpu_devices", type=int, default=None,
+  parser.add_argument("-n", "--num-processes", type=int, required=True)
+  parser.add_argument("--cpu-devices", type=int, default=None,
                       help="simulated CPU devices per process")
-  parser.add_argument("--gpus_per_process", type=int, default=None)
+  parser.add_argument("--gpus-per-process", type=int, default=None)
   parser.add_argument("--timeout", type=float, default=24 * 3600)
   parser.add_argument("command", nargs=argparse.REMAINDER)
   args = parser.parse_args(argv)

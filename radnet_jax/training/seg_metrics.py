@@ -19,8 +19,10 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
+from radnet_jax.labels import lits
+
 # Class name -> labels that make up the class (LiTS: the liver includes tumour).
-LITS_CLASSES: Mapping[str, tuple[int, ...]] = {"liver": (1, 2), "tumour": (2,)}
+LITS_CLASSES: Mapping[str, tuple[int, ...]] = lits.CLASSES
 
 
 def binary(labels: np.ndarray, members: Sequence[int]) -> np.ndarray:

@@ -153,12 +153,6 @@ def create_train_state(model: flax.linen.Module, tx: optax.GradientTransformatio
   return jax.jit(init, out_shardings=shardings)(init_key, step_rng)
 
 
-def abstract_state(state: TrainState) -> TrainState:
-  """ShapeDtypeStructs (with shardings) of a state, for restore targets."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                      state)
-
-
 def param_count(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 

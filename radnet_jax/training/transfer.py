@@ -10,9 +10,17 @@ names, so transfer is pytree surgery by name (``checkpoints.merge_params``):
 * a name in both with a different shape is reported and left at init, never
   dropped silently; a checkpoint that loads nothing raises.
 
+Besides the trunk, the learnable input curve ``input_windows`` (pretraining's
+soft-tissue window, ``models/intensity.py``) is copied when both networks
+have one, so the trunk sees what it was trained on.
+
 Sources: a pretraining workdir or checkpoint directory (``checkpoints.restore``
-reads its best, else newest readable, step), or ``medicalnet:PATH`` for Tencent MedicalNet
-PyTorch weights when ``radnet_jax.models.medicalnet.load_medicalnet`` exists.
+reads its best, else newest readable, step), or ``medicalnet:PATH[:depth=N]`` for Tencent
+MedicalNet PyTorch weights (``radnet_jax.models.medicalnet.load_source``:
+the depth, width and shortcut type are read from the file). What a source
+was trained on is its preprocessing contract (``source_contract``): the
+segmentation task feeds the trunk the source's intensity mapping and builds
+its backbone from the source's model (``radnet_jax.tasks.segment``).
 
 Freezing: ``freeze_for_steps(tx, params, k, patterns)`` zeroes the gradients
 and updates of the matching parameters (default: the encoder) for the first
@@ -22,7 +30,6 @@ large gradients into the pretrained features.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import re
 from typing import Any, Mapping, NamedTuple, Sequence
@@ -32,11 +39,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from radnet_jax import contract as contract_lib
+from radnet_jax.models import medicalnet
 from radnet_jax.training import checkpoints
 
 log = logging.getLogger("radnet_jax")
 
-MEDICALNET_PREFIX = "medicalnet:"
+MEDICALNET_PREFIX = medicalnet.PREFIX
+# Subtrees copied from the source: the encoder, and the input curve in front of it.
+TRANSFERRED = ("trunk", "input_windows")
 
 
 @dataclasses.dataclass
@@ -67,32 +78,46 @@ class TransferReport:
     return dataclasses.asdict(self)
 
 
+def is_medicalnet(source: str) -> bool:
+  return str(source).startswith(MEDICALNET_PREFIX)
+
+
 def load_source(path: str) -> tuple[dict, dict, int]:
   """(params, batch_stats, step) of a pretraining run, as numpy pytrees.
 
-  ``path``: a workdir / checkpoint directory, or ``medicalnet:WEIGHTS``.
+  ``path``: a workdir / checkpoint directory, or ``medicalnet:WEIGHTS[:depth=N]``.
   """
-  if path.startswith(MEDICALNET_PREFIX):
-    try:
-      mn = importlib.import_module("radnet_jax.models.medicalnet")
-    except ImportError as e:
-      raise ValueError(f"{path}: MedicalNet import needs "
-                       f"radnet_jax.models.medicalnet ({e})") from e
-    if not hasattr(mn, "load_medicalnet"):
-      raise ValueError(f"{path}: radnet_jax.models.medicalnet has no load_medicalnet")
-    out = mn.load_medicalnet(path[len(MEDICALNET_PREFIX):])
-    if isinstance(out, tuple):
-      variables = {"params": out[0], "batch_stats": out[1] if len(out) > 1 else {}}
-    else:
-      variables = dict(out)
-    params = variables.get("params", {})
-    bs = variables.get("batch_stats", {})
-    # MedicalNet maps may hold the trunk at the top level or under "trunk".
-    if "trunk" not in params:
-      params, bs = {"trunk": params}, {"trunk": bs} if bs else {}
-    return params, bs, 0
+  if is_medicalnet(path):
+    variables, info, report = medicalnet.load_source(path)
+    log.info("%s: MedicalNet ResNet-%d (%s blocks, shortcut %s, width %d); %s", path,
+             info["depth"], info["block"], info["shortcut_type"], info["num_filters"],
+             report.summary().splitlines()[0])
+    to_np = lambda t: jax.tree.map(np.asarray, jax.device_get(t))
+    return to_np(variables["params"]), to_np(variables.get("batch_stats", {})), 0
   restored = checkpoints.restore(path)
   return restored.params, restored.batch_stats, restored.step
+
+
+def source_contract(source: str) -> contract_lib.Contract | None:
+  """The preprocessing contract of a transfer source: the ``contract.json``
+  of its workdir, else derived from its ``config.json`` (logged); None for
+  MedicalNet weights and for checkpoints without a config (nothing says
+  what they were trained on)."""
+  if is_medicalnet(source):
+    return None
+  _, workdir, _ = checkpoints.resolve(source)
+  if workdir is None:
+    log.warning("%s: no config.json beside the checkpoint: its preprocessing is unknown",
+                source)
+    return None
+  c = contract_lib.read(workdir)
+  return c if c is not None else contract_lib.derive(checkpoints.read_config(workdir), workdir)
+
+
+def medicalnet_backbone(source: str) -> dict:
+  """``model.backbone`` (ResNetVNet trunk spec) of MedicalNet weights, from the file."""
+  path, _ = medicalnet.parse_source(source)
+  return medicalnet.trunk_spec(medicalnet.describe(medicalnet.read_state_dict(path), path))
 
 
 def transfer_variables(params: Mapping, batch_stats: Mapping, source: str,
@@ -113,6 +138,10 @@ def transfer_variables(params: Mapping, batch_stats: Mapping, source: str,
     raise ValueError(f"{source}: checkpoint has no '{src_prefix}' parameters "
                      f"(top-level keys: {sorted(ck_p)})")
   sub_p = {dst_prefix: ck_p[src_prefix]}
+  # The input curve in front of the trunk travels with it when both nets have one.
+  extra = [k for k in TRANSFERRED if k not in (src_prefix, dst_prefix)
+           and k in ck_p and k in params]
+  sub_p.update({k: ck_p[k] for k in extra})
   new_p, rep = checkpoints.merge_params(params, sub_p)
   bs_loaded = bs_random = 0
   new_bs = batch_stats

@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from tests.test_api import INPUT_SHAPE, make_checkpoint
+from tests.test_inference_load import INPUT_SHAPE, make_checkpoint
 
 SALT = "test-salt"
 
@@ -66,7 +66,8 @@ def test_report_flags_headers_the_network_contradicts(corpus, forced_ckpt):
   import radnet_jax
   from radnet_jax.labels import taxonomy as tax
   report = radnet_jax.predict(forced_ckpt, corpus["dicom"], salt=SALT, keep_inputs=True,
-                              batch_size=3, qa_tasks=("plane", "contrast"))
+                              batch_size=3, qa_tasks=("plane", "contrast"),
+                              hash_paths=False)
   rows = {r["series_hash"]: r for r in report.rows}
   truth = corpus["truth"]
   assert set(rows) == set(truth)   # every image series predicted, keyed like truth.csv
@@ -109,7 +110,8 @@ def test_cli_writes_phi_free_csvs(corpus, forced_ckpt, tmp_path, capsys):
   from radnet_jax.cli import predict as cli
   out = str(tmp_path / "qa" / "predictions.csv")
   assert cli.main(["--checkpoint", forced_ckpt, "--input", corpus["dicom"], "--out", out,
-                   "--salt", SALT, "--threshold", "0.95", "--no-progress"]) == 0
+                   "--salt", SALT, "--threshold", "0.95", "--no-progress",
+                   "--plain-paths"]) == 0
   text = open(out).read()
   rows = list(csv.DictReader(open(out)))
   assert len(rows) == 4
@@ -235,3 +237,19 @@ def test_predict_streams_classic_stacks(corpus, forced_ckpt, stack_loads):
   report = radnet_jax.predict(forced_ckpt, corpus["dicom"], salt=SALT, batch_size=3)
   assert len(report.rows) == len(corpus["truth"]) > 0
   assert stack_loads == {"resampled": len(report.rows), "full": 0}
+
+
+def test_cli_unusable_input_is_one_line_not_a_traceback(forced_ckpt, corpus, tmp_path, capsys):
+  from radnet_jax.cli import predict as cli
+  out = str(tmp_path / "p.csv")
+  assert cli.main(["--checkpoint", forced_ckpt, "--input", str(tmp_path / "nope"),
+                   "--out", out, "--no-progress"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: ") and "input does not exist" in err and "\n" not in err
+  with pytest.raises(SystemExit) as e:   # argparse: before the checkpoint is loaded
+    cli.main(["--checkpoint", forced_ckpt, "--input", corpus["dicom"], "--out", out,
+              "--threshold", "5", "--no-progress"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert err.endswith("--threshold: must be a probability in (0, 1], got '5'")
+  assert "Traceback" not in err
