@@ -13,8 +13,10 @@ rewritten). All logic lives in ``radnet_jax.shards.build.build_shards``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from radnet_jax.dicom import isolation
 from radnet_jax.shards import build
 from radnet_jax.shards import convert
 from radnet_jax.cli import flags
@@ -80,22 +82,41 @@ def build_parser() -> flags.Parser:
   p.add_argument("--clean-work", action="store_true",
                  help="delete the work cache OUT/.work after a successful run")
   p.add_argument("--quiet", action="store_true", help="no progress bars / table")
+  p.add_argument("--file-timeout", type=float, default=isolation.DEFAULT_FILE_TIMEOUT_S,
+                 help="seconds one file may take to read and decode before its stack "
+                      "is skipped as hung (default %(default)s)")
   return p
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Exit status: 0 done (some stacks may be in errors.csv), 1 no stack could
+  be converted, 2 bad arguments or input, 3 stopped by the machine (disk
+  full or read-only, no permission on --out, out of memory): fix it and
+  rerun the same command, which resumes from OUT/.work."""
   p = build_parser()
   args = p.parse_args(argv)
   try:
-    build.build_shards(
+    summary = build.build_shards(
         args.input, args.out, shape=args.shape, overrides=args.overrides,
         workers=args.workers, taxonomy=args.taxonomy, priors=args.priors,
         salt=args.salt, records_per_shard=args.records_per_shard,
         seed=args.seed, split=args.split, hash_paths=args.hash_paths,
-        keep_work=not args.clean_work, progress=not args.quiet)
+        keep_work=not args.clean_work, progress=not args.quiet,
+        file_timeout_s=args.file_timeout)
+  except build.RunStopped as e:
+    print(f"build_shards: {e}\nbuild_shards: nothing was recorded as a data error; "
+          "rerun the same command once this is fixed: finished stacks are reused "
+          f"from {os.path.join(args.out, convert.WORK_DIR)}", file=sys.stderr)
+    return 3
   except (FileNotFoundError, ValueError) as e:
     print(f"build_shards: error: {e}", file=sys.stderr)
     return 2
+  if not sum(summary["num_records"].values()):
+    what = (f"all {summary['stacks']} stacks failed" if summary["stacks"]
+            else "no image stack was found")
+    print(f"build_shards: error: {what}; no shard was written (reasons in "
+          f"{os.path.join(args.out, 'errors.csv')})", file=sys.stderr)
+    return 1
   return 0
 
 

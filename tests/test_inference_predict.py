@@ -66,7 +66,8 @@ def test_report_flags_headers_the_network_contradicts(corpus, forced_ckpt):
   import radnet_jax
   from radnet_jax.labels import taxonomy as tax
   report = radnet_jax.predict(forced_ckpt, corpus["dicom"], salt=SALT, keep_inputs=True,
-                              batch_size=3, qa_tasks=("plane", "contrast"))
+                              batch_size=3, qa_tasks=("plane", "contrast"),
+                              hash_paths=False)
   rows = {r["series_hash"]: r for r in report.rows}
   truth = corpus["truth"]
   assert set(rows) == set(truth)   # every image series predicted, keyed like truth.csv
@@ -109,7 +110,8 @@ def test_cli_writes_phi_free_csvs(corpus, forced_ckpt, tmp_path, capsys):
   from radnet_jax.cli import predict as cli
   out = str(tmp_path / "qa" / "predictions.csv")
   assert cli.main(["--checkpoint", forced_ckpt, "--input", corpus["dicom"], "--out", out,
-                   "--salt", SALT, "--threshold", "0.95", "--no-progress"]) == 0
+                   "--salt", SALT, "--threshold", "0.95", "--no-progress",
+                   "--plain-paths"]) == 0
   text = open(out).read()
   rows = list(csv.DictReader(open(out)))
   assert len(rows) == 4
@@ -244,7 +246,10 @@ def test_cli_unusable_input_is_one_line_not_a_traceback(forced_ckpt, corpus, tmp
                    "--out", out, "--no-progress"]) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: ") and "input does not exist" in err and "\n" not in err
-  assert cli.main(["--checkpoint", forced_ckpt, "--input", corpus["dicom"], "--out", out,
-                   "--threshold", "5", "--no-progress"]) == 2
+  with pytest.raises(SystemExit) as e:   # argparse: before the checkpoint is loaded
+    cli.main(["--checkpoint", forced_ckpt, "--input", corpus["dicom"], "--out", out,
+              "--threshold", "5", "--no-progress"])
+  assert e.value.code == 2
   err = capsys.readouterr().err.strip()
-  assert err == "error: threshold must be in (0, 1], got 5.0"
+  assert err.endswith("--threshold: must be a probability in (0, 1], got '5'")
+  assert "Traceback" not in err

@@ -17,6 +17,7 @@ Argument parsing only: jax is imported when the checkpoint is loaded, so
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import os
 import sys
@@ -51,6 +52,16 @@ def summary_text(report: Report, threshold: float) -> str:
   return "\n".join(lines)
 
 
+def _threshold(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    value = float("nan")
+  if not 0 < value <= 1:
+    raise argparse.ArgumentTypeError(f"must be a probability in (0, 1], got {text!r}")
+  return value
+
+
 def build_parser() -> flags.Parser:
   """The command-line parser (documented flags are tested against it)."""
   ap = flags.Parser(
@@ -63,7 +74,7 @@ def build_parser() -> flags.Parser:
   ap.add_argument("--out", default="predictions.csv", help="predictions CSV")
   ap.add_argument("--skipped", default=None,
                   help="skipped-inputs CSV (default: <out stem>_skipped.csv)")
-  ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+  ap.add_argument("--threshold", type=_threshold, default=DEFAULT_THRESHOLD,
                   help="confidence of the network needed to flag a header (0-1]")
   ap.add_argument("--qa-tasks", default=",".join(QA_TASKS),
                   help="comma-separated tasks that can raise qa_flag")
@@ -76,21 +87,30 @@ def build_parser() -> flags.Parser:
   ap.add_argument("--priors", default=None, help="label priors: builtin or a file")
   ap.add_argument("--modality", default=None, help="modality of NIfTI inputs (CT, MR)")
   ap.add_argument("--dtype", default=None, help="compute dtype override, e.g. float32")
-  ap.add_argument("--hash-paths", action="store_true",
-                  help="skipped files by salted hash instead of relative path")
+  paths = ap.add_mutually_exclusive_group()
+  paths.add_argument("--plain-paths", dest="hash_paths", action="store_false",
+                     help="skipped files by path relative to --input (for de-identified "
+                          "archives; the default writes salted hashes, as build_shards)")
+  paths.add_argument("--hash-paths", dest="hash_paths", action="store_true",
+                     help="skipped files by salted hash of the relative path (default)")
+  ap.set_defaults(hash_paths=True)
   ap.add_argument("--no-progress", action="store_true")
   return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """CLI entry; returns the exit status (2 for an unusable checkpoint)."""
+  """CLI entry; returns the exit status (2 for an unusable checkpoint, input or
+  salt: one line on stderr, no traceback)."""
   args = build_parser().parse_args(argv)
-  out_dir = os.path.dirname(os.path.abspath(args.out))
-  salt = privacy.load_or_create_salt(out_dir, args.salt)
+  if "://" not in args.input and not os.path.exists(args.input):
+    print(f"error: {args.input}: input does not exist", file=sys.stderr)
+    return 2
   qa_tasks = tuple(t.strip() for t in args.qa_tasks.split(",") if t.strip())
   try:
+    salt = privacy.load_or_create_salt(os.path.dirname(os.path.abspath(args.out)),
+                                       args.salt)
     loaded = api.load(args.checkpoint, prefer=args.prefer, dtype=args.dtype)
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, ValueError, PermissionError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   try:

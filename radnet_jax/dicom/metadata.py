@@ -9,7 +9,13 @@ Absent tags are absent keys, never ``None``.
 Identifiers never leave here raw: PatientID, StudyInstanceUID and
 SeriesInstanceUID become ``PatientHash``/``StudyHash``/``SeriesHash``
 (``radnet_jax.privacy.hash_id`` with the corpus salt). Names, dates, accession
-numbers, institutions and physicians are not copied at all.
+numbers, institutions and physicians are not copied at all, and the free
+text that is (``FREE_TEXT_KEYS``: descriptions, protocol name, ...) is
+scrubbed of them (``privacy.scrub_text``: every name component, ID, accession
+number and date of the same header, PN-formatted strings, long digit runs).
+The raw text of a scrubbed field stays in memory under ``UNSCRUBBED_KEY``
+for the label rules and is never stored (``shards.convert.safe_metadata``
+drops it).
 
 Anonymised headers: ``SOPClassUID`` falls back to the file meta's
 MediaStorageSOPClassUID when blank, missing or not a UID (``sop_class_uid``);
@@ -46,7 +52,7 @@ if TYPE_CHECKING:  # pydicom is imported where a value needs it (its import is s
   from pydicom.dataset import Dataset
 
 from radnet_jax.dicom import fastread
-from radnet_jax.privacy import hash_id
+from radnet_jax.privacy import hash_id, identifier_tokens, scrub_text
 
 # Plain (non-identifying) tags copied when present; value types follow the VR.
 PLAIN_KEYS = (
@@ -78,6 +84,25 @@ LIST_STR_KEYS = frozenset({
 LIST_FLOAT_KEYS = frozenset({
     "ImageOrientationPatient", "PixelSpacing", "DiffusionGradientOrientation",
 })
+
+# Free text kept for the label rules; scrubbed of the header's identifying
+# values before it is stored (the raw text stays in memory, UNSCRUBBED_KEY).
+FREE_TEXT_KEYS = (
+    "StudyDescription", "SeriesDescription", "ProtocolName", "SequenceName",
+    "PulseSequenceName", "BodyPartExamined", "ContrastBolusAgent",
+    "ContrastBolusRoute", "ContrastBolusIngredient", "Radiopharmaceutical",
+)
+UNSCRUBBED_KEY = "_unscrubbed"
+# Identifying values whose content is removed from the free text (besides
+# every person name, date and date-time of the header).
+_IDENTIFYING_KEYS = (
+    "PatientID", "OtherPatientIDs", "IssuerOfPatientID", "AccessionNumber",
+    "StudyID", "RequestedProcedureID", "PerformedProcedureStepID",
+    "MedicalRecordLocator", "InstitutionName", "InstitutionAddress",
+    "InstitutionalDepartmentName", "StationName", "DeviceSerialNumber",
+    "PatientAddress", "PatientTelephoneNumbers", "MilitaryRank",
+    "CurrentPatientLocation",
+)
 
 _SIEMENS_MR = "SIEMENS MR HEADER"
 _GE_PARM = "GEMS_PARM_01"
@@ -523,6 +548,54 @@ def _enhanced_fields(ds: Dataset) -> dict[str, Any]:
   return out
 
 
+def _identifying_values(ds: Dataset | fastread.Header) -> set[str]:
+  """Tokens of the header's names, IDs, dates and institution (top level:
+  where PS3.15 puts them; the record never copies nested text). A fastread
+  header holds only the tags scan needs, so its file's full header is read
+  (once per record, i.e. per series group)."""
+  if isinstance(ds, fastread.Header):
+    import pydicom  # pylint: disable=import-outside-toplevel - slow import, see above
+    try:
+      ds = pydicom.dcmread(ds.path, stop_before_pixels=True, force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise fastread.Unsupported(f"header for scrubbing unreadable ({e})") from e
+  values: list[Any] = []
+  for elem in ds:
+    try:
+      if elem.VR in ("PN", "DA", "DT") or elem.keyword in _IDENTIFYING_KEYS:
+        value = elem.value
+        # MultiValue is a MutableSequence; PersonName is no str and iterates
+        # its characters, so it must not be taken for a list.
+        values.append([str(v) for v in value]
+                      if isinstance(value, (collections.abc.MutableSequence, tuple))
+                      else str(value))
+    except Exception:  # pylint: disable=broad-except - malformed: nothing to remove
+      continue
+  return identifier_tokens(values)
+
+
+def scrub_record(rec: dict[str, Any], ds: Dataset) -> dict[str, Any]:
+  """Scrubs ``FREE_TEXT_KEYS`` of ``rec`` (in place) with ``ds``'s identifying
+  values; the raw values that changed go to ``rec[UNSCRUBBED_KEY]``, which
+  stays in memory (labels are computed on it; ``safe_metadata`` drops it)."""
+  keys = [k for k in FREE_TEXT_KEYS if isinstance(rec.get(k), str)]
+  if not keys:
+    return rec
+  tokens = _identifying_values(ds)
+  raw = {}
+  for key in keys:
+    clean = scrub_text(rec[key], tokens)
+    if clean != rec[key]:
+      raw[key] = rec[key]
+      if clean:
+        rec[key] = clean
+      else:
+        del rec[key]
+  if raw:
+    rec[UNSCRUBBED_KEY] = raw
+  return rec
+
+
 def record_from_dataset(ds: Dataset, salt: str) -> dict[str, Any]:
   """The PHI-free metadata record of one DICOM header.
 
@@ -621,4 +694,4 @@ def _complete_record(rec: dict[str, Any], ds: Any, get, salt: str
   rec["StudyHash"] = hash_id(_native(get("StudyInstanceUID")), salt)
   rec["SeriesHash"] = hash_id(_native(get("SeriesInstanceUID")), salt)
   rec["SourceFormat"] = "dicom"
-  return rec
+  return scrub_record(rec, ds)

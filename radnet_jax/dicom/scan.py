@@ -54,8 +54,10 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import itertools
 import math
 import os
+import stat
 import warnings
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -64,7 +66,7 @@ import numpy as np
 if TYPE_CHECKING:  # pydicom is imported only where a file needs it (slow import)
   from pydicom.dataset import Dataset
 
-from radnet_jax.dicom import fastread, geometry
+from radnet_jax.dicom import fastread, geometry, isolation
 from radnet_jax.dicom.errors import DicomError
 from radnet_jax.dicom.metadata import (functional_group, record_from_dataset,
                                        record_from_header,
@@ -507,15 +509,55 @@ def _record_of(path: str, salt: str) -> dict[str, Any] | None:
   return None if isinstance(res, Skipped) else res[0].record
 
 
-def iter_files(root: str) -> Iterator[str]:
-  """All files under ``root`` (or ``root`` itself), in sorted order."""
-  if os.path.isfile(root):
-    yield root
+# A header read (one file) that takes longer is skipped as stalled.
+READ_TIMEOUT_S = 120.0
+_SPECIAL = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+            (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _not_regular(path: str) -> str | None:
+  """Why ``path`` must not be opened (None for a regular file). ``stat``
+  only: opening a FIFO blocks forever, reading a device never ends."""
+  try:
+    mode = os.stat(path).st_mode
+  except OSError as e:
+    return (f"broken symbolic link ({e.strerror})" if os.path.islink(path)
+            else f"cannot stat ({e.strerror})")
+  if stat.S_ISREG(mode):
+    return None
+  kind = next((name for test, name in _SPECIAL if test(mode)), "not a regular file")
+  return f"{kind}, not a regular file: skipped without opening it"
+
+
+def walk_files(root: str) -> Iterator[str | Skipped]:
+  """Regular files under ``root`` (or ``root`` itself) in sorted order, and a
+  ``Skipped`` for every other entry (FIFOs, sockets, devices, broken links)."""
+  if not os.path.isdir(root):
+    reason = _not_regular(root)
+    yield root if reason is None else Skipped(root, reason)
     return
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames.sort()
     for name in sorted(filenames):
-      yield os.path.join(dirpath, name)
+      path = os.path.join(dirpath, name)
+      reason = _not_regular(path)
+      yield path if reason is None else Skipped(path, reason)
+
+
+def iter_files(root: str) -> Iterator[str]:
+  """All regular files under ``root`` (or ``root`` itself), in sorted order."""
+  for item in walk_files(root):
+    if isinstance(item, str):
+      yield item
+
+
+def _read_limited(path: str, salt: str, seen: set | None) -> list[_Entry] | Skipped:
+  """``read_entries`` with a time limit (``READ_TIMEOUT_S``) on the read."""
+  try:
+    with isolation.read_deadline(READ_TIMEOUT_S, path):
+      return read_entries(path, salt, seen)
+  except isolation.ReadStalled as e:
+    return Skipped(path, str(e).replace(f"reading {path} ", "reading the header ", 1))
 
 
 # ---------------------------------------------------------------------------
@@ -745,7 +787,8 @@ def _series_stacks(entries: list[_Entry], records: dict[tuple, dict],
                         f"orientations; this one has {count} slice(s)): "
                         "localizer/scout")
           else:
-            skip(group, f"too few slices ({count} < {min_slices})")
+            skip(group, _size_outlier(hard, hard_groups, min_slices) or
+                 f"too few slices ({count} < {min_slices})")
           continue
         n = geometry.stack_direction(group[0].iop)
         group.sort(key=lambda e: (float(e.position @ n), e.path, e.frame or 0))
@@ -765,6 +808,19 @@ def _series_stacks(entries: list[_Entry], records: dict[tuple, dict],
                                     fields, rank))
   _number_volumes(stacks, entries)
   return stacks, skipped
+
+
+def _size_outlier(hard: tuple, hard_groups: dict[tuple, list[_Entry]],
+                  min_slices: int) -> str | None:
+  """The reason for a group too small to be a stack whose only difference
+  from a full stack of its series is the image size (one file with a wrong
+  Rows or Columns), else None."""
+  for other, group in hard_groups.items():
+    if other != hard and other[2:] == hard[2:] and len(group) >= min_slices:
+      return (f"image size {hard[0]}x{hard[1]} (Rows x Columns) differs from the "
+              f"{other[0]}x{other[1]} of the other {len(group)} files of the series "
+              "(wrong Rows/Columns in this file?)")
+  return None
 
 
 def _volume_order(stack: Stack) -> tuple:
@@ -934,14 +990,15 @@ def group_entries(results: Iterable[list[_Entry] | Skipped], salt: str,
 _WORKER_SEEN: set = set()
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int | None = None) -> None:
+  isolation.die_with_parent(parent)
   _WORKER_SEEN.clear()
 
 
 def _read_entries_star(args: tuple[str, str]) -> list[_Entry] | Skipped:
   # Each worker reads its files in walk order (chunks are handed out in
   # order), so its first file of a group is the earliest one it holds.
-  return read_entries(*args, seen=_WORKER_SEEN)
+  return _read_limited(*args, seen=_WORKER_SEEN)
 
 
 def scan(root: str, *, salt: str, workers: int = 1, progress: bool = False,
@@ -961,7 +1018,9 @@ def scan(root: str, *, salt: str, workers: int = 1, progress: bool = False,
   """
   if not os.path.exists(root):
     raise DicomError(root, "no such file or directory")
-  paths = list(iter_files(root))
+  paths, special = [], []
+  for item in walk_files(root):
+    (paths if isinstance(item, str) else special).append(item)
   bar = None
   if progress:
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
@@ -977,14 +1036,15 @@ def scan(root: str, *, salt: str, workers: int = 1, progress: bool = False,
     if workers > 1 and len(paths) > 1:
       with cf.ProcessPoolExecutor(max_workers=workers,
                                   mp_context=parallel.context(),
-                                  initializer=_init_worker) as pool:
+                                  initializer=_init_worker,
+                                  initargs=(os.getpid(),)) as pool:
         chunk = max(1, min(256, len(paths) // (workers * 8) or 1))
-        return group_entries(
-            tick(pool.map(_read_entries_star, [(p, salt) for p in paths],
-                          chunksize=chunk)), salt, min_slices)
+        return group_entries(itertools.chain(special, tick(
+            pool.map(_read_entries_star, [(p, salt) for p in paths],
+                     chunksize=chunk))), salt, min_slices)
     seen: set = set()
-    return group_entries(tick(read_entries(p, salt, seen) for p in paths),
-                         salt, min_slices)
+    return group_entries(itertools.chain(special, tick(
+        _read_limited(p, salt, seen) for p in paths)), salt, min_slices)
   finally:
     if bar is not None:
       bar.close()

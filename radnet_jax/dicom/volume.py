@@ -68,7 +68,7 @@ import numpy as np
 if TYPE_CHECKING:  # pydicom is imported only where a file needs it (slow import)
   from pydicom.dataset import Dataset
 
-from radnet_jax.dicom import fastread, geometry
+from radnet_jax.dicom import fastread, geometry, isolation
 from radnet_jax.dicom.errors import DicomError
 from radnet_jax.dicom.metadata import (functional_group, uih_vframe_items,
                                        vendor_geometry)
@@ -121,9 +121,16 @@ def _pixels(ds: Dataset, where: str) -> np.ndarray:
   arr = _native_pixels(ds)
   if arr is not None:
     return arr
+  isolation.before_native_decode(where)   # may hand the job to a worker
   try:
+    isolation.injected_fault(where)
     arr = ds.pixel_array
-  except Exception as e:  # decoder missing, corrupt stream, truncated data
+  except MemoryError:
+    raise
+  except BaseException as e:  # noqa: BLE001 - decoder missing, corrupt stream,
+    # truncated data; a Rust decoder's panic is a BaseException
+    if isolation.is_fatal(e):
+      raise
     raise DicomError(where, f"cannot decode pixel data "
                             f"({type(e).__name__}: {e})") from e
   if int(ds.get("SamplesPerPixel", 1)) != 1:
@@ -132,19 +139,24 @@ def _pixels(ds: Dataset, where: str) -> np.ndarray:
   return arr
 
 
-def _rescale(item: Dataset | None) -> tuple[float, float]:
+def _rescale(item: Dataset | None, where: str = "") -> tuple[float, float]:
+  """(RescaleSlope, RescaleIntercept); absent values are 1 and 0. A slope of
+  0 or a non-finite / unreadable value raises DicomError: the physical values
+  are unknown, and guessing 1.0 would store wrong HU."""
   if item is None:
     return 1.0, 0.0
-  slope = item.get("RescaleSlope", None)
-  inter = item.get("RescaleIntercept", None)
-  try:
-    slope = float(slope) if slope not in (None, "") else 1.0
-    inter = float(inter) if inter not in (None, "") else 0.0
-  except (TypeError, ValueError):
-    return 1.0, 0.0
-  if not math.isfinite(slope) or slope == 0:
-    slope = 1.0
-  return slope, (inter if math.isfinite(inter) else 0.0)
+  out = []
+  for key, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+    value = item.get(key, None)
+    try:
+      v = float(value) if value not in (None, "") else default
+    except (TypeError, ValueError) as e:
+      raise DicomError(where, f"unreadable {key} {value!r}") from e
+    if not math.isfinite(v) or (key == "RescaleSlope" and v == 0):
+      raise DicomError(where, f"invalid {key} {v!r} (the physical pixel values "
+                              "are unknown)")
+    out.append(v)
+  return out[0], out[1]
 
 
 def _vec(value: Any, n: int, where: str, what: str) -> np.ndarray:
@@ -217,7 +229,7 @@ def _native_layout(h: fastread.Header) -> tuple | None:
     if key not in h:
       return None  # geometry elsewhere (vendor tags): pydicom path
     h.get(key)  # decodable here, or Unsupported -> pydicom
-  _rescale(h)
+  _rescale(h, h.path)
   if bits not in (8, 16, 32) or stored > bits or stored <= 0:
     return None
   dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
@@ -275,12 +287,13 @@ def _read_classic(stack: Stack) -> _Slices:
   slices = None
   staging: dict = {}
   for path in stack.files:
+    isolation.reading(path)
     fast = _fast_slice(path, staging)
     if fast is not None:
       arr, h = fast
       if slices is None:
         slices = _Slices(len(stack.files), arr.shape[0], arr.shape[1])
-      slope, inter = _rescale(h)
+      slope, inter = _rescale(h, path)
       slices.add(arr, h.get("ImagePositionPatient"),
                  h.get("ImageOrientationPatient"), h.get("PixelSpacing"),
                  slope, inter, path)
@@ -293,7 +306,7 @@ def _read_classic(stack: Stack) -> _Slices:
       raise DicomError(path, f"expected one frame, got shape {arr.shape}")
     if slices is None:
       slices = _Slices(len(stack.files), arr.shape[0], arr.shape[1])
-    slope, inter = _rescale(ds)
+    slope, inter = _rescale(ds, path)
     ipp, iop = vendor_geometry(ds)  # the classic tags, else Philips' copy
     slices.add(arr, ipp, iop, ds.get("PixelSpacing"), slope, inter, path)
   return slices
@@ -306,6 +319,7 @@ def _read_enhanced(stack: Stack) -> _Slices:
     by_file.setdefault(fi, []).append((slot, fr))
   for fi in sorted(by_file):
     path = stack.files[fi]
+    isolation.reading(path)
     ds = read_dataset(path, stop_before_pixels=False)
     arr = _pixels(ds, path)
     if arr.ndim == 2:
@@ -322,7 +336,7 @@ def _read_enhanced(stack: Stack) -> _Slices:
       if pos is None or ori is None or meas is None:
         raise DicomError(where, "missing plane position/orientation/measures")
       pvt = functional_group(ds, fr, "PixelValueTransformationSequence")
-      slope, inter = _rescale(pvt if pvt is not None else ds)
+      slope, inter = _rescale(pvt if pvt is not None else ds, where)
       # Straight into the stack's frame order (no reordering copy).
       slices.add(arr[fr], pos.get("ImagePositionPatient"),
                  ori.get("ImageOrientationPatient"), meas.get("PixelSpacing"),
@@ -333,6 +347,7 @@ def _read_enhanced(stack: Stack) -> _Slices:
 
 def _read_mosaic(stack: Stack) -> _Slices:
   path = stack.files[0]
+  isolation.reading(path)
   ds = read_dataset(path, stop_before_pixels=False)
   n = int(stack.record.get("NumberOfImagesInMosaic", 0))
   if n <= 0:
@@ -372,7 +387,7 @@ def _read_mosaic(stack: Stack) -> _Slices:
   step = float(ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 0)
   if step <= 0:
     raise DicomError(path, "mosaic without SpacingBetweenSlices/SliceThickness")
-  slope, inter = _rescale(ds)
+  slope, inter = _rescale(ds, path)
   slices = _Slices(n, rows, cols)
   for i in range(n):
     slices.add(tiles[i], ipp + i * step * normal, iop, spacing, slope, inter,
@@ -386,6 +401,7 @@ def _read_uih_vframe(stack: Stack) -> _Slices:
   corner, each slice's position in an item of the private MR VFrame
   Sequence (0065,1051)."""
   path = stack.files[0]
+  isolation.reading(path)
   ds = read_dataset(path, stop_before_pixels=False)
   items = uih_vframe_items(ds)
   n = len(items)
@@ -410,7 +426,7 @@ def _read_uih_vframe(stack: Stack) -> _Slices:
              items[0].get("ImageOrientationPatient"), 6, path,
              "ImageOrientationPatient")
   spacing = _vec(ds.get("PixelSpacing"), 2, path, "PixelSpacing")
-  slope, inter = _rescale(ds)
+  slope, inter = _rescale(ds, path)
   slices = _Slices(n, rows, cols)
   for i, item in enumerate(items):
     r0, c0 = (i // wide) * rows, (i % wide) * cols
@@ -702,10 +718,8 @@ def load_volume(stack: Stack) -> Volume:
       sl = _read_mosaic(stack)
     else:
       sl = _read_classic(stack)
-  except DicomError:
+  except (DicomError, MemoryError):   # MemoryError: the machine, not the data
     raise
-  except MemoryError as e:
-    raise DicomError(where, "out of memory while reading the stack") from e
   except Exception as e:
     raise DicomError(where, f"unreadable stack ({type(e).__name__}: {e})") from e
   if sl is None or sl.count == 0:
@@ -797,6 +811,7 @@ def _load_resampled(stack: Stack, shape: tuple[int, int, int]
   offsets: list[int | None] = []
   size = None
   for i, path in enumerate(stack.files):
+    isolation.reading(path)
     h = fastread.read_header(path)
     if h is None:
       return None
@@ -819,7 +834,7 @@ def _load_resampled(stack: Stack, shape: tuple[int, int, int]
     iops[i] = _vec(h.get("ImageOrientationPatient"), 6, path,
                    "ImageOrientationPatient")
     spacings[i] = _vec(h.get("PixelSpacing"), 2, path, "PixelSpacing")
-    rescale[i] = _rescale(h)
+    rescale[i] = _rescale(h, path)
   # --- geometry, exactly as load_volume ----------------------------------------
   n, s, order = _order(positions, iops, spacings, where)
   if not np.array_equal(order, np.arange(count)) or len(_duplicates(s)):
@@ -839,6 +854,7 @@ def _load_resampled(stack: Stack, shape: tuple[int, int, int]
   stream = rs.SliceStream(canon, shape)
   staging: dict = {}
   for i, path in enumerate(stack.files):
+    isolation.reading(path)
     arr = None
     if layouts[i] is not None:
       arr = _read_native(path, offsets[i], layouts[i], staging)

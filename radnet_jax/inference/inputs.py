@@ -13,10 +13,9 @@ Volumes load in a process pool (``workers``); one bad file or series is a
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
+import contextlib
 import dataclasses
 import glob
-import multiprocessing
 import os
 import sys
 import types
@@ -30,6 +29,7 @@ from radnet_jax import dicom
 from radnet_jax import labels as labels_lib
 from radnet_jax import privacy
 from radnet_jax.data import pretrain as input_pipeline
+from radnet_jax.dicom import isolation
 from radnet_jax.dicom import nifti
 from radnet_jax.dicom.types import Volume
 from radnet_jax.shards import convert
@@ -124,7 +124,9 @@ def _prepare_stack(stack: Any, shard_shape: tuple, input_shape: tuple, taxonomy:
     x, cached = _model_input(cached, input_shape)
     stage = "label"
     md = cached["metadata"]
-    labels = _label_record(md, stack.key, taxonomy, priors)
+    # The rules read the raw free text the scan kept in memory (never stored).
+    labels = _label_record(convert.labelling_record(md, stack.record), stack.key,
+                           taxonomy, priors)
     geo = cached["geometry"]
     info = {"source": "dicom", "series_hash": series, "stack_key": stack.key,
             "study_hash": str(md.get("StudyHash", "")),
@@ -249,27 +251,18 @@ def prepare_inputs(root: str, *, shard_shape: Sequence[int], input_shape: Sequen
     if progress:
       bar = tqdm(total=len(jobs), desc="load", unit="stack")
     try:
-      if workers <= 1 or len(jobs) <= 1:
-        for j in jobs:
-          yield _scrub(_job(j), root, salt, hash_paths)
-          if bar is not None:
-            bar.update(1)
-        return
-      ctx = multiprocessing.get_context("spawn")  # safe with jax loaded
-      with cf.ProcessPoolExecutor(workers, mp_context=ctx) as ex:
-        futures = [ex.submit(_job, j) for j in jobs]
-        for j, fut in zip(jobs, futures):  # in order: deterministic output
-          try:
-            yield _scrub(fut.result(), root, salt, hash_paths)
-          except cf.process.BrokenProcessPool:
-            item = j[1]
-            yield _scrub(SkippedInput(item if isinstance(item, str) else
-                               (item.files[0] if item.files else ""),
-                               "worker process died while loading this input (crash in a "
-                               "pixel decoder, or out of memory)",
-                               "" if isinstance(item, str) else
-                               str(item.record.get("SeriesHash", "")), "crash"),
-                         root, salt, hash_paths)
+      # Native pixel decoders run isolated (dicom.isolation): a decoder that
+      # panics, crashes or hangs costs its input only, reported with the file.
+      with contextlib.closing(isolation.map_isolated(_job, jobs, workers,
+                                                     ordered=True)) as results:
+        for index, kind, value in results:
+          if kind != "ok":
+            item = jobs[index][1]
+            value = SkippedInput(
+                item if isinstance(item, str) else (item.files[0] if item.files else ""),
+                value, "" if isinstance(item, str) else
+                str(item.record.get("SeriesHash", "")), "crash")
+          yield _scrub(value, root, salt, hash_paths)
           if bar is not None:
             bar.update(1)
     finally:

@@ -17,7 +17,7 @@ def predict(checkpoint: Any, input: str, *, threshold: float = header_qa.DEFAULT
             qa_tasks: Sequence[str] = header_qa.QA_TASKS, batch_size: int = 4,
             salt: str | None = None, priors: Any = None, modality: str | None = None,
             workers: int = 1, keep_inputs: bool = False, progress: bool = False,
-            hash_paths: bool = False) -> header_qa.Report:
+            hash_paths: bool = True) -> header_qa.Report:
   """Runs the network on every stack of a DICOM folder (or NIfTI file/folder).
 
   The header-QA report: per stack, the network's class and probabilities
@@ -42,7 +42,8 @@ def predict(checkpoint: Any, input: str, *, threshold: float = header_qa.DEFAULT
     workers: processes loading volumes.
     keep_inputs: keep each stack's model input in ``Report.inputs``.
     progress: tqdm progress bars.
-    hash_paths: skipped files by salted hash instead of relative path.
+    hash_paths: skipped files by salted hash of their relative path (default,
+      as ``build_shards``: folder names may hold patient names); False: the path.
   Returns:
     ``Report``: ``rows`` with the columns ``source, series_hash, stack_key,
     study_hash, patient_hash, modality, series_description, n_files, shape,

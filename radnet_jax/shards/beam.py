@@ -115,7 +115,7 @@ def stack_record(stack: Any, opts: Options, priors_obj: Any = None,
   md = cached["metadata"]
   try:
     entry = convert.label_entry(md, stack.key, opts.taxonomy, priors_obj,
-                                overrides_table)
+                                overrides_table, scan_record=stack.record)
   except Exception as e:  # noqa: BLE001
     raise StageError("label", e) from e
   sp = convert.split_of(convert.patient_key(md, stack.key), opts.split, opts.seed)

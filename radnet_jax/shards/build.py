@@ -33,13 +33,11 @@ cheap; it costs about as much disk as the shards; pass ``keep_work=False``
 from __future__ import annotations
 
 import collections
-import concurrent.futures as cf
 import contextlib
 import dataclasses
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import time
@@ -49,6 +47,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from tqdm import tqdm
 
 from radnet_jax import dicom
+from radnet_jax.dicom import isolation
 from radnet_jax import privacy
 from radnet_jax import resample as rs
 from radnet_jax.labels import taxonomy as tx
@@ -75,84 +74,62 @@ class _Job:
   cache_path: str
 
 
+class RunStopped(RuntimeError):
+  """The machine, not the data, stopped the run (a full or read-only disk,
+  no permission on the output, out of memory). Nothing about it is written
+  to errors.csv; rerunning once it is fixed resumes from the work cache."""
+
+
 def _run_job(job: _Job) -> tuple:
   """Pool entry point: converts one stack into its cache file.
 
-  Returns ("ok", key) or ("error", key, stage, reason); never raises, so one
-  bad series never stops the conversion. The worker holds at most one
-  volume (none on the streaming path).
+  Returns ("ok", key), ("error", key, stage, reason) for a property of the
+  data (one bad series never stops the conversion) or ("fatal", key,
+  reason) for an environment error (``convert.environment_error``; any
+  failure to write the cache file). The worker holds at most one volume
+  (none on the streaming path).
   """
   key = job.stack.key
   try:
     data = records.encode(convert.convert_stack_staged(job.stack, job.shape))
-    convert.atomic_write(job.cache_path, data)
-    return ("ok", key)
   except convert.StageError as e:
-    return ("error", key, e.stage, str(e))
-  except Exception as e:  # noqa: BLE001 - any failure is logged per stack
-    return ("error", key, "resample", f"{type(e).__name__}: {e}")
-
-
-@contextlib.contextmanager
-def _one_blas_thread() -> Iterator[None]:
-  """Workers inherit this env at spawn: one BLAS thread each, no oversubscription."""
-  keys = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-  old = {k: os.environ.get(k) for k in keys}
-  os.environ.update({k: "1" for k in keys})
+    env = convert.environment_error(e.error)
+    return ("fatal", key, env) if env else ("error", key, e.stage, str(e))
+  except BaseException as e:  # noqa: BLE001 - a panic is a BaseException
+    if isolation.is_fatal(e):
+      raise
+    env = convert.environment_error(e)
+    return ("fatal", key, env) if env else (
+        "error", key, "resample", f"{type(e).__name__}: {e}")
   try:
-    yield
-  finally:
-    for k, v in old.items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
+    convert.atomic_write(job.cache_path, data)
+  except OSError as e:
+    return ("fatal", key, convert.environment_error(e) or
+            f"cannot write the work cache {job.cache_path}: {e}")
+  return ("ok", key)
 
 
-def _run_jobs(jobs: list[_Job], workers: int, on_result) -> None:
-  """Runs jobs (in-process when workers == 1), calling on_result per job.
+def _run_jobs(jobs: list[_Job], workers: int, on_result,
+              file_timeout_s: float = isolation.DEFAULT_FILE_TIMEOUT_S) -> None:
+  """Runs jobs, calling on_result per job (in completion order).
 
-  A worker that dies (segfault in a codec, OOM kill) breaks the pool: the
-  unfinished jobs are then retried, the first of them alone in a fresh
-  one-worker pool, so the job that kills its process is identified, logged
-  with stage "crash", and the conversion goes on.
+  Native pixel decoders run only in worker processes (``dicom.isolation``):
+  a worker that crashes or hangs on a file is attributed to its job (stage
+  "crash" or "timeout", naming the file), replaced, and the others go on.
+  With ``workers == 1`` jobs run in this process until one needs a native
+  decoder (compressed pixel data); those go to one long-lived worker.
   """
-  if workers <= 1:
-    for job in jobs:
-      on_result(_run_job(job))
-    return
-  ctx = multiprocessing.get_context("spawn")   # safe even if jax is loaded
-  pending = list(jobs)
-  with _one_blas_thread():
-    while pending:
-      done: set[str] = set()
-      try:
-        with cf.ProcessPoolExecutor(min(workers, len(pending)), mp_context=ctx) as ex:
-          futures = {ex.submit(_run_job, j): j for j in pending}
-          for fut in cf.as_completed(futures):
-            res = fut.result()
-            done.add(futures[fut].stack.key)
-            on_result(res)
-        pending = []
-      except cf.process.BrokenProcessPool:
-        rest = []
-        for j in pending:
-          if j.stack.key in done:
-            continue
-          if os.path.exists(j.cache_path):   # finished before the pool broke
-            on_result(("ok", j.stack.key))
-          else:
-            rest.append(j)
-        if not rest:
-          break
-        suspect, pending = rest[0], rest[1:]
-        try:
-          with cf.ProcessPoolExecutor(1, mp_context=ctx) as ex:
-            on_result(ex.submit(_run_job, suspect).result())
-        except cf.process.BrokenProcessPool:
-          on_result(("error", suspect.stack.key, "crash",
-                     "worker process died while loading this stack "
-                     "(crash in a pixel decoder, or out of memory)"))
+  env = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+  # closing(): an on_result that raises (RunStopped) stops the workers at once.
+  with contextlib.closing(isolation.map_isolated(
+      _run_job, jobs, workers, file_timeout_s=file_timeout_s, env=env)) as results:
+    for index, kind, value in results:
+      if kind == "ok":
+        on_result(value)
+      elif kind == "raised":   # _run_job never raises: a bug, logged per stack
+        on_result(("error", jobs[index].stack.key, "crash", value))
+      else:
+        on_result(("error", jobs[index].stack.key, kind, value))
 
 
 # ----------------------------------------------------------------------------
@@ -217,7 +194,22 @@ def _cache_dir(out_dir: str, shape: Sequence[int], salt: str) -> str:
         shutil.rmtree(os.path.join(work, old), ignore_errors=True)
   path = os.path.join(work, name)
   os.makedirs(path, exist_ok=True)
+  for old in os.listdir(path):   # a run killed (or out of space) mid-write
+    if ".tmp" in old:
+      with contextlib.suppress(OSError):
+        os.remove(os.path.join(path, old))
   return path
+
+
+@contextlib.contextmanager
+def _stop_on_os_error(what: str) -> Iterator[None]:
+  """An OSError (or MemoryError) while writing our own output is the
+  machine's, never the data's: it stops the run as ``RunStopped``."""
+  try:
+    yield
+  except (OSError, MemoryError) as e:
+    reason = convert.environment_error(e) or f"{type(e).__name__}: {e}"
+    raise RunStopped(f"stopped while {what}: {reason}") from e
 
 
 def _cache_path(cache: str, key: str) -> str:
@@ -225,7 +217,8 @@ def _cache_path(cache: str, key: str) -> str:
 
 
 def _convert_stage(stacks: Mapping[str, Any], cache: str, shape: tuple, workers: int,
-                   progress: bool) -> tuple[int, int, dict[str, tuple[str, str]]]:
+                   progress: bool, file_timeout_s: float
+                   ) -> tuple[int, int, dict[str, tuple[str, str]]]:
   """Converts every stack not in the cache: (jobs run, cached, {key: (stage, reason)})."""
   jobs, cached = [], 0
   for key, st in stacks.items():
@@ -238,14 +231,18 @@ def _convert_stage(stacks: Mapping[str, Any], cache: str, shape: tuple, workers:
   bar = tqdm(total=len(jobs), desc="convert", unit="stack") if progress and jobs else None
 
   def on_result(res: tuple) -> None:
+    if res[0] == "fatal":
+      raise RunStopped(f"stopped while converting stack {res[1]}: {res[2]}")
     if res[0] == "error":
       failed[res[1]] = (res[2], res[3])
     if bar is not None:
       bar.update(1)
 
-  _run_jobs(jobs, workers, on_result)
-  if bar is not None:
-    bar.close()
+  try:
+    _run_jobs(jobs, workers, on_result, file_timeout_s)
+  finally:
+    if bar is not None:
+      bar.close()
   return len(jobs), cached, failed
 
 
@@ -268,7 +265,8 @@ def _label_stage(stacks: Mapping[str, Any], keys: Sequence[str], cache: str,
     path = _cache_path(cache, key)
     try:
       meta = convert.read_header(path)
-      entry = convert.label_entry(meta["metadata"], key, taxonomy, priors, overrides)
+      entry = convert.label_entry(meta["metadata"], key, taxonomy, priors, overrides,
+                                  scan_record=stacks[key].record)
     except Exception as e:  # noqa: BLE001
       errors.append(_error_row(scrub, stacks[key], "label", f"{type(e).__name__}: {e}"))
       continue
@@ -409,7 +407,8 @@ def build_shards(input_dir: str, out_dir: str, *,
                  split: Sequence[float] = DEFAULT_SPLIT,
                  hash_paths: bool = True,
                  keep_work: bool = True,
-                 progress: bool = True) -> dict:
+                 progress: bool = True,
+                 file_timeout_s: float = isolation.DEFAULT_FILE_TIMEOUT_S) -> dict:
   """Converts a DICOM folder tree into labelled ArrayRecord shards.
 
   Args:
@@ -431,15 +430,23 @@ def build_shards(input_dir: str, out_dir: str, *,
       (default; ``locate`` maps them back); False writes the relative paths.
     keep_work: keep the per-stack work cache (fast resume and re-labelling).
     progress: tqdm bars and a summary table on stdout.
+    file_timeout_s: a worker reading or decoding one file for longer is
+      killed and the stack logged with stage "timeout" (a hung decoder, a
+      stalled network read).
   Returns:
     a summary dict: stack counts (found, converted, cached, failed),
     skipped_by_scan, num_records and num_shards per split, seconds.
+  Raises:
+    RunStopped: an environment error (full or read-only disk, no permission
+      on the output, out of memory); rerun once fixed to resume.
+    FileNotFoundError, ValueError: bad arguments.
   """
   t0 = time.perf_counter()
   shape, split, workers = _check_args(shape, taxonomy, split, records_per_shard,
                                       input_dir, workers)
-  os.makedirs(out_dir, exist_ok=True)
-  salt = privacy.load_or_create_salt(out_dir, salt)
+  with _stop_on_os_error(f"creating the output folder {out_dir}"):
+    os.makedirs(out_dir, exist_ok=True)
+    salt = privacy.load_or_create_salt(out_dir, salt)
   scrub = convert.PathScrubber(input_dir, salt, hash_paths)
   override_table = convert.load_overrides(overrides, taxonomy)
   priors_obj = convert.load_priors(priors)
@@ -449,8 +456,10 @@ def build_shards(input_dir: str, out_dir: str, *,
   stacks = _scan_stage(input_dir, salt, workers, progress, scrub, errors)
 
   # --- convert (parallel, resumable) ------------------------------------------
-  cache = _cache_dir(out_dir, shape, salt)
-  n_jobs, cached, failed = _convert_stage(stacks, cache, shape, workers, progress)
+  with _stop_on_os_error("preparing the work cache"):
+    cache = _cache_dir(out_dir, shape, salt)
+  n_jobs, cached, failed = _convert_stage(stacks, cache, shape, workers, progress,
+                                          file_timeout_s)
   for key, (stage, reason) in sorted(failed.items()):
     errors.append(_error_row(scrub, stacks[key], stage, reason))
 
@@ -460,15 +469,17 @@ def build_shards(input_dir: str, out_dir: str, *,
                           errors)
 
   # --- write shards -----------------------------------------------------------
-  shards = _write_shards_stage(out_dir, labelled.entries, records_per_shard, taxonomy,
-                               progress)
+  with _stop_on_os_error("writing the shards"):
+    shards = _write_shards_stage(out_dir, labelled.entries, records_per_shard, taxonomy,
+                                 progress)
 
   # --- manifest, CSVs, report -------------------------------------------------
   errors.sort(key=lambda r: (r["stage"] != "scan", r["path"], r["stack"], r["reason"]))
   manifest = _manifest(shape, taxonomy, split, seed, records_per_shard, overrides,
                        priors, priors_obj, hash_paths, labelled.entries, shards,
                        len(errors))
-  _report_stage(out_dir, manifest, errors, labelled, taxonomy)
+  with _stop_on_os_error("writing the reports"):
+    _report_stage(out_dir, manifest, errors, labelled, taxonomy)
   if not keep_work:
     shutil.rmtree(os.path.join(out_dir, WORK_DIR), ignore_errors=True)
 

@@ -37,6 +37,8 @@ relative paths are written; the input root itself is never written.
 from __future__ import annotations
 
 import collections
+import contextlib
+import errno
 import hashlib
 import math
 import os
@@ -49,6 +51,8 @@ from array_record.python.array_record_module import ArrayRecordReader
 from radnet_jax import labels as lb
 from radnet_jax import privacy
 from radnet_jax import resample as rs
+from radnet_jax.dicom import isolation
+from radnet_jax.dicom.metadata import UNSCRUBBED_KEY
 from radnet_jax.dicom import volume
 from radnet_jax.labels import priors as pr
 from radnet_jax.labels import taxonomy as tx
@@ -62,8 +66,9 @@ DEFAULT_RECORDS_PER_SHARD = 128
 WRITER_OPTIONS = "group_size:1"
 MANIFEST = records.MANIFEST
 WORK_DIR = ".work"
-# Bump when the cached volume content changes (resampling, normalisation).
-CACHE_VERSION = 1
+# Bump when the cached content changes (resampling, normalisation; 2: free
+# text scrubbed of PHI, so caches written before are never reused).
+CACHE_VERSION = 2
 SHARD_RE = re.compile(r"^(train|val|test)-\d{5}-of-\d{5}\.array_record$")
 
 # Never copied into shards even if a metadata record carries them.
@@ -114,7 +119,8 @@ def safe_metadata(record: Mapping[str, Any]) -> dict:
   out = {}
   for key, value in record.items():
     key = str(key)
-    if key in _PHI_KEYS or "Date" in key or "Birth" in key:
+    if (key in _PHI_KEYS or "Date" in key or "Birth" in key or key.startswith("_")):
+      # "_" keys are in-memory only (metadata.UNSCRUBBED_KEY: raw free text)
       continue
     if key.endswith("UID") and key not in _SAFE_UID_KEYS:
       continue
@@ -144,11 +150,35 @@ def _json_value(value: Any) -> Any:
 
 
 def atomic_write(path: str, data: bytes) -> None:
-  """Writes ``data`` to a temporary name next to ``path``, then renames it."""
+  """Writes ``data`` to a temporary name next to ``path``, then renames it;
+  on failure (a full disk) the temporary file is removed and the error raised."""
   tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
+# Errors of the machine, not of the data: they stop a run (never a row of
+# errors.csv), and a rerun once they are fixed resumes where it stopped.
+_ENV_ERRNOS = {errno.ENOSPC: "no space left on the device",
+               errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system"}
+
+
+def environment_error(e: BaseException) -> str | None:
+  """A reason if ``e`` is about the machine (memory, a full or read-only
+  disk), else None (a property of the data)."""
+  if isinstance(e, MemoryError):
+    return "out of memory (MemoryError); lower --workers or free memory"
+  if isinstance(e, OSError) and e.errno in _ENV_ERRNOS:
+    where = f" ({e.filename})" if e.filename else ""
+    return f"{_ENV_ERRNOS[e.errno]}{where}: {e.strerror}"
+  return None
 
 
 def file_digest(path: str | None) -> str | None:
@@ -245,19 +275,32 @@ def convert_stack_staged(stack: Any, shape: Sequence[int]) -> dict:
   ``radnet_jax.predict`` all call it, so they give the same record.
   """
   shape = tuple(int(s) for s in shape)
-  rv = volume.load_resampled(stack, shape)   # never raises; None = declined
+  # Handlers catch BaseException: a native decoder's panic is one
+  # (pyo3_runtime.PanicException); isolation.is_fatal ones propagate.
+  try:
+    rv = volume.load_resampled(stack, shape)   # None = declined
+  except BaseException as e:  # noqa: BLE001 - it catches every Exception itself
+    if isolation.is_fatal(e):
+      raise
+    raise StageError("load", e) from e
   if rv is not None:
     try:
       return resampled_cache_record(stack, rv)
-    except Exception as e:  # noqa: BLE001 - re-raised with its stage
+    except BaseException as e:  # noqa: BLE001 - re-raised with its stage
+      if isolation.is_fatal(e):
+        raise
       raise StageError("resample", e) from e
   try:
     vol = volume.load_volume(stack)
-  except Exception as e:  # noqa: BLE001
+  except BaseException as e:  # noqa: BLE001
+    if isolation.is_fatal(e):
+      raise
     raise StageError("load", e) from e
   try:
     return cache_record(stack, vol, shape)
-  except Exception as e:  # noqa: BLE001
+  except BaseException as e:  # noqa: BLE001
+    if isolation.is_fatal(e):
+      raise
     raise StageError("resample", e) from e
 
 
@@ -323,15 +366,29 @@ def label_stack(metadata: Mapping[str, Any], stack_key: str, taxonomy: str,
   return labels
 
 
+def labelling_record(metadata: Mapping[str, Any], scan_record: Mapping[str, Any] | None
+                     ) -> dict:
+  """What the label rules read: the stored (scrubbed) ``metadata`` with the
+  raw free text the scan kept in memory (``metadata.UNSCRUBBED_KEY`` of the
+  stack's scan record) put back. Never stored."""
+  out = dict(metadata)
+  out.update((scan_record or {}).get(UNSCRUBBED_KEY, {}))
+  return out
+
+
 def label_entry(metadata: Mapping[str, Any], stack_key: str, taxonomy: str,
-                priors: Any = None, overrides: Any = None) -> dict:
+                priors: Any = None, overrides: Any = None,
+                scan_record: Mapping[str, Any] | None = None) -> dict:
   """Labels of one cached stack as ``shard_record`` and ``counts`` take them.
 
   Returns ``{"key", "labels": {task: text}, "provenance": {task: rule},
   "targets": Taxonomy.encode(labels), "md": metadata}``; raises on a record
   the label rules or the taxonomy cannot handle (callers log stage "label").
+  The rules see the raw free text of ``scan_record`` (``labelling_record``);
+  ``md`` is the stored, scrubbed metadata.
   """
-  labels = label_stack(metadata, stack_key, taxonomy, priors, overrides)
+  labels = label_stack(labelling_record(metadata, scan_record), stack_key, taxonomy,
+                       priors, overrides)
   targets = tx.Taxonomy(taxonomy).encode(labels)
   texts = {t: labels[t].as_text() if t in labels else tx.UNKNOWN for t in tx.TASKS}
   provs = {t: labels[t].provenance if t in labels else "unknown:not labelled"
