@@ -154,7 +154,7 @@ def evaluate(predict_fn: sliding_window.PredictFn, recs: Sequence[Mapping],
       prop_rows.append(proposer.score_case(z, rec["mask"]))
     pred = seg_inference.segment_volume(predict_fn, rec["volume"], tuple(roi), eval_cfg,
                                         pad_value=pad_value, z_range=z)
-    ref = rec["mask"] if num_classes == 3 else map_labels(rec["mask"], 2).astype(np.uint8)
+    ref = rec["mask"] if num_classes == 3 else seg_input.map_labels(rec["mask"], 2).astype(np.uint8)
     ev.add(str(rec["case"]), pred, ref, rec["geometry"]["spacing"])
     if save_dir:
       nifti.save_nifti(pred, rec["geometry"],
