@@ -12,7 +12,6 @@ Each rerun must give byte-identical shards to the reference.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import shutil
@@ -27,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import pydicom  # noqa: E402
 
 from radnet_jax import phantom  # noqa: E402
+from radnet_jax.cli import flags  # noqa: E402
 from radnet_jax.dicom import isolation  # noqa: E402
 from radnet_jax.shards import convert  # noqa: E402
 
@@ -72,7 +72,7 @@ def _image_series(dicom_dir):
 
 
 def main() -> None:
-  ap = argparse.ArgumentParser()
+  ap = flags.Parser()
   ap.add_argument("--series", type=int, default=40, help="phantom patients")
   ap.add_argument("--workers", type=int, default=2)
   a = ap.parse_args()

@@ -31,11 +31,16 @@ float32 on one thread without compile: a logic check, timings meaningless.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import statistics
 import sys
 import time
+
+# The project's flag parser only (argparse and sys; no jax): this peer runs
+# in a PyTorch environment.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from radnet_jax.cli import flags  # noqa: E402  pylint: disable=wrong-import-position
 
 # Task output sizes of the paper taxonomy (radnet_jax.labels.taxonomy
 # "paper"; tests/test_gpu_check.py keeps them equal).
@@ -160,7 +165,7 @@ def run_row(model: str, batch: int, shape, smoke: bool, steps: int,
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = flags.Parser(description=__doc__.split("\n")[0])
   p.add_argument("--models", default="resnet50,vnet")
   p.add_argument("--batch", type=int, default=8, help="ResNet-50 batch")
   p.add_argument("--vnet-batch", type=int, default=1)

@@ -12,7 +12,6 @@ logged step (training loss, validation metric) and writes them as JSON
 Only uses the entry points (``train_and_evaluate``), so it runs unchanged on
 code before and after a refactor of the loop.
 """
-import argparse
 import importlib.util
 import json
 import os
@@ -25,6 +24,7 @@ sys.path.insert(0, ROOT)
 
 # After the environment above (the device count is read when jax starts).
 from experiments import pretrain as pretrain_configs  # noqa: E402
+from radnet_jax.cli import flags  # noqa: E402
 from radnet_jax.tasks import pretrain as pretrain_task  # noqa: E402
 from radnet_jax.tasks import segment as segment_task  # noqa: E402
 from tests import synthetic_shards as ss  # noqa: E402
@@ -67,7 +67,7 @@ def segment(out):
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = flags.Parser(description=__doc__.split("\n\n")[0])
   p.add_argument("--out", required=True, help="empty folder for data, runs and JSON")
   p.add_argument("--task", default="both", choices=("pretrain", "segment", "both"))
   args = p.parse_args()

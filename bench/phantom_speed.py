@@ -11,7 +11,6 @@ CPU column and the ratio are the figures to read; wall time depends on load.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -19,6 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from radnet_jax.cli import flags  # noqa: E402  pylint: disable=wrong-import-position
 
 _CHILD = r"""
 import json, sys, time
@@ -43,7 +45,7 @@ def run(tree: str, n: int, seed: int, workers: int) -> dict:
 
 
 def main(argv=None) -> None:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap = flags.Parser(description=__doc__.split("\n")[0])
   ap.add_argument("--n", type=int, default=60)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--workers", type=int, default=1)

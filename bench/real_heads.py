@@ -27,7 +27,6 @@ compare what the network sees.
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import os
 import shutil
@@ -38,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import radnet_jax  # noqa: E402  pylint: disable=wrong-import-position
+from radnet_jax.cli import flags  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def _nibabel_data() -> tuple[str, str]:
@@ -67,7 +67,7 @@ def real_inputs(tmp: str) -> list[tuple[str, str, dict]]:
 
 
 def main(argv=None) -> None:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap = flags.Parser(description=__doc__.split("\n")[0])
   ap.add_argument("workdir", help="pretraining run workdir (or checkpoint)")
   ap.add_argument("--inputs-png", default="")
   ap.add_argument("--phantom", default="", help="phantom corpus folder for the side-by-side inputs")
