@@ -15,11 +15,13 @@ unknown header label). Records are joined on the salted SeriesHash.
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 import numpy as np
 
-from radnet_jax import api, privacy
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from radnet_jax import api, privacy  # noqa: E402  pylint: disable=wrong-import-position
 from radnet_jax.data import augment
 from radnet_jax.shards import convert
 from radnet_jax.labels import taxonomy as tax
