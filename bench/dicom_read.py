@@ -31,12 +31,12 @@ import time
 import tracemalloc
 
 import numpy as np
-from radnet_jax.cli import flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from radnet_jax import dicom  # noqa: E402  pylint: disable=wrong-import-position
+from radnet_jax.cli import flags  # noqa: E402  pylint: disable=wrong-import-position
 
 SALT = "bench"
 

@@ -27,9 +27,9 @@ import sys
 import time
 
 import numpy as np
-from radnet_jax.cli import flags as cli_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from radnet_jax.cli import flags as cli_flags  # noqa: E402  pylint: disable=wrong-import-position
 
 SALT = "header-qa-bench"
 TASKS = ("sequence", "plane", "contrast", "coverage")

@@ -46,11 +46,11 @@ import tempfile
 import time
 
 import numpy as np
-from radnet_jax.cli import flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+from radnet_jax.cli import flags  # noqa: E402  pylint: disable=wrong-import-position
 
 
 # ----------------------------------------------------------------------------

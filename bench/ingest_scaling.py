@@ -31,12 +31,12 @@ import shutil
 import sys
 import tempfile
 import time
-from radnet_jax.cli import flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
+from radnet_jax.cli import flags  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def _cpu() -> float:

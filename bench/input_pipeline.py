@@ -176,9 +176,9 @@ def main(argv=None) -> None:
   p.add_argument("--on-device", action="store_true",
                  help="augment.on_device: rotation + noise in the jitted step")
   a = p.parse_args(argv)
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS.is_parsed():   # grain worker processes read absl flags
-    flags.FLAGS.mark_as_parsed()
+  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+  if not absl_flags.FLAGS.is_parsed():   # grain worker processes read absl flags
+    absl_flags.FLAGS.mark_as_parsed()
   config = pretrain.get_config(a.variant)
   cache = a.cache or tempfile.mkdtemp(prefix="radnet_pipe_")
   data = config.data.to_dict()

@@ -14,7 +14,8 @@ import collections
 import os
 import sys
 
-from radnet_jax import privacy
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from radnet_jax import privacy  # noqa: E402  pylint: disable=wrong-import-position
 from radnet_jax.shards import convert
 from radnet_jax.phantom import load_truth
 

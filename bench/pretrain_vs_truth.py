@@ -17,11 +17,13 @@ region (``CT brain``, ``MR abdomen``, ...), to see where the errors are.
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 import numpy as np
 
-from radnet_jax import api, privacy
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from radnet_jax import api, privacy  # noqa: E402  pylint: disable=wrong-import-position
 from radnet_jax.data import augment
 from radnet_jax.shards import convert
 from radnet_jax.labels import taxonomy as tax

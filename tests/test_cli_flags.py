@@ -51,3 +51,23 @@ def test_every_command_declares_dashed_flags():
     if "add_argument(" in text and "argparse.ArgumentParser(" in text:
       bad.append(f"{os.path.relpath(f, ROOT)}: argparse.ArgumentParser instead of flags.Parser")
   assert not bad, "\n".join(bad)
+
+
+def test_bench_scripts_run_from_any_folder():
+  """`python bench/X.py` must work without PYTHONPATH: every top-level import
+  of the project's packages comes after the script puts the checkout on
+  sys.path."""
+  import ast
+  bad = []
+  for f in sorted(glob.glob(os.path.join(ROOT, "bench", "*.py"))):
+    on_path = False
+    for node in ast.parse(open(f).read()).body:
+      if (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and
+          ast.unparse(node.value.func) == "sys.path.insert"):
+        on_path = True
+      mods = ([node.module or ""] if isinstance(node, ast.ImportFrom) else
+              [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+      for m in mods:
+        if m.split(".")[0] in ("radnet_jax", "experiments", "tests", "data_prep") and not on_path:
+          bad.append(f"{os.path.relpath(f, ROOT)}: imports {m} before sys.path.insert")
+  assert not bad, "\n".join(bad)

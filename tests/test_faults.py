@@ -489,6 +489,37 @@ def test_bad_rescale_slope_is_a_named_skip(corpus, tmp_path, slope):
   assert os.path.basename(files[4]) in rows[0]["reason"]
 
 
+def test_blank_series_is_a_named_skip(corpus, tmp_path):
+  """A series whose pixels are all one value (a header-only export) is
+  skipped with that reason; every other series converts."""
+  n = _n_stacks(corpus)
+  files = min(_series(corpus).values(), key=len)
+  for f in files:
+    ds = pydicom.dcmread(f)
+    ds.PixelData = bytes(len(ds.PixelData))
+    ds.save_as(f)
+  out = str(tmp_path / "out")
+  _build(corpus, out)
+  rows = _errors(out)
+  assert len(rows) == 1 and "blank image: every voxel is" in rows[0]["reason"], rows
+  assert _n_records(out) == n - 1
+
+
+def test_real_header_only_file_is_refused_as_blank(tmp_path):
+  """nibabel's Philips 3D MPRAGE test file keeps its header but its 176
+  frames of 256x256 pixels are all zero: there is nothing to predict from."""
+  import gzip
+  nibabel = pytest.importorskip("nibabel")
+  from radnet_jax import dicom
+  src = os.path.join(os.path.dirname(nibabel.__file__), "nicom", "tests", "data",
+                     "philips_mprage.dcm.gz")
+  (tmp_path / "mprage.dcm").write_bytes(gzip.open(src).read())
+  stacks = dicom.scan(str(tmp_path), salt=SALT).stacks
+  assert len(stacks) == 1 and stacks[0].record["NumberOfFrames"] == 176
+  with pytest.raises(convert.StageError, match="blank image: every voxel is 0"):
+    convert.convert_stack_staged(stacks[0], SHAPE)
+
+
 def test_wrong_columns_is_reported_as_such(corpus, tmp_path):
   files = min(_series(corpus).values(), key=len)
   ds = pydicom.dcmread(files[5])

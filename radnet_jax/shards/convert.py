@@ -206,10 +206,29 @@ def _check_geometry(shape: Sequence[int], affine: Any, spacing: Any
   return affine, spacing
 
 
+def _check_not_blank(voxels: np.ndarray) -> None:
+  """A volume whose every voxel has one value holds no image (a header-only
+  export, a blanked or failed reconstruction): it would teach the network
+  nothing and any prediction on it would come from the biases alone, so it
+  is refused with that reason."""
+  v = np.asarray(voxels)
+  if v.size == 0:
+    raise ValueError("empty volume")
+  finite = np.isfinite(v)
+  if not finite.any():
+    raise ValueError("blank image: no finite voxel value")
+  lo, hi = float(v[finite].min()), float(v[finite].max())
+  # Resampling weights leave float rounding (-1024 vs -1023.9999) on a blank
+  # input; any real image varies by far more than 1e-4 of its magnitude.
+  if hi - lo <= 1e-4 * max(abs(lo), abs(hi), 1.0):
+    raise ValueError(f"blank image: every voxel is {lo:g} (no image data in the pixels)")
+
+
 def _cached(stack: Any, record: dict, orig_shape: Sequence[int],
             affine: np.ndarray, spacing: np.ndarray, res: rs.Resampled) -> dict:
   """The cache record of a resampled volume (see ``cache_record``)."""
   modality = str(record.get("Modality", "") or "")
+  _check_not_blank(res.voxels)
   normed, spec = rs.normalise(res.voxels, modality)
   return {
       "kind": "cache", "cache_version": CACHE_VERSION,
