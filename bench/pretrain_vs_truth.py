@@ -11,6 +11,8 @@ prints, per task, the accuracy against the header labels (records whose
 header label is known, as the trainer reports it) and against the truth (all
 records whose truth is in the task's classes, including those with an
 unknown header label). Records are joined on the salted SeriesHash.
+A second table splits the header-label accuracy by the truth's modality and
+region (``CT brain``, ``MR abdomen``, ...), to see where the errors are.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ def main() -> None:
 
   bands = list(tax.COVERAGE_BANDS)
   stats = {t: {"header": [0, 0], "truth": [0, 0]} for t in (*TASKS, "coverage")}
+  by_group: dict = {}
   missing = 0
   for rec in convert.iter_records(a.shards, a.split):
     row = truth.get(rec.get("series"))
@@ -57,6 +60,8 @@ def main() -> None:
     x = augment.crop_or_pad(np.asarray(rec["volume"], np.float32), shape)[None, ..., None]
     out = jax.device_get(fwd(variables, x))
     labels = rec.get("labels", {})
+    group = by_group.setdefault(f"{row['modality']} {row['region']}",
+                                {t: [0, 0] for t in (*TASKS, "coverage")})
     for t in TASKS:
       if t not in out:
         continue
@@ -66,6 +71,8 @@ def main() -> None:
       if head in classes:
         stats[t]["header"][0] += 1
         stats[t]["header"][1] += int(pred == head)
+        group[t][0] += 1
+        group[t][1] += int(pred == head)
       if str(row[t]) in classes:
         stats[t]["truth"][0] += 1
         stats[t]["truth"][1] += int(pred == str(row[t]))
@@ -76,6 +83,8 @@ def main() -> None:
         want = {b for b, v in zip(bands, np.asarray(head).reshape(-1)) if v > 0.5}
         stats["coverage"]["header"][0] += 1
         stats["coverage"]["header"][1] += int(pred == want)
+        group["coverage"][0] += 1
+        group["coverage"][1] += int(pred == want)
       true = {b for b in str(row["coverage"]).split("|") if b}  # truth.csv: "a|b|c"
       stats["coverage"]["truth"][0] += 1
       stats["coverage"]["truth"][1] += int(pred == true)
@@ -90,6 +99,12 @@ def main() -> None:
       cells.append(f"{ok / n:.3f} ({n})" if n else "- (0)")
     metric = "exact match" if t == "coverage" else "accuracy"
     print(f"| {t} | {metric} | {cells[0]} | {cells[1]} |")
+  print()
+  print("| truth modality, region | " + " | ".join(f"{t} (N)" for t in (*TASKS, "coverage")) + " |")
+  print("|---|" + "---|" * (len(TASKS) + 1))
+  for g in sorted(by_group):
+    cells = [f"{ok}/{n}" if n else "-" for n, ok in (by_group[g][t] for t in (*TASKS, "coverage"))]
+    print(f"| {g} | " + " | ".join(cells) + " |")
   if missing:
     print(f"({missing} records without a truth row)")
 

@@ -13,13 +13,18 @@ def test_embed_shapes_arrays_and_features(tmp_path):
   x = np.random.default_rng(1).normal(size=(3, *INPUT_SHAPE)).astype(np.float32)
   e = radnet_jax.embed(loaded, x, features=True, batch_size=2)
   assert e.keys == ["0", "1", "2"]
-  assert e.embedding.shape == (3, 64) and e.embedding.dtype == np.float32
+  # The demo config pools the last stage by mean and max ("avgmax"): 2 x 64.
+  assert loaded.config.model.kwargs.global_pool == "avgmax"
+  assert e.embedding.shape == (3, 128) and e.embedding.dtype == np.float32
   # stem (stride 1x2x2), pool 2, stages strides 1, 2, 2, 2 (radnet layout).
   assert [f.shape for f in e.features] == [
       (3, 8, 8, 8, 8), (3, 4, 4, 4, 8), (3, 2, 2, 2, 16), (3, 1, 1, 1, 32), (3, 1, 1, 1, 64)]
-  # The embedding is the mean of the last stage, and batching does not change it.
-  np.testing.assert_allclose(e.embedding, e.features[-1].mean(axis=(1, 2, 3)), rtol=1e-5,
-                             atol=1e-6)
+  # The embedding is the mean, then the max, of the last stage, and batching
+  # does not change it.
+  np.testing.assert_allclose(e.embedding[:, :64], e.features[-1].mean(axis=(1, 2, 3)),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(e.embedding[:, 64:], e.features[-1].max(axis=(1, 2, 3)),
+                             rtol=1e-5, atol=1e-6)
   one = radnet_jax.embed(loaded, x[1])
   np.testing.assert_allclose(one.embedding[0], e.embedding[1], rtol=1e-5, atol=1e-6)
   # A bare module + variables works too; a bare module without them does not.

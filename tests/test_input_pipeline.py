@@ -107,6 +107,15 @@ def test_balanced_sampling(shards):
   targets = [{"sequence": 0}] * 8 + [{"sequence": 1}] * 2
   w = ip.balance_weights(targets, ("sequence",))
   assert w[:8].sum() == pytest.approx(0.5) and w[8:].sum() == pytest.approx(0.5)
+  # Coverage: groups by band set; unknown coverage is its own group.
+  brain, abdomen = np.eye(9)[0], np.eye(9)[5] + np.eye(9)[6] + np.eye(9)[7]
+  cov = ([{"coverage": brain * 0.9, "coverage_mask": 1.0}] * 6 +
+         [{"coverage": abdomen, "coverage_mask": 1.0}] * 3 +
+         [{"coverage": np.zeros(9), "coverage_mask": 0.0}])
+  w = ip.balance_weights(cov, ("coverage",))
+  assert [w[:6].sum(), w[6:9].sum(), w[9]] == pytest.approx([1 / 3] * 3)
+  w = ip.balance_weights(cov, ("coverage",), power=0.5)
+  assert w[6] / w[0] == pytest.approx(np.sqrt(2))
   paths = ip.split_paths(shards, "train")
   ds = ip.train_dataset(paths, shape=SHAPE, batch_size=8, seed=0, augment_cfg=None,
                         balance_keys=("plane",), num_threads=1)

@@ -199,3 +199,36 @@ def test_lits_layout(tmp_path):
     # the liver lies in the patient's right side: RAS +x (LPS -x)
     xyz = nib.affines.apply_affine(vol.affine, np.argwhere(m == 1).mean(0))
     assert xyz[0] > 0
+
+
+def test_ct_plans_carry_phase_kernel_dose_and_clinical_fov():
+  """CT acquisitions of the corpus: a contrast phase exactly when contrast was
+  given (reformats share their acquisition's phase, kernel and dose), every
+  kernel and phase in use, the vendor's kernel name in the header, and body
+  CT axials on a 350-500 mm display FOV."""
+  from radnet_jax.phantom import acquisition, corpus, ct, protocols
+  from radnet_jax.phantom.anatomy import make_patient
+  rng = np.random.default_rng(0)
+  plans = [p for _ in range(400) for p in protocols.plan_study(rng) if p.modality == "CT"]
+  phases, kernels = collections.Counter(), collections.Counter()
+  acq = None
+  for p in plans:
+    if p.reformat:   # a reformat follows its acquisition in the plan
+      assert (p.phase, p.kernel, p.kvp, p.mas) == acq, p
+    else:
+      acq = (p.phase, p.kernel, p.kvp, p.mas)
+    assert (p.phase in ct.PHASES) == (p.contrast == "yes"), p
+    assert p.kernel in ct.KERNELS and p.mas > 0 and p.kvp in (100.0, 120.0, 140.0)
+    phases[p.phase] += 1
+    kernels[p.kernel] += 1
+    tags = corpus.series_tags(p, rng)
+    assert tags["ConvolutionKernel"] == corpus._KERNEL_NAMES[p.vendor][ct.KERNELS.index(p.kernel)]
+    assert tags["KVP"] == p.kvp
+  assert set(phases) == {"", *ct.PHASES} and set(kernels) == set(ct.KERNELS)
+  assert phases["portal"] > phases["arterial"] > 0 and phases["portal"] > phases["delayed"] > 0
+  body = [p for p in plans if p.region in ("abdomen", "cap", "chest") and p.plane == "AX"][:6]
+  patient = make_patient(np.random.default_rng(1), 1)
+  for p in body:
+    g = acquisition.plan_grid(patient, p, rng)
+    fov = g.spacing[1] * max(g.shape[1:])
+    assert 349.0 <= fov <= 501.0, (p.region, fov)

@@ -136,9 +136,19 @@ def balance_weights(targets: Sequence[Mapping], keys: Sequence[str],
 
   The group of a record is the tuple of its targets for ``keys`` (e.g.
   ("sequence", "plane")), so a CT-chest-dominated archive is drawn with each
-  (sequence, plane) combination about equally often at ``power=1``.
+  (sequence, plane) combination about equally often at ``power=1``. A
+  multi-label target (``coverage``, a vector of bands) groups by its band
+  set, with unknown coverage (``coverage_mask`` 0) a group of its own.
   """
-  groups = [tuple(tg.get(k, -1) for k in keys) for tg in targets]
+  def part(tg: Mapping, k: str):
+    v = tg.get(k, -1)
+    if k == "coverage" and not tg.get("coverage_mask", 1):
+      return "unknown"
+    if isinstance(v, (np.ndarray, list, tuple)):
+      return tuple(int(x > 0.5) for x in np.asarray(v, np.float64).reshape(-1))
+    return v
+
+  groups = [tuple(part(tg, k) for k in keys) for tg in targets]
   freq = collections.Counter(groups)
   w = np.array([freq[g] ** -float(power) for g in groups], np.float64)
   return w / w.sum()

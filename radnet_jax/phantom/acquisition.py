@@ -17,7 +17,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 
-from radnet_jax.phantom import physics
+from radnet_jax.phantom import ct, physics
 from radnet_jax.phantom.anatomy import Grid, Patient, _rot, render_labels
 
 SOP = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4",
@@ -75,7 +75,10 @@ def plan_grid(patient: Patient, plan, rng: np.random.Generator, max_slices: int 
   n = np.cross(r, c)
   ext = {"x": 2 * hw * 1.08, "y": 2 * hd * 1.15, "z": zhi - zlo}
   axis_ext = lambda v: ext["xyz"[int(np.argmax(np.abs(v)))]]
-  if plan.plane == "AX":
+  if plan.plane == "AX" and plan.modality == "CT" and not head:
+    # Body CT: the clinical display FOV, 350-450 mm (500 for the largest patients).
+    fov_r = fov_c = ct.abdominal_fov(rng, patient.half_width, patient.half_depth)
+  elif plan.plane == "AX":
     fov = max(ext["x"], ext["y"]) * rng.uniform(1.0, 1.1)
     fov_r = fov_c = fov
   else:
@@ -152,8 +155,19 @@ def simulate(patient: Patient, plan, grid: Grid, rng: np.random.Generator, rando
   """
   lab = render_labels(patient, grid)
   if plan.modality == "CT":
+    # Phase, kernel and dose from the plan; HU offsets and enhancement
+    # factors of this patient (``Patient.ct``); noise from the dose and the
+    # patient's diameter (head: its width), or a fixed level without a dose.
+    if patient.head is not None and plan.region in ("brain", "headneck"):
+      ext = patient.head.hi - patient.head.lo
+      diameter = float(np.sqrt(ext[0] * ext[1]))
+    else:
+      diameter = 2.0 * float(np.sqrt(patient.half_width * patient.half_depth))
     return physics.ct_image(lab, plan.contrast == "yes", rng, spacing=grid.spacing,
-                            thickness=plan.thickness, noise_hu=float(rng.uniform(6, 18)))
+                            thickness=plan.thickness,
+                            noise_hu=None if plan.mas else float(rng.uniform(6, 18)),
+                            phase=plan.phase or "portal", kernel=plan.kernel, mas=plan.mas or None,
+                            kvp=plan.kvp, diameter_mm=diameter, patient_ct=patient.ct)
   if plan.modality == "PT":
     return physics.pet_image(lab, rng, spacing=grid.spacing)
   gd = 1.0 if plan.contrast == "yes" else 0.0

@@ -23,9 +23,10 @@ from radnet_jax.phantom.anatomy import make_patient
 from radnet_jax.phantom.noise import HeaderNoise, corrupt
 
 MARKER = "phantom.json"
-# Bumped whenever the same seed gives other images (2: template heads, head protocols);
+# Bumped whenever the same seed gives other images (2: template heads, head protocols;
+# 3: CT contrast phases, kernels and dose, body CT display FOV);
 # the demo cache folder names it, so shards of an older phantom are never reused.
-VERSION = 2
+VERSION = 3
 CT_AGENTS = ("OMNIPAQUE 350", "ISOVUE-370", "Iohexol", "VISIPAQUE 320", "ULTRAVIST 370")
 MR_AGENTS = ("GADAVIST", "DOTAREM", "MAGNEVIST", "gadobutrol", "MultiHance")
 
@@ -47,6 +48,11 @@ def _name(rng, style: int) -> str:
   return (f"IM_{h}", f"{h}.dcm", f"1.3.12.{int(h[:8], 16)}.dcm", h.lower())[style]
 
 
+# The plan's reconstruction kernel (soft, standard, sharp) as each vendor names it.
+_KERNEL_NAMES = {"SIEMENS": ("B20f", "B30f", "B70f"), "GE MEDICAL SYSTEMS": ("SOFT", "STANDARD", "BONE"),
+                 "Philips": ("A", "B", "D"), "TOSHIBA": ("FC02", "FC13", "FC30")}
+
+
 def series_tags(plan, rng) -> dict:
   """Series-level header tags from the plan (before header noise)."""
   t = {"SeriesDescription": plan.description, "ProtocolName": plan.description,
@@ -54,7 +60,10 @@ def series_tags(plan, rng) -> dict:
   if plan.modality == "CT":
     t["ImageType"] = (["DERIVED", "SECONDARY", "REFORMATTED"] if plan.reformat
                       else ["ORIGINAL", "PRIMARY", "AXIAL"])
-    t["ConvolutionKernel"] = str(rng.choice(["B30f", "STANDARD", "FC13", "B"]))
+    t["ConvolutionKernel"] = _KERNEL_NAMES[plan.vendor][("soft", "standard", "sharp").index(plan.kernel)]
+    t["KVP"] = plan.kvp
+    if plan.mas:
+      t["Exposure"] = int(round(plan.mas))
     if plan.reformat:
       t["SpacingBetweenSlices"] = plan.spacing
   elif plan.modality == "PT":

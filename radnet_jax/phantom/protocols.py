@@ -61,6 +61,10 @@ class SeriesPlan:
   iso3d: bool = False       # 3D isotropic acquisition (MPRAGE / IR-FSPGR / 3D TFE)
   epi: bool = False         # echo-planar diffusion (DWI / DTI)
   b_value: float = 0.0      # diffusion weighting (s/mm2) of an EPI series
+  phase: str = ""           # CT contrast phase: "arterial", "portal", "delayed" ("" = no contrast)
+  kernel: str = "standard"  # CT reconstruction kernel: "soft", "standard", "sharp" (phantom.ct)
+  kvp: float = 120.0        # CT tube voltage
+  mas: float = 0.0          # CT tube current-time product; 0 = a fixed noise level
   description: str = ""
   alt_descriptions: tuple = ()
   body_part: str = ""
@@ -106,7 +110,8 @@ def describe(p: SeriesPlan, rng) -> str:
       return d + (" CE" if post and rng.random() < 0.5 else "")
     word = STUDY_DESC[p.region]
     if post:
-      cue = str(rng.choice(["W CONTRAST", "WITH CONTRAST", "C+", "PORTAL VENOUS", "+C"]))
+      cue = str(rng.choice(["W CONTRAST", "WITH CONTRAST", "C+", "+C",
+                            {"arterial": "ARTERIAL", "delayed": "DELAYED"}.get(p.phase, "PORTAL VENOUS")]))
     else:
       cue = str(rng.choice(["W/O", "WO CONTRAST", "NON CONTRAST", "PLAIN"]))
     if p.reformat:
@@ -157,6 +162,32 @@ def _alt_descriptions(p: SeriesPlan, rng) -> tuple:
       out.append(describe(dataclasses.replace(p, sequence=seq, gre=False, epi=False, iso3d=False), rng))
   out.append(describe(dataclasses.replace(p, contrast="no" if p.contrast == "yes" else "yes"), rng))
   return tuple(out)
+
+
+# CT contrast phases as clinical protocols use them (phantom.ct.enhancement):
+# routine body CT is portal venous; arterial (multiphase liver, CTA) and
+# delayed (urography, liver lesion work-up) are rarer. Head CT with contrast
+# is mostly a venous-phase scan or an angiogram (arterial).
+_CT_PHASES = ("arterial", "portal", "delayed")
+_CT_PHASE_P = {"brain": (0.35, 0.55, 0.10), "headneck": (0.30, 0.60, 0.10)}
+_CT_PHASE_P_BODY = (0.20, 0.65, 0.15)
+
+
+def _ct_acquisition(region: str, contrast: str, rng) -> dict:
+  """Phase, kernel and dose of one CT acquisition (its reformats share them).
+
+  Head CT: 120 kVp, 200-400 mAs; body CT: 100-140 kVp, 80-350 mAs (the
+  noise follows from the dose and the patient's size, ``phantom.ct.noise_sd``).
+  """
+  phase = ""
+  if contrast == "yes":
+    p = _CT_PHASE_P.get(region, _CT_PHASE_P_BODY)
+    phase = str(rng.choice(_CT_PHASES, p=p))
+  kernel = str(rng.choice(("soft", "standard", "sharp"), p=(0.3, 0.6, 0.1)))
+  head = region in ("brain", "headneck")
+  kvp = 120.0 if head else float(rng.choice([100.0, 120.0, 120.0, 140.0]))
+  mas = float(rng.uniform(200, 400) if head else rng.uniform(80, 350))
+  return dict(phase=phase, kernel=kernel, kvp=kvp, mas=mas)
 
 
 def _tilt(rng, most: float = 10.0) -> float:
@@ -216,27 +247,30 @@ def plan_study(rng: np.random.Generator, full_size: bool = False) -> list:
       states = ["no", "yes"]
     for st in states:
       m = int(rng.choice([512] if full_size else [128, 160, 192]))
+      acq = _ct_acquisition(region, st, rng)
       if region == "brain":
         # Head CT: head-only FOV 200-250 mm (0.4-0.5 mm pixels at 512), 0.6-5 mm
         # slices, often with the gantry tilted along the orbito-meatal line.
         thick = float(rng.choice([0.625, 1.0, 2.5, 3.0, 4.0, 5.0]))
         fov = float(u(205, 250))
         tilt = float(u(8, 25)) if rng.random() < 0.5 else 0.0
-        plans.append(SeriesPlan("CT", "CT", "AX", st, region, vendor, thick, thick, m, tilt, fov=fov))
+        plans.append(SeriesPlan("CT", "CT", "AX", st, region, vendor, thick, thick, m, tilt, fov=fov, **acq))
       else:
         thick = float(rng.choice([1.0, 1.25, 2.0, 2.5, 3.0, 5.0]))
-        plans.append(SeriesPlan("CT", "CT", "AX", st, region, vendor, thick, thick, m, 0.0))
+        plans.append(SeriesPlan("CT", "CT", "AX", st, region, vendor, thick, thick, m, 0.0, **acq))
       for pl in ("COR", "SAG"):
         if rng.random() < (0.75 if pl == "COR" else 0.55):
           rt = float(rng.choice([2.0, 3.0, 4.0]))
           plans.append(SeriesPlan("CT", "CT", pl, st, region, vendor, rt, rt, m, 0.0, reformat=True,
-                                  fov=plans[-1].fov if region == "brain" else 0.0))
+                                  fov=plans[-1].fov if region == "brain" else 0.0, **acq))
   elif modality == "PT":
     m = int(rng.choice([144, 200] if full_size else [96, 128]))
     sp = float(rng.choice([2.0, 3.0, 4.0]) if full_size else rng.choice([3.0, 4.0, 5.0]))
     plans.append(SeriesPlan("PT", "PT", "AX", "no", region, vendor, sp, sp, m, 0.0))
     ct_m = 512 if full_size else 128
-    plans.append(SeriesPlan("CT", "CT", "AX", "no", region, vendor, 5.0, 5.0, ct_m, 0.0))
+    # The PET/CT's low-dose attenuation-correction CT.
+    plans.append(SeriesPlan("CT", "CT", "AX", "no", region, vendor, 5.0, 5.0, ct_m, 0.0,
+                            kernel="soft", kvp=120.0, mas=float(rng.uniform(30, 80))))
     if rng.random() < 0.4:
       plans.append(SeriesPlan("PT", "PT", "COR", "no", region, vendor, sp, sp, m, 0.0, reformat=True))
   else:
