@@ -17,6 +17,10 @@ non-finite numbers, several values where one is expected). For the values it
 does return, the Python value equals what ``pydicom.Dataset.get`` returns
 (str / int / float, a list where pydicom returns a MultiValue), which the
 equivalence tests check on every test file.
+
+Size (~545 lines): one self-contained parser (byte reader, element walk,
+value conversion); its parts share the rules of what counts as "plain", so
+they are read and changed together.
 """
 from __future__ import annotations
 

@@ -38,6 +38,12 @@ when ``load_volume`` corrected the geometry: ``SliceSpacings`` (the distinct
 spacings of a variable-spacing stack, mm, resampled equidistant at the
 smallest), ``ResampledSliceSpacing``, ``MissingSlicesInterpolated``,
 ``GantryTiltCorrected`` (degrees).
+
+Size (~700 lines): the record is built two ways, from a pydicom dataset
+(``record_from_dataset``) and from a ``fastread`` header
+(``record_from_header``), and the two must give equal records on every file.
+They share the field tables and the vendor diffusion-tag readers here, side
+by side, so a change to one is made to the other.
 """
 from __future__ import annotations
 

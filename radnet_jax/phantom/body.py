@@ -26,6 +26,11 @@ ellipsoids:
 Every shape has a bounding box, so ``anatomy.render_labels`` evaluates it only
 on the grid voxels inside it. All randomness comes from the patient's
 generator: the same seed gives the same body.
+
+Size (~515 lines): the body is one painting sequence (``add_body``): shapes
+are painted in order, each over the earlier ones, restricted to the tissues
+its ``only`` list names. That order is what makes the anatomy, so it stays
+in one module rather than in several that would have to share it.
 """
 from __future__ import annotations
 

@@ -22,6 +22,10 @@ first; a step that cannot be read (a truncated data file, a missing
 ``_METADATA`` or OCDBT manifest) is logged with the reason and the next older
 one is tried (``best`` falls back to the training checkpoints); only when no
 step restores is it an error, listing each step and why.
+
+Size (~530 lines): this is the one restore path of the project (pretraining,
+segmentation, transfer and inference all go through ``restore``), kept in one
+module with the writer and the fallback rules it must agree with.
 """
 from __future__ import annotations
 
