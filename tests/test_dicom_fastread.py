@@ -8,7 +8,7 @@ import pydicom
 import pytest
 
 from radnet_jax import dicom
-from radnet_jax.dicom import fastread
+from radnet_jax.dicom import entries as entries_mod, fastread
 from radnet_jax.dicom.reader import read_dataset
 from tests.data import synth_dicom as sd
 
@@ -83,13 +83,13 @@ def test_header_values_equal_pydicom_on_every_test_file():
 def test_scan_entries_fast_equal_pydicom_per_file():
   fast_files = 0
   for path in _all_files():
-    slow = scan_mod._entries(path, read_dataset(path, stop_before_pixels=True),  # pylint: disable=protected-access
-                             SALT, None) if _pydicom_ok(path) else None
+    slow = entries_mod._entries(path, read_dataset(path, stop_before_pixels=True),  # pylint: disable=protected-access
+                                SALT, None) if _pydicom_ok(path) else None
     header = fastread.read_header(path)
     if header is None or slow is None:
       continue
     try:
-      fast = scan_mod._entries(path, header, SALT, None)  # pylint: disable=protected-access
+      fast = entries_mod._entries(path, header, SALT, None)  # pylint: disable=protected-access
     except Exception:  # pylint: disable=broad-except
       continue  # falls back to pydicom in read_entries
     fast_files += 1

@@ -225,18 +225,19 @@ def test_record_is_phi_free_and_typed(tmp_path):
 
 def test_record_built_once_per_group_and_rebuilt_when_a_worker_dropped_it(tmp_path):
   import importlib
+  from radnet_jax.dicom import entries as entries_mod
   scan_mod = importlib.import_module("radnet_jax.dicom.scan")
   iop = [1, 0, 0, 0, 1, 0]
   paths = sd.write_series(str(tmp_path), _ct_volume(), sd.linear_positions(
       [0, 0, 0], [0, 0, 2.0], 6), iop, shuffle=False, SeriesDescription="AX +C")
   seen = set()
-  results = [scan_mod.read_entries(p, SALT, seen) for p in paths]
+  results = [entries_mod.read_entries(p, SALT, seen) for p in paths]
   assert results[0][0].record is not None
   assert all(r[0].record is None for r in results[1:])   # one record per group
   reference = dicom.scan(str(tmp_path), salt=SALT).stacks[0].record
   # As if a parallel reader had seen the group before the first file here:
   # the grouping re-reads the first file's record.
-  dropped = [scan_mod.read_entries(p, SALT, set(seen)) for p in paths]
+  dropped = [entries_mod.read_entries(p, SALT, set(seen)) for p in paths]
   assert all(r[0].record is None for r in dropped)
   res = scan_mod.group_entries(dropped, SALT)
   assert len(res.stacks) == 1 and res.stacks[0].record == reference

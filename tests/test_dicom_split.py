@@ -9,7 +9,7 @@ import pydicom
 import pytest
 
 from radnet_jax import dicom
-from radnet_jax.dicom import fastread, metadata
+from radnet_jax.dicom import entries as entries_mod, fastread, metadata
 from radnet_jax.dicom.reader import read_dataset
 from radnet_jax.phantom import layouts
 from tests.data import synth_dicom as sd
@@ -151,7 +151,7 @@ def test_siemens_csa_b_value_on_a_classic_slice(tmp_path):
   # The fast header reader cannot parse CSA: it hands the file to pydicom.
   with pytest.raises(fastread.Unsupported):
     metadata.vendor_b_value(fastread.read_header(path))
-  (entry,) = scan_mod.read_entries(path, SALT)
+  (entry,) = entries_mod.read_entries(path, SALT)
   assert entry.hard_key[5] == 1000.0
   ds = read_dataset(path, stop_before_pixels=True)
   assert metadata.vendor_b_value(ds) == 1000.0
@@ -179,8 +179,8 @@ def test_vendor_diffusion_tags_read_fast_and_equal_to_pydicom(tmp_path, monkeypa
   # first file of each b-value / direction group) all by fastread; pydicom
   # never opens a file, and the 6 volumes carry their b-values.
   calls = []
-  real = scan_mod.read_dataset
-  monkeypatch.setattr(scan_mod, "read_dataset",
+  real = entries_mod.read_dataset
+  monkeypatch.setattr(entries_mod, "read_dataset",
                       lambda p, **kw: calls.append(p) or real(p, **kw))
   res = dicom.scan(str(tmp_path / "dicom" / "ge_dti"), salt=SALT)
   assert len(res.stacks) == 6 and calls == []
