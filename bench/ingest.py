@@ -14,7 +14,7 @@ then for every series, pinned to one CPU core and with warm file caches:
   functions), timing each stage after imports; peak memory is the growth of
   the process's peak RSS over its post-import baseline, compared with the
   size of one float32 volume of the series. ``--path stream`` (default,
-  what ``convert`` runs): ``dicom.volume.load_resampled`` decodes straight
+  what ``convert`` runs): ``dicom.stream.load_resampled`` decodes straight
   onto the shard grid, so the "load" column includes the resize and
   "resample" is normalisation + float16; ``--path full``: ``load_volume``
   then ``convert.cache_record``. The last column is a hash of the encoded
@@ -175,7 +175,7 @@ def child(folder: str, shape: tuple, profile: bool = False,
           path: str = "stream") -> dict:
   """One series, in this (fresh) process: times per stage, peak RSS growth.
 
-  path "stream": what ``convert`` runs (``dicom.volume.load_resampled``
+  path "stream": what ``convert`` runs (``dicom.stream.load_resampled``
   decodes straight onto the shard grid; the "load" stage then includes the
   resize and "resample" is normalisation + float16); "full": ``load_volume``
   (full-resolution float32 volume) then ``convert.cache_record``.
@@ -183,7 +183,7 @@ def child(folder: str, shape: tuple, profile: bool = False,
   from radnet_jax import dicom, labels
   from radnet_jax.shards import convert
   from radnet_jax.shards import records
-  from radnet_jax.dicom import volume as dvolume
+  from radnet_jax.dicom import stream as dstream
   from radnet_jax.labels import taxonomy as tx
   import radnet_jax.resample  # noqa: F401 - import cost outside the timing
   base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -199,7 +199,7 @@ def child(folder: str, shape: tuple, profile: bool = False,
   stack = res.stacks[0]
   t.append(time.perf_counter())
   c.append(time.process_time())
-  rv = dvolume.load_resampled(stack, shape) if path == "stream" else None
+  rv = dstream.load_resampled(stack, shape) if path == "stream" else None
   vol = dicom.load_volume(stack) if rv is None else None
   t.append(time.perf_counter())
   c.append(time.process_time())

@@ -14,11 +14,11 @@ import pytest  # noqa: E402  (after the environment above)
 @pytest.fixture
 def stack_loads(monkeypatch):
   """Counts how DICOM stacks get decoded: ``resampled`` = streamed onto the
-  shard grid by ``dicom.volume.load_resampled`` (declines not counted),
+  shard grid by ``dicom.stream.load_resampled`` (declines not counted),
   ``full`` = full-resolution ``dicom.volume.load_volume`` calls."""
-  from radnet_jax.dicom import volume  # pylint: disable=g-import-not-at-top
+  from radnet_jax.dicom import stream, volume  # pylint: disable=g-import-not-at-top
   calls = {"resampled": 0, "full": 0}
-  real_resampled, real_full = volume.load_resampled, volume.load_volume
+  real_resampled, real_full = stream.load_resampled, volume.load_volume
 
   def resampled(*a, **k):
     out = real_resampled(*a, **k)
@@ -29,6 +29,6 @@ def stack_loads(monkeypatch):
     calls["full"] += 1
     return real_full(*a, **k)
 
-  monkeypatch.setattr(volume, "load_resampled", resampled)
+  monkeypatch.setattr(stream, "load_resampled", resampled)
   monkeypatch.setattr(volume, "load_volume", full)
   return calls

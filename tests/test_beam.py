@@ -134,7 +134,7 @@ def test_units_and_shard_helpers(corpus, tmp_path, monkeypatch):
 
 def test_beam_and_local_converter_stream_classic_stacks(corpus, tmp_path, stack_loads):
   # Both engines decode classic stacks straight onto the shard grid
-  # (dicom.volume.load_resampled); the full-resolution path (load_volume) is
+  # (dicom.stream.load_resampled); the full-resolution path (load_volume) is
   # never needed for the phantom's classic CT / MR stacks.
   dicom_dir, _ = corpus
   beam_pipeline.run(dicom_dir, str(tmp_path / "beam"), shape=SHAPE, salt=SALT,

@@ -308,7 +308,7 @@ def _corners(affine, shape):
 
 @pytest.mark.parametrize("signed", [0, 1])
 def test_native_fast_path_matches_pydicom_bit_handling(signed):
-  from radnet_jax.dicom.volume import _native_pixels
+  from radnet_jax.dicom.pixels import _native_pixels
   px = np.array([[0x0123, 0x0F23], [0x0800, 0xFFFF]], np.uint16)
   ds = sd.make_slice(px, [0, 0, 0], AXIAL, [1, 1], series_uid="1.2.3",
                      study_uid="1.2.4")

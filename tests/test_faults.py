@@ -344,7 +344,7 @@ def test_memory_and_permission_errors_stop_the_run(corpus, tmp_path, monkeypatch
     raise error
   target = "cache_record" if isinstance(error, MemoryError) else "atomic_write"
   monkeypatch.setattr(convert, target, fail)
-  monkeypatch.setattr(convert.volume, "load_resampled", lambda *a: None)
+  monkeypatch.setattr(convert.stream, "load_resampled", lambda *a: None)
   with pytest.raises(build.RunStopped, match="stopped while converting stack"):
     _build(corpus, str(tmp_path / "out"))
   assert not os.path.exists(tmp_path / "out" / "errors.csv")

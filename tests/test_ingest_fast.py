@@ -1,6 +1,6 @@
 """The streaming conversion path equals load_volume + cache_record.
 
-``dicom.volume.load_resampled`` decodes a stack straight onto the shard grid
+``dicom.stream.load_resampled`` decodes a stack straight onto the shard grid
 through ``resample.SliceStream``; ``convert.convert_stack`` uses it. These
 tests require the same voxels (bit for bit), affine, spacing, record and
 encoded shard record as the full-volume path, on real DICOM files (pydicom's
@@ -22,7 +22,7 @@ from radnet_jax import dicom
 from radnet_jax.shards import convert
 from radnet_jax.shards import records
 from radnet_jax import resample as rs
-from radnet_jax.dicom import geometry, volume
+from radnet_jax.dicom import geometry, stream
 from radnet_jax.dicom.errors import DicomError
 from tests.data import synth_dicom as sd
 
@@ -50,7 +50,7 @@ def _stacks(root, **kw):
 
 def _assert_same_as_full_path(stack, shape):
   """Streaming result == load_volume + resize, and the same shard bytes."""
-  fast = volume.load_resampled(stack, shape)
+  fast = stream.load_resampled(stack, shape)
   assert fast is not None, "the streaming path declined this stack"
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -215,7 +215,7 @@ def test_synthetic_oblique_flipped_series(tmp_path, plane, angle, how, descendin
   target = np.stack(geometry.CANONICAL[geometry.plane_of(normal)], axis=1)
   assert np.all(np.sum(axes * target, axis=0) > 0.5)
   # On the stack's own grid the resize is the identity: load_volume's voxels.
-  same = volume.load_resampled(stack, vol.voxels.shape)
+  same = stream.load_resampled(stack, vol.voxels.shape)
   np.testing.assert_array_equal(same.voxels, vol.voxels)
 
 
@@ -248,7 +248,7 @@ def test_declines_tilt_non_uniform_duplicates_and_gaps(tmp_path):
       data[3] = data[2]            # identical duplicate: dropped by load_volume
     sd.write_series(str(tmp_path / name), data, pos, AXIAL)
     (stack,) = _stacks(tmp_path / name)
-    assert volume.load_resampled(stack, (3, 4, 4)) is None, name
+    assert stream.load_resampled(stack, (3, 4, 4)) is None, name
     vol = dicom.load_volume(stack)
     assert (records.encode(convert.convert_stack(stack, (3, 4, 4))) ==
             records.encode(convert.cache_record(stack, vol, (3, 4, 4))))
@@ -257,7 +257,7 @@ def test_declines_tilt_non_uniform_duplicates_and_gaps(tmp_path):
   hole = [np.array([0, 0, z]) for z in (0, 2, 4, 8, 10, 12)]
   sd.write_series(str(tmp_path / "hole"), stored, hole, AXIAL)
   (stack,) = _stacks(tmp_path / "hole")
-  assert volume.load_resampled(stack, (3, 4, 4)) is None
+  assert stream.load_resampled(stack, (3, 4, 4)) is None
   vol = dicom.load_volume(stack)
   assert vol.record["MissingSlicesInterpolated"] == 1
   assert (records.encode(convert.convert_stack(stack, (3, 4, 4))) ==
@@ -267,21 +267,21 @@ def test_declines_tilt_non_uniform_duplicates_and_gaps(tmp_path):
   sd.write_series(str(tmp_path / "gap"), stored, gap, AXIAL)
   for stack in _stacks(tmp_path / "gap"):
     assert len(stack.files) == 3
-    assert volume.load_resampled(stack, (3, 4, 4)) is not None
+    assert stream.load_resampled(stack, (3, 4, 4)) is not None
 
 
 def test_declines_enhanced_and_big_endian(tmp_path):
   (stack,) = _stacks(_need(os.path.join(DATA_STORE, "eCT_Supplemental.dcm")),
                      min_slices=2)
   assert stack.frames is not None
-  assert volume.load_resampled(stack, (2, 8, 8)) is None
+  assert stream.load_resampled(stack, (2, 8, 8)) is None
   vol = dicom.load_volume(stack)
   assert (records.encode(convert.convert_stack(stack, (2, 8, 8))) ==
           records.encode(convert.cache_record(stack, vol, (2, 8, 8))))
   src = _need(os.path.join(PYDICOM_FILES, "MR_small_bigendian.dcm"))
   _series_from_file(src, str(tmp_path / "be"), vary_pixels=False)
   (stack,) = _stacks(tmp_path / "be")
-  assert volume.load_resampled(stack, (2, 8, 8)) is None
+  assert stream.load_resampled(stack, (2, 8, 8)) is None
   vol = dicom.load_volume(stack)
   assert (records.encode(convert.convert_stack(stack, (2, 8, 8))) ==
           records.encode(convert.cache_record(stack, vol, (2, 8, 8))))
@@ -294,7 +294,7 @@ def test_truncated_file_falls_back_to_the_usual_error(tmp_path):
   (stack,) = _stacks(tmp_path / "s")
   with open(paths[2], "r+b") as f:      # truncated after the scan
     f.truncate(os.path.getsize(paths[2]) - 20)
-  assert volume.load_resampled(stack, (2, 3, 3)) is None
+  assert stream.load_resampled(stack, (2, 3, 3)) is None
   with pytest.raises(DicomError):
     convert.convert_stack(stack, (2, 3, 3))
 
@@ -313,7 +313,7 @@ def test_streaming_peak_memory_is_a_fraction_of_the_volume(tmp_path):
   volume_bytes = n * h * w * 4
   tracemalloc.start()
   try:
-    fast = volume.load_resampled(stack, (24, 16, 16))
+    fast = stream.load_resampled(stack, (24, 16, 16))
     _, peak_stream = tracemalloc.get_traced_memory()
     tracemalloc.reset_peak()
     vol = dicom.load_volume(stack)

@@ -16,6 +16,7 @@ from radnet_jax.dicom import nifti
 from radnet_jax import dicom, privacy
 from radnet_jax.shards import seg as segdata
 from radnet_jax.dicom import seg as segdicom
+from radnet_jax.dicom import seg_write
 from radnet_jax.phantom import acquisition, make_lits
 from radnet_jax.phantom.anatomy import Grid
 from radnet_jax.phantom.lits import grid_affine
@@ -98,7 +99,7 @@ def test_seg_round_trip_on_known_geometry(tmp_path, name):
                     np.arange(k)[::-1] if order == "reversed" else np.arange(k))
   mask = _box_mask(grid.shape)
   kij = _kij_affine(grid)
-  seg_path = segdicom.write_seg(mask, kij, files, str(tmp_path / "seg.dcm"))
+  seg_path = seg_write.write_seg(mask, kij, files, str(tmp_path / "seg.dcm"))
   ref = segdicom.ct_reference(files)
   # Back onto the writing grid: exactly the same mask.
   np.testing.assert_array_equal(
@@ -126,7 +127,7 @@ def test_shuffled_frames_rasterise_by_position(tmp_path):
   grid, _ = GRIDS["flipped"]
   files = _write_ct(str(tmp_path / "ct"), grid, np.arange(grid.shape[0]))
   mask, kij = _box_mask(grid.shape), _kij_affine(grid)
-  seg_path = segdicom.write_seg(mask, kij, files, str(tmp_path / "seg.dcm"))
+  seg_path = seg_write.write_seg(mask, kij, files, str(tmp_path / "seg.dcm"))
   ds = pydicom.dcmread(seg_path)
   n = int(ds.NumberOfFrames)
   perm = np.random.default_rng(0).permutation(n)
@@ -154,7 +155,7 @@ def test_fractional_seg_thresholds_at_half(tmp_path):
   srcs = [pydicom.dcmread(f) for f in files]  # written in slice order 0..k-1
   seg = hd.seg.Segmentation(
       source_images=srcs, pixel_array=prob, segmentation_type="FRACTIONAL",
-      segment_descriptions=segdicom.segment_descriptions([segdicom.LIVER]),
+      segment_descriptions=seg_write.segment_descriptions([segdicom.LIVER]),
       series_instance_uid=hd.UID(), series_number=5, sop_instance_uid=hd.UID(),
       instance_number=1, manufacturer="test", manufacturer_model_name="test",
       software_versions="0", device_serial_number="0", max_fractional_value=100)
@@ -279,15 +280,15 @@ def test_dicom_tree_with_unlabelled_series_and_orphan_seg(tmp_path, lits_dicom):
   grid, _ = GRIDS["flipped"]
   _write_ct(str(tree / "plain-ct"), grid, np.arange(grid.shape[0]), series=7)
   other = _write_ct(str(tmp_path / "elsewhere"), grid, np.arange(grid.shape[0]), series=8)
-  segdicom.write_seg(_box_mask(grid.shape), _kij_affine(grid), other,
-                     str(tree / "orphan-seg.dcm"))
+  seg_write.write_seg(_box_mask(grid.shape), _kij_affine(grid), other,
+                      str(tree / "orphan-seg.dcm"))
   # A second SEG of case 0 holding a lesion only: merged with the first.
   (stack,) = dicom.scan(str(tree / "case-0"), salt=SALT).stacks
   vol = dicom.load_volume(stack)
   lesion = np.zeros(vol.voxels.shape, np.uint8)
   lesion[5:7, 1:4, 1:4] = 2
-  segdicom.write_seg(lesion, vol.affine, stack.files, str(tree / "case-0" / "SEG-lesion.dcm"),
-                     label_values=(segdicom.TUMOUR,))
+  seg_write.write_seg(lesion, vol.affine, stack.files, str(tree / "case-0" / "SEG-lesion.dcm"),
+                      label_values=(segdicom.TUMOUR,))
   cases, _ = segdicom.find_dicom_cases(str(tree), SALT)
   (c0,) = [c for c in cases if c.seg_path]
   assert len(cases) == 2 and sorted(os.path.basename(p) for p in (c0.seg_path, *c0.more_segs)) \

@@ -10,7 +10,8 @@
 from radnet_jax.dicom.errors import DicomError
 from radnet_jax.dicom.scan import scan
 from radnet_jax.dicom.types import ScanResult, Skipped, Stack, Volume
-from radnet_jax.dicom.volume import ResampledStack, load_resampled, load_volume
+from radnet_jax.dicom.stream import ResampledStack, load_resampled
+from radnet_jax.dicom.volume import load_volume
 
 __all__ = ["DicomError", "ResampledStack", "ScanResult", "Skipped", "Stack",
            "Volume", "load_resampled", "load_volume", "scan"]

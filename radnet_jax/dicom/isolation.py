@@ -11,7 +11,7 @@ named skip, never the end of a conversion. Three mechanisms:
   ``BaseException`` except the ones that must propagate (KeyboardInterrupt,
   SystemExit, GeneratorExit, ``NeedsIsolation``), so a panic is a reason.
 * ``Supervisor``: worker processes that run one job at a time and publish the
-  file they are reading (``reading(path)``, called by ``dicom.volume`` before
+  file they are reading (``reading(path)``, called by ``dicom.volume`` and ``dicom.stream`` before
   each file) in shared memory. A worker that dies is attributed to its job
   and that file (``crash`` reason with the signal), a worker silent on one
   file for longer than ``file_timeout_s`` is killed (``timeout`` reason), and

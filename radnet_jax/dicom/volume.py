@@ -4,7 +4,7 @@
 slices with ``fastread`` (header tags by ``struct``, pixel bytes read straight
 into one reused buffer), everything else with pydicom's pixel backends
 (native, pylibjpeg, gdcm; so JPEG baseline/lossless, JPEG-LS, JPEG 2000 and
-RLE all work), then:
+RLE all work; the decoding of one file or frame is in ``pixels``), then:
 
 1. applies RescaleSlope/Intercept per slice (per frame from the Pixel Value
    Transformation functional group in enhanced objects), vectorised;
@@ -49,139 +49,30 @@ preallocated float32 array (rescaled in the same pass), in the stack's order,
 and the canonical flips / transpose rewrite that array in place, so the peak
 is one volume plus a slice for classic series.
 
-``load_resampled(stack, shape)`` is the converter's path for classic stacks:
-the same checks and geometry, but each slice goes straight into a
-``resample.SliceStream`` (only a window of a few slices and the small output
-are held), with a result equal bit for bit to ``load_volume`` then
-``resample.resize``; it declines (None) whatever needs the whole volume
-(duplicates, tilt, non-uniform spacing) or is not a classic stack.
+Here: the readers of each layout (classic slices, enhanced multi-frame,
+Siemens mosaic, UIH VFRAME) into ``_Slices``, the voxel side of the assembly
+(dropping duplicates, the in-plane tilt shift ``_shift_axis``, the
+interpolation along D) and ``load_volume``. Where the slices go (ordering,
+spacing classification, gaps, ``_Eq_`` grid, tilt, affine) is planned in
+``stackgrid``, shared with the streaming path ``stream.load_resampled``
+(classic stacks decoded straight onto the shard grid).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:  # pydicom is imported only where a file needs it (slow import)
-  from pydicom.dataset import Dataset
-
-from radnet_jax.dicom import fastread, geometry, isolation
+from radnet_jax.dicom import geometry, isolation
 from radnet_jax.dicom.errors import DicomError
 from radnet_jax.dicom.metadata import (functional_group, uih_vframe_items,
                                        vendor_geometry)
+from radnet_jax.dicom.pixels import _fast_slice, _pixels, _rescale, _rescale_into, _vec
 from radnet_jax.dicom.reader import read_dataset
+from radnet_jax.dicom.stackgrid import _duplicates, _finish_record, _grid, _order
 from radnet_jax.dicom.types import Stack, Volume
-
-DUPLICATE_TOL_MM = geometry.DUPLICATE_TOL_MM
-GAP_FACTOR = geometry.GAP_FACTOR
-FILL_MAX_FRACTION = 0.1     # more than one filled slice: at most this fraction
-UNIFORM_TOL = 1e-2          # relative to the spacing
-TILT_TOL_PX = 0.05          # in-plane drift over the whole stack, in pixels
-
-
-_NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
-
-
-def _native_pixels(ds: Dataset) -> np.ndarray | None:
-  """Uncompressed little-endian grey single-frame pixels without pydicom's
-  generic pixel pipeline (about 30x less overhead per slice); None when the
-  file needs the general path."""
-  meta = getattr(ds, "file_meta", None)
-  if meta is None or str(meta.get("TransferSyntaxUID", "")) not in _NATIVE_LE:
-    return None
-  try:
-    if (int(ds.get("SamplesPerPixel", 1)) != 1 or
-        int(ds.get("NumberOfFrames", 1) or 1) != 1 or "PixelData" not in ds):
-      return None
-    bits, stored = int(ds.BitsAllocated), int(ds.BitsStored)
-    signed = int(ds.PixelRepresentation) == 1
-    rows, cols = int(ds.Rows), int(ds.Columns)
-  except (AttributeError, TypeError, ValueError):
-    return None
-  if bits not in (8, 16, 32) or stored > bits:
-    return None
-  data = ds.PixelData
-  dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
-  if len(data) < rows * cols * dtype.itemsize:
-    return None  # truncated: let the general path report it
-  arr = np.frombuffer(data, dtype, count=rows * cols).reshape(rows, cols)
-  if stored < bits:  # as pydicom: mask unused high bits / sign-extend
-    if signed:
-      shift = bits - stored
-      arr = (arr << shift) >> shift
-    else:
-      arr = arr & dtype.type((1 << stored) - 1)
-  return arr
-
-
-def _pixels(ds: Dataset, where: str) -> np.ndarray:
-  arr = _native_pixels(ds)
-  if arr is not None:
-    return arr
-  isolation.before_native_decode(where)   # may hand the job to a worker
-  try:
-    isolation.injected_fault(where)
-    arr = ds.pixel_array
-  except MemoryError:
-    raise
-  except BaseException as e:  # noqa: BLE001 - decoder missing, corrupt stream,
-    # truncated data; a Rust decoder's panic is a BaseException
-    if isolation.is_fatal(e):
-      raise
-    raise DicomError(where, f"cannot decode pixel data "
-                            f"({type(e).__name__}: {e})") from e
-  if int(ds.get("SamplesPerPixel", 1)) != 1:
-    raise DicomError(where, "colour image (SamplesPerPixel != 1) is not a "
-                            "grey-level cross-sectional image")
-  return arr
-
-
-def _rescale(item: Dataset | None, where: str = "") -> tuple[float, float]:
-  """(RescaleSlope, RescaleIntercept); absent values are 1 and 0. A slope of
-  0 or a non-finite / unreadable value raises DicomError: the physical values
-  are unknown, and guessing 1.0 would store wrong HU."""
-  if item is None:
-    return 1.0, 0.0
-  out = []
-  for key, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
-    value = item.get(key, None)
-    try:
-      v = float(value) if value not in (None, "") else default
-    except (TypeError, ValueError) as e:
-      raise DicomError(where, f"unreadable {key} {value!r}") from e
-    if not math.isfinite(v) or (key == "RescaleSlope" and v == 0):
-      raise DicomError(where, f"invalid {key} {v!r} (the physical pixel values "
-                              "are unknown)")
-    out.append(v)
-  return out[0], out[1]
-
-
-def _vec(value: Any, n: int, where: str, what: str) -> np.ndarray:
-  try:
-    arr = np.asarray([float(v) for v in value], float)
-  except (TypeError, ValueError) as e:
-    raise DicomError(where, f"invalid {what}") from e
-  if arr.shape != (n,):
-    raise DicomError(where, f"invalid {what} ({len(arr)} values)")
-  return arr
-
-
-def _rescale_into(pixels: np.ndarray, slope: float, inter: float,
-                  out: np.ndarray) -> None:
-  """out (H, W) float32 = pixels * slope + inter, in one pass from the stored
-  integers: cast to float32, then the float32 multiply / add (the same float32
-  operations as cast, *=, +=). ``pixels`` may be a strided view."""
-  # Cast first, then in place: the same float32 values as the mixed-type
-  # ufunc (which casts to float32 too) in ~0.6x the time (SIMD loops, no
-  # buffered casting).
-  out[...] = pixels
-  if slope != 1.0:
-    np.multiply(out, np.float32(slope), out=out)
-  if inter != 0.0:
-    np.add(out, np.float32(inter), out=out)
 
 
 class _Slices:
@@ -206,81 +97,6 @@ class _Slices:
     self.iops[i] = _vec(iop, 6, where, "ImageOrientationPatient")
     self.spacings[i] = _vec(spacing, 2, where, "PixelSpacing")
     self.count += 1
-
-
-def _native_layout(h: fastread.Header) -> tuple | None:
-  """(rows, cols, dtype, bits, stored, signed) of a native little-endian
-  classic grey slice whose header ``fastread`` decoded cleanly, else None
-  (the file needs pydicom). Raises fastread.Unsupported / ValueError on
-  values it cannot decode."""
-  if h is None or h.pixel_value_offset is None:
-    return None
-  if str(h.file_meta.get("TransferSyntaxUID", "")) not in _NATIVE_LE:
-    return None
-  if (int(h.get("SamplesPerPixel", 1)) != 1 or
-      int(h.get("NumberOfFrames", 1) or 1) != 1 or
-      "PerFrameFunctionalGroupsSequence" in h):
-    return None
-  bits, stored = int(h.BitsAllocated), int(h.BitsStored)
-  signed = int(h.PixelRepresentation) == 1
-  rows, cols = int(h.Rows), int(h.Columns)
-  for key in ("ImagePositionPatient", "ImageOrientationPatient",
-              "PixelSpacing"):
-    if key not in h:
-      return None  # geometry elsewhere (vendor tags): pydicom path
-    h.get(key)  # decodable here, or Unsupported -> pydicom
-  _rescale(h, h.path)
-  if bits not in (8, 16, 32) or stored > bits or stored <= 0:
-    return None
-  dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
-  if h.pixel_length < rows * cols * dtype.itemsize:
-    return None  # truncated: let the general path report it
-  return rows, cols, dtype, bits, stored, signed
-
-
-def _read_native(path: str, offset: int, layout: tuple, staging: dict
-                 ) -> np.ndarray | None:
-  """Stored pixels (H, W) read from ``offset`` into a reused buffer (one per
-  (shape, dtype) in ``staging``), high bits masked as pydicom does; None if
-  the read comes up short."""
-  rows, cols, dtype, bits, stored, signed = layout
-  buf = staging.get((rows, cols, dtype.str))
-  if buf is None:
-    buf = staging[(rows, cols, dtype.str)] = np.empty((rows, cols), dtype)
-  try:
-    with open(path, "rb", buffering=0) as f:
-      f.seek(offset)
-      if f.readinto(memoryview(buf).cast("B")) != buf.nbytes:
-        return None
-  except OSError:
-    return None
-  arr = buf
-  if stored < bits:  # as pydicom: mask unused high bits / sign-extend
-    if signed:
-      shift = bits - stored
-      arr = (arr << shift) >> shift
-    else:
-      arr = arr & dtype.type((1 << stored) - 1)
-  return arr
-
-
-def _fast_slice(path: str, staging: dict) -> tuple | None:
-  """Native little-endian classic slice via ``fastread``: (stored pixels
-  (H, W), header) read straight from the file, or None (use pydicom).
-
-  ``staging`` caches one reusable buffer per (shape, dtype), so a stack's
-  pixels are read without a per-file allocation.
-  """
-  try:
-    h = fastread.read_header(path)
-    layout = _native_layout(h)
-  except (fastread.Unsupported, AttributeError, TypeError, ValueError,
-          OSError):
-    return None
-  if layout is None:
-    return None
-  arr = _read_native(path, h.pixel_value_offset, layout, staging)
-  return None if arr is None else (arr, h)
 
 
 def _read_classic(stack: Stack) -> _Slices:
@@ -467,173 +283,6 @@ def _shift_axis(img: np.ndarray, axis: int, start: float, size: int,
   return out
 
 
-@dataclasses.dataclass
-class _Tilt:
-  """In-plane resampling of a gantry-tilted stack onto the orthogonal grid.
-
-  Slice k of the output samples input slice k at rows h0 - drift_h[k] + i and
-  columns w0 - drift_w[k] + j (pixels); the output plane (rows, cols) is
-  extended by the whole drift so that every slice fits (as dcm2niix's
-  ``_Tilt`` output: the first row is where the slice that drifted furthest
-  back starts).
-  """
-  drift_h: np.ndarray
-  drift_w: np.ndarray
-  h0: float
-  w0: float
-  rows: int
-  cols: int
-
-
-@dataclasses.dataclass
-class _Grid:
-  """Where the sorted, deduplicated slices go on the output grid.
-
-  dz: slice spacing (mm); affine: raw (D, H, W) voxel -> LPS (before the
-  canonical flips); tilt: in-plane resampling or None; uniform: (lo, hi, w)
-  linear interpolation onto a uniform grid or None; info: record keys
-  describing the corrections.
-  """
-  dz: float
-  affine: np.ndarray
-  tilt: _Tilt | None
-  uniform: tuple[np.ndarray, np.ndarray, np.ndarray] | None
-  info: dict[str, Any]
-
-
-def _order(positions: np.ndarray, iops: np.ndarray, spacings: np.ndarray,
-           where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Checks one orientation / pixel spacing; returns (stack direction n,
-  positions along n, slice order by position)."""
-  iop = iops[0]
-  if np.max(np.abs(iops - iop)) > 1e-3:
-    raise DicomError(where, "slices have different orientations")
-  if np.max(np.abs(spacings - spacings[0])) > 1e-3:
-    raise DicomError(where, "slices have different pixel spacings")
-  dr, dc = spacings[0]
-  if dr <= 0 or dc <= 0:
-    raise DicomError(where, f"invalid PixelSpacing {spacings[0].tolist()}")
-  n = geometry.stack_direction(iop)
-  s = positions @ n
-  return n, s, np.argsort(s, kind="stable")
-
-
-def _duplicates(s: np.ndarray) -> np.ndarray:
-  """Indices (into the sorted slices) that repeat the previous position."""
-  if len(s) < 2:
-    return np.zeros(0, int)
-  return np.flatnonzero(np.diff(s) < DUPLICATE_TOL_MM) + 1
-
-
-def _interp_weights(s: np.ndarray, target: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(lo, hi, w): slice target[k] = (1 - w) * slice lo + w * slice hi."""
-  count = len(s)
-  hi = np.clip(np.searchsorted(s, target, side="right"), 1, count - 1)
-  lo = hi - 1
-  w = np.clip((target - s[lo]) / (s[hi] - s[lo]), 0.0, 1.0).astype(np.float32)
-  return lo, hi, w
-
-
-def _equidistant(s: np.ndarray, step: float) -> np.ndarray:
-  """Target positions of dcm2niix's ``_Eq_`` rule for variable spacing.
-
-  The smallest step, laid from the last slice back (dcm2niix counts from
-  the slice that comes first in its NIfTI order, the last in our canonical
-  order), covering the whole stack; at most twice the slice count (as
-  dcm2niix: then the spacing grows so that the grid spans the stack exactly).
-  Returned ascending.
-  """
-  span = float(s[-1] - s[0])
-  k = int(np.floor(span / step + 1e-3)) + 1
-  if k > 2 * len(s):
-    k = 2 * len(s)
-    step = span / (k - 1)
-  return s[-1] - step * np.arange(k)[::-1]
-
-
-def _tilt(pos: np.ndarray, s: np.ndarray, n: np.ndarray, r: np.ndarray,
-          c: np.ndarray, dr: float, dc: float, rows: int, cols: int
-          ) -> _Tilt | None:
-  """The in-plane drift of the slice corners off the stack normal (gantry
-  tilt), or None when it stays under TILT_TOL_PX over the whole stack."""
-  if len(s) < 2:
-    return None
-  offsets = (pos - pos[0]) - np.outer(s - s[0], n)
-  drift = [offsets @ c / dr, offsets @ r / dc]
-  spans = [float(np.ptp(d)) for d in drift]
-  if max(spans) <= TILT_TOL_PX:
-    return None
-  for axis in (0, 1):
-    if spans[axis] <= TILT_TOL_PX:
-      drift[axis] = np.zeros(len(s))
-  extra = [int(math.ceil(float(np.ptp(d)) - 1e-3)) for d in drift]
-  # The plane grows by whole pixels; the fraction left over goes before the
-  # first row (rows) as in dcm2niix's _Tilt output (it shifts rows in its
-  # bottom-up row order), after the last column (columns; dcm2niix does
-  # not correct a column drift).
-  h0 = float(drift[0].max()) - extra[0]
-  w0 = float(drift[1].min())
-  return _Tilt(drift[0], drift[1], h0, w0, rows + extra[0], cols + extra[1])
-
-
-def _grid(s: np.ndarray, pos: np.ndarray, n: np.ndarray, iop: np.ndarray,
-          spacing: np.ndarray, size: tuple[int, int], record: dict[str, Any],
-          where: str) -> _Grid:
-  """Spacing, gaps, tilt and uniformity of sorted, deduplicated slices."""
-  info: dict[str, Any] = {}
-  r, c = iop[:3], iop[3:]
-  dr, dc = spacing
-  count = len(s)
-  target = None     # positions along n of the output slices, when resampled
-  # --- spacing: uniform, missing slices, or variable ----------------------
-  if count == 1:
-    dz = float(record.get("SpacingBetweenSlices") or
-               record.get("SliceThickness") or 1.0)
-  else:
-    diffs = np.diff(s)
-    plan = geometry.classify_spacing(diffs)
-    med = plan.step
-    if plan.cuts or plan.kind == "gaps":
-      big = sorted(plan.cuts + plan.gaps)
-      missing = int(np.sum(np.maximum(np.round(diffs[big] / med) - 1, 1)))
-      i = int(big[np.argmax(diffs[big])])
-      if plan.cuts or missing > max(1, FILL_MAX_FRACTION * (count + missing)):
-        raise DicomError(where, f"missing slice(s): gap of {diffs[i]:.3f} mm "
-                                f"after slice {i} (median spacing {med:.3f} "
-                                f"mm; {missing} slice(s) missing in all)")
-      info["MissingSlicesInterpolated"] = missing
-    dz = float((s[-1] - s[0]) / (count - 1))
-    if plan.kind == "variable":
-      # dcm2niix's _Eq_: equidistant at the smallest spacing, linear along n.
-      target = _equidistant(s, plan.step)
-      info["SliceSpacings"] = list(plan.spacings)
-    elif count > 2 and (plan.kind == "gaps" or np.max(
-        np.abs(s - (s[0] + dz * np.arange(count)))) > UNIFORM_TOL * dz):
-      # Filled gaps / jitter: uniform at the median spacing from slice 0.
-      k = int(np.floor((s[-1] - s[0]) / med + 1e-3)) + 1
-      target = s[0] + med * np.arange(k)
-  # --- gantry tilt: in-plane drift of the positions ---------------------------
-  tilt = _tilt(pos, s, n, r, c, dr, dc, *size)
-  if tilt is not None:
-    along = (pos[-1] - pos[0]) / np.linalg.norm(pos[-1] - pos[0])
-    info["GantryTiltCorrected"] = float(
-        np.degrees(np.arccos(np.clip(abs(along @ n), 0, 1))))
-  uniform = None
-  origin = pos[0].astype(float).copy()
-  if tilt is not None:
-    origin += tilt.h0 * dr * c + tilt.w0 * dc * r
-  if target is not None:
-    uniform = _interp_weights(s, target)
-    dz = float((target[-1] - target[0]) / (len(target) - 1)) if len(target) > 1 else dz
-    origin += (target[0] - s[0]) * n
-    info["ResampledSliceSpacing"] = True
-  affine = np.eye(4)
-  affine[:3, 0], affine[:3, 1], affine[:3, 2] = n * dz, c * dr, r * dc
-  affine[:3, 3] = origin
-  return _Grid(dz, affine, tilt, uniform, info)
-
-
 def _assemble(sl: _Slices, where: str, record: dict[str, Any]
               ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
   """Sorted, deduplicated, tilt-corrected, uniform (D, H, W) + raw affine."""
@@ -681,20 +330,6 @@ def _assemble(sl: _Slices, where: str, record: dict[str, Any]
   return vox, grid.affine, info
 
 
-def _finish_record(record: dict[str, Any], info: dict[str, Any],
-                   affine: np.ndarray, shape: tuple[int, int, int],
-                   key: str) -> np.ndarray:
-  """Adds the assembled geometry to ``record``; returns the spacing (3,) mm."""
-  spacing = np.linalg.norm(affine[:3, :3], axis=0)
-  record.update(info)
-  record["NumberOfSlices"] = int(shape[0])
-  record["SliceSpacing"] = float(spacing[0])
-  record["ExtentMM"] = geometry.extent_mm(spacing, shape)
-  record["ExtentSI"] = geometry.extent_si(affine, shape)
-  record["StackKey"] = key
-  return spacing
-
-
 def load_volume(stack: Stack) -> Volume:
   """Reads and assembles one stack (from ``scan``) into a canonical volume.
 
@@ -736,142 +371,3 @@ def load_volume(stack: Stack) -> Volume:
     vox = np.ascontiguousarray(vox, dtype=np.float32)
   spacing = _finish_record(record, info, affine, vox.shape, stack.key)
   return Volume(voxels=vox, affine=affine, spacing=spacing, record=record)
-
-
-# ---------------------------------------------------------------------------
-# Streaming conversion: decode straight onto the shard grid.
-# ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class ResampledStack:
-  """A stack decoded straight onto a smaller grid (``load_resampled``).
-
-  voxels: float32 ``(D', H', W')`` in physical units (HU for CT), equal bit
-    for bit to ``resample.resize(load_volume(stack).voxels, (D', H', W'))``.
-  shape: ``(D, H, W)`` of the canonical full-resolution grid (what
-    ``load_volume`` would return).
-  affine: float64 ``(4, 4)`` voxel -> LPS mm of that full-resolution grid.
-  spacing: float64 ``(3,)`` mm along (D, H, W) of that grid.
-  record: the stack's record with the assembled geometry, as in ``Volume``.
-  """
-  voxels: np.ndarray
-  shape: tuple[int, int, int]
-  affine: np.ndarray
-  spacing: np.ndarray
-  record: dict[str, Any]
-
-
-class _Decline(Exception):
-  """The stack is outside the streaming path: use load_volume."""
-
-
-def load_resampled(stack: Stack, shape: tuple[int, int, int]
-                   ) -> ResampledStack | None:
-  """Reads a classic stack straight onto the ``shape`` grid, or None.
-
-  The same result as ``load_volume`` followed by ``resample.resize`` (same
-  voxel values bit for bit, same affine, spacing and record), without the
-  full-resolution float32 volume: the headers are read first (``fastread``;
-  positions, orientation, spacing, rescale, where the pixels are), the
-  geometry is checked exactly as ``load_volume`` checks it, and then each
-  slice is read in canonical order, rescaled (and flipped / transposed in
-  plane) into a window of a ``resample.SliceStream`` that mixes it into the
-  output slices it contributes to. Peak memory is the small output plus a
-  window of about two bands of input slices (~17 MB for a 185-slice
-  512x512 CT to 48 slices, instead of 185 MB).
-
-  Returns None, having written nothing, for whatever this path does not
-  handle, so the caller uses ``load_volume`` (which also reports any error
-  with its usual reason): enhanced multi-frame objects, mosaics, headers
-  ``fastread`` does not parse (big endian, deflate, gzip, odd values),
-  duplicated positions, gaps, gantry tilt, non-uniform spacing, files not in
-  slice order, undecodable pixels. Compressed pixel data (JPEG, JPEG-LS,
-  JPEG 2000, RLE) is decoded by pydicom slice by slice.
-  """
-  try:
-    return _load_resampled(stack, tuple(int(s) for s in shape))
-  except Exception:  # noqa: BLE001 - anything unusual: the general path decides
-    return None
-
-
-def _load_resampled(stack: Stack, shape: tuple[int, int, int]
-                    ) -> ResampledStack | None:
-  from radnet_jax import resample as rs  # pylint: disable=import-outside-toplevel
-  if stack.frames is not None or stack.record.get("NumberOfImagesInMosaic"):
-    return None
-  count = len(stack.files)
-  if count < 2:
-    return None
-  where = f"stack {stack.key}"
-  # --- headers: geometry, rescale, where the pixels are ----------------------
-  positions, iops = np.zeros((count, 3)), np.zeros((count, 6))
-  spacings, rescale = np.zeros((count, 2)), np.zeros((count, 2))
-  layouts: list[tuple | None] = []
-  offsets: list[int | None] = []
-  size = None
-  for i, path in enumerate(stack.files):
-    isolation.reading(path)
-    h = fastread.read_header(path)
-    if h is None:
-      return None
-    if (int(h.get("SamplesPerPixel", 1)) != 1 or
-        int(h.get("NumberOfFrames", 1) or 1) != 1 or
-        "PerFrameFunctionalGroupsSequence" in h):
-      return None
-    if h._radnet_pixel_offset >= h._radnet_file_size:  # pylint: disable=protected-access
-      return None  # no pixel data
-    layout = _native_layout(h)
-    rows_cols = (int(h.Rows), int(h.Columns))
-    if size is None:
-      size = rows_cols
-    elif rows_cols != size:
-      return None
-    layouts.append(layout)
-    offsets.append(h.pixel_value_offset)
-    positions[i] = _vec(h.get("ImagePositionPatient"), 3, path,
-                        "ImagePositionPatient")
-    iops[i] = _vec(h.get("ImageOrientationPatient"), 6, path,
-                   "ImageOrientationPatient")
-    spacings[i] = _vec(h.get("PixelSpacing"), 2, path, "PixelSpacing")
-    rescale[i] = _rescale(h, path)
-  # --- geometry, exactly as load_volume ----------------------------------------
-  n, s, order = _order(positions, iops, spacings, where)
-  if not np.array_equal(order, np.arange(count)) or len(_duplicates(s)):
-    return None
-  grid = _grid(s, positions, n, iops[0], spacings[0], size, stack.record,
-               where)
-  if grid.tilt is not None or grid.uniform is not None:
-    return None
-  raw_shape = (count,) + size
-  plane = geometry.plane_of(grid.affine[:3, 0])
-  transpose, flips, affine = geometry._canonical_affine(  # pylint: disable=protected-access
-      grid.affine, raw_shape, plane)
-  if flips[0]:
-    return None  # never for stack_direction's order; keep load_volume's copy
-  canon = (count,) + ((size[1], size[0]) if transpose else size)
-  # --- pixels, slice by slice, into the resampler ---------------------------
-  stream = rs.SliceStream(canon, shape)
-  staging: dict = {}
-  for i, path in enumerate(stack.files):
-    isolation.reading(path)
-    arr = None
-    if layouts[i] is not None:
-      arr = _read_native(path, offsets[i], layouts[i], staging)
-    if arr is None:
-      ds = read_dataset(path, stop_before_pixels=False)
-      if "PixelData" not in ds:
-        return None
-      arr = _pixels(ds, path)
-    if arr.shape != size:
-      return None
-    view = arr.T if transpose else arr
-    if flips[1]:
-      view = view[::-1]
-    if flips[2]:
-      view = view[:, ::-1]
-    _rescale_into(view, float(rescale[i, 0]), float(rescale[i, 1]), stream.slot())
-    stream.push()
-  record = dict(stack.record)
-  spacing = _finish_record(record, grid.info, affine, canon, stack.key)
-  return ResampledStack(stream.result(), canon, affine, spacing, record)

@@ -28,6 +28,7 @@ from radnet_jax import contract as contract_lib
 from radnet_jax import dicom
 from radnet_jax.dicom import nifti
 from radnet_jax.dicom import seg as segdicom
+from radnet_jax.dicom import seg_write
 from radnet_jax.inference import load as load_lib
 from radnet_jax.inference import sliding_window
 from radnet_jax.labels import lits
@@ -255,8 +256,8 @@ def predict_dicom(run: str | SegPredictor, input_path: str, out_path: str, *,
   if nifti_out:
     nifti.save_nifti(labels, geometry, nifti_out)
   try:
-    segdicom.write_seg(on_ct, vol.affine, stack.files, out_path,
-                       label_values=lits.label_values(pred.num_classes))
+    seg_write.write_seg(on_ct, vol.affine, stack.files, out_path,
+                        label_values=lits.label_values(pred.num_classes))
   except Exception as e:  # noqa: BLE001 - highdicom rejects headers in many ways
     reason = f"{type(e).__name__}: {e}"
     log.warning("SEG not written (%s)", reason)

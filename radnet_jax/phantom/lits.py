@@ -128,10 +128,10 @@ def _job(args) -> dict:
     k = grid.shape[0]
     paths = acquisition.write_series(folder, [f"IM{i:04d}.dcm" for i in range(k)], plan, patient, grid,
                                      hu_kij, tags, ids, "20200101", np.arange(k))
-    from radnet_jax.dicom import seg as segdicom  # pylint: disable=import-outside-toplevel
+    from radnet_jax.dicom import seg_write  # pylint: disable=import-outside-toplevel
     kij = grid_affine(grid)[:, [2, 1, 0, 3]]   # (slice k, row i, column j) -> LPS mm
-    segdicom.write_seg(seg.transpose(2, 1, 0), kij, paths, os.path.join(folder, "SEG.dcm"),
-                       series_description="Liver reference (phantom truth)")
+    seg_write.write_seg(seg.transpose(2, 1, 0), kij, paths, os.path.join(folder, "SEG.dcm"),
+                        series_description="Liver reference (phantom truth)")
   return info
 
 

@@ -7,7 +7,7 @@ all go through the functions here, so they give the same bytes:
 * ``convert_stack_staged(stack, shape)`` / ``convert_stack``: load +
   resample + modality-aware normalise -> the *cache record* (float16
   volume on the ``shape`` grid, its affine, geometry, PHI-filtered
-  metadata). Classic stacks take ``dicom.volume.load_resampled``, which
+  metadata). Classic stacks take ``dicom.stream.load_resampled``, which
   decodes the slices straight onto the ``shape`` grid without the
   full-resolution volume and gives the same record bit for bit; the rest
   ``load_volume`` + ``cache_record``. Failures raise ``StageError`` naming the
@@ -53,7 +53,7 @@ from radnet_jax import privacy
 from radnet_jax import resample as rs
 from radnet_jax.dicom import isolation
 from radnet_jax.dicom.metadata import UNSCRUBBED_KEY
-from radnet_jax.dicom import volume
+from radnet_jax.dicom import stream, volume
 from radnet_jax.labels import priors as pr
 from radnet_jax.labels import taxonomy as tx
 from radnet_jax.shards import records
@@ -264,7 +264,7 @@ def cache_record(stack: Any, vol: Any, shape: Sequence[int]) -> dict:
 
 
 def resampled_cache_record(stack: Any, rv: Any) -> dict:
-  """``cache_record`` of a ``dicom.volume.ResampledStack`` (from
+  """``cache_record`` of a ``dicom.stream.ResampledStack`` (from
   ``load_resampled``): the same dict, bit for bit, as ``cache_record`` of
   ``load_volume(stack)`` at the shape of ``rv.voxels``."""
   affine, spacing = _check_geometry(rv.shape, rv.affine, rv.spacing)
@@ -297,7 +297,7 @@ def convert_stack_staged(stack: Any, shape: Sequence[int]) -> dict:
   # Handlers catch BaseException: a native decoder's panic is one
   # (pyo3_runtime.PanicException); isolation.is_fatal ones propagate.
   try:
-    rv = volume.load_resampled(stack, shape)   # None = declined
+    rv = stream.load_resampled(stack, shape)   # None = declined
   except BaseException as e:  # noqa: BLE001 - it catches every Exception itself
     if isolation.is_fatal(e):
       raise
@@ -327,7 +327,7 @@ def convert_stack(stack: Any, shape: Sequence[int]) -> dict:
   """The cache record of one stack (raises the original error on bad input).
 
   Classic stacks are decoded straight onto the shard grid
-  (``dicom.volume.load_resampled``: no full-resolution volume); everything
+  (``dicom.stream.load_resampled``: no full-resolution volume); everything
   else, and every stack that path declines, goes through ``load_volume`` +
   ``cache_record``. Both give the same record.
   """
