@@ -11,9 +11,9 @@ Each row: one `layers.conv3d` of MONAI's VNet 16..256 at a 64^3 input,
 batch 1, float32, jitted; forward alone and forward + input and weight
 gradients; best of --repeats; GFLOP/s counts 1x (forward) or 3x (with
 gradients) the forward FLOPs. The knobs set the module constants of
-`radnet_jax.models.layers` for this process only. With --torch, the same conv
-in PyTorch (`torch.nn.functional.conv3d`, NCDHW, what MONAI's VNet runs) is
-timed in the same process, and a last column gives project/torch for
+`radnet_jax.models.conv_lowering` for this process only. With --torch, the
+same conv in PyTorch (`torch.nn.functional.conv3d`, NCDHW, what MONAI's VNet
+runs) is timed in the same process, and a last column gives project/torch for
 forward + gradients.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import radnet_jax  # noqa: E402,F401  (sets the CPU XLA flag before jax runs)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from radnet_jax.models import layers  # noqa: E402
+from radnet_jax.models import conv_lowering, layers  # noqa: E402
 from radnet_jax.cli import flags
 
 # name, input side, C, O, kernel, stride (MONAI VNet at a 64^3 input)
@@ -58,25 +58,28 @@ def best_time(fn, *args, repeats: int) -> tuple[float, float]:
 def main(argv=None) -> None:
   p = flags.Parser(description=__doc__.split("\n")[0])
   p.add_argument("--out-taps-ratio", type=float, default=None,
-                 help="layers.OUT_TAPS_MAX_RATIO (default: the module's)")
+                 help="conv_lowering.OUT_TAPS_MAX_RATIO (default: the "
+                      "module's)")
   p.add_argument("--split", type=int, default=None,
-                 help="layers.CONV_SPLIT (default: one piece per core)")
+                 help="conv_lowering.CONV_SPLIT (default: one piece per core)")
   p.add_argument("--no-fft", action="store_true",
-                 help="layers.CONV_FFT = False (no Fourier-domain convs)")
+                 help="conv_lowering.CONV_FFT = False (no Fourier-domain "
+                      "convs)")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--torch", action="store_true",
                  help="also time PyTorch's conv3d (bench/requirements.txt)")
   a = p.parse_args(argv)
   if a.out_taps_ratio is not None:
-    layers.OUT_TAPS_MAX_RATIO = a.out_taps_ratio
+    conv_lowering.OUT_TAPS_MAX_RATIO = a.out_taps_ratio
   if a.split is not None:
-    layers.CONV_SPLIT = a.split
+    conv_lowering.CONV_SPLIT = a.split
   if a.no_fft:
-    layers.CONV_FFT = False
+    conv_lowering.CONV_FFT = False
   print(f"# {jax.default_backend()} x{layers.usable_cores()} cores, jax "
         f"{jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
-        f"OUT_TAPS_MAX_RATIO={layers.OUT_TAPS_MAX_RATIO}, "
-        f"CONV_SPLIT={layers.CONV_SPLIT}, CONV_FFT={layers.CONV_FFT}")
+        f"OUT_TAPS_MAX_RATIO={conv_lowering.OUT_TAPS_MAX_RATIO}, "
+        f"CONV_SPLIT={conv_lowering.CONV_SPLIT}, "
+        f"CONV_FFT={conv_lowering.CONV_FFT}")
   print(f"{'layer':<24} {'GFLOP':>6} {'fwd ms':>8} {'GFLOP/s':>8} "
         f"{'fwd+grad ms':>12} {'GFLOP/s':>8} {'CPU ms':>8}"
         + (f" {'torch fwd':>10} {'torch f+g':>10} {'ratio':>6}" if a.torch

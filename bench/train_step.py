@@ -16,7 +16,7 @@ matmul unless --peak-gflops is given). The last line is the ratio of
 median step times project/monai. torch and monai: bench/requirements.txt.
 
 The CPU lowering of each conv is autotuned per machine at first use
-(`radnet_jax.models.layers`, cached under $RADNET_CACHE/conv_autotune);
+(`radnet_jax.models.autotune`, cached under $RADNET_CACHE/conv_autotune);
 `--autotune off` uses the fixed rules instead. The header names the CPU and
 its measured peak; after the project row the tuned convs are listed (choice,
 the rule's choice, ms per candidate for forward + gradients), and the
@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from radnet_jax.models import layers, resnet3d, vnet  # noqa: E402
+from radnet_jax.models import autotune, resnet3d, vnet  # noqa: E402
 from radnet_jax.models.layers import usable_cores as _usable_cores  # noqa: E402
 from radnet_jax.cli import flags
 
@@ -194,20 +194,20 @@ def main(argv=None) -> None:
   a = p.parse_args(argv)
   shape = tuple(int(s) for s in a.shape.split(","))
   if a.autotune != "auto":
-    layers.CONV_AUTOTUNE = a.autotune == "on"
+    autotune.CONV_AUTOTUNE = a.autotune == "on"
   peak = a.peak_gflops or measure_peak_gflops()
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-  tune = (f"on, cache {layers.autotune_cache_path()}"
-          if layers.autotune_enabled() else "off (fixed rules)")
+  tune = (f"on, cache {autotune.autotune_cache_path()}"
+          if autotune.autotune_enabled() else "off (fixed rules)")
   print(f"# {jax.default_backend()} x{_usable_cores()} cores, CPU "
-        f"{layers.cpu_id()}, fp32 peak {peak:.0f} GFLOP/s, load avg "
+        f"{autotune.cpu_id()}, fp32 peak {peak:.0f} GFLOP/s, load avg "
         f"{load:.1f}, jax {jax.__version__}, conv_impl={a.conv_impl}, "
         f"autotune {tune}")
 
   med, cpu, gflop = time_project(a.model, shape, a.batch, a.steps, a.warmup,
                                  a.conv_impl, a.stem)
   rows = [("jax/flax", med, cpu)]
-  for key, e in sorted(layers.autotune_log().items()):
+  for key, e in sorted(autotune.autotune_log().items()):
     ms = " ".join(f"{n}={t:.0f}" for n, t in sorted(e["ms"].items()))
     print(f"# tuned {key}: {e['choice']} (rule {e['rule']}; ms {ms})")
   if not a.no_monai:

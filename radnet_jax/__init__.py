@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 # XLA:CPU (jaxlib 0.10) sends 2D convolutions to YNNPACK, which runs each one
 # on a single thread; its Eigen convolution uses the whole intra-op pool. The
-# CPU conv lowering here (radnet_jax.models.layers) is 2D convolutions, and
+# CPU conv lowering here (models/conv_lowering.py) is 2D convolutions, and
 # on 2 cores the Eigen path made the ResNet-18 64^3 train step ~10% and the
 # VNet step ~5-10% faster (bench/RESULTS.md). The flag only takes effect if
 # set before jax creates its CPU backend, and only jaxlib versions known to

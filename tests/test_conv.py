@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from radnet_jax.models import layers
+from radnet_jax.models import autotune, conv_lowering, layers
 from radnet_jax.models.layers import (
     Conv3D, ConvTranspose3D, conv3d, conv_transpose3d, max_pool3d,
     resolve_impl, resolve_padding)
@@ -42,9 +42,9 @@ CASES = [
 @pytest.mark.parametrize("kernel,strides,dilation,padding,shape,out", CASES)
 def test_taps_equals_lax(kernel, strides, dilation, padding, shape, out,
                          im2col_plane, split, monkeypatch):
-  monkeypatch.setattr(layers, "IM2COL_MAX_PLANE", im2col_plane)
-  monkeypatch.setattr(layers, "CONV_SPLIT", split)
-  monkeypatch.setattr(layers, "CONV_SPLIT_MIN_FLOPS", 0)
+  monkeypatch.setattr(conv_lowering, "IM2COL_MAX_PLANE", im2col_plane)
+  monkeypatch.setattr(conv_lowering, "CONV_SPLIT", split)
+  monkeypatch.setattr(conv_lowering, "CONV_SPLIT_MIN_FLOPS", 0)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=shape), jnp.float32)
   w = jnp.asarray(rng.normal(size=(*kernel, shape[-1], out)) / 5, jnp.float32)
@@ -89,15 +89,15 @@ FFT_CASES = [
 @pytest.mark.parametrize("split", [1, 2])
 @pytest.mark.parametrize("kernel,padding,shape,out", FFT_CASES)
 def test_fft_equals_lax(kernel, padding, shape, out, split, monkeypatch):
-  monkeypatch.setattr(layers, "FFT_MIN_WORK", 0)
-  monkeypatch.setattr(layers, "FFT_MIN_TAPS", 1)
-  monkeypatch.setattr(layers, "FFT_MIN_CHANNELS", 1)
-  monkeypatch.setattr(layers, "FFT_TILE", 4)
-  monkeypatch.setattr(layers, "CONV_SPLIT", split)
-  monkeypatch.setattr(layers, "CONV_SPLIT_MIN_FLOPS", 0)
+  monkeypatch.setattr(conv_lowering, "FFT_MIN_WORK", 0)
+  monkeypatch.setattr(conv_lowering, "FFT_MIN_TAPS", 1)
+  monkeypatch.setattr(conv_lowering, "FFT_MIN_CHANNELS", 1)
+  monkeypatch.setattr(conv_lowering, "FFT_TILE", 4)
+  monkeypatch.setattr(conv_lowering, "CONV_SPLIT", split)
+  monkeypatch.setattr(conv_lowering, "CONV_SPLIT_MIN_FLOPS", 0)
   calls = []
-  real = layers._conv3d_fft  # pylint: disable=protected-access
-  monkeypatch.setattr(layers, "_conv3d_fft",
+  real = conv_lowering._conv3d_fft  # pylint: disable=protected-access
+  monkeypatch.setattr(conv_lowering, "_conv3d_fft",
                       lambda *a: calls.append(a[2]) or real(*a))
   rng = np.random.default_rng(4)
   x = jnp.asarray(rng.normal(size=shape), jnp.float32)
@@ -131,11 +131,11 @@ def test_fft_under_data_mesh(devices, monkeypatch):
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   from radnet_jax.training import trainer
-  monkeypatch.setattr(layers, "FFT_MIN_WORK", 0)
-  monkeypatch.setattr(layers, "FFT_TILE", 4)
+  monkeypatch.setattr(conv_lowering, "FFT_MIN_WORK", 0)
+  monkeypatch.setattr(conv_lowering, "FFT_TILE", 4)
   calls = []
-  real = layers._conv3d_fft  # pylint: disable=protected-access
-  monkeypatch.setattr(layers, "_conv3d_fft",
+  real = conv_lowering._conv3d_fft  # pylint: disable=protected-access
+  monkeypatch.setattr(conv_lowering, "_conv3d_fft",
                       lambda *a: calls.append(1) or real(*a))
   mesh = trainer.make_mesh(devices)
   rng = np.random.default_rng(5)
@@ -163,7 +163,7 @@ def test_fft_chosen_for_big_kernels_on_large_volumes():
   # The rule on shapes only (nothing is computed): VNet's 5^3 convs at a 64^3
   # input with 8..64 channels go through the Fourier path, thin, strided,
   # small-kernel and small-volume convs do not.
-  use = layers._use_fft  # pylint: disable=protected-access
+  use = conv_lowering._use_fft  # pylint: disable=protected-access
 
   def rule(shape, kernel, strides=(1, 1, 1), out=None, pad=2):
     x = jax.ShapeDtypeStruct(shape, jnp.float32)
@@ -185,7 +185,7 @@ def test_fft_chosen_for_big_kernels_on_large_volumes():
                   out=(58, 58, 58))
   # Tiles: 16^3, halved while a batch holds fewer than 16 tiles (not below
   # 8), at least kernel - 1 along a short axis.
-  tiles = layers._fft_tiles  # pylint: disable=protected-access
+  tiles = conv_lowering._fft_tiles  # pylint: disable=protected-access
   assert tiles(1, (64, 64, 64), (5, 5, 5)) == [16, 16, 16]
   assert tiles(1, (32, 32, 32), (5, 5, 5)) == [8, 8, 8]
   assert tiles(2, (32, 32, 32), (5, 5, 5)) == [16, 16, 16]
@@ -231,17 +231,18 @@ def test_depth_pieces_follow_cores_size_and_sharding(monkeypatch):
   # than CONV_SPLIT_MIN_FLOPS; a batch already split over devices is not
   # split again.
   x = jnp.ones((1, 8, 6, 6, 2))   # 6x6 planes: above IM2COL_MAX_PLANE
-  monkeypatch.setattr(layers, "CONV_SPLIT", None)
-  monkeypatch.setattr(layers, "usable_cores", lambda: 4)
-  assert layers._n_pieces(x, 8, 1e12) == 4   # pylint: disable=protected-access
-  assert layers._n_pieces(x, 3, 1e12) == 3   # pylint: disable=protected-access
-  assert layers._n_pieces(x, 8, 1.2e8) == 2  # pylint: disable=protected-access
-  assert layers._n_pieces(x, 8, 1e6) == 1    # pylint: disable=protected-access
-  monkeypatch.setattr(layers, "CONV_SPLIT", 1)
-  assert layers._n_pieces(x, 8, 1e12) == 1   # pylint: disable=protected-access
+  monkeypatch.setattr(conv_lowering, "CONV_SPLIT", None)
+  monkeypatch.setattr(conv_lowering, "usable_cores", lambda: 4)
+  n_pieces = conv_lowering._n_pieces  # pylint: disable=protected-access
+  assert n_pieces(x, 8, 1e12) == 4
+  assert n_pieces(x, 3, 1e12) == 3
+  assert n_pieces(x, 8, 1.2e8) == 2
+  assert n_pieces(x, 8, 1e6) == 1
+  monkeypatch.setattr(conv_lowering, "CONV_SPLIT", 1)
+  assert n_pieces(x, 8, 1e12) == 1
   # The split shows in the compiled program: 2 pieces = 2 convolutions.
-  monkeypatch.setattr(layers, "CONV_SPLIT", 2)
-  monkeypatch.setattr(layers, "CONV_SPLIT_MIN_FLOPS", 0)
+  monkeypatch.setattr(conv_lowering, "CONV_SPLIT", 2)
+  monkeypatch.setattr(conv_lowering, "CONV_SPLIT_MIN_FLOPS", 0)
   w = jnp.ones((3, 3, 3, 2, 3))
   hlo = jax.jit(lambda x, w: conv3d(x, w, impl="taps")).lower(x, w).as_text()
   assert hlo.count("stablehlo.convolution") == 2
@@ -249,8 +250,8 @@ def test_depth_pieces_follow_cores_size_and_sharding(monkeypatch):
 
 def test_out_taps_chosen_for_few_output_channels(monkeypatch):
   calls = []
-  real = layers._conv3d_out_taps  # pylint: disable=protected-access
-  monkeypatch.setattr(layers, "_conv3d_out_taps",
+  real = conv_lowering._conv3d_out_taps  # pylint: disable=protected-access
+  monkeypatch.setattr(conv_lowering, "_conv3d_out_taps",
                       lambda *a: calls.append(a[1].shape) or real(*a))
   x = jnp.ones((1, 6, 8, 8, 8))
   conv3d(x, jnp.ones((5, 5, 5, 8, 2)), impl="taps")   # 8 -> 2: out-taps
@@ -373,13 +374,13 @@ def test_batch_sharding_kept_on_unit_volume_and_channel_dropout():
 # ---- per-machine autotuning of the CPU lowering -------------------------
 
 def _autotune_on(monkeypatch, tmp_path):
-  monkeypatch.setattr(layers, "CONV_AUTOTUNE", True)
-  monkeypatch.setattr(layers, "AUTOTUNE_MIN_FLOPS", 0)
-  monkeypatch.setattr(layers, "AUTOTUNE_REPEATS", 1)
+  monkeypatch.setattr(autotune, "CONV_AUTOTUNE", True)
+  monkeypatch.setattr(autotune, "AUTOTUNE_MIN_FLOPS", 0)
+  monkeypatch.setattr(autotune, "AUTOTUNE_REPEATS", 1)
   monkeypatch.setenv("RADNET_CACHE", str(tmp_path))
-  monkeypatch.setattr(layers, "_TUNED", {})
-  monkeypatch.setattr(layers, "_TUNE_LOG", {})
-  monkeypatch.setattr(layers, "_CACHE_STATE", {})
+  monkeypatch.setattr(autotune, "_TUNED", {})
+  monkeypatch.setattr(autotune, "_TUNE_LOG", {})
+  monkeypatch.setattr(autotune, "_CACHE_STATE", {})
 
 
 def _fake_timer(monkeypatch, times):
@@ -388,21 +389,21 @@ def _fake_timer(monkeypatch, times):
   def timer(name, *a):
     calls.append(name)
     return times[name]
-  monkeypatch.setattr(layers, "_time_lowering", timer)
+  monkeypatch.setattr(autotune, "_time_lowering", timer)
   return calls
 
 
 def test_autotune_off_by_env_uses_rules(monkeypatch, tmp_path):
   _autotune_on(monkeypatch, tmp_path)
-  monkeypatch.setattr(layers, "CONV_AUTOTUNE", None)
+  monkeypatch.setattr(autotune, "CONV_AUTOTUNE", None)
   monkeypatch.setenv("RADNET_CONV_AUTOTUNE", "0")
-  assert not layers.autotune_enabled()
+  assert not autotune.autotune_enabled()
   calls = _fake_timer(monkeypatch, {})
   x, w = jnp.ones((1, 6, 8, 8, 8)), jnp.ones((5, 5, 5, 8, 2))
   jax.jit(lambda x, w: conv3d(x, w, impl="taps")).lower(x, w)
   assert calls == [] and not (tmp_path / "conv_autotune").exists()
   monkeypatch.setenv("RADNET_CONV_AUTOTUNE", "1")
-  assert layers.autotune_enabled()
+  assert autotune.autotune_enabled()
 
 
 @pytest.mark.parametrize("kernel,strides,shape,out,fastest", [
@@ -413,7 +414,7 @@ def test_autotune_off_by_env_uses_rules(monkeypatch, tmp_path):
 def test_autotune_picks_fastest_caches_and_keeps_numerics(
     kernel, strides, shape, out, fastest, monkeypatch, tmp_path):
   _autotune_on(monkeypatch, tmp_path)
-  monkeypatch.setattr(layers, "FFT_TILE", 4)
+  monkeypatch.setattr(conv_lowering, "FFT_TILE", 4)
   x = jnp.asarray(np.random.default_rng(6).normal(size=shape), jnp.float32)
   w = jnp.asarray(np.random.default_rng(7).normal(size=(*kernel, shape[-1],
                                                         out)) / 5, jnp.float32)
@@ -422,8 +423,8 @@ def test_autotune_picks_fastest_caches_and_keeps_numerics(
       x, w, (strides,) * 3, pads,
       dimension_numbers=("NDHWC", "DHWIO", "NDHWC")).shape[1:4])
   args = (x, w, (strides,) * 3, pads, (1, 1, 1), out_size)
-  cands = layers.candidate_lowerings(*args)
-  rule = layers.rule_lowering(*args)
+  cands = autotune.candidate_lowerings(*args)
+  rule = conv_lowering.rule_lowering(*args)
   assert fastest in cands and rule in cands and fastest != rule
   times = {n: 1.0 for n in cands}
   times[fastest] = 0.5
@@ -439,20 +440,20 @@ def test_autotune_picks_fastest_caches_and_keeps_numerics(
     (gx, gw), y = step(x, w)
   # Tuned once at the first trace, the jitted function traced once.
   assert sorted(calls) == sorted(cands) and len(traces) == 1
-  log = layers.autotune_log()
+  log = autotune.autotune_log()
   (key, entry), = log.items()
   assert entry["choice"] == fastest and entry["rule"] == rule
   # The cache file holds the choice under this machine's key.
-  path = layers.autotune_cache_path()
+  path = autotune.autotune_cache_path()
   assert path.startswith(str(tmp_path))
   data = json.loads(open(path).read())
   assert data["entries"][key]["choice"] == fastest
-  assert data["machine"]["cpu"] == layers.cpu_id()
+  assert data["machine"]["cpu"] == autotune.cpu_id()
   assert not [f for f in os.listdir(os.path.dirname(path))
               if f.startswith(".")]                  # no temporaries left
   # A new process (empty in-memory table) reads it without timing again.
-  monkeypatch.setattr(layers, "_TUNED", {})
-  assert layers.choose_lowering(*args) == fastest and len(calls) == len(cands)
+  monkeypatch.setattr(autotune, "_TUNED", {})
+  assert autotune.choose_lowering(*args) == fastest and len(calls) == len(cands)
   # The tuned lowering equals lax.conv_general_dilated in values and grads.
   (gxa, gwa), ya = jax.jit(jax.grad(
       lambda x, w: (jnp.sum(jnp.sin(conv3d(x, w, strides, impl="xla"))),
@@ -468,16 +469,16 @@ def test_autotune_keeps_rule_within_margin_and_skips_small(monkeypatch,
   _autotune_on(monkeypatch, tmp_path)
   x, w = jnp.ones((1, 6, 8, 8, 8)), jnp.ones((5, 5, 5, 8, 2))
   args = (x, w, (1, 1, 1), [(2, 2)] * 3, (1, 1, 1), (6, 8, 8))
-  rule = layers.rule_lowering(*args)
-  times = {n: 1.0 for n in layers.candidate_lowerings(*args)}
+  rule = conv_lowering.rule_lowering(*args)
+  times = {n: 1.0 for n in autotune.candidate_lowerings(*args)}
   times["depth_taps"] = 0.97            # within AUTOTUNE_MARGIN of the rule
   _fake_timer(monkeypatch, times)
-  assert layers.choose_lowering(*args) == rule == "out_taps"
+  assert autotune.choose_lowering(*args) == rule == "out_taps"
   # Convs below AUTOTUNE_MIN_FLOPS follow the rules without timing.
-  monkeypatch.setattr(layers, "AUTOTUNE_MIN_FLOPS", 1e12)
-  monkeypatch.setattr(layers, "_TUNED", {})
+  monkeypatch.setattr(autotune, "AUTOTUNE_MIN_FLOPS", 1e12)
+  monkeypatch.setattr(autotune, "_TUNED", {})
   calls = _fake_timer(monkeypatch, {})
-  assert layers.choose_lowering(*args) == rule and calls == []
+  assert autotune.choose_lowering(*args) == rule and calls == []
 
 
 def test_autotune_unwritable_cache_falls_back_to_rules(monkeypatch, tmp_path):
@@ -489,7 +490,7 @@ def test_autotune_unwritable_cache_falls_back_to_rules(monkeypatch, tmp_path):
                                     "fft": 1.0, "im2col": 1.0})
   x, w = jnp.ones((1, 6, 8, 8, 8)), jnp.ones((5, 5, 5, 8, 2))
   args = (x, w, (1, 1, 1), [(2, 2)] * 3, (1, 1, 1), (6, 8, 8))
-  assert layers.choose_lowering(*args) == "out_taps" and calls == []
+  assert autotune.choose_lowering(*args) == "out_taps" and calls == []
 
 
 def test_autotune_times_real_candidates(monkeypatch, tmp_path):
@@ -501,7 +502,7 @@ def test_autotune_times_real_candidates(monkeypatch, tmp_path):
   w = jnp.asarray(np.random.default_rng(9).normal(size=(5, 5, 5, 4, 2)),
                   jnp.float32)
   y = jax.jit(lambda x, w: conv3d(x, w, impl="taps"))(x, w)
-  (entry,) = layers.autotune_log().values()
+  (entry,) = autotune.autotune_log().values()
   assert set(entry["ms"]) == {"depth_taps", "out_taps", "im2col", "fft"}
   assert all(t > 0 for t in entry["ms"].values())
   assert entry["choice"] in entry["ms"]
