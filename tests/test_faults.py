@@ -30,6 +30,7 @@ from radnet_jax.dicom import isolation
 from radnet_jax.dicom import metadata as dmeta
 from radnet_jax.shards import build
 from radnet_jax.shards import convert
+from radnet_jax.shards import labelling
 from radnet_jax.shards import records
 
 SALT = "faults-test-salt-0123456789abcdef"
@@ -441,8 +442,8 @@ def test_no_identifier_reaches_any_output(corpus, tmp_path, capfd):
 def test_labels_read_the_raw_text_kept_in_memory():
   md = {"Modality": "MR", "SeriesDescription": "AX T1", "SeriesHash": "s"}
   raw = {dmeta.UNSCRUBBED_KEY: {"SeriesDescription": "AX T1 POST GAD SIMPSON^HOMER"}}
-  with_raw = convert.label_entry(md, "k", "paper", scan_record=raw)
-  without = convert.label_entry(md, "k", "paper")
+  with_raw = labelling.label_entry(md, "k", "paper", scan_record=raw)
+  without = labelling.label_entry(md, "k", "paper")
   assert with_raw["labels"]["contrast"] == "yes" != without["labels"]["contrast"]
   assert with_raw["md"] == md   # what is stored stays the scrubbed record
   assert dmeta.UNSCRUBBED_KEY not in convert.safe_metadata({**md, **raw})
@@ -458,8 +459,8 @@ def test_scrubbing_changes_no_phantom_label(tmp_path):
   assert stacks
   for st in stacks:
     scrubbed = {k: v for k, v in st.record.items() if k != dmeta.UNSCRUBBED_KEY}
-    assert (convert.label_entry(scrubbed, st.key, "paper")["labels"] ==
-            convert.label_entry(scrubbed, st.key, "paper", scan_record=st.record)["labels"])
+    assert (labelling.label_entry(scrubbed, st.key, "paper")["labels"] ==
+            labelling.label_entry(scrubbed, st.key, "paper", scan_record=st.record)["labels"])
 
 
 def test_scrub_text():

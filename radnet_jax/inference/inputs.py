@@ -33,6 +33,7 @@ from radnet_jax.dicom import isolation
 from radnet_jax.dicom import nifti
 from radnet_jax.dicom.types import Volume
 from radnet_jax.shards import convert
+from radnet_jax.shards import labelling
 from radnet_jax.shards import demo
 
 @dataclasses.dataclass
@@ -125,7 +126,7 @@ def _prepare_stack(stack: Any, shard_shape: tuple, input_shape: tuple, taxonomy:
     stage = "label"
     md = cached["metadata"]
     # The rules read the raw free text the scan kept in memory (never stored).
-    labels = _label_record(convert.labelling_record(md, stack.record), stack.key,
+    labels = _label_record(labelling.labelling_record(md, stack.record), stack.key,
                            taxonomy, priors)
     geo = cached["geometry"]
     info = {"source": "dicom", "series_hash": series, "stack_key": stack.key,
@@ -224,7 +225,7 @@ def prepare_inputs(root: str, *, shard_shape: Sequence[int], input_shape: Sequen
   if not os.path.exists(root):
     raise FileNotFoundError(f"{root}: input does not exist")
   salt = salt or default_salt()
-  priors = convert.load_priors(priors)
+  priors = labelling.load_priors(priors)
   shard_shape = tuple(int(s) for s in shard_shape)
   input_shape = tuple(int(s) for s in input_shape)
   jobs: list[tuple] = []

@@ -2,7 +2,7 @@
 
 The same conversion as ``radnet_jax.shards.build.build_shards`` (one stack in, one
 record out, through the *same* functions: ``convert.convert_stack_staged``
-for load + resample + normalise, ``convert.label_entry`` for the labels and
+for load + resample + normalise, ``labelling.label_entry`` for the labels and
 their targets, ``convert.split_of`` for the patient split and
 ``convert.shard_record`` + ``records.encode`` for the bytes), distributed by
 an existing engine instead of a local process pool:
@@ -48,6 +48,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from radnet_jax import privacy
 from radnet_jax.shards import convert
+from radnet_jax.shards import labelling
 from radnet_jax.shards import records
 from radnet_jax import resample as rs
 from radnet_jax.labels import taxonomy as tx
@@ -114,7 +115,7 @@ def stack_record(stack: Any, opts: Options, priors_obj: Any = None,
     raise StageError("resample", e) from e
   md = cached["metadata"]
   try:
-    entry = convert.label_entry(md, stack.key, opts.taxonomy, priors_obj,
+    entry = labelling.label_entry(md, stack.key, opts.taxonomy, priors_obj,
                                 overrides_table, scan_record=stack.record)
   except Exception as e:  # noqa: BLE001
     raise StageError("label", e) from e
@@ -138,8 +139,8 @@ class _ConvertBase(beam.DoFn):
     self._overrides = None
 
   def setup(self):
-    self._priors = convert.load_priors(self.opts.priors)
-    self._overrides = convert.load_overrides(self.opts.overrides, self.opts.taxonomy)
+    self._priors = labelling.load_priors(self.opts.priors)
+    self._overrides = labelling.load_overrides(self.opts.overrides, self.opts.taxonomy)
 
   def _convert(self, stack: Any, root: str) -> Iterator[Any]:
     scrub = convert.PathScrubber(root, self.opts.salt, self.opts.hash_paths)
@@ -345,7 +346,7 @@ class WriteReports(beam.DoFn):
                    "writer_options": convert.WRITER_OPTIONS,
                    "overrides_sha256": convert.file_digest(self.opts.overrides)
                    if self.opts.overrides and not is_remote(self.opts.overrides) else None,
-                   "priors": convert.priors_id(self.opts.priors, self.opts.priors),
+                   "priors": labelling.priors_id(self.opts.priors, self.opts.priors),
                    "hash_paths": self.opts.hash_paths,
                    "cache_version": convert.CACHE_VERSION,
                    "engine": "apache_beam"},

@@ -12,7 +12,7 @@ below; the per-stack work is ``radnet_jax.shards.convert``):
    this is what makes a killed run resumable. The cache is keyed by the
    volume settings (shape, normalisation, salt), so a run with another shape
    never reuses stale volumes.
-3. **label** in sorted StackKey order (deterministic): ``convert.label_entry``
+3. **label** in sorted StackKey order (deterministic): ``labelling.label_entry``
    on each cached stack's header, its split from the hashed patient.
    Labelling at assembly time means a re-run with a corrected ``--overrides``
    file reuses every cached volume and only rewrites the shards.
@@ -52,6 +52,7 @@ from radnet_jax import privacy
 from radnet_jax import resample as rs
 from radnet_jax.labels import taxonomy as tx
 from radnet_jax.shards import convert
+from radnet_jax.shards import labelling
 from radnet_jax.shards import records
 from radnet_jax.shards import report
 from radnet_jax.shards.convert import (CACHE_VERSION, DEFAULT_RECORDS_PER_SHARD,
@@ -265,7 +266,7 @@ def _label_stage(stacks: Mapping[str, Any], keys: Sequence[str], cache: str,
     path = _cache_path(cache, key)
     try:
       meta = convert.read_header(path)
-      entry = convert.label_entry(meta["metadata"], key, taxonomy, priors, overrides,
+      entry = labelling.label_entry(meta["metadata"], key, taxonomy, priors, overrides,
                                   scan_record=stacks[key].record)
     except Exception as e:  # noqa: BLE001
       errors.append(_error_row(scrub, stacks[key], "label", f"{type(e).__name__}: {e}"))
@@ -351,7 +352,7 @@ def _manifest(shape: tuple, taxonomy: str, split: tuple, seed: int,
                  "records_per_shard": records_per_shard,
                  "writer_options": WRITER_OPTIONS,
                  "overrides_sha256": convert.file_digest(overrides),
-                 "priors": convert.priors_id(priors, priors_obj),
+                 "priors": labelling.priors_id(priors, priors_obj),
                  "hash_paths": hash_paths, "cache_version": CACHE_VERSION},
   }
 
@@ -448,8 +449,8 @@ def build_shards(input_dir: str, out_dir: str, *,
     os.makedirs(out_dir, exist_ok=True)
     salt = privacy.load_or_create_salt(out_dir, salt)
   scrub = convert.PathScrubber(input_dir, salt, hash_paths)
-  override_table = convert.load_overrides(overrides, taxonomy)
-  priors_obj = convert.load_priors(priors)
+  override_table = labelling.load_overrides(overrides, taxonomy)
+  priors_obj = labelling.load_priors(priors)
   errors: list[dict] = []
 
   # --- scan -------------------------------------------------------------------
