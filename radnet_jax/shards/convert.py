@@ -33,6 +33,11 @@ default, because archive folders and files are often named after patients;
 the files behind them on the machine that holds the archive. With
 ``hash_paths=False`` (``--plain-paths``, for de-identified archives) the
 relative paths are written; the input root itself is never written.
+
+Size (~540 lines): the per-stack core that ``build_shards``, the Beam
+pipeline and ``radnet_jax.predict`` share, so that all three write the same
+record bytes (conversion, record layout, error classes, path scrubbing);
+the labels of a stack live in ``radnet_jax.shards.labelling``.
 """
 from __future__ import annotations
 
