@@ -50,6 +50,7 @@ import numpy as np
 
 from radnet_jax import contract as contract_lib
 from radnet_jax import phantom
+from radnet_jax.phantom import lits as phantom_lits
 from radnet_jax.data import segment as seg_input
 from radnet_jax.dicom import nifti
 from radnet_jax.inference import segment as seg_inference
@@ -74,8 +75,12 @@ log = logging.getLogger("radnet_jax")
 
 # -------------------------------------------------------------------- data ---
 def phantom_lits_dir(data_cfg: Mapping) -> str:
-  """Cache folder of the phantom LiTS set for ``data_cfg`` (nifti/ + shards-*)."""
-  name = f"lits-phantom-n{int(data_cfg['phantom_n'])}-s{int(data_cfg['phantom_seed'])}"
+  """Cache folder of the phantom LiTS set for ``data_cfg`` (nifti/ + shards-*).
+
+  The phantom's version is in the name, so shards converted from an older
+  LiTS phantom are never reused after the phantom changes."""
+  name = (f"lits-phantom-v{phantom_lits.VERSION}-n{int(data_cfg['phantom_n'])}"
+          f"-s{int(data_cfg['phantom_seed'])}")
   return os.path.join(demo.cache_root(data_cfg.get("cache_dir", "")), name)
 
 
