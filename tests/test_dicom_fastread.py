@@ -229,3 +229,42 @@ def test_record_from_header_equals_record_from_dataset(tmp_path):
     assert fast == metadata.record_from_dataset(ds, SALT), path
     answered += 1
   assert answered > 100
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_identifying_values_equal_pydicom_without_pydicom(tmp_path):
+  # The PHI scrubber's tokens (names, IDs, dates, institutions) from a
+  # fastread header equal those from pydicom's full header, on every test
+  # file, on a phantom corpus with header noise and on deid-data's files with
+  # realistic fake PHI; the fast path answers for most of them (explicit VR,
+  # ASCII), so build_shards need not import pydicom to scrub.
+  from radnet_jax import phantom
+  from radnet_jax.dicom import metadata
+  from pydicom.datadict import tag_for_keyword
+  assert set(fastread.IDENTIFYING_TAGS) == set(metadata._IDENTIFYING_KEYS)  # pylint: disable=protected-access
+  assert all(tag_for_keyword(k) == t for k, t in fastread.IDENTIFYING_TAGS.items())
+  phantom.make_corpus(str(tmp_path / "corpus"), n=2, seed=3, workers=1, small=True,
+                      progress=False)
+  files = _all_files() + list(scan_mod.iter_files(str(tmp_path)))
+  try:
+    import deid_data
+    files += list(scan_mod.iter_files(os.path.join(os.path.dirname(deid_data.__file__), "data")))
+  except ImportError:
+    pass
+  fast, nonempty = 0, 0
+  for path in files:
+    try:
+      header = fastread.read_header(path)
+    except OSError:
+      continue
+    if header is None:
+      continue
+    try:
+      tokens = metadata.identifier_tokens(header.identifying_values())
+    except fastread.Unsupported:
+      continue
+    ds = read_dataset(path, stop_before_pixels=True)
+    assert tokens == metadata._identifying_values(ds), path  # pylint: disable=protected-access
+    fast += 1
+    nonempty += bool(tokens)
+  assert fast > 100 and nonempty > 50

@@ -146,6 +146,23 @@ PRIVATE_VALUES = frozenset({
     (0x0065, 0x09), (0x0065, 0x37),                  # UIH b-value, direction
 })
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00009, 0x7FE00008)
+# Identifying elements, kept raw for ``Header.identifying_values`` (the
+# tokens the PHI scrubber removes from free text, ``metadata``): every
+# top-level element with a person-name or date VR, and these keywords'
+# tags (``metadata._IDENTIFYING_KEYS``; a test keeps the two equal).
+IDENTIFYING_VRS = frozenset({"PN", "DA", "DT"})
+IDENTIFYING_TAGS = {
+    "PatientID": 0x00100020, "OtherPatientIDs": 0x00101000, "IssuerOfPatientID": 0x00100021,
+    "AccessionNumber": 0x00080050, "StudyID": 0x00200010, "RequestedProcedureID": 0x00401001,
+    "PerformedProcedureStepID": 0x00400253, "MedicalRecordLocator": 0x00101090,
+    "InstitutionName": 0x00080080, "InstitutionAddress": 0x00080081,
+    "InstitutionalDepartmentName": 0x00081040, "StationName": 0x00081010,
+    "DeviceSerialNumber": 0x00181000, "PatientAddress": 0x00101040,
+    "PatientTelephoneNumbers": 0x00102154, "MilitaryRank": 0x00101080,
+    "CurrentPatientLocation": 0x00380300,
+}
+_IDENTIFYING_TAG_SET = frozenset(IDENTIFYING_TAGS.values())
+_SINGLE_TEXT_VRS = frozenset({"ST", "LT", "UT"})   # never split at backslashes
 _LONG_VR = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV",
                       b"UC", b"UN", b"UR", b"UT", b"UV"})
 _SHORT_VR = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD",
@@ -229,6 +246,29 @@ class Header:
     # Whether any element of PRIVATE_VALUES was kept (most files: none, so
     # the vendor diffusion look-ups stop at once).
     self.has_private_values = True
+    # (vr, raw bytes) of the identifying elements, in file order; None when
+    # the file's VRs are implicit or an element's VR is UN (which elements
+    # are names or dates is then unknown here).
+    self.identifying: list[tuple[str, bytes]] | None = None
+
+  def identifying_values(self) -> list:
+    """The values of the identifying elements as pydicom gives them (``str``,
+    a list for multi-valued ones), for the PHI scrubber; ``Unsupported``
+    where pydicom must read the file (implicit VR, non-ASCII text)."""
+    if self.identifying is None:
+      raise Unsupported("identifying elements of an implicit VR / UN file")
+    out: list = []
+    for vr, raw in self.identifying:
+      try:
+        text = raw.decode("ascii")
+      except UnicodeDecodeError as e:
+        raise Unsupported("non-ASCII identifying value") from e
+      text = text.rstrip(" \0")
+      if vr not in _SINGLE_TEXT_VRS and "\\" in text:
+        out.append([v.rstrip(" \0") for v in text.split("\\")])
+      else:
+        out.append(text)
+    return out
 
   def __contains__(self, keyword: str) -> bool:
     return _TAGS[keyword][0] in self._values
@@ -481,6 +521,8 @@ def _parse(path: str, buf: _Buffer, size: int, fp) -> Header | None:
   # --- dataset ---------------------------------------------------------------
   values: dict[int, tuple[str, bytes]] = {}
   creators: dict[tuple[int, int], bytes] = {}
+  identifying: list[tuple[str, bytes]] = []
+  unknown_vr = False
   private_values = False
   pixel_tag, pixel_value, pixel_length = size, None, None
   data = buf.data
@@ -524,6 +566,12 @@ def _parse(path: str, buf: _Buffer, size: int, fp) -> Header | None:
         values[tag] = ("SQ", b"")  # presence only
       continue
     end = start + length
+    if not implicit and (vr in IDENTIFYING_VRS or tag in _IDENTIFYING_TAG_SET):
+      if end > len(data):
+        data = buf.need(end)
+      identifying.append((vr, data[start:end]))
+    elif vr == "UN":   # pydicom looks the VR up (a name or date?): it decides
+      unknown_vr = True
     if tag in _BY_TAG:
       if end > len(data):
         data = buf.need(end)
@@ -546,4 +594,5 @@ def _parse(path: str, buf: _Buffer, size: int, fp) -> Header | None:
   header = Header(path, values, creators, meta, implicit, size, pixel_tag,
                   pixel_value, pixel_length)
   header.has_private_values = private_values
+  header.identifying = None if implicit or unknown_vr else identifying
   return header

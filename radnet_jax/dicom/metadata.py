@@ -557,9 +557,15 @@ def _enhanced_fields(ds: Dataset) -> dict[str, Any]:
 def _identifying_values(ds: Dataset | fastread.Header) -> set[str]:
   """Tokens of the header's names, IDs, dates and institution (top level:
   where PS3.15 puts them; the record never copies nested text). A fastread
-  header holds only the tags scan needs, so its file's full header is read
-  (once per record, i.e. per series group)."""
+  header kept the raw identifying elements of its walk
+  (``Header.identifying_values``, equal to pydicom's on every test file);
+  where it cannot tell (implicit VR, non-ASCII text) the file's full header
+  is read with pydicom (once per record, i.e. per series group)."""
   if isinstance(ds, fastread.Header):
+    try:
+      return identifier_tokens(ds.identifying_values())
+    except fastread.Unsupported:
+      pass
     import pydicom  # pylint: disable=import-outside-toplevel - slow import, see above
     try:
       ds = pydicom.dcmread(ds.path, stop_before_pixels=True, force=True)
