@@ -200,6 +200,17 @@ def test_fast_reader_declines_what_it_does_not_handle(tmp_path):
     fastread.read_header(plain).get("RescaleSlope")
 
 
+def _fast_headers(files):
+  """(path, fastread header) of every file the fast reader opens."""
+  for path in files:
+    try:
+      header = fastread.read_header(path)
+    except OSError:
+      continue
+    if header is not None:
+      yield path, header
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_record_from_header_equals_record_from_dataset(tmp_path):
   # The metadata record built from a fastread header (no pydicom) is the one
@@ -214,13 +225,7 @@ def test_record_from_header_equals_record_from_dataset(tmp_path):
                       progress=False)
   files = _all_files() + list(scan_mod.iter_files(str(tmp_path)))
   answered = 0
-  for path in files:
-    try:
-      header = fastread.read_header(path)
-    except OSError:
-      continue
-    if header is None:
-      continue
+  for path, header in _fast_headers(files):
     try:
       fast = metadata.record_from_header(header, SALT)
     except fastread.Unsupported:
@@ -252,13 +257,7 @@ def test_identifying_values_equal_pydicom_without_pydicom(tmp_path):
   except ImportError:
     pass
   fast, nonempty = 0, 0
-  for path in files:
-    try:
-      header = fastread.read_header(path)
-    except OSError:
-      continue
-    if header is None:
-      continue
+  for path, header in _fast_headers(files):
     try:
       tokens = metadata.identifier_tokens(header.identifying_values())
     except fastread.Unsupported:

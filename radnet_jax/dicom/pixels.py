@@ -50,13 +50,17 @@ def _native_pixels(ds: Dataset) -> np.ndarray | None:
   if len(data) < rows * cols * dtype.itemsize:
     return None  # truncated: let the general path report it
   arr = np.frombuffer(data, dtype, count=rows * cols).reshape(rows, cols)
-  if stored < bits:  # as pydicom: mask unused high bits / sign-extend
-    if signed:
-      shift = bits - stored
-      arr = (arr << shift) >> shift
-    else:
-      arr = arr & dtype.type((1 << stored) - 1)
-  return arr
+  return _stored_bits(arr, bits, stored, signed)
+
+
+def _stored_bits(arr: np.ndarray, bits: int, stored: int, signed: bool) -> np.ndarray:
+  """As pydicom: the unused high bits masked (unsigned) or sign-extended."""
+  if stored >= bits:
+    return arr
+  if signed:
+    shift = bits - stored
+    return (arr << shift) >> shift
+  return arr & arr.dtype.type((1 << stored) - 1)
 
 
 def _pixels(ds: Dataset, where: str) -> np.ndarray:
@@ -172,14 +176,7 @@ def _read_native(path: str, offset: int, layout: tuple, staging: dict
         return None
   except OSError:
     return None
-  arr = buf
-  if stored < bits:  # as pydicom: mask unused high bits / sign-extend
-    if signed:
-      shift = bits - stored
-      arr = (arr << shift) >> shift
-    else:
-      arr = arr & dtype.type((1 << stored) - 1)
-  return arr
+  return _stored_bits(buf, bits, stored, signed)
 
 
 def _fast_slice(path: str, staging: dict) -> tuple | None:
