@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from radnet_jax import parallel
-from radnet_jax.phantom import acquisition, protocols, truth
+from radnet_jax.phantom import acquisition, ct, protocols, truth
 from radnet_jax.phantom.anatomy import make_patient
 from radnet_jax.phantom.noise import HeaderNoise, corrupt
 
@@ -60,7 +60,7 @@ def series_tags(plan, rng) -> dict:
   if plan.modality == "CT":
     t["ImageType"] = (["DERIVED", "SECONDARY", "REFORMATTED"] if plan.reformat
                       else ["ORIGINAL", "PRIMARY", "AXIAL"])
-    t["ConvolutionKernel"] = _KERNEL_NAMES[plan.vendor][("soft", "standard", "sharp").index(plan.kernel)]
+    t["ConvolutionKernel"] = _KERNEL_NAMES[plan.vendor][ct.KERNELS.index(plan.kernel)]
     t["KVP"] = plan.kvp
     if plan.mas:
       t["Exposure"] = int(round(plan.mas))
@@ -99,10 +99,10 @@ def series_tags(plan, rng) -> dict:
     t["FlipAngle"] = round(plan.flip, 1)
     t["SpacingBetweenSlices"] = plan.spacing
   if plan.contrast == "yes":
-    ct = plan.modality == "CT"
-    t["ContrastBolusAgent"] = str(rng.choice(CT_AGENTS if ct else MR_AGENTS))
+    is_ct = plan.modality == "CT"
+    t["ContrastBolusAgent"] = str(rng.choice(CT_AGENTS if is_ct else MR_AGENTS))
     t["ContrastBolusRoute"] = "IV"
-    t["ContrastBolusVolume"] = 100.0 if ct else 7.5
+    t["ContrastBolusVolume"] = 100.0 if is_ct else 7.5
   elif rng.random() < 0.2:
     t["ContrastBolusAgent"] = ""   # present but empty: common on plain scans
   return t

@@ -13,6 +13,8 @@ import dataclasses
 
 import numpy as np
 
+from radnet_jax.phantom import ct
+
 VENDORS = ("SIEMENS", "GE MEDICAL SYSTEMS", "Philips", "TOSHIBA")
 # (modality, region, weight)
 STUDY_TYPES = (
@@ -168,7 +170,6 @@ def _alt_descriptions(p: SeriesPlan, rng) -> tuple:
 # routine body CT is portal venous; arterial (multiphase liver, CTA) and
 # delayed (urography, liver lesion work-up) are rarer. Head CT with contrast
 # is mostly a venous-phase scan or an angiogram (arterial).
-_CT_PHASES = ("arterial", "portal", "delayed")
 _CT_PHASE_P = {"brain": (0.35, 0.55, 0.10), "headneck": (0.30, 0.60, 0.10)}
 _CT_PHASE_P_BODY = (0.20, 0.65, 0.15)
 
@@ -182,8 +183,8 @@ def _ct_acquisition(region: str, contrast: str, rng) -> dict:
   phase = ""
   if contrast == "yes":
     p = _CT_PHASE_P.get(region, _CT_PHASE_P_BODY)
-    phase = str(rng.choice(_CT_PHASES, p=p))
-  kernel = str(rng.choice(("soft", "standard", "sharp"), p=(0.3, 0.6, 0.1)))
+    phase = str(rng.choice(ct.PHASES, p=p))
+  kernel = str(rng.choice(ct.KERNELS, p=(0.3, 0.6, 0.1)))
   head = region in ("brain", "headneck")
   kvp = 120.0 if head else float(rng.choice([100.0, 120.0, 120.0, 140.0]))
   mas = float(rng.uniform(200, 400) if head else rng.uniform(80, 350))
