@@ -276,8 +276,12 @@ def plan_study(rng: np.random.Generator, full_size: bool = False) -> list:
       plans.append(SeriesPlan("PT", "PT", "COR", "no", region, vendor, sp, sp, m, 0.0, reformat=True))
   else:
     mm = lambda: int(rng.choice([256, 320, 384, 512] if full_size else [96, 128, 160, 192]))
+    # Pre-contrast T1 in the planes the post-contrast T1 uses, and the pre /
+    # post pairs of one study (below): otherwise "T1 AX of a head" alone would
+    # mean contrast, a protocol prior that real archives do not share (real
+    # brain work-ups acquire T1 AX / COR before gadolinium too).
     if region == "brain":
-      pool = [("T1", "SAG", "no"), ("T2", "AX", "no"), ("T2-FLAIR", "AX", "no"),
+      pool = [("T1", "SAG", "no"), ("T1", "AX", "no"), ("T2", "AX", "no"), ("T2-FLAIR", "AX", "no"),
               ("T1-FLAIR", "AX", "no"), ("T2-FLAIR", "COR", "no"), ("T1-FLAIR", "SAG", "no"),
               ("T2-FLAIR", "SAG", "no"), ("T1-FLAIR", "COR", "no")]
       post = [("T1", "AX", "yes"), ("T1", "COR", "yes"), ("T1-FLAIR", "AX", "yes"), ("T1", "SAG", "yes")]
@@ -291,7 +295,12 @@ def plan_study(rng: np.random.Generator, full_size: bool = False) -> list:
     k = int(rng.integers(2, 5))
     chosen = [pool[i] for i in rng.choice(len(pool), size=min(k, len(pool)), replace=False)]
     if rng.random() < 0.6:
-      chosen += [post[i] for i in rng.choice(len(post), size=int(rng.integers(1, 3)), replace=False)]
+      given = [post[i] for i in rng.choice(len(post), size=int(rng.integers(1, 3)), replace=False)]
+      # Half of the post-contrast series get their pre-contrast twin (same
+      # sequence and plane), as in a pre / post comparison.
+      chosen += [(seq, pl, "no") for seq, pl, _ in given
+                 if (seq, pl, "no") not in chosen and rng.random() < 0.5]
+      chosen += given
     field_t = 3.0 if rng.random() < 0.45 else 1.5
     if region == "brain" and rng.random() < 0.35:
       chosen.append(("DWI", "AX", "no"))
