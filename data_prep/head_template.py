@@ -32,7 +32,11 @@ hundred KB), so the corpus never needs nilearn at run time:
   mastoid air; maxilla, hard palate, teeth, mandible, tongue, lips, ears);
   the neck down to C5 (pharynx and larynx airway, vertebrae C1-C5 with
   discs, spinal canal and cord continuing the medulla, carotids and jugular
-  veins, paraspinal and neck muscles, subcutaneous fat).
+  veins, paraspinal and neck muscles, subcutaneous fat);
+* what enhances in a normal head (``_enhancing``): the dural venous sinuses
+  (superior sagittal, straight, transverse, sigmoid, cavernous), the falx,
+  the choroid plexus and the pituitary, and the arteries of the circle of
+  Willis (internal carotid, middle, anterior and posterior cerebral, basilar).
 
 Landmarks (vertex, lowest brain point, chin, bottom of the map) and a sample
 of skin / brain surface points are stored for the band and scan-range logic.
@@ -51,8 +55,9 @@ SPACING = 1.5
 BOX = ((-100.5, 100.5), (-130.5, 127.5), (-160.5, 108.0))
 ATTRIBUTION = (
     "Head tissue map derived from the MNI ICBM152 2009a symmetric template (T1, GM, WM; as "
-    "shipped by nilearn 0.14.1) by data_prep/head_template.py; face, skull, scalp and neck are "
-    "modelled, not from the template. Template: V. Fonov, A. C. Evans, R. C. McKinstry, C. R. "
+    "shipped by nilearn 0.14.1) by data_prep/head_template.py; face, skull, scalp, neck and the "
+    "dural sinuses, falx, choroid plexus, pituitary and intracranial arteries are modelled, not "
+    "from the template. Template: V. Fonov, A. C. Evans, R. C. McKinstry, C. R. "
     "Almli, D. L. Collins, NeuroImage 47:S102 (2009); V. Fonov et al., NeuroImage 54:313 (2011); "
     "D. L. Collins et al., NeuroImage (1999). Copyright (C) 1993-2009 Louis Collins, McConnell "
     "Brain Imaging Centre, Montreal Neurological Institute, McGill University. Permission to use, "
@@ -62,7 +67,7 @@ ATTRIBUTION = (
     "of this software for any purpose. It is provided 'as is' without express or implied warranty.")
 # Label names in map order (0 = air); the runtime maps them to anatomy.TISSUES.
 NAMES = ("air", "skin", "fat", "muscle", "bone", "marrow", "gm", "wm", "csf", "gas", "blood",
-         "vitreous", "cord", "soft", "disc")
+         "vitreous", "cord", "soft", "disc", "vein", "dura", "artery")
 L = {n: i for i, n in enumerate(NAMES)}
 
 
@@ -259,6 +264,7 @@ def build(nilearn_dir: str) -> dict:
            ["muscle", "fat", "soft"])                                  # carotid
     P.path([(sx * 27.0, 6.0, -162.0), (sx * 28.0, 0.0, -110.0), (sx * 30.0, -12.0, -66.0)], 5.0, "blood",
            ["muscle", "fat", "soft"])                                  # jugular
+  _enhancing(P, lab, intracranial, x, y, z)
   lab[~envelope & (lab == L["muscle"])] = L["air"]   # nothing muscular outside the skin
   # --- landmarks and surface samples ---------------------------------------
   rng = np.random.default_rng(0)
@@ -277,6 +283,75 @@ def build(nilearn_dir: str) -> dict:
           "brain_points": brain_pts[rng.choice(len(brain_pts), 2000, replace=False)].astype(np.float32),
           "landmark_names": np.array(list(landmarks)), "landmark_z": np.array(list(landmarks.values()), np.float32),
           "attribution": np.array(ATTRIBUTION)}
+
+
+def _enhancing(P: "_Painter", lab: np.ndarray, intracranial: np.ndarray, x, y, z) -> None:
+  """What enhances inside a normal head: the brain itself sits behind the
+  blood-brain barrier, so after gadolinium or iodine a real post-contrast
+  head shows its dural venous sinuses, dura and falx, choroid plexus,
+  pituitary and cavernous sinuses (``vein``; ``dura`` for the non-vascular
+  tissue outside the barrier), and in arterial phases the circle of Willis
+  (``artery``). Sinuses follow the inner table: each painted
+  path is kept to the 4.5 mm shell inside the intracranial boundary, and
+  its points are snapped to that boundary, so they hug the skull of the
+  template whatever its exact shape."""
+  sp = SPACING
+  d_ic, near = ndimage.distance_transform_edt(intracranial, sampling=sp, return_indices=True)
+  shell = intracranial & (d_ic <= 4.5)
+  origin = np.array([b[0] for b in BOX], np.float32)
+
+  def snap(pt):
+    """The intracranial boundary point nearest to ``pt`` (RAS mm), 1.5 mm inside."""
+    ijk = np.clip(np.round((np.asarray(pt, np.float32) - origin) / sp).astype(int), 0, np.array(lab.shape) - 1)
+    if not intracranial[tuple(ijk)]:
+      return np.asarray(pt, np.float32)
+    b = np.array([near[k][tuple(ijk)] for k in range(3)])
+    q = origin + b * sp
+    v = np.asarray(pt, np.float32) - q
+    return q + 1.5 * v / max(float(np.linalg.norm(v)), 1e-6)
+
+  vein_into = ["csf", "gm", "wm", "bone", "marrow"]
+  # Superior sagittal sinus: triangular, along the midline convexity from the
+  # frontal pole over the vertex to the torcular (nearest wall above / behind).
+  # Outward normal of the smoothed intracranial mask (the voxel staircase
+  # would point a voxel's nearest wall sideways).
+  wall = -np.stack(np.gradient(ndimage.gaussian_filter(intracranial.astype(np.float32), 2.0)), -1)
+  up_or_back = (wall[..., 2] > 0.35 * np.linalg.norm(wall, axis=-1)) | ((wall[..., 1] < 0) & (z > -12))
+  sss = shell & (np.abs(x) <= 5.0 - 0.55 * d_ic) & up_or_back & (y > -112) & (z > -14)
+  lab[sss] = L["vein"]
+  for sx in (-1, 1):   # transverse and sigmoid sinuses to the jugular bulb
+    path = [snap(p) for p in ((0.0, -104.0, -8.0), (sx * 25.0, -100.0, -12.0), (sx * 45.0, -86.0, -20.0),
+                              (sx * 55.0, -66.0, -28.0), (sx * 52.0, -48.0, -40.0), (sx * 42.0, -36.0, -50.0))]
+    for a, b in zip(path[:-1], path[1:]):
+      m = P.cap(a, b, 4.5, 4.5, "vein", vein_into)
+      lab[m & ~shell & intracranial] = L["csf"]    # keep the sinus on the wall
+    P.cap(path[-1], (sx * 30.0, -12.0, -66.0), 4.0, 4.5, "vein", ["bone", "marrow", "muscle", "fat", "soft", "csf"])
+  # Straight sinus (vein of Galen to the torcular) and the falx above the corpus callosum.
+  P.cap((0.0, -50.0, 4.0), snap((0.0, -104.0, -8.0)), 2.5, 3.0, "vein", ["csf", "gm", "wm"])
+  lab[(np.abs(x) < 0.8) & (lab == L["csf"]) & intracranial & (d_ic < 30.0) & (z > 0)] = L["dura"]
+  # Choroid plexus in the atria (glomus) and bodies of the lateral ventricles.
+  for sx in (-1, 1):
+    P.ell((sx * 27.0, -40.0, 14.0), (5.0, 9.0, 5.0), "dura", ["csf"])
+    P.cap((sx * 27.0, -40.0, 14.0), (sx * 14.0, -5.0, 20.0), 2.5, 2.0, "dura", ["csf"])
+  # Intracranial arteries (circle of Willis): internal carotids from the neck
+  # through the cavernous sinus, middle cerebral arteries in the Sylvian
+  # fissures, anterior cerebral arteries over the corpus callosum, the
+  # basilar artery on the clivus and the posterior cerebral arteries.
+  art_into = ["csf", "gm", "wm", "soft", "muscle", "fat", "bone", "marrow"]
+  for sx in (-1, 1):
+    P.path([(sx * 18.0, 0.0, -70.0), (sx * 16.0, 4.0, -52.0), (sx * 13.0, 14.0, -40.0), (sx * 11.0, 16.0, -28.0)],
+           2.2, "artery", art_into)
+    P.path([(sx * 11.0, 16.0, -28.0), (sx * 25.0, 14.0, -22.0), (sx * 38.0, 8.0, -14.0), (sx * 46.0, -4.0, 0.0)],
+           1.6, "artery", ["csf", "gm", "wm"])
+    P.path([(sx * 11.0, 16.0, -28.0), (sx * 2.5, 26.0, -18.0), (sx * 2.5, 34.0, 4.0), (sx * 2.5, 22.0, 28.0),
+            (sx * 2.5, -10.0, 38.0)], 1.3, "artery", ["csf", "gm", "wm", "dura"])
+    P.path([(0.0, -14.0, -34.0), (sx * 12.0, -22.0, -22.0), (sx * 24.0, -42.0, -12.0), (sx * 20.0, -70.0, -2.0)],
+           1.4, "artery", ["csf", "gm", "wm"])
+  P.path([(0.0, -20.0, -62.0), (0.0, -16.0, -48.0), (0.0, -14.0, -34.0)], 1.8, "artery", ["csf", "gm", "wm", "cord"])
+  # Pituitary in the sella with the cavernous sinuses beside it.
+  P.ell((0.0, 12.0, -38.0), (6.0, 4.5, 3.5), "dura", ["csf", "gm", "wm", "bone", "marrow", "soft"])
+  for sx in (-1, 1):
+    P.ell((sx * 11.0, 12.0, -38.0), (3.5, 8.0, 4.5), "vein", ["csf", "gm", "wm", "bone", "marrow", "soft"])
 
 
 def _rx(a: float) -> np.ndarray:

@@ -28,6 +28,43 @@ def test_template_map_and_attribution():
   assert "ICBM152" in text and "Fonov" in text and "McGill" in text
 
 
+def test_what_enhances_in_a_head_lies_outside_the_brain():
+  """Dural sinuses, falx, choroid plexus, pituitary and the circle of Willis
+  are in the map where anatomy puts them, and only they (not grey or white
+  matter, behind the blood-brain barrier) brighten after contrast."""
+  from radnet_jax.phantom import ct  # pylint: disable=g-import-not-at-top
+  tpl = head.template()
+  lab, names = tpl["labels"], [str(n) for n in tpl["names"]]
+  vol_ml = lambda t: (lab == names.index(t)).sum() * 1.5 ** 3 / 1000
+  assert 10 < vol_ml("vein") < 40 and 2 < vol_ml("artery") < 10 and 3 < vol_ml("dura") < 20
+  x, y, z = (tpl["origin"][k] + np.arange(lab.shape[k]) * 1.5 for k in range(3))
+  ix = lambda a, v: int(np.argmin(np.abs(a - v)))
+  # Superior sagittal sinus: the highest intracranial voxel of the midline at the vertex is venous.
+  col = lab[ix(x, 0.75), ix(y, -20.0)]
+  inside = np.flatnonzero(np.isin(col, [names.index(n) for n in ("csf", "gm", "wm", "vein", "dura")]))
+  assert names[col[inside.max()]] == "vein"
+  # Choroid plexus sits in ventricular CSF of the atria.
+  atrium = lab[ix(x, -27.0) - 3:ix(x, -27.0) + 4, ix(y, -40.0) - 3:ix(y, -40.0) + 4, ix(z, 14.0) - 3:ix(z, 14.0) + 4]
+  assert (atrium == names.index("dura")).sum() > 10
+  tissues = np.array([T["wm"], T["gm"], T["vein"], T["artery"], T["dura"]])
+  for spin_echo in (False, True):   # spoiled GRE / MPRAGE, and spin-echo T1
+    pre = physics.mr_signal(tissues, tr=500.0, te=12.0, spin_echo=spin_echo)
+    post = physics.mr_signal(tissues, tr=500.0, te=12.0, gd=1.0, spin_echo=spin_echo)
+    ratio = dict(zip(("wm", "gm", "vein", "artery", "dura"), post / pre))
+    assert abs(ratio["wm"] - 1) < 1e-6 and abs(ratio["gm"] - 1) < 1e-6
+    assert ratio["vein"] > 2.0 and ratio["artery"] > 2.0 and ratio["dura"] > 1.3
+  # Spin echo: flowing blood is dark (flow void) on T2, while a gradient echo keeps it.
+  t2 = dict(tr=4000.0, te=100.0)
+  se = dict(zip(("wm", "gm", "vein", "artery", "dura"), physics.mr_signal(tissues, spin_echo=True, **t2)))
+  gre = dict(zip(("wm", "gm", "vein", "artery", "dura"), physics.mr_signal(tissues, **t2)))
+  csf = float(physics.mr_signal(np.array([T["csf"]]), spin_echo=True, **t2)[0])
+  assert se["artery"] < 0.5 * se["wm"] and se["vein"] < 0.3 * csf and gre["vein"] > 2 * se["vein"]
+  assert se["wm"] == gre["wm"]
+  enh = ct.enhancement("portal")
+  assert enh[T["vein"]] > 100 and enh[T["dura"]] > 30 and enh[T["gm"]] < 5 and enh[T["wm"]] < 5
+  assert ct.enhancement("arterial")[T["artery"]] > 200
+
+
 def test_each_patient_has_its_own_head_and_seed_fixes_it():
   a, b = (make_patient(np.random.default_rng([4, i, 1]), i) for i in (0, 1))
   a2 = make_patient(np.random.default_rng([4, 0, 1]), 0)
@@ -95,6 +132,27 @@ def test_head_protocol_grids():
   plan = _plans(lambda q: q.modality == "MR" and q.region == "brain" and q.plane == "AX" and not q.epi, 1)[0]
   lo, hi = acquisition.grid_z_range(acquisition.plan_grid(p, dataclasses.replace(plan, tilt_deg=0.0), rng))
   assert lo <= p.bands["brain"][0] + 12 and hi >= p.bands["brain"][1] - 2
+
+
+def test_contrast_is_not_implied_by_sequence_and_plane():
+  """Every MR (sequence, plane) that is acquired after gadolinium is also
+  acquired without it, and studies pair post-contrast series with their
+  pre-contrast twin, so no protocol prior tells the contrast state."""
+  rng = np.random.default_rng(0)
+  seen, twins, posts = {}, 0, 0
+  for _ in range(1500):
+    plans = [p for p in protocols.plan_study(rng) if p.modality == "MR"]
+    keys = {(p.region, p.sequence, p.plane, p.contrast) for p in plans}
+    for p in plans:
+      seen.setdefault((p.region == "brain", p.sequence, p.plane), set()).add(p.contrast)
+      if p.contrast == "yes":
+        posts += 1
+        twins += (p.region, p.sequence, p.plane, "no") in keys
+  for key, states in seen.items():
+    if "yes" in states:
+      assert "no" in states, key
+  assert {"yes", "no"} <= seen[(True, "T1", "AX")] and {"yes", "no"} <= seen[(True, "T1", "COR")]
+  assert 0.3 < twins / posts < 0.9
 
 
 def test_mr_field_strength_diffusion_and_randomisation():

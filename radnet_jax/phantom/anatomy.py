@@ -28,7 +28,9 @@ TISSUES = ("air", "skin", "fat", "muscle", "bone", "marrow", "gm", "wm", "csf",
            "vitreous", "cord", "bile", "soft", "disc",
            # body (phantom.body): vessels by circulation (CT phases), organs, bowel content
            "artery", "vein", "portal", "liver_portal", "liver_vein", "pancreas",
-           "collecting", "lesion_hyper", "lumen", "stool", "cartilage")
+           "collecting", "lesion_hyper", "lumen", "stool", "cartilage",
+           # head (phantom.head): dura, falx, choroid plexus, pituitary (outside the blood-brain barrier)
+           "dura")
 T = {name: i for i, name in enumerate(TISSUES)}
 
 

@@ -47,7 +47,7 @@ ENHANCE = {
     "soft": (20, 35, 25), "disc": (0, 5, 10), "artery": (280, 150, 80), "vein": (60, 140, 85),
     "portal": (90, 170, 85), "liver_portal": (70, 170, 85), "liver_vein": (10, 150, 85),
     "pancreas": (80, 55, 30), "collecting": (0, 0, 450), "lesion_hyper": (95, 45, 25),
-    "cartilage": (0, 5, 5),
+    "cartilage": (0, 5, 5), "dura": (40, 55, 45),
 }
 # Texture amplitude (HU SD) per tissue: (organ-scale field ~40 mm, parenchymal field ~8 mm).
 TEXTURE = {
