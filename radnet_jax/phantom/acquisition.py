@@ -176,12 +176,13 @@ def simulate(patient: Patient, plan, grid: Grid, rng: np.random.Generator, rando
                 randomise=randomise)
   if plan.epi:   # spin-echo EPI with diffusion weighting, fat suppressed
     return physics.mr_image(lab, rng, tr=plan.tr, te=plan.te, b_value=plan.b_value,
-                            snr=float(rng.uniform(12, 30)), **dict(common, fat_sat=True))
+                            snr=float(rng.uniform(12, 30)), spin_echo=True, **dict(common, fat_sat=True))
   if plan.iso3d and plan.ti is not None:   # MPRAGE / IR-FSPGR: IR-prepared GRE
     return physics.mr_image(lab, rng, tr=plan.tr, te=plan.te, ti=plan.ti, **common)
   if plan.gre:   # spoiled gradient echo T1: steady state with flip angle
     return physics.mr_image(lab, rng, tr=plan.tr * 4 + 400, te=plan.te, **common)
-  return physics.mr_image(lab, rng, tr=plan.tr, te=plan.te, ti=plan.ti, **common)
+  # SE / FSE / FLAIR: flowing blood is a flow void (physics.FLOW_VOID).
+  return physics.mr_image(lab, rng, tr=plan.tr, te=plan.te, ti=plan.ti, spin_echo=True, **common)
 
 
 def _base(ids: dict, plan, patient: Patient, date: str) -> Dataset:

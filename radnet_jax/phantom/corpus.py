@@ -24,9 +24,10 @@ from radnet_jax.phantom.noise import HeaderNoise, corrupt
 
 MARKER = "phantom.json"
 # Bumped whenever the same seed gives other images (2: template heads, head protocols;
-# 3: CT contrast phases, kernels and dose, body CT display FOV);
+# 3: CT contrast phases, kernels and dose, body CT display FOV; 4: pre-contrast
+# T1 AX of the head and pre / post pairs in MR studies);
 # the demo cache folder names it, so shards of an older phantom are never reused.
-VERSION = 3
+VERSION = 4
 CT_AGENTS = ("OMNIPAQUE 350", "ISOVUE-370", "Iohexol", "VISIPAQUE 320", "ULTRAVIST 370")
 MR_AGENTS = ("GADAVIST", "DOTAREM", "MAGNEVIST", "gadobutrol", "MultiHance")
 

@@ -74,6 +74,9 @@ TABLE = {
     "lumen":      (8, 0, 1.00, 3000, 800, 0.0, 0.8),
     "stool":      (10, 0, 0.60, 1000, 60, 0.0, 1.5),
     "cartilage":  (120, 5, 0.70, 1000, 40, 0.10, 0.5),
+    # dura / falx / choroid plexus / pituitary: no blood-brain barrier, so
+    # they enhance while the brain does not (pituitary T1 ~ grey matter).
+    "dura":       (50, 45, 0.75, 1100, 60, 0.60, 1.5),
 }
 assert tuple(TABLE) == TISSUES
 _TAB = np.array(list(TABLE.values()), np.float32)
@@ -169,17 +172,34 @@ def ct_image(labels: np.ndarray, contrast: bool, rng: np.random.Generator, *,
   return np.clip(hu, -1024, 3071).astype(np.float32)
 
 
+# Flowing blood in spin-echo images (SE, FSE, FLAIR, SE-EPI): spins that
+# leave the slice between the 90 and 180 degree pulses give no echo, so
+# arteries are black ("flow void") and the slower venous sinuses dark grey.
+# Gadolinium in slow venous flow restores part of the signal: dural sinuses
+# and veins enhance on post-contrast spin-echo T1, arteries stay dark.
+# Gradient echoes (spoiled GRE, MPRAGE) refocus moving spins: no void.
+# Multipliers of the signal: (without, with gadolinium).
+_FLOW = {"blood": (0.1, 0.3), "artery": (0.1, 0.3), "vein": (0.3, 0.85), "portal": (0.3, 0.85),
+         "liver_portal": (0.3, 0.85), "liver_vein": (0.3, 0.85)}
+FLOW_VOID = np.ones((2, len(TISSUES)), np.float32)
+for _name, (_pre, _post) in _FLOW.items():
+  FLOW_VOID[:, TISSUES.index(_name)] = (_pre, _post)
+
+
 def mr_signal(labels: np.ndarray, *, tr: float, te: float, ti: float | None = None,
               gd: float = 0.0, fat_sat: bool = False, field_t: float = 1.5,
-              b_value: float = 0.0) -> np.ndarray:
+              b_value: float = 0.0, spin_echo: bool = False) -> np.ndarray:
   """Noise-free MR signal (PD units) from the sequence equation per voxel.
 
   tr, te, ti in ms; ti set -> inversion recovery (FLAIR, MPRAGE), else spin
   echo. gd: gadolinium dose factor (1 = standard 0.1 mmol/kg) scaling tissue
   C. field_t: 1.5 or 3 (T) relaxation tables. b_value: diffusion weighting
-  (s/mm2), exp(-b ADC).
+  (s/mm2), exp(-b ADC). spin_echo: the image is refocused by a 180 degree
+  pulse, so flowing blood loses its signal (``FLOW_VOID``).
   """
   pd = PD[labels].copy()
+  if spin_echo:
+    pd = pd * FLOW_VOID[1 if gd else 0][labels]
   if fat_sat:
     pd[labels == TISSUES.index("fat")] *= 0.12
   hi = field_t >= 2.0
@@ -198,7 +218,7 @@ def mr_image(labels: np.ndarray, rng: np.random.Generator, *, spacing: tuple,
              thickness: float, tr: float, te: float, ti: float | None = None,
              gd: float = 0.0, fat_sat: bool = False, snr: float = 30.0,
              bias: float = 0.2, field_t: float = 1.5, b_value: float = 0.0,
-             randomise: bool = False) -> np.ndarray:
+             randomise: bool = False, spin_echo: bool = False) -> np.ndarray:
   """MR magnitude image (float32, scanner units ~0..4000) with Rician noise.
 
   snr: signal of white matter-like tissue over the noise SD; bias: amplitude
@@ -211,7 +231,8 @@ def mr_image(labels: np.ndarray, rng: np.random.Generator, *, spacing: tuple,
   strength, a random PSF (0.6-3 mm), SNR 8-60 and a random gamma, so that
   the network cannot rely on the exact tissue contrasts of the tables.
   """
-  s = mr_signal(labels, tr=tr, te=te, ti=ti, gd=gd, fat_sat=fat_sat, field_t=field_t, b_value=b_value)
+  s = mr_signal(labels, tr=tr, te=te, ti=ti, gd=gd, fat_sat=fat_sat, field_t=field_t, b_value=b_value,
+                spin_echo=spin_echo)
   fwhm = 1.0
   if randomise:
     s = s * np.exp(rng.normal(0, 0.35, len(TISSUES))).astype(np.float32)[labels]
