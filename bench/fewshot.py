@@ -194,8 +194,12 @@ def main():
       lo, hi = interval(d)
       cells.append(f"{d.mean():.3f} [{lo:.3f}, {hi:.3f}] ({', '.join(f'{x:.3f}' for x in d)})")
     lines.append(f"| {label(n)} | " + " | ".join(cells) + " |")
+  # Cells may have been trained by other processes or earlier invocations:
+  # the cost is the sum of each run's own wall time (results.json).
+  run_s = sum(float(r.get("total_seconds", 0.0)) for r in done.values())
   md = (f"Test liver Dice (global over held-out volumes): mean [95% t-interval over seeds {seeds}] "
-        f"(per-seed values); {a.steps} steps per run; {time.time() - t0:.0f} s total.\n\n"
+        f"(per-seed values); {a.steps} steps per run; {len(done)} runs took {run_s:.0f} s of wall time "
+        f"in all (this table: {time.time() - t0:.0f} s).\n\n"
         + "\n".join(lines) + "\n")
   with open(os.path.join(a.out, "fewshot.md"), "w") as f:
     f.write(md)

@@ -19,6 +19,13 @@ The scans (all public test data of those packages):
   a real BOLD EPI of a head, 24 oblique axial slices of 2.2 mm, 128 x 96.
 * nibabel ``tests/data/anatomical.nii``: a real T1 crop of a brain (33 x 41
   x 25 voxels of 2 mm, axial slices; the ventricles and basal ganglia).
+* dipy ``data/files/aniso_vox.nii.gz`` (when dipy is installed:
+  ``pip install -r bench/requirements.txt``): a real diffusion b0 EPI of a
+  whole head, 58 x 58 x 24 voxels of 4 x 4 x 5 mm, slices oblique axial
+  (normal 35 degrees from S towards A, as its affine says), no contrast.
+  dipy's other head volumes are left out because their headers carry no
+  real geometry: ``S0_10slices`` has a sheared slice column of (30, 30, 32)
+  mm, ``test_piesno`` an identity affine.
 
 With ``--inputs-png`` the model inputs (mid-slices of D, H and W) of the
 real scans are drawn next to phantom series of the same kind from the
@@ -60,9 +67,18 @@ def real_inputs(tmp: str) -> list[tuple[str, str, dict]]:
   img = nib.load(os.path.join(tests, "example4d.nii.gz"))
   p = os.path.join(tmp, "example4d_frame0.nii.gz")
   nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[..., 0], img.affine), p)
-  out.append(("nibabel example4d (real EPI, axial)", p, dict(plane="AX", band="brain", modality="MR")))
+  # BOLD fMRI is never acquired after gadolinium.
+  out.append(("nibabel example4d (real EPI, axial)", p, dict(plane="AX", contrast="no", band="brain", modality="MR")))
   out.append(("nibabel anatomical (real T1 crop, axial)", os.path.join(tests, "anatomical.nii"),
               dict(sequence="T1", plane="AX", band="brain", modality="MR")))
+  try:
+    import dipy  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    print("dipy is not installed: its real head scan is left out (pip install -r bench/requirements.txt)")
+  else:
+    out.append(("dipy aniso_vox (real b0 EPI, oblique axial)",
+                os.path.join(os.path.dirname(dipy.__file__), "data", "files", "aniso_vox.nii.gz"),
+                dict(plane="AX", contrast="no", band="brain", modality="MR")))
   return out
 
 
@@ -86,7 +102,7 @@ def main(argv=None) -> None:
   print(f"checkpoint {args.workdir}")
   print("| scan | truth | sequence | plane | contrast | coverage bands | brain p |")
   print("|---|---|---|---|---|---|---|")
-  hits = {"plane": [0, 0], "sequence": [0, 0], "band": [0, 0]}
+  hits = {"plane": [0, 0], "sequence": [0, 0], "contrast": [0, 0], "band": [0, 0]}
   for name, truth, r, why in rows:
     t = ", ".join(f"{k} {v}" for k, v in truth.items() if k != "modality")
     if r is None:
@@ -97,7 +113,7 @@ def main(argv=None) -> None:
     bands = str(r.get("pred_coverage", ""))
     print(f"| {name} | {t} | {get('sequence')} ({prob('sequence'):.2f}) | {get('plane')} ({prob('plane'):.2f}) | "
           f"{get('contrast')} ({prob('contrast'):.2f}) | {bands} | {float(r.get('p_coverage_brain', float('nan'))):.2f} |")
-    for k in ("plane", "sequence"):
+    for k in ("plane", "sequence", "contrast"):
       if k in truth:
         hits[k][1] += 1
         hits[k][0] += get(k) == truth[k]
