@@ -53,7 +53,8 @@ def _image(lab, grid, kw, rng):
   if mod == "PT":
     u = physics.pet_image(lab, rng, spacing=(7.0, *grid.spacing[1:]))
     return 1 - np.clip(u / 8.0, 0, 1)   # inverted grey, as PET is read
-  img = physics.mr_image(lab, rng, spacing=grid.spacing, thickness=3.0, **kw)
+  # The rows are spin-echo / FSE / FLAIR sequences: flowing blood is a flow void.
+  img = physics.mr_image(lab, rng, spacing=grid.spacing, thickness=3.0, spin_echo=True, **kw)
   return np.clip(img / np.percentile(img, 99.5), 0, 1)
 
 
@@ -92,7 +93,8 @@ def _real_pairs(patient, rng) -> list:
   out.append(("EPI axial", pct(epi[:, ::-1, 12].T), pct(ph)))
   anat = np.asarray(nib.load(os.path.join(data, "anatomical.nii")).dataobj).astype(np.float32)
   g = grid_at(head.to_patient((0, 0, 8)), (1, 0, 0), (0, 1, 0), (2.0, 2.0), (41, 33), dz=2.0)
-  ph = physics.mr_image(render_labels(patient, g), rng, spacing=g.spacing, thickness=2.0, tr=500, te=12)[0]
+  ph = physics.mr_image(render_labels(patient, g), rng, spacing=g.spacing, thickness=2.0, tr=500, te=12,
+                        spin_echo=True)[0]
   out.append(("T1 crop", pct(anat[:, ::-1, 12].T), pct(ph)))
   ds = pydicom.dcmread(get_testdata_file("examples_overlay.dcm"))
   ps = float(ds.PixelSpacing[0])
