@@ -1,6 +1,6 @@
 """Pretraining demo accuracy against header labels *and* the phantom's truth.
 
-  python bench/pretrain_vs_truth.py WORKDIR CORPUS_DIR SHARDS_DIR [--split test]
+  python bench/pretrain_vs_truth.py WORKDIR CORPUS_DIR SHARDS_DIR [--split test] [--errors contrast]
 
 WORKDIR: a pretraining run (``run.py --config=experiments/pretrain.py``);
 CORPUS_DIR holds the phantom's ``truth.csv``; SHARDS_DIR the converted shards
@@ -12,7 +12,10 @@ header label is known, as the trainer reports it) and against the truth (all
 records whose truth is in the task's classes, including those with an
 unknown header label). Records are joined on the salted SeriesHash.
 A second table splits the header-label accuracy by the truth's modality and
-region (``CT brain``, ``MR abdomen``, ...), to see where the errors are.
+region (``CT brain``, ``MR abdomen``, ...), to see where the errors are;
+``--errors TASK`` lists each wrong record of one task with its truth, header
+label and header noise (a header label the noise flipped is an "error" the
+network got right).
 """
 from __future__ import annotations
 
@@ -40,6 +43,8 @@ def main() -> None:
   p.add_argument("shards")
   p.add_argument("--split", default="test")
   p.add_argument("--prefer", default="best", help="best | latest checkpoint")
+  p.add_argument("--errors", default="", choices=("", *TASKS),
+                 help="also list the records whose prediction of this task differs from its header label")
   a = p.parse_args()
   loaded = api.load(a.workdir, prefer=a.prefer)
   model, variables, config = loaded
@@ -52,6 +57,7 @@ def main() -> None:
   stats = {t: {"header": [0, 0], "truth": [0, 0]} for t in (*TASKS, "coverage")}
   by_group: dict = {}
   missing = 0
+  errors: list = []
   for rec in convert.iter_records(a.shards, a.split):
     row = truth.get(rec.get("series"))
     if row is None:
@@ -68,6 +74,10 @@ def main() -> None:
       classes = taxonomy.classes(t)
       pred = classes[int(np.argmax(out[t][0]))]
       head = labels.get(t, "unknown")
+      if t == a.errors and head in classes and pred != head:
+        errors.append(f"| {row['modality']} {row['region']} | {row['sequence']} {row['plane']} | {row[t]} | "
+                      f"{head} | {pred} ({float(np.max(jax.nn.softmax(out[t][0]))):.2f}) | "
+                      f"{row['header_noise'] or '-'} |")
       if head in classes:
         stats[t]["header"][0] += 1
         stats[t]["header"][1] += int(pred == head)
@@ -107,6 +117,11 @@ def main() -> None:
     print(f"| {g} | " + " | ".join(cells) + " |")
   if missing:
     print(f"({missing} records without a truth row)")
+  if a.errors:
+    print(f"\n{len(errors)} {a.errors} errors against the header label (sorted):")
+    print("| truth modality, region | truth sequence, plane | truth | header label | predicted (p) | header noise |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(sorted(errors)))
 
 
 if __name__ == "__main__":
