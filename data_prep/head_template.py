@@ -312,9 +312,9 @@ def _enhancing(P: "_Painter", lab: np.ndarray, intracranial: np.ndarray, x, y, z
 
   vein_into = ["csf", "gm", "wm", "bone", "marrow"]
   # Superior sagittal sinus: triangular, along the midline convexity from the
-  # frontal pole over the vertex to the torcular (nearest wall above / behind).
-  # Outward normal of the smoothed intracranial mask (the voxel staircase
-  # would point a voxel's nearest wall sideways).
+  # frontal pole over the vertex to the torcular, where the wall faces up or
+  # back. The wall's direction is the outward normal of the smoothed
+  # intracranial mask (a voxel's nearest wall would follow the staircase).
   wall = -np.stack(np.gradient(ndimage.gaussian_filter(intracranial.astype(np.float32), 2.0)), -1)
   up_or_back = (wall[..., 2] > 0.35 * np.linalg.norm(wall, axis=-1)) | ((wall[..., 1] < 0) & (z > -12))
   sss = shell & (np.abs(x) <= 5.0 - 0.55 * d_ic) & up_or_back & (y > -112) & (z > -14)

@@ -25,7 +25,8 @@ from radnet_jax.phantom.noise import HeaderNoise, corrupt
 MARKER = "phantom.json"
 # Bumped whenever the same seed gives other images (2: template heads, head protocols;
 # 3: CT contrast phases, kernels and dose, body CT display FOV; 4: pre-contrast
-# T1 AX of the head and pre / post pairs in MR studies);
+# T1 AX of the head and pre / post pairs in MR studies, the head's sinuses,
+# arteries, falx, choroid plexus and pituitary, spin-echo flow voids);
 # the demo cache folder names it, so shards of an older phantom are never reused.
 VERSION = 4
 CT_AGENTS = ("OMNIPAQUE 350", "ISOVUE-370", "Iohexol", "VISIPAQUE 320", "ULTRAVIST 370")
