@@ -88,9 +88,10 @@ def _real_pairs(patient, rng) -> list:
   data = os.path.join(os.path.dirname(nib.__file__), "tests", "data")
   epi = np.asarray(nib.load(os.path.join(data, "example4d.nii.gz")).dataobj)[..., 0].astype(np.float32)
   g = grid_at(head.to_patient((0, -5, 12)), (1, 0, 0), (0, 1, 0), (2.0, 2.0), (96, 128), dz=2.2)
-  ph = physics.mr_image(render_labels(patient, g), rng, spacing=g.spacing, thickness=2.2, tr=3000, te=45,
-                        fat_sat=True, snr=20)[0]
-  out.append(("EPI axial", pct(epi[:, ::-1, 12].T), pct(ph)))
+  # nibabel's example4d is a BOLD run: gradient-echo EPI, as the corpus's fMRI protocol.
+  ph = physics.mr_image(render_labels(patient, g), rng, spacing=g.spacing, thickness=2.2, tr=2500, te=30,
+                        fat_sat=True, snr=40, field_t=3.0, t2star=True, epi_shift_mm=6.0)[0]
+  out.append(("BOLD EPI axial", pct(epi[:, ::-1, 12].T), pct(ph)))
   anat = np.asarray(nib.load(os.path.join(data, "anatomical.nii")).dataobj).astype(np.float32)
   g = grid_at(head.to_patient((0, 0, 8)), (1, 0, 0), (0, 1, 0), (2.0, 2.0), (41, 33), dz=2.0)
   ph = physics.mr_image(render_labels(patient, g), rng, spacing=g.spacing, thickness=2.0, tr=500, te=12,

@@ -36,7 +36,7 @@ def test_corpus_layout_and_truth(clean):
   out, summary = clean
   rows = read_truth(os.path.join(out, "truth.csv"))
   assert summary["n_series"] == len(rows) == 8
-  assert {r["sequence"] for r in rows} <= {"CT", "T1", "T2", "T1-FLAIR", "T2-FLAIR", "PT", "DWI"}
+  assert {r["sequence"] for r in rows} <= {"CT", "T1", "T2", "T1-FLAIR", "T2-FLAIR", "PT", "DWI", "other"}
   by = _series_files(out)
   image_series = {uid for uid, dss in by.items() if "PixelData" in dss[0] and "LOCALIZER" not in dss[0].get("ImageType", [])}
   assert image_series == {r["series_uid"] for r in rows}

@@ -184,3 +184,56 @@ def test_forward_map_agrees_with_sampling():
                       ((0.0, -40.0, -110.0), "cord")):
       pt = h._forward_warped(np.array([u], np.float32), h.t)
       assert TISSUES[int(h.sample(pt)[0])] == tissue
+
+
+def test_bold_epi_is_t2star_weighted_with_dropout_and_distortion():
+  """Gradient-echo EPI (BOLD): T2* decay (dark deoxygenated veins, which a
+  spin echo keeps), extra dephasing near air, displacement along the phase
+  axis only, and a header whose sequence the labeller calls 'other' while
+  its plane is known and its contrast never 'yes'."""
+  from radnet_jax import labels
+  from radnet_jax.phantom import corpus
+  lab = np.array([T["gm"], T["wm"], T["vein"], T["csf"]], np.int8)
+  kw = dict(tr=2500.0, te=30.0, field_t=3.0)
+  se = physics.mr_signal(lab, **kw)
+  gre = physics.mr_signal(lab, t2star=True, **kw)
+  assert np.all(gre < se)
+  assert gre[2] / gre[0] < 0.5 * se[2] / se[0]                # veins dark on BOLD
+  r2 = np.full(lab.shape, 0.05, np.float32)                     # 50 /s more near air
+  np.testing.assert_allclose(physics.mr_signal(lab, t2star=True, r2_extra=r2, **kw),
+                             gre * np.exp(-30.0 * 0.05), rtol=1e-5)
+  # A block of brain with an air pocket (a sinus) at one end.
+  vol = np.full((6, 40, 30), T["gm"], np.int8)
+  vol[:, :6] = T["air"]
+  sp = (3.0, 3.0, 3.0)
+  field = physics.susceptibility_field(vol, sp)
+  assert field[3, 6, 15] > 0.2 > 0.01 > field[3, 30, 15]
+  rng = np.random.default_rng(0)
+  img = dict(spacing=sp, thickness=3.0, tr=2500.0, te=30.0, field_t=3.0, snr=1e6, bias=0.0)
+  flat = physics.mr_image(vol, np.random.default_rng(0), **img)
+  drop = physics.mr_image(vol, np.random.default_rng(0), t2star=True, **img)
+  assert drop[3, 7, 15] / drop[3, 30, 15] < 0.8 * flat[3, 7, 15] / flat[3, 30, 15]
+  # Distortion: none at shift 0; otherwise columns move, rows and slices do
+  # not, and the signal is conserved (the Jacobian).
+  ramp = np.broadcast_to(np.linspace(1.0, 2.0, 40, dtype=np.float32)[None, :, None], vol.shape).copy()
+  np.testing.assert_array_equal(physics.epi_distort(ramp, field, sp, 0.0), ramp)
+  moved = physics.epi_distort(ramp, field, sp, 8.0)
+  assert np.abs(moved - ramp)[:, 6:14].max() > 0.02 and np.abs(moved - ramp)[:, 30:].max() < 0.02
+  np.testing.assert_allclose(moved.std(axis=(0, 2)), 0.0, atol=1e-5)   # same in every slice and row
+  assert abs(moved[:, 6:].sum() / ramp[:, 6:].sum() - 1.0) < 0.03
+  # The protocol and its header.
+  plans = [protocols._bold_plan("brain", v, rng, f) for v in protocols.VENDORS for f in (1.5, 3.0)]
+  for p in plans:
+    p.description = protocols.describe(p, rng)
+    assert p.bold and p.sequence == "other" and p.contrast == "no" and 64 <= p.matrix <= 96
+    assert 2000 <= p.tr <= 3000 and (25 <= p.te <= 35 if p.field_t == 3.0 else 40 <= p.te <= 50)
+    tags = corpus.series_tags(p, rng)
+    iop = {"AX": [1, 0, 0, 0, 1, 0], "COR": [1, 0, 0, 0, 0, -1], "SAG": [0, 1, 0, 0, 0, -1]}[p.plane]
+    rec = dict(tags, Modality="MR", ImageOrientationPatient=iop)
+    got = labels.label(rec)
+    assert got["sequence"].value == labels.OTHER, (p.description, got["sequence"])
+    # No contrast tag: "no" only when an (empty) agent tag is written, else unknown.
+    assert got["plane"].value == p.plane and got["contrast"].value in ("no", None)
+  studies = [protocols.plan_study(np.random.default_rng(s)) for s in range(600)]
+  bold = [p for st in studies for p in st if p.bold]
+  assert bold and all(p.region == "brain" for p in bold) and {p.plane for p in bold} == {"AX", "COR", "SAG"}

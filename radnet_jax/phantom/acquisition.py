@@ -174,9 +174,16 @@ def simulate(patient: Patient, plan, grid: Grid, rng: np.random.Generator, rando
   field = plan.field_t
   common = dict(spacing=grid.spacing, thickness=plan.thickness, gd=gd, fat_sat=plan.fat_sat, field_t=field,
                 randomise=randomise)
-  if plan.epi:   # spin-echo EPI with diffusion weighting, fat suppressed
+  if plan.epi or plan.bold:
+    # Echo-planar, fat suppressed, displaced near air along the phase axis
+    # (2-5 mm at 1.5 T, twice that at 3 T, either polarity). Diffusion:
+    # a spin echo (flow voids, no T2* dropout); BOLD: a gradient echo (T2*,
+    # dropout near the sinuses and mastoids, dark deoxygenated veins).
+    shift = float(rng.uniform(2.0, 5.0) * plan.field_t / 1.5 * rng.choice([-1.0, 1.0]))
     return physics.mr_image(lab, rng, tr=plan.tr, te=plan.te, b_value=plan.b_value,
-                            snr=float(rng.uniform(12, 30)), spin_echo=True, **dict(common, fat_sat=True))
+                            snr=float(rng.uniform(12, 30) if plan.epi else rng.uniform(25, 60)),
+                            spin_echo=plan.epi, t2star=plan.bold, epi_shift_mm=shift,
+                            **dict(common, fat_sat=True))
   if plan.iso3d and plan.ti is not None:   # MPRAGE / IR-FSPGR: IR-prepared GRE
     return physics.mr_image(lab, rng, tr=plan.tr, te=plan.te, ti=plan.ti, **common)
   if plan.gre:   # spoiled gradient echo T1: steady state with flip angle

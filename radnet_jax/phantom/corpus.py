@@ -26,9 +26,11 @@ MARKER = "phantom.json"
 # Bumped whenever the same seed gives other images (2: template heads, head protocols;
 # 3: CT contrast phases, kernels and dose, body CT display FOV; 4: pre-contrast
 # T1 AX of the head and pre / post pairs in MR studies, the head's sinuses,
-# arteries, falx, choroid plexus and pituitary, spin-echo flow voids);
+# arteries, falx, choroid plexus and pituitary, spin-echo flow voids; 5: BOLD
+# fMRI (gradient-echo EPI) in brain studies, EPI distortion and T2* dropout
+# near air);
 # the demo cache folder names it, so shards of an older phantom are never reused.
-VERSION = 4
+VERSION = 5
 CT_AGENTS = ("OMNIPAQUE 350", "ISOVUE-370", "Iohexol", "VISIPAQUE 320", "ULTRAVIST 370")
 MR_AGENTS = ("GADAVIST", "DOTAREM", "MAGNEVIST", "gadobutrol", "MultiHance")
 
@@ -79,6 +81,16 @@ def series_tags(plan, rng) -> dict:
     t["MRAcquisitionType"] = "2D"
     t["DiffusionBValue"] = plan.b_value
     t["EchoTime"], t["RepetitionTime"], t["FlipAngle"] = round(plan.te, 2), round(plan.tr, 1), 90.0
+    t["SpacingBetweenSlices"] = plan.spacing
+  elif plan.bold:
+    t["ImageType"] = ["ORIGINAL", "PRIMARY", "M", "ND"]
+    t["ScanningSequence"] = ["EP"]
+    t["SequenceVariant"] = ["SK"]
+    t["ScanOptions"] = ["FS"]
+    t["SequenceName"] = {"SIEMENS": "epfid2d1_64", "Philips": "FEEPI"}.get(plan.vendor, "EPI")
+    t["MRAcquisitionType"] = "2D"
+    t["EchoTime"], t["RepetitionTime"] = round(plan.te, 2), round(plan.tr, 1)
+    t["FlipAngle"] = round(plan.flip, 1)
     t["SpacingBetweenSlices"] = plan.spacing
   else:
     ir = plan.ti is not None

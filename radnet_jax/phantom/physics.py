@@ -93,6 +93,14 @@ _ADC = {"air": 0.0, "gas": 0.0, "bone": 0.1, "csf": 3.0, "vitreous": 2.9, "urine
         "gm": 0.85, "wm": 0.72, "cord": 0.8, "marrow": 0.4, "fat": 0.02, "kidney": 2.0, "medulla": 1.8,
         "liver": 1.1, "spleen": 0.8, "lesion": 1.2, "blood": 1.6, "muscle": 1.4, "disc": 1.5}
 ADC = np.array([_ADC.get(n, 1.2) for n in TISSUES], np.float32) * 1e-3
+# Reversible dephasing R2' (1/s) of a gradient echo at 3 T: 1/T2* = 1/T2 + R2'
+# (grey matter T2* ~47 ms, white matter ~50 ms at 3 T; Peters et al. 2007,
+# MRI 25:748). Deoxygenated venous blood dephases fast (venous T2* ~20 ms at
+# 3 T), trabecular marrow too. R2' grows about linearly with the field.
+_R2P = {"air": 0.0, "gas": 0.0, "csf": 2.0, "vitreous": 2.0, "urine": 2.0, "bile": 2.0, "gm": 11.0,
+        "wm": 8.0, "cord": 8.0, "artery": 8.0, "blood": 15.0, "vein": 45.0, "portal": 30.0,
+        "liver_vein": 40.0, "marrow": 90.0, "bone": 200.0, "fat": 20.0, "lung": 300.0, "liver": 25.0}
+R2_PRIME_3T = np.array([_R2P.get(n, 15.0) for n in TISSUES], np.float32) * 1e-3   # 1/ms
 
 
 def tissue_values(name: str) -> dict:
@@ -188,14 +196,18 @@ for _name, (_pre, _post) in _FLOW.items():
 
 def mr_signal(labels: np.ndarray, *, tr: float, te: float, ti: float | None = None,
               gd: float = 0.0, fat_sat: bool = False, field_t: float = 1.5,
-              b_value: float = 0.0, spin_echo: bool = False) -> np.ndarray:
+              b_value: float = 0.0, spin_echo: bool = False, t2star: bool = False,
+              r2_extra: np.ndarray | None = None) -> np.ndarray:
   """Noise-free MR signal (PD units) from the sequence equation per voxel.
 
   tr, te, ti in ms; ti set -> inversion recovery (FLAIR, MPRAGE), else spin
   echo. gd: gadolinium dose factor (1 = standard 0.1 mmol/kg) scaling tissue
   C. field_t: 1.5 or 3 (T) relaxation tables. b_value: diffusion weighting
   (s/mm2), exp(-b ADC). spin_echo: the image is refocused by a 180 degree
-  pulse, so flowing blood loses its signal (``FLOW_VOID``).
+  pulse, so flowing blood loses its signal (``FLOW_VOID``). t2star: a
+  gradient echo without refocusing (GRE-EPI / BOLD): T2* decay, the tissue's
+  ``R2_PRIME_3T`` scaled to the field plus ``r2_extra`` (1/ms, per voxel:
+  the dephasing of field gradients near air, ``susceptibility_field``).
   """
   pd = PD[labels].copy()
   if spin_echo:
@@ -209,16 +221,58 @@ def mr_signal(labels: np.ndarray, *, tr: float, te: float, ti: float | None = No
   e2 = np.exp(-te / (T2_3T if hi else T2)[labels])
   if b_value:
     e2 = e2 * np.exp(-b_value * ADC[labels])
+  if t2star:
+    r2p = R2_PRIME_3T[labels] * np.float32(field_t / 3.0)
+    if r2_extra is not None:
+      r2p = r2p + r2_extra
+    e2 = e2 * np.exp(-te * r2p)
   if ti is None:
     return pd * (1.0 - np.exp(-tr / t1)) * e2
   return pd * np.abs(1.0 - 2.0 * np.exp(-ti / t1) + np.exp(-tr / t1)) * e2
+
+
+def susceptibility_field(labels: np.ndarray, spacing: tuple, scale_mm: float = 5.0) -> np.ndarray:
+  """Fraction of air (or gas) around each voxel, Gaussian-weighted over ``scale_mm``.
+
+  Air and tissue differ by ~9 ppm in magnetic susceptibility, so the field
+  is bent wherever air is near: the frontal sinuses over the orbitofrontal
+  cortex, the mastoid air cells beside the temporal lobes, bowel gas. A
+  gradient echo loses signal there (dephasing) and an echo-planar image is
+  displaced along its phase-encoding axis (``epi_distort``).
+  """
+  air = ((labels == 0) | (labels == TISSUES.index("gas"))).astype(np.float32)
+  sig = tuple(scale_mm / max(float(s), 1e-3) for s in spacing)
+  return ndimage.gaussian_filter(air, sig, mode="nearest", truncate=2.5)
+
+
+def epi_distort(img: np.ndarray, field: np.ndarray, spacing: tuple, shift_mm: float) -> np.ndarray:
+  """Echo-planar geometric distortion along the phase-encoding axis (axis 1, the columns).
+
+  The off-resonance near air shifts each voxel by ``shift_mm * (field -
+  mean field over the object)`` along the phase axis (the low bandwidth of
+  the EPI readout in that direction; several pixels at 3 T), with the
+  intensity pile-up and stretching of the Jacobian. The geometry in the
+  header stays the nominal one, as on real scanners.
+  """
+  if not shift_mm:
+    return img
+  inside = field < 0.5
+  f = field - (float(field[inside].mean()) if inside.any() else 0.0)
+  d = np.float32(shift_mm / spacing[1]) * f.astype(np.float32)   # voxels
+  K, I, J = img.shape
+  grid = np.indices(img.shape, dtype=np.float32)
+  grid[1] -= d
+  out = ndimage.map_coordinates(img, grid, order=1, mode="nearest")
+  jac = np.clip(1.0 - np.gradient(d, axis=1), 0.3, 3.0) if I > 1 else 1.0
+  return (out * jac).astype(np.float32)
 
 
 def mr_image(labels: np.ndarray, rng: np.random.Generator, *, spacing: tuple,
              thickness: float, tr: float, te: float, ti: float | None = None,
              gd: float = 0.0, fat_sat: bool = False, snr: float = 30.0,
              bias: float = 0.2, field_t: float = 1.5, b_value: float = 0.0,
-             randomise: bool = False, spin_echo: bool = False) -> np.ndarray:
+             randomise: bool = False, spin_echo: bool = False, t2star: bool = False,
+             epi_shift_mm: float = 0.0) -> np.ndarray:
   """MR magnitude image (float32, scanner units ~0..4000) with Rician noise.
 
   snr: signal of white matter-like tissue over the noise SD; bias: amplitude
@@ -230,9 +284,18 @@ def mr_image(labels: np.ndarray, rng: np.random.Generator, *, spacing: tuple,
   each tissue's signal times exp(N(0, 0.35)), a bias field of random
   strength, a random PSF (0.6-3 mm), SNR 8-60 and a random gamma, so that
   the network cannot rely on the exact tissue contrasts of the tables.
+
+  t2star: gradient-echo EPI (BOLD): T2* decay with the susceptibility
+  dropout near air (``susceptibility_field``; 1/T2' up to 120 /s at 3 T).
+  epi_shift_mm: echo-planar distortion (``epi_distort``), signed by the
+  phase-encoding polarity; 0 = none.
   """
+  field = susceptibility_field(labels, spacing) if (t2star or epi_shift_mm) else None
+  r2_extra = None
+  if t2star:
+    r2_extra = np.float32(0.12 * field_t / 3.0) * field   # 1/ms
   s = mr_signal(labels, tr=tr, te=te, ti=ti, gd=gd, fat_sat=fat_sat, field_t=field_t, b_value=b_value,
-                spin_echo=spin_echo)
+                spin_echo=spin_echo, t2star=t2star, r2_extra=r2_extra)
   fwhm = 1.0
   if randomise:
     s = s * np.exp(rng.normal(0, 0.35, len(TISSUES))).astype(np.float32)[labels]
@@ -243,6 +306,8 @@ def mr_image(labels: np.ndarray, rng: np.random.Generator, *, spacing: tuple,
     bias = bias * 1.6
   s = s * texture(rng, labels, 0.04)
   s = _blur(s, spacing, thickness, fwhm_mm=fwhm)
+  if epi_shift_mm:
+    s = epi_distort(s, field, spacing, epi_shift_mm)
   s = s * np.exp(smooth_field(rng, labels.shape, coarse=3, amp=bias))
   body = s[labels > 0][::7]
   ref = float(np.percentile(body, 90)) if body.size else 1.0

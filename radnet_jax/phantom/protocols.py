@@ -62,6 +62,7 @@ class SeriesPlan:
   slab: float = 0.0         # extent along the slice normal (mm); 0 = from the anatomy
   iso3d: bool = False       # 3D isotropic acquisition (MPRAGE / IR-FSPGR / 3D TFE)
   epi: bool = False         # echo-planar diffusion (DWI / DTI)
+  bold: bool = False        # gradient-echo EPI (BOLD fMRI), T2*-weighted; sequence "other"
   b_value: float = 0.0      # diffusion weighting (s/mm2) of an EPI series
   phase: str = ""           # CT contrast phase: "arterial", "portal", "delayed" ("" = no contrast)
   kernel: str = "standard"  # CT reconstruction kernel: "soft", "standard", "sharp" (phantom.ct)
@@ -128,6 +129,11 @@ def describe(p: SeriesPlan, rng) -> str:
                 "GE MEDICAL SYSTEMS": rng.choice(["DWI ASSET", f"{p.plane.title()} DWI b{b}", "DTI 25 dir"]),
                 "Philips": rng.choice(["DWI_SENSE", f"DTI_high_{pl3.upper()}", "DwiSE"]),
                 "TOSHIBA": rng.choice(["DWI b1000", "DTI 12 axis"])}[p.vendor])
+  if p.bold:
+    return str({"SIEMENS": rng.choice(["ep2d_bold_rest", "ep2d_bold_moco", "fMRI_resting_state", "BOLD_task"]),
+                "GE MEDICAL SYSTEMS": rng.choice(["rsfMRI", "fMRI RestingState", "BOLD EPI"]),
+                "Philips": rng.choice(["fMRI_FEEPI", "rs-fMRI", "FE_EPI_BOLD"]),
+                "TOSHIBA": rng.choice(["EPI BOLD", "fMRI rest"])}[p.vendor])
   if p.iso3d:
     d = {"SIEMENS": rng.choice(["t1_mprage_sag_p2_iso", "T1_MPRAGE_SAG_1mm", "t1_mpr_sag_iso"]),
          "GE MEDICAL SYSTEMS": rng.choice(["Sag T1 3D BRAVO", "SAG 3D T1 FSPGR", "3D T1 IR-FSPGR SAG"]),
@@ -161,7 +167,8 @@ def _alt_descriptions(p: SeriesPlan, rng) -> tuple:
   out = []
   for seq in ("T1", "T2", "T2-FLAIR", "T1-FLAIR"):
     if p.modality == "MR" and seq != p.sequence:
-      out.append(describe(dataclasses.replace(p, sequence=seq, gre=False, epi=False, iso3d=False), rng))
+      out.append(describe(dataclasses.replace(p, sequence=seq, gre=False, epi=False, bold=False,
+                                                iso3d=False), rng))
   out.append(describe(dataclasses.replace(p, contrast="no" if p.contrast == "yes" else "yes"), rng))
   return tuple(out)
 
@@ -231,6 +238,23 @@ def _dwi_plan(st: str, region: str, vendor: str, rng, field_t: float) -> SeriesP
   return SeriesPlan("MR", "DWI", pl, st, region, vendor, sp, sp, int(rng.choice([64, 96, 128])),
                     _tilt(rng, 20.0), tr=float(u(3000, 9000)), te=float(u(60, 100)), flip=90.0, epi=True,
                     b_value=float(rng.choice([0.0, 1000.0, 1000.0])), field_t=field_t, fov=float(u(220, 250)))
+
+
+def _bold_plan(region: str, vendor: str, rng, field_t: float) -> SeriesPlan:
+  """Gradient-echo EPI (BOLD fMRI): 3-4 mm slices covering the brain on a 64-96
+  matrix (FOV 192-240 mm), TR 2-3 s, TE ~30 ms at 3 T / ~45 ms at 1.5 T.
+
+  Mostly oblique axial (AC-PC); coronal and sagittal as QA and research
+  protocols acquire them. Its sequence is outside the taxonomy (``other``):
+  the network learns its plane, contrast and coverage, not a weighting.
+  """
+  u = rng.uniform
+  pl = str(rng.choice(["AX", "AX", "AX", "COR", "SAG"]))
+  sp = float(rng.choice([3.0, 3.3, 3.5, 4.0]))
+  te = float(u(25, 35) if field_t >= 2.0 else u(40, 50))
+  return SeriesPlan("MR", "other", pl, "no", region, vendor, sp, round(sp * u(0.85, 1.0), 1),
+                    int(rng.choice([64, 80, 96])), _tilt(rng, 25.0), tr=float(u(2000, 3000)), te=te,
+                    flip=float(u(70, 90)), bold=True, field_t=field_t, fov=float(u(192, 240)))
 
 
 def plan_study(rng: np.random.Generator, full_size: bool = False) -> list:
@@ -304,9 +328,14 @@ def plan_study(rng: np.random.Generator, full_size: bool = False) -> list:
     field_t = 3.0 if rng.random() < 0.45 else 1.5
     if region == "brain" and rng.random() < 0.35:
       chosen.append(("DWI", "AX", "no"))
+    # Resting-state / task fMRI: common in research archives (a BOLD run
+    # before gadolinium, so its contrast is "no").
+    if region == "brain" and rng.random() < 0.2:
+      chosen.insert(0, ("other", "AX", "no"))
     for seq, pl, st in chosen:
       if region == "brain":
         plans.append(_dwi_plan(st, region, vendor, rng, field_t) if seq == "DWI" else
+                     _bold_plan(region, vendor, rng, field_t) if seq == "other" else
                      _head_mr_plan(seq, pl, st, region, vendor, rng, full_size, field_t))
         continue
       gre = seq == "T1" and region in ("abdomen", "pelvis") and rng.random() < 0.6
