@@ -51,8 +51,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.shards_dir = ""
   c.data.cache_dir = ""  # "" = $RADNET_CACHE or ~/.cache/radnet_jax
-  # 960 series and a 20% test split: 212 held-out series (phantom v4, seed 0),
-  # 115 with a known contrast label, so one error moves
+  # 960 series and a 20% test split: 222 held-out series (phantom v5, seed 0),
+  # 117 with a known contrast label, so one error moves
   # a test accuracy by 0.5-1 point. 480 series left ~120 test series of 23
   # patients, and the realistic body phantom (v3) was underfit on 340
   # training series (coverage exact 0.61-0.64; Run 6).
