@@ -108,21 +108,33 @@ def test_report_flags_headers_the_network_contradicts(corpus, forced_ckpt):
 
 def test_cli_writes_phi_free_csvs(corpus, forced_ckpt, tmp_path, capsys):
   from radnet_jax.cli import predict as cli
+  secrets = corpus["patients"] + corpus["uids"] + [corpus["root"]]
+  # Default: skipped files by salted path hash, so no identifier anywhere
+  # (the phantom's folders are named by PatientID, as many exports are).
   out = str(tmp_path / "qa" / "predictions.csv")
   assert cli.main(["--checkpoint", forced_ckpt, "--input", corpus["dicom"], "--out", out,
-                   "--salt", SALT, "--threshold", "0.95", "--no-progress",
-                   "--plain-paths"]) == 0
+                   "--salt", SALT, "--threshold", "0.95", "--no-progress"]) == 0
   text = open(out).read()
   rows = list(csv.DictReader(open(out)))
   assert len(rows) == 4
   assert {r["series_hash"] for r in rows} == set(corpus["truth"])
   assert all(r["qa_flag"] in ("0", "1") for r in rows)
   skipped_text = open(str(tmp_path / "qa" / "predictions_skipped.csv")).read()
-  for secret in corpus["patients"] + corpus["uids"] + [corpus["root"]]:
+  for secret in secrets:
     assert secret not in text and secret not in skipped_text
-  assert "notes.txt" in skipped_text
+  assert "notes.txt" not in skipped_text and len(skipped_text.splitlines()) > 2
   summary = capsys.readouterr().out
   assert "4 stack(s) predicted" in summary and "flagged by header QA" in summary
+  # --plain-paths (for de-identified archives): skipped files by their path
+  # relative to --input; the header-derived CSV stays identifier-free.
+  out2 = str(tmp_path / "plain" / "predictions.csv")
+  assert cli.main(["--checkpoint", forced_ckpt, "--input", corpus["dicom"], "--out", out2,
+                   "--salt", SALT, "--no-progress", "--plain-paths"]) == 0
+  text = open(out2).read()
+  skipped_text = open(str(tmp_path / "plain" / "predictions_skipped.csv")).read()
+  for secret in secrets:
+    assert secret not in text
+  assert "notes.txt" in skipped_text and corpus["root"] not in skipped_text
   # Bad checkpoint path: a clear error and exit code 2, no traceback.
   assert cli.main(["--checkpoint", str(tmp_path / "none"), "--input", corpus["dicom"],
                    "--out", out]) == 2
@@ -145,6 +157,8 @@ def test_cli_predicts_anonymised_headers(corpus, forced_ckpt, tmp_path):
     except Exception:  # the corpus's junk / truncated files: left out here
       continue
     if "PixelData" not in ds or "ImagePositionPatient" not in ds:
+      continue
+    if "LOCALIZER" in list(ds.get("ImageType", [])):   # skipped by design, anonymised or not
       continue
     series = uids.setdefault(str(ds.SeriesInstanceUID), f"ANON-SERIES-{len(uids)}")
     ds.SeriesInstanceUID, ds.StudyInstanceUID = series, "ANON-STUDY"
