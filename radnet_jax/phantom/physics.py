@@ -259,11 +259,10 @@ def epi_distort(img: np.ndarray, field: np.ndarray, spacing: tuple, shift_mm: fl
   inside = field < 0.5
   f = field - (float(field[inside].mean()) if inside.any() else 0.0)
   d = np.float32(shift_mm / spacing[1]) * f.astype(np.float32)   # voxels
-  K, I, J = img.shape
   grid = np.indices(img.shape, dtype=np.float32)
   grid[1] -= d
   out = ndimage.map_coordinates(img, grid, order=1, mode="nearest")
-  jac = np.clip(1.0 - np.gradient(d, axis=1), 0.3, 3.0) if I > 1 else 1.0
+  jac = np.clip(1.0 - np.gradient(d, axis=1), 0.3, 3.0) if img.shape[1] > 1 else 1.0
   return (out * jac).astype(np.float32)
 
 
