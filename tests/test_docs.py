@@ -96,8 +96,9 @@ def test_usage_snippets_run(tmp_path, monkeypatch, capsys):
   assert ns["loaded"].step == 3 and "embedding" in ns["outputs"]
   assert len(ns["report"].rows) == 4 and (tmp_path / "predictions.csv").exists()
   assert (tmp_path / "predictions_skipped.csv").exists()
-  # mean + max of the 64-channel last stage (the demo config pools "avgmax")
-  assert ns["emb"].embedding.shape == (4, 128) and len(ns["emb"].features) == 5
+  # mean + max of the last three stages (64, 32 and 16 channels: the demo
+  # config pools "avgmax" over pool_stages=3), 2 * (64 + 32 + 16) = 224
+  assert ns["emb"].embedding.shape == (4, 224) and len(ns["emb"].features) == 5
   assert "held-out accuracy" in out
   if torch is not None:
     assert ns["mn"].embedding.shape == (2, 512)

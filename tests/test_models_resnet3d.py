@@ -213,3 +213,32 @@ def test_global_pool_avgmax_embedding():
   assert v["params"]["head_contrast"]["kernel"].shape == (2 * last.shape[-1], 2)
   with pytest.raises(ValueError, match="global_pool"):
     _init(ResNetTiny(heads={"contrast": 2}, global_pool="sum"), xin)
+
+
+@pytest.mark.parametrize("pool", ["avg", "avgmax"])
+def test_pool_stages_embedding(pool):
+  """pool_stages=3: the last three stages pooled, last stage first; the
+  trunk is unchanged and pool_stages=1 is the earlier embedding."""
+  xin = jnp.asarray(np.random.default_rng(1).normal(size=(2, 8, 16, 16, 1)), jnp.float32)
+  one = ResNetTiny(heads={"contrast": 2}, global_pool=pool)
+  three = ResNetTiny(heads={"contrast": 2}, global_pool=pool, pool_stages=3)
+  v1, v3 = _init(one, xin), _init(three, xin)
+  assert jax.tree_util.tree_map(jnp.shape, v1["params"]["trunk"]) == \
+      jax.tree_util.tree_map(jnp.shape, v3["params"]["trunk"])
+  out, feats = three.apply(v3, xin, False)
+  parts = []
+  for f in (feats[-1], feats[-2], feats[-3]):
+    f = np.asarray(f, np.float32)
+    parts.append(f.mean(axis=(1, 2, 3)))
+    if pool == "avgmax":
+      parts.append(f.max(axis=(1, 2, 3)))
+  want = np.concatenate(parts, axis=-1)
+  emb = np.asarray(out["embedding"])
+  assert emb.shape == want.shape == (2, (2 if pool == "avgmax" else 1) * (64 + 32 + 16))
+  np.testing.assert_allclose(emb, want, rtol=1e-5, atol=1e-6)
+  assert v3["params"]["head_contrast"]["kernel"].shape == (emb.shape[1], 2)
+  out1, feats1 = one.apply(v1, xin, False)
+  n_last = feats1[-1].shape[-1] * (2 if pool == "avgmax" else 1)
+  assert out1["embedding"].shape == (2, n_last)
+  with pytest.raises(ValueError, match="pool_stages"):
+    _init(ResNetTiny(heads={"contrast": 2}, pool_stages=5), xin)

@@ -187,6 +187,11 @@ class ResNet3D(nn.Module):
     global_pool: "avg" (embedding = mean of the last stage) or "avgmax"
       (mean and max concatenated: twice the width; the max keeps small bright
       structures such as enhanced vessels that a mean over the volume dilutes).
+    pool_stages: how many of the last stages are pooled into the embedding
+      (1 = the last stage only). More stages add the pooled features of
+      finer maps: on a 64-voxel input the last ResNet stage is 2x2x2, where a
+      vessel of one or two input voxels is already mixed with its
+      surroundings; stage 2 (8x8x8) and stage 3 (4x4x4) still resolve it.
     input_windows: ``((lo, hi), ...)`` in input units: a learnable intensity
       curve stretching those windows before the trunk (`intensity.py`); empty
       = the input goes to the trunk as is.
@@ -212,6 +217,7 @@ class ResNet3D(nn.Module):
   conv_impl: str = "auto"
   input_windows: Sequence[Sequence[float]] = ()
   global_pool: str = "avg"
+  pool_stages: int = 1
 
   def trunk_kwargs(self) -> dict[str, Any]:
     """The kwargs that build this model's `ResNetTrunk` (for ResNetVNet)."""
@@ -230,12 +236,20 @@ class ResNet3D(nn.Module):
       x = InputWindows(tuple(tuple(float(v) for v in w) for w in self.input_windows),
                        name="input_windows")(x)
     features = ResNetTrunk(**self.trunk_kwargs(), name="trunk")(x, train)
-    last = features[-1].astype(jnp.float32)
-    emb = jnp.mean(last, axis=(1, 2, 3))
-    if self.global_pool == "avgmax":
-      emb = jnp.concatenate([emb, jnp.max(last, axis=(1, 2, 3))], axis=-1)
-    elif self.global_pool != "avg":
+    if self.global_pool not in ("avg", "avgmax"):
       raise ValueError(f"global_pool must be 'avg' or 'avgmax', got {self.global_pool!r}")
+    n_stages = len(features) - 1   # features[0] is the stem
+    if not 1 <= int(self.pool_stages) <= n_stages:
+      raise ValueError(f"pool_stages must be in 1..{n_stages}, got {self.pool_stages}")
+    # The last stage first, so that with pool_stages=1 the embedding is the
+    # one of earlier checkpoints (mean, then max, of the last stage).
+    pooled = []
+    for f in features[::-1][:int(self.pool_stages)]:
+      f = f.astype(jnp.float32)
+      pooled.append(jnp.mean(f, axis=(1, 2, 3)))
+      if self.global_pool == "avgmax":
+        pooled.append(jnp.max(f, axis=(1, 2, 3)))
+    emb = pooled[0] if len(pooled) == 1 else jnp.concatenate(pooled, axis=-1)
     outputs = {"embedding": emb}
     h = emb
     if self.head_dropout > 0:
