@@ -213,6 +213,12 @@ COVERAGE_CASES = [
     (dict(StudyDescription="CT CHEST ABD PELVIS W CONTRAST"),
      ("lung", "liver", "kidney", "intestine", "pelvis")),
     (dict(StudyDescription="MRI BRAIN W/WO"), ("brain",)),
+    # run-together region words of Siemens-style CT series descriptions
+    (dict(SeriesDescription="AbdPelvis 5.0 B30f"), ("liver", "kidney", "intestine", "pelvis")),
+    (dict(SeriesDescription="Cor MPR AbdPelvis 3.0 I30f CE"), ("liver", "kidney", "intestine", "pelvis")),
+    (dict(SeriesDescription="ThorAbdPel 2.0 Br40"), ("lung", "liver", "kidney", "intestine", "pelvis")),
+    (dict(SeriesDescription="CT ABD/PEL W"), ("liver", "kidney", "intestine", "pelvis")),
+    (dict(SeriesDescription="Abdomen 5.0 B30f"), ("liver", "kidney", "intestine")),
     (dict(StudyDescription="CT HEAD AND NECK"), ("head", "neck")),
     (dict(SeriesDescription="t2_tse_tra"), None),
     (dict(BodyPartExamined="PHANTOM"), None),

@@ -117,7 +117,9 @@ _DESC_REGIONS = (
     (keywords(r"PELVI\w*", r"PEL", r"PELV", r"PROSTAT\w*", r"BLADDER", r"CERVIX",
               r"UTER\w*", r"OVAR\w*", r"ENDOMETR\w*", r"HIPS?", r"BECKEN"),
      ("pelvis",)),
-    (keywords(r"CAP", r"CTCAP", r"CTCAPC", r"TORSO"), CAP),
+    # run-together spellings ('AbdPelvis 5.0 B30f', 'ThorAbdPel'): one word
+    (keywords(r"ABDO?M?E?N?PELV?I?S?", r"ABDPEL\w*"), ABD_PELVIS),
+    (keywords(r"CAP", r"CTCAP", r"CTCAPC", r"TORSO", r"(?:CHEST|THOR)ABDO?M?E?N?PELV?I?S?"), CAP),
     (keywords(r"WHOLE ?-?BODY", r"WB", r"TOTAL ?BODY", r"GANZKOE?RPER", r"SKULL ?BASE ?TO ?THIGH",
               r"VERTEX ?TO ?THIGH", r"EYES? ?TO ?THIGHS?", r"BASE ?TO ?THIGH"),
      COVERAGE_BANDS),
