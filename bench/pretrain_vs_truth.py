@@ -13,7 +13,8 @@ records whose truth is in the task's classes, including those with an
 unknown header label). Records are joined on the salted SeriesHash.
 A second table splits the header-label accuracy by the truth's modality and
 region (``CT brain``, ``MR abdomen``, ...), to see where the errors are;
-``--errors TASK`` lists each wrong record of one task with its truth, header
+``--errors TASK`` lists each wrong record of one task (``coverage``: the bands
+missed and the bands added, with their probabilities) with its truth, header
 label and header noise (a header label the noise flipped is an "error" the
 network got right).
 """
@@ -43,7 +44,7 @@ def main() -> None:
   p.add_argument("shards")
   p.add_argument("--split", default="test")
   p.add_argument("--prefer", default="best", help="best | latest checkpoint")
-  p.add_argument("--errors", default="", choices=("", *TASKS),
+  p.add_argument("--errors", default="", choices=("", *TASKS, "coverage"),
                  help="also list the records whose prediction of this task differs from its header label")
   a = p.parse_args()
   loaded = api.load(a.workdir, prefer=a.prefer)
@@ -95,6 +96,13 @@ def main() -> None:
         stats["coverage"]["header"][1] += int(pred == want)
         group["coverage"][0] += 1
         group["coverage"][1] += int(pred == want)
+        if a.errors == "coverage" and pred != want:
+          z = np.asarray(out["coverage"][0], np.float64)
+          p_of = lambda b: f"{b} {1 / (1 + np.exp(-z[bands.index(b)])):.2f}"
+          errors.append(f"| {row['modality']} {row['region']} | {row['sequence']} {row['plane']} | "
+                        f"{'|'.join(b for b in bands if b in want) or '-'} | "
+                        f"{', '.join(p_of(b) for b in bands if b in want - pred) or '-'} | "
+                        f"{', '.join(p_of(b) for b in bands if b in pred - want) or '-'} |")
       true = {b for b in str(row["coverage"]).split("|") if b}  # truth.csv: "a|b|c"
       stats["coverage"]["truth"][0] += 1
       stats["coverage"]["truth"][1] += int(pred == true)
@@ -119,8 +127,12 @@ def main() -> None:
     print(f"({missing} records without a truth row)")
   if a.errors:
     print(f"\n{len(errors)} {a.errors} errors against the header label (sorted):")
-    print("| truth modality, region | truth sequence, plane | truth | header label | predicted (p) | header noise |")
-    print("|---|---|---|---|---|---|")
+    if a.errors == "coverage":
+      print("| truth modality, region | truth sequence, plane | header bands | missed (p) | extra (p) |")
+      print("|---|---|---|---|---|")
+    else:
+      print("| truth modality, region | truth sequence, plane | truth | header label | predicted (p) | header noise |")
+      print("|---|---|---|---|---|---|")
     print("\n".join(sorted(errors)))
 
 
