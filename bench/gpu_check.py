@@ -113,7 +113,7 @@ def peak_tflops(name: str) -> float | None:
 PAPER_FALLBACK = {"name": "resnet50", "dtype": "bfloat16",
                   "kwargs": {"input_windows": ((-0.16, 0.24),),
                              "stem_kernel": (3, 7, 7), "stem_strides": (1, 2, 2),
-                             "global_pool": "avg"},
+                             "global_pool": "avg", "pool_stages": 1},
                   "taxonomy": "paper",
                   "weights": {"sequence": 1.0, "plane": 1.0, "contrast": 2.0,
                               "coverage": 1.5, "spacing": 0.5}}

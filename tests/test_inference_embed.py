@@ -13,9 +13,10 @@ def test_embed_shapes_arrays_and_features(tmp_path):
   x = np.random.default_rng(1).normal(size=(3, *INPUT_SHAPE)).astype(np.float32)
   e = radnet_jax.embed(loaded, x, features=True, batch_size=2)
   assert e.keys == ["0", "1", "2"]
-  # The demo config pools the last stage by mean and max ("avgmax"): 2 x 64.
+  # The demo config pools the last three stages by mean and max ("avgmax",
+  # pool_stages=3): 2 x (64 + 32 + 16).
   assert loaded.config.model.kwargs.global_pool == "avgmax"
-  assert e.embedding.shape == (3, 128) and e.embedding.dtype == np.float32
+  assert e.embedding.shape == (3, 224) and e.embedding.dtype == np.float32
   # stem (stride 1x2x2), pool 2, stages strides 1, 2, 2, 2 (radnet layout).
   assert [f.shape for f in e.features] == [
       (3, 8, 8, 8, 8), (3, 4, 4, 4, 8), (3, 2, 2, 2, 16), (3, 1, 1, 1, 32), (3, 1, 1, 1, 64)]

@@ -242,3 +242,24 @@ def test_pool_stages_embedding(pool):
   assert out1["embedding"].shape == (2, n_last)
   with pytest.raises(ValueError, match="pool_stages"):
     _init(ResNetTiny(heads={"contrast": 2}, pool_stages=5), xin)
+
+
+def test_global_max_value_and_gradient():
+  """The embedding's max: jnp.max's value; the whole cotangent on the first
+  argmax voxel of each channel (finite with ties, no 0 / 0)."""
+  from radnet_jax.models.resnet3d import _global_max
+  rng = np.random.default_rng(0)
+  f = rng.normal(size=(2, 3, 2, 2, 4)).astype(np.float32)
+  f[1, :, :, :, 2] = 0.5   # every voxel of one channel ties
+  f = jnp.asarray(f)
+  np.testing.assert_array_equal(np.asarray(_global_max(f)), np.asarray(jnp.max(f, axis=(1, 2, 3))))
+  w = jnp.arange(1.0, 9.0).reshape(2, 4)
+  g = np.asarray(jax.jit(jax.grad(lambda x: jnp.sum(_global_max(x) * w)))(f))
+  assert np.isfinite(g).all()
+  flat = np.asarray(f).reshape(2, -1, 4)
+  want = np.zeros_like(flat)
+  for b in range(2):
+    for c in range(4):
+      want[b, int(np.argmax(flat[b, :, c])), c] = float(w[b, c])
+  np.testing.assert_array_equal(g.reshape(2, -1, 4), want)
+  assert want[1, 0, 2] == float(w[1, 2])   # the tie: all of it on the first voxel

@@ -46,7 +46,8 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
   assert "checkpoint: " + wd in text
   assert "resnet_tiny, step 3" in text
   assert "6 series" in text and "flagged" in text
-  assert "embeddings (6, 128)" in text   # mean + max of the 64-channel last stage
+  # mean + max of the last three stages (64 + 32 + 16 channels)
+  assert "embeddings (6, 224)" in text
   assert "linear probe on sequence" in text and "held-out accuracy" in text
   # The orthogonal-slices figure was drawn.
   assert any("image/png" in o.get("data", {}) for c in code for o in c.get("outputs", []))

@@ -168,6 +168,21 @@ class ResNetTrunk(nn.Module):
     return features
 
 
+def _global_max(f: jnp.ndarray) -> jnp.ndarray:
+  """Max over the spatial axes of (B, D, H, W, C), gradient to one voxel.
+
+  ``jnp.max``'s gradient splits the cotangent over the voxels equal to the
+  max and divides by their count; where XLA computes the compared values in
+  two ways (unoptimised CPU builds), no voxel compares equal and the
+  gradient is 0 / 0 = NaN (a three-stage pool of an 8x16x16 input diverged
+  at step 3). Picking the argmax voxel gives the same value and a finite
+  gradient on every backend (ties go to the first voxel, as in PyTorch).
+  """
+  flat = f.reshape(f.shape[0], -1, f.shape[-1])
+  idx = jnp.argmax(jax.lax.stop_gradient(flat), axis=1)
+  return jnp.take_along_axis(flat, idx[:, None, :], axis=1)[:, 0, :]
+
+
 class ResNet3D(nn.Module):
   """Multi-task 3D ResNet: trunk + global average pool + one Dense per task.
 
@@ -248,7 +263,7 @@ class ResNet3D(nn.Module):
       f = f.astype(jnp.float32)
       pooled.append(jnp.mean(f, axis=(1, 2, 3)))
       if self.global_pool == "avgmax":
-        pooled.append(jnp.max(f, axis=(1, 2, 3)))
+        pooled.append(_global_max(f))
     emb = pooled[0] if len(pooled) == 1 else jnp.concatenate(pooled, axis=-1)
     outputs = {"embedding": emb}
     h = emb
