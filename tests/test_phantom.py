@@ -176,6 +176,48 @@ def test_coverage_rule():
   assert coverage(bands, -360, -140, "wholebody") == ("lung", "breast")
   assert coverage(bands, -900, 120, "wholebody") == tuple(bands)
   assert coverage(bands, -30, 110, "brain") == ("brain",)
+  # A slab through part of the brain images the brain, however thin.
+  assert coverage(bands, 55, 95, "brain") == ("brain",)
+  assert coverage(bands, -25, 25, "brain") == ("brain", "head")
+  assert coverage(bands, -450, -410, "abdomen") == ("liver",)
+
+
+def test_head_mr_slabs_through_part_of_the_brain(monkeypatch):
+  """A 2D head MR series sometimes covers only part of the brain (fMRI and
+  DTI slabs, targeted work-up series): the same draw with a partial slab
+  spans 35-70% of the full slab's extent, lies inside it, and its truth
+  coverage is still the brain."""
+  import dataclasses
+  from radnet_jax.phantom import acquisition, protocols
+  from radnet_jax.phantom.anatomy import make_patient
+  rng = np.random.default_rng(0)
+  plans = [p for _ in range(40) for p in protocols.plan_study(rng)
+           if p.modality == "MR" and p.region == "brain" and p.fov and not p.slab]
+  assert {p.plane for p in plans} == {"AX", "COR", "SAG"} and any(p.epi or p.bold for p in plans)
+  patient = make_patient(np.random.default_rng(1), 1)
+  prob = acquisition._partial_slab_prob
+
+  def grid(p, i, prob):
+    monkeypatch.setattr(acquisition, "_partial_slab_prob", lambda plan: prob)
+    return acquisition.plan_grid(patient, dataclasses.replace(p), np.random.default_rng(i))
+
+  for i, p in enumerate(plans):
+    full, part = grid(p, i, 0.0), grid(p, i, 1.0)
+    ext = lambda g: (g.shape[0] - 1) * g.spacing[0]
+    ratio = ext(part) / ext(full)
+    assert 0.35 - full.spacing[0] / ext(full) <= ratio <= 0.7 or part.shape[0] == 8, (p, ratio)
+    assert np.allclose(part.n, full.n)
+    # along the slice normal, the partial slab lies inside the full one (to
+    # within a slice: the slice count rounds each slab down)
+    s0, s1 = (float(g.origin @ g.n) for g in (full, part))
+    tol = full.spacing[0]
+    assert s0 - tol <= s1 and s1 + ext(part) <= s0 + ext(full) + tol, p
+    z = acquisition.grid_z_range(part)
+    assert "brain" in coverage(patient.bands, *z, p.region), (p, z)
+  # echo-planar series (BOLD, diffusion) are cut more often than the others
+  epi = next(p for p in plans if p.epi or p.bold)
+  other = next(p for p in plans if not (p.epi or p.bold))
+  assert prob(epi) > prob(other) > 0
 
 
 def test_lits_layout(tmp_path):
@@ -206,7 +248,7 @@ def test_ct_plans_carry_phase_kernel_dose_and_clinical_fov():
   given (reformats share their acquisition's phase, kernel and dose), every
   kernel and phase in use, the vendor's kernel name in the header, and body
   CT axials on a 350-500 mm display FOV."""
-  from radnet_jax.phantom import acquisition, corpus, ct, protocols
+  from radnet_jax.phantom import acquisition, corpus, ct, protocols, truth
   from radnet_jax.phantom.anatomy import make_patient
   rng = np.random.default_rng(0)
   plans = [p for _ in range(400) for p in protocols.plan_study(rng) if p.modality == "CT"]
@@ -226,8 +268,14 @@ def test_ct_plans_carry_phase_kernel_dose_and_clinical_fov():
     assert tags["KVP"] == p.kvp
   assert set(phases) == {"", *ct.PHASES} and set(kernels) == set(ct.KERNELS)
   assert phases["portal"] > phases["arterial"] > 0 and phases["portal"] > phases["delayed"] > 0
-  body = [p for p in plans if p.region in ("abdomen", "cap", "chest") and p.plane == "AX"][:6]
+  body = [p for p in plans if p.region in ("abdomen", "abdpelvis", "cap", "chest") and p.plane == "AX"][:6]
   patient = make_patient(np.random.default_rng(1), 1)
+  # abdomen-pelvis CT, the commonest body CT: dome of the liver to the symphysis
+  abdpel = [p for p in plans if p.region == "abdpelvis"][:4]
+  assert abdpel
+  for p in abdpel:
+    z = acquisition.grid_z_range(acquisition.plan_grid(patient, p, rng))
+    assert truth.coverage(patient.bands, *z, p.region) == ("liver", "kidney", "intestine", "pelvis"), z
   for p in body:
     g = acquisition.plan_grid(patient, p, rng)
     fov = g.spacing[1] * max(g.shape[1:])

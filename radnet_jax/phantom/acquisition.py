@@ -44,6 +44,8 @@ def scan_range(patient: Patient, region: str, rng: np.random.Generator) -> tuple
     return b["lung"][0] - u(20, 45), b["lung"][1] + u(0, 15)
   if region == "abdomen":
     return b["pelvis"][1] - u(0, 25), b["lung"][0] + u(10, 30)
+  if region == "abdpelvis":   # dome of the liver to below the symphysis
+    return b["pelvis"][0] - u(10, 30), b["lung"][0] + u(10, 30)
   if region == "pelvis":
     return b["pelvis"][0] - u(10, 30), b["pelvis"][1] + u(-10, 10)
   if region == "cap":
@@ -130,7 +132,21 @@ def _head_grid(patient: Patient, plan, rng: np.random.Generator, max_slices: int
     slab = (head.hi[0] - head.lo[0]) * u(0.75, 1.0)
   else:
     slab = (head.hi[1] - head.lo[1]) * u(0.7, 0.95)
+  if plan.modality == "MR" and not plan.slab and rng.random() < _partial_slab_prob(plan):
+    # A slab through part of the brain: research fMRI / DTI slabs, and the
+    # targeted 2D series of a work-up (temporal lobes, posterior fossa,
+    # pituitary, vertex). 35-70% of the full extent, anywhere along the
+    # slice normal inside it; the coverage is still the brain.
+    full = slab
+    slab = full * u(0.35, 0.7)
+    center = center + n * u(-0.5, 0.5) * (full - slab)
   return _grid(plan, center, r, c, n, fov_r, fov_c, slab, max_slices)
+
+
+def _partial_slab_prob(plan) -> float:
+  """How often a head MR series covers only part of the brain: echo-planar
+  series (BOLD, diffusion) often, other 2D series sometimes."""
+  return 0.3 if (plan.bold or plan.epi) else 0.1
 
 
 def _rot_axis(axis: np.ndarray, ang: float) -> np.ndarray:

@@ -28,9 +28,10 @@ MARKER = "phantom.json"
 # T1 AX of the head and pre / post pairs in MR studies, the head's sinuses,
 # arteries, falx, choroid plexus and pituitary, spin-echo flow voids; 5: BOLD
 # fMRI (gradient-echo EPI) in brain studies, EPI distortion and T2* dropout
-# near air);
+# near air; 6: head MR slabs through part of the brain, coverage of a band
+# that fills the scan's range, abdomen-pelvis CT studies);
 # the demo cache folder names it, so shards of an older phantom are never reused.
-VERSION = 5
+VERSION = 6
 CT_AGENTS = ("OMNIPAQUE 350", "ISOVUE-370", "Iohexol", "VISIPAQUE 320", "ULTRAVIST 370")
 MR_AGENTS = ("GADAVIST", "DOTAREM", "MAGNEVIST", "gadobutrol", "MultiHance")
 

@@ -19,15 +19,16 @@ VENDORS = ("SIEMENS", "GE MEDICAL SYSTEMS", "Philips", "TOSHIBA")
 # (modality, region, weight)
 STUDY_TYPES = (
     ("CT", "brain", 0.05), ("CT", "headneck", 0.04), ("CT", "chest", 0.06),
-    ("CT", "abdomen", 0.06), ("CT", "pelvis", 0.03), ("CT", "cap", 0.07),
+    ("CT", "abdomen", 0.03), ("CT", "abdpelvis", 0.06), ("CT", "pelvis", 0.03), ("CT", "cap", 0.07),
     ("CT", "wholebody", 0.02),
     ("MR", "brain", 0.40), ("MR", "headneck", 0.05), ("MR", "abdomen", 0.09),
     ("MR", "pelvis", 0.06), ("PT", "wholebody", 0.05), ("PT", "cap", 0.04),
 )
 BODY_PART = {"brain": ("HEAD", "BRAIN"), "headneck": ("HEADNECK", "NECK"), "chest": ("CHEST",),
-             "abdomen": ("ABDOMEN",), "pelvis": ("PELVIS",), "cap": ("CHESTABDPELVIS",),
+             "abdomen": ("ABDOMEN",), "abdpelvis": ("ABDOMENPELVIS", "ABDPELVIS"), "pelvis": ("PELVIS",), "cap": ("CHESTABDPELVIS",),
              "wholebody": ("WHOLEBODY",)}
 STUDY_DESC = {"brain": "BRAIN", "headneck": "NECK", "chest": "CHEST", "abdomen": "ABDOMEN",
+              "abdpelvis": "ABDOMEN PELVIS",
               "pelvis": "PELVIS", "cap": "CHEST ABDOMEN PELVIS", "wholebody": "WHOLE BODY"}
 
 
@@ -104,6 +105,7 @@ def describe(p: SeriesPlan, rng) -> str:
     return str(rng.choice(["PET WB AC", "WB 3D MAC", "PET AC 3D", "PET Body AC"]))
   if p.modality == "CT":
     region_word = {"brain": "Head", "headneck": "Neck", "chest": "Thorax", "abdomen": "Abdomen",
+                   "abdpelvis": "AbdPelvis",
                    "pelvis": "Pelvis", "cap": "ThorAbdPel", "wholebody": "WB"}[p.region]
     pl = {"AX": "Ax", "COR": "Cor", "SAG": "Sag"}[p.plane]
     if p.vendor == "SIEMENS":

@@ -2,7 +2,9 @@
 
 Truth comes from the simulator (what was scanned), never from the headers.
 Coverage: a band is covered when the scan's Z range (voxel centres) covers at
-least ``COVER_FRACTION`` of that band's extent in this patient; the breast band
+least ``COVER_FRACTION`` of that band's extent in this patient, or when the
+band fills at least that fraction of the scan's range (a slab through part of
+the brain, a targeted liver slab, images the brain or the liver); the breast band
 additionally needs a study that targets the breast (only whole-body studies
 here), as in the taxonomy (``docs``: breast = study targets the breast).
 """
@@ -27,7 +29,7 @@ def coverage(bands: dict, z_low: float, z_high: float, region: str) -> tuple:
   for band in COVERAGE_BANDS:
     lo, hi = bands[band]
     overlap = max(0.0, min(hi, z_high) - max(lo, z_low))
-    if overlap >= COVER_FRACTION * (hi - lo):
+    if overlap > 0 and overlap >= COVER_FRACTION * min(hi - lo, z_high - z_low):
       if band == "breast" and region != "wholebody":
         continue
       out.append(band)
