@@ -118,8 +118,8 @@ _DESC_REGIONS = (
               r"UTER\w*", r"OVAR\w*", r"ENDOMETR\w*", r"HIPS?", r"BECKEN"),
      ("pelvis",)),
     # run-together spellings ('AbdPelvis 5.0 B30f', 'ThorAbdPel'): one word
-    (keywords(r"ABDO?M?E?N?PELV?I?S?", r"ABDPEL\w*"), ABD_PELVIS),
-    (keywords(r"CAP", r"CTCAP", r"CTCAPC", r"TORSO", r"(?:CHEST|THOR)ABDO?M?E?N?PELV?I?S?"), CAP),
+    (keywords(r"ABD(?:OMEN|O)?PEL\w*"), ABD_PELVIS),
+    (keywords(r"CAP", r"CTCAP", r"CTCAPC", r"TORSO", r"(?:CHEST|THOR)ABD(?:OMEN|O)?PEL\w*"), CAP),
     (keywords(r"WHOLE ?-?BODY", r"WB", r"TOTAL ?BODY", r"GANZKOE?RPER", r"SKULL ?BASE ?TO ?THIGH",
               r"VERTEX ?TO ?THIGH", r"EYES? ?TO ?THIGHS?", r"BASE ?TO ?THIGH"),
      COVERAGE_BANDS),

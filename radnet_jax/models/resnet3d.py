@@ -253,18 +253,18 @@ class ResNet3D(nn.Module):
     features = ResNetTrunk(**self.trunk_kwargs(), name="trunk")(x, train)
     if self.global_pool not in ("avg", "avgmax"):
       raise ValueError(f"global_pool must be 'avg' or 'avgmax', got {self.global_pool!r}")
-    n_stages = len(features) - 1   # features[0] is the stem
-    if not 1 <= int(self.pool_stages) <= n_stages:
+    n_stages, k = len(features) - 1, int(self.pool_stages)   # features[0] is the stem
+    if not 1 <= k <= n_stages:
       raise ValueError(f"pool_stages must be in 1..{n_stages}, got {self.pool_stages}")
     # The last stage first, so that with pool_stages=1 the embedding is the
     # one of earlier checkpoints (mean, then max, of the last stage).
     pooled = []
-    for f in features[::-1][:int(self.pool_stages)]:
+    for f in features[:-k - 1:-1]:
       f = f.astype(jnp.float32)
       pooled.append(jnp.mean(f, axis=(1, 2, 3)))
       if self.global_pool == "avgmax":
         pooled.append(_global_max(f))
-    emb = pooled[0] if len(pooled) == 1 else jnp.concatenate(pooled, axis=-1)
+    emb = jnp.concatenate(pooled, axis=-1)
     outputs = {"embedding": emb}
     h = emb
     if self.head_dropout > 0:
