@@ -199,3 +199,59 @@ def test_lits_case_lesions_and_neighbours():
       a, b = lits.lits_case(3, case, small=True)[:2]
       assert a.tobytes() == hu.tobytes() and b.tobytes() == seg.tobytes()   # deterministic by seed
   assert found
+
+
+def _oblique_grid(rng, shape=(9, 14, 11)):
+  from radnet_jax.phantom.shapes import _rot
+  rot = _rot(rng, 40.0)
+  return Grid(rng.uniform(-60, 0, 3), rot[:, 0], rot[:, 1], rot[:, 2], tuple(rng.uniform(1.5, 6.0, 3)), shape)
+
+
+def test_grid_boxes_hold_every_voxel_of_each_box():
+  """Grid.boxes (all paint shapes at once): each index box holds every voxel centre inside its world
+  box, is no larger than the box of its corners, and agrees with the one-box ``Grid.box``."""
+  rng = np.random.default_rng(3)
+  for _ in range(4):
+    g = _oblique_grid(rng)
+    pts = g.points(((0, g.shape[0]), (0, g.shape[1]), (0, g.shape[2]))).astype(np.float64)
+    lo = rng.uniform(-80, 40, (40, 3))
+    hi = lo + rng.uniform(1, 60, (40, 3))
+    start, stop = g.boxes(lo, hi)
+    assert start.shape == stop.shape == (40, 3)
+    hits = 0
+    for n in range(40):
+      inside = np.argwhere(np.all((pts >= lo[n]) & (pts <= hi[n]), -1))
+      one = g.box(lo[n], hi[n])
+      if (stop[n] <= start[n]).any():
+        assert one is None and len(inside) == 0
+        continue
+      assert one == [(int(a), int(b)) for a, b in zip(start[n], stop[n])]
+      if len(inside):
+        hits += 1
+        assert (inside >= start[n]).all() and (inside < stop[n]).all()
+      corners = np.array([[x, y, z] for x in (lo[n, 0], hi[n, 0]) for y in (lo[n, 1], hi[n, 1])
+                          for z in (lo[n, 2], hi[n, 2])])
+      idx = g.index_of(corners)
+      assert (start[n] >= np.maximum(np.floor(idx.min(0)), 0)).all()
+      assert (stop[n] <= np.ceil(idx.max(0)) + 1).all()
+    assert hits >= 5
+
+
+def test_trunk_inside_matches_the_superellipse_formula():
+  """Trunk.inside with its default exponents (shared squares) equals the plain formula voxel for voxel."""
+  from radnet_jax.phantom.shapes import Trunk, _pow
+  p = make_patient(np.random.default_rng([5, 1]), 0)
+  trunks = [s for s, _, _ in p.paint if isinstance(s, Trunk)]
+  assert trunks and all((t.e, t.e_post) == (2.5, 3.0) for t in trunks)
+  pts = np.random.default_rng(0).uniform([-250, -200, -900], [250, 200, 100], (200_000, 3)).astype(np.float32)
+  for t in trunks:
+    tab, z = t._tab, pts[:, 2]
+    idx = np.clip((z - t.z[0] + 0.5).astype(np.int32), 0, tab.shape[1] - 1)
+    u = np.abs((pts[:, 0] - tab[0][idx]) * tab[2][idx])
+    dy = pts[:, 1] - tab[1][idx]
+    v = np.abs(np.where(dy > 0, dy * tab[4][idx], dy * tab[3][idx]))
+    f = np.where(dy > 0, _pow(u, 3.0) + _pow(v, 3.0), _pow(u, 2.5) + _pow(v, 2.5))
+    ref = (f <= 1.0) & (z >= t.z[0]) & (z <= t.z[-1])
+    got = t.inside(pts)
+    assert 0.05 < ref.mean() < 0.95
+    np.testing.assert_array_equal(got, ref)

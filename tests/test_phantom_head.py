@@ -237,3 +237,20 @@ def test_bold_epi_is_t2star_weighted_with_dropout_and_distortion():
   studies = [protocols.plan_study(np.random.default_rng(s)) for s in range(600)]
   bold = [p for st in studies for p in st if p.bold]
   assert bold and all(p.region == "brain" for p in bold) and {p.plane for p in bold} == {"AX", "COR", "SAG"}
+
+
+def test_template_lookup_reads_the_map_and_air_outside_it():
+  """TemplateHead._lookup: the nearest voxel's tissue inside the stored map, air (0) outside it."""
+  h = make_patient(np.random.default_rng([6, 0, 1])).head
+  tpl = head.template()
+  lab = tpl["labels"]
+  rng = np.random.default_rng(1)
+  ext = np.array(lab.shape) * float(tpl["spacing"])
+  u = (h.origin + rng.uniform(-0.2, 1.2, (50_000, 3)) * ext).astype(np.float32)
+  idx = np.rint((u - h.origin.astype(np.float32)) / np.float32(h.spacing)).astype(np.int64)
+  ok = np.all((idx >= 0) & (idx < lab.shape), 1)
+  ref = np.zeros(len(u), np.int8)
+  ref[ok] = h.lut[lab[tuple(idx[ok].T)]]
+  assert 0.2 < ok.mean() < 0.8 and len(np.unique(ref)) > 5
+  np.testing.assert_array_equal(h._lookup(u), ref)
+  np.testing.assert_array_equal(h._lookup(u.reshape(100, 500, 3)), ref.reshape(100, 500))

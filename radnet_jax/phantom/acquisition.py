@@ -299,6 +299,12 @@ def write_series(folder: str, names: list, plan, patient: Patient, grid: Grid, i
   ds.PixelData = b""
   ds["PixelData"].VR = "OW"
   fixed = [(int(e.tag), _enc(e)) for e in ds if int(e.tag) not in varying]
+  varying = sorted(t for t in varying if t in ds)
+  # The file meta likewise: once through pydicom (which adds the standard's
+  # elements and the group length), then only the instance UID and the group
+  # length per slice.
+  write_file_meta_info(DicomBytesIO(), meta, enforce_standard=True)
+  meta_fixed = [(int(e.tag), _enc(e)) for e in meta if int(e.tag) not in (0x00020000, 0x00020003)]
   paths = []
   for inst, k in enumerate(order):
     pos = grid.origin + k * grid.spacing[0] * grid.n
@@ -315,15 +321,15 @@ def write_series(folder: str, names: list, plan, patient: Patient, grid: Grid, i
       arr = stored[k]
     ds.PixelData = np.ascontiguousarray(arr).tobytes()
     ds["PixelData"].VR = "OW"
-    elems = fixed + [(int(e.tag), _enc(e)) for e in ds if int(e.tag) in varying]
+    elems = fixed + [(t, _enc(ds[t])) for t in varying]
     elems.sort(key=lambda te: te[0])
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    fp.write(b"\0" * 128 + b"DICM")
-    write_file_meta_info(fp, meta, enforce_standard=True)
+    head = meta_fixed + [(0x00020003, _enc(meta[0x00020003]))]
+    head.sort(key=lambda te: te[0])
+    head_bytes = b"".join(b for _, b in head)
+    meta.FileMetaInformationGroupLength = len(head_bytes)
     path = os.path.join(folder, names[inst])
     with open(path, "wb") as f:
-      f.write(fp.getvalue())
+      f.write(b"\0" * 128 + b"DICM" + _enc(meta[0x00020000]) + head_bytes)
       f.write(b"".join(b for _, b in elems))
     paths.append(path)
   return paths

@@ -76,17 +76,25 @@ class Grid:
 
   def box(self, lo: np.ndarray, hi: np.ndarray):
     """Index box (clipped) holding the world AABB [lo, hi], or None if empty."""
-    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1])
-                        for z in (lo[2], hi[2])])
-    idx = self.index_of(corners)
-    out = []
-    for a in range(3):
-      b0 = max(int(np.floor(idx[:, a].min())), 0)
-      b1 = min(int(np.ceil(idx[:, a].max())) + 1, self.shape[a])
-      if b1 <= b0:
-        return None
-      out.append((b0, b1))
-    return out
+    b0, b1 = self.boxes(np.asarray(lo, np.float64)[None], np.asarray(hi, np.float64)[None])
+    if (b1[0] <= b0[0]).any():
+      return None
+    return [(int(b0[0, a]), int(b1[0, a])) for a in range(3)]
+
+  def boxes(self, lo: np.ndarray, hi: np.ndarray):
+    """Index boxes of N world AABBs [lo, hi] (N, 3) -> (start, stop) int (N, 3), clipped.
+
+    A box is empty where stop <= start on any axis.
+    """
+    # The 8 corners of each box; the indices of the extreme corners bound the box.
+    sel = np.array([[x, y, z] for x in (0, 1) for y in (0, 1) for z in (0, 1)], bool)   # (8, 3)
+    corners = np.where(sel[None], hi[:, None, :], lo[:, None, :])                    # (N, 8, 3)
+    d = corners - self.origin
+    idx = np.stack([(d * self.n).sum(-1) / self.spacing[0], (d * self.c).sum(-1) / self.spacing[1],
+                    (d * self.r).sum(-1) / self.spacing[2]], -1)                      # (N, 8, 3)
+    start = np.maximum(np.floor(idx.min(1)), 0).astype(np.int64)
+    stop = np.minimum(np.ceil(idx.max(1)).astype(np.int64) + 1, np.asarray(self.shape, np.int64))
+    return start, stop
 
 
 @dataclasses.dataclass
@@ -110,6 +118,14 @@ class Patient:
   lesions: int
   ct: dict = dataclasses.field(default_factory=dict)   # CT offsets / enhancement factors (body._patient_ct)
   head: TemplateHead | None = None
+
+  def bounds(self):
+    """World bounding boxes (lo, hi), float64 (N, 3) each, of the ``paint`` shapes."""
+    b = getattr(self, "_bounds", None)
+    if b is None or len(b[0]) != len(self.paint):
+      b = self._bounds = (np.array([s.lo for s, _, _ in self.paint], np.float64).reshape(-1, 3),
+                          np.array([s.hi for s, _, _ in self.paint], np.float64).reshape(-1, 3))
+    return b
 
 
 def make_patient(rng: np.random.Generator, pid: int = 0, lesions: int | None = None) -> Patient:
@@ -158,10 +174,11 @@ def make_patient(rng: np.random.Generator, pid: int = 0, lesions: int | None = N
 def render_labels(patient: Patient, grid: Grid) -> np.ndarray:
   """Tissue-label map int8 (K, I, J) of ``patient`` sampled at ``grid``'s voxels."""
   lab = np.zeros(grid.shape, np.int8)
-  for shape, tissue, only in patient.paint:
-    box = grid.box(shape.lo, shape.hi)
-    if box is None:
-      continue
+  lo, hi = patient.bounds()
+  start, stop = grid.boxes(lo, hi)
+  for n in np.flatnonzero((stop > start).all(1)):
+    shape, tissue, only = patient.paint[n]
+    box = tuple(zip(start[n].tolist(), stop[n].tolist()))
     sl = tuple(slice(a, b) for a, b in box)
     m = shape.inside(grid.points(box))
     if only is not None:

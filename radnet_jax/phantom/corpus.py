@@ -242,8 +242,6 @@ def make_corpus(out_dir: str, n: int = 200, seed: int = 0, *, workers: int | Non
     if bar:
       bar.update(len(res[0]))
   if bar:
-        bar.update(len(res[0]))
-  if bar:
     bar.close()
   rows = [r for res in results for r in res[0]]
   truth.write_truth(os.path.join(out_dir, "truth.csv"), rows)

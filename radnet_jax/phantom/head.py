@@ -140,14 +140,13 @@ class TemplateHead:
     return u + self._warp(self.coarse, u) + self._warp(self.fine, u)
 
   def _lookup(self, u: np.ndarray) -> np.ndarray:
-    """Nearest template label at template points u (..., 3) -> anatomy ids."""
-    lab = template()["labels"]
+    """Nearest template label at template points u (..., 3) -> anatomy ids (0 = air outside the map)."""
+    tissue = _tissue_map(self.lut.tobytes())      # (X + 2, Y + 2, Z + 2): anatomy ids, a border of air
     idx = np.rint((u - self.origin.astype(np.float32)) / np.float32(self.spacing)).astype(np.int32)
-    ok = np.all((idx >= 0) & (idx < np.array(lab.shape, np.int32)), -1)
-    flat = np.ravel_multi_index(tuple(np.moveaxis(np.where(ok[..., None], idx, 0), -1, 0)), lab.shape)
-    out = self.lut[lab.ravel()[flat]]
-    out[~ok] = 0
-    return out
+    # Outside the map -> the air border (index -1 or X, shifted by one).
+    idx = np.clip(idx, -1, np.array(tissue.shape, np.int32) - 2) + 1
+    s1, s2 = tissue.shape[1], tissue.shape[2]
+    return tissue.ravel()[(idx[..., 0] * s1 + idx[..., 1]) * s2 + idx[..., 2]]
 
   def sample(self, p: np.ndarray) -> np.ndarray:
     """Tissue ids (anatomy.T, int8) at patient LPS points p (..., 3); 0 = air."""
@@ -177,6 +176,13 @@ class TemplateHead:
       f = np.einsum("kbc,ib->kic", f, w[1])
       out[..., a] = f @ w[2].T
     return self._lookup(out)
+
+
+@functools.lru_cache(maxsize=2)
+def _tissue_map(lut: bytes) -> np.ndarray:
+  """The template's labels as anatomy ids (``lut`` int8 bytes, label -> id), padded by one voxel of air."""
+  ids = np.frombuffer(lut, np.int8)[template()["labels"]]
+  return np.pad(ids, 1)
 
 
 def _lerp_matrix(x: np.ndarray, knots: np.ndarray) -> np.ndarray:

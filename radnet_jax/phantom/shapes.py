@@ -217,12 +217,15 @@ class Trunk:
     tab = self._tab
     z = p[..., 2]
     idx = np.clip((z - self.z[0] + 0.5).astype(np.int32), 0, tab.shape[1] - 1)
-    u = (p[..., 0] - tab[0][idx]) * tab[2][idx]
+    u = np.abs((p[..., 0] - tab[0][idx]) * tab[2][idx])
     dy = p[..., 1] - tab[1][idx]
     post = dy > 0
-    v = np.abs(np.where(post, dy * tab[4][idx], dy * tab[3][idx]))
-    u = np.abs(u)
-    f = np.where(post, _pow(u, self.e_post) + _pow(v, self.e_post), _pow(u, self.e) + _pow(v, self.e))
+    v = np.abs(dy * np.where(post, tab[4][idx], tab[3][idx]))
+    if (self.e, self.e_post) == (2.5, 3.0):   # the default exponents, sharing u^2 and v^2
+      u2, v2 = u * u, v * v
+      f = np.where(post, u2 * u + v2 * v, u2 * np.sqrt(u) + v2 * np.sqrt(v))
+    else:
+      f = np.where(post, _pow(u, self.e_post) + _pow(v, self.e_post), _pow(u, self.e) + _pow(v, self.e))
     return (f <= 1.0) & (z >= self.z[0]) & (z <= self.z[-1])
 
   def inset(self, ta, tba, tbp) -> "Trunk":
