@@ -208,7 +208,9 @@ def main():
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  xs = {n: (n_all or 12) if n == 0 else n for n in sizes}
+  # One evenly spaced slot per training-set size (a log axis puts 10 and
+  # "all (12)" on top of each other).
+  xs = {n: i for i, n in enumerate(sizes)}
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
   for i, v in enumerate(variants):
     ns = [n for n in sizes if table.get((v, n))]
@@ -217,9 +219,8 @@ def main():
     d = [np.array(table[(v, n)], float) for n in ns]
     iv = np.array([interval(x) for x in d])
     mean = np.array([x.mean() for x in d])
-    x = np.array([xs[n] for n in ns]) * (1 + 0.04 * (i - 1))   # dodge the error bars
+    x = np.array([xs[n] for n in ns], float) + 0.08 * (i - (len(variants) - 1) / 2)   # dodge the error bars
     ax.errorbar(x, mean, yerr=[mean - iv[:, 0], iv[:, 1] - mean], marker="o", capsize=3, label=v)
-  ax.set_xscale("log")
   ax.set_xticks([xs[n] for n in sizes])
   ax.set_xticklabels([label(n) for n in sizes])
   ax.set_xlabel("training volumes")
