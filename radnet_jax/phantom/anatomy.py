@@ -14,6 +14,7 @@ per patient, so no two patients are alike.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -171,6 +172,14 @@ def make_patient(rng: np.random.Generator, pid: int = 0, lesions: int | None = N
                  head=head)
 
 
+@functools.lru_cache(maxsize=None)
+def _allowed(only: tuple) -> np.ndarray:
+  """Look-up table tissue id -> bool: is it one of ``only``."""
+  t = np.zeros(len(TISSUES), bool)
+  t[list(only)] = True
+  return t
+
+
 def render_labels(patient: Patient, grid: Grid) -> np.ndarray:
   """Tissue-label map int8 (K, I, J) of ``patient`` sampled at ``grid``'s voxels."""
   lab = np.zeros(grid.shape, np.int8)
@@ -182,7 +191,7 @@ def render_labels(patient: Patient, grid: Grid) -> np.ndarray:
     sl = tuple(slice(a, b) for a, b in box)
     m = shape.inside(grid.points(box))
     if only is not None:
-      m &= np.isin(lab[sl], only)
+      m &= _allowed(only)[lab[sl]]
     if m.any():
       lab[sl][m] = tissue
   head = patient.head
