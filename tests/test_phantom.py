@@ -280,3 +280,21 @@ def test_ct_plans_carry_phase_kernel_dose_and_clinical_fov():
     g = acquisition.plan_grid(patient, p, rng)
     fov = g.spacing[1] * max(g.shape[1:])
     assert 349.0 <= fov <= 501.0, (p.region, fov)
+
+
+def test_slice_elements_encode_as_pydicom_writes_them():
+  """acquisition._elem (the per-slice elements of the corpus writer) gives pydicom's own bytes."""
+  from pydicom.dataelem import DataElement
+  from radnet_jax.phantom.acquisition import _elem, _enc, uid
+  rng = np.random.default_rng(0)
+  floats = [0, 0.0, -0.0, 1e-3, -1024, 1, 0.5] + [round(float(v), k) for v in rng.normal(0, 300, 60)
+                                                  for k in (1, 4, 6)]
+  cases = [(0x00200032, "DS", floats[i:i + 3]) for i in range(0, len(floats) - 3, 3)]
+  cases += [(0x00201041, "DS", [v]) for v in floats] + [(0x00281053, "DS", [v]) for v in floats]
+  cases += [(0x00200013, "IS", [n]) for n in (1, 9, 10, 99, 120, 400)]
+  cases += [(0x00080018, "UI", uid("1.2.3", k)) for k in range(20)] + [(0x00020003, "UI", "1.234")]
+  cases += [(0x00020000, "UL", n) for n in (0, 190, 70000)]
+  cases += [(0x7FE00010, "OW", rng.integers(0, 4096, (3, 5)).astype(np.uint16).tobytes()), (0x7FE00010, "OW", b"")]
+  for tag, vr, value in cases:
+    want = _enc(DataElement(tag, vr, value if vr in ("UI", "UL", "OW") or len(value) > 1 else value[0]))
+    assert _elem(tag, vr, value) == want, (tag, vr, value)

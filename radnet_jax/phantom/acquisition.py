@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 
 import numpy as np
 import pydicom
@@ -16,6 +17,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+from pydicom.valuerep import IS, DSfloat
 
 from radnet_jax.phantom import ct, physics
 from radnet_jax.phantom.anatomy import Grid, Patient, _rot, render_labels
@@ -291,7 +293,9 @@ def write_series(folder: str, names: list, plan, patient: Patient, grid: Grid, i
   # Encode the series-level elements once; per slice only the few varying
   # elements are encoded and spliced in tag order (pydicom's dcmwrite per file
   # re-encodes everything and dominated the corpus build time).
-  varying = {0x00080018, 0x00200013, 0x00200032, 0x00201041, 0x00281052, 0x00281053, 0x7FE00010}
+  varying = {0x00080018, 0x00200013, 0x00200032, 0x00201041, 0x7FE00010}
+  if stored is None:   # PET: per-slice rescale
+    varying |= {0x00281052, 0x00281053}
   ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID = uid(ids["series_uid"], 0)
   ds.InstanceNumber, ds.ImagePositionPatient, ds.SliceLocation = 1, [0.0, 0.0, 0.0], 0.0
   if stored is None:
@@ -299,7 +303,6 @@ def write_series(folder: str, names: list, plan, patient: Patient, grid: Grid, i
   ds.PixelData = b""
   ds["PixelData"].VR = "OW"
   fixed = [(int(e.tag), _enc(e)) for e in ds if int(e.tag) not in varying]
-  varying = sorted(t for t in varying if t in ds)
   # The file meta likewise: once through pydicom (which adds the standard's
   # elements and the group length), then only the instance UID and the group
   # length per slice.
@@ -308,31 +311,51 @@ def write_series(folder: str, names: list, plan, patient: Patient, grid: Grid, i
   paths = []
   for inst, k in enumerate(order):
     pos = grid.origin + k * grid.spacing[0] * grid.n
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID = uid(ids["series_uid"], int(k))
-    ds.InstanceNumber = inst + 1
-    ds.ImagePositionPatient = [round(float(v), 4) for v in pos]
-    ds.SliceLocation = round(float(pos @ grid.n), 4)
+    sop = uid(ids["series_uid"], int(k))
+    per = [(0x00080018, _elem(0x00080018, "UI", sop)), (0x00200013, _elem(0x00200013, "IS", [inst + 1])),
+           (0x00200032, _elem(0x00200032, "DS", [round(float(v), 4) for v in pos])),
+           (0x00201041, _elem(0x00201041, "DS", [round(float(pos @ grid.n), 4)]))]
     if stored is None:   # PET: per-slice rescale slope, int16 storage
       sl = bqml[k]
-      slope = max(float(sl.max()) / 32000.0, 1e-3)
-      ds.RescaleSlope, ds.RescaleIntercept = round(slope, 6), 0
-      arr = np.round(sl / float(ds.RescaleSlope)).clip(0, 32767).astype(np.int16)
+      slope = DSfloat(round(max(float(sl.max()) / 32000.0, 1e-3), 6))
+      per += [(0x00281052, _elem(0x00281052, "DS", [0])), (0x00281053, _elem(0x00281053, "DS", [slope]))]
+      arr = np.round(sl / float(slope)).clip(0, 32767).astype(np.int16)
     else:
       arr = stored[k]
-    ds.PixelData = np.ascontiguousarray(arr).tobytes()
-    ds["PixelData"].VR = "OW"
-    elems = fixed + [(t, _enc(ds[t])) for t in varying]
-    elems.sort(key=lambda te: te[0])
-    head = meta_fixed + [(0x00020003, _enc(meta[0x00020003]))]
-    head.sort(key=lambda te: te[0])
+    per.append((0x7FE00010, _elem(0x7FE00010, "OW", np.ascontiguousarray(arr).tobytes())))
+    elems = sorted(fixed + per, key=lambda te: te[0])
+    head = sorted(meta_fixed + [(0x00020003, _elem(0x00020003, "UI", sop))], key=lambda te: te[0])
     head_bytes = b"".join(b for _, b in head)
-    meta.FileMetaInformationGroupLength = len(head_bytes)
     path = os.path.join(folder, names[inst])
     with open(path, "wb") as f:
-      f.write(b"\0" * 128 + b"DICM" + _enc(meta[0x00020000]) + head_bytes)
+      f.write(b"\0" * 128 + b"DICM" + _elem(0x00020000, "UL", len(head_bytes)) + head_bytes)
       f.write(b"".join(b for _, b in elems))
     paths.append(path)
   return paths
+
+
+# Explicit-VR value representations with a 4-byte length (and 2 reserved bytes).
+_LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+
+
+def _elem(tag: int, vr: str, value) -> bytes:
+  """One data element as explicit VR little endian bytes, encoded as pydicom writes it.
+
+  value: bytes (OW), a str (UI), an int (UL) or a list of numbers (IS, DS;
+  pydicom's IS / DSfloat text, backslash-separated).
+  """
+  if vr == "UL":
+    raw = struct.pack("<I", value)
+  elif vr == "OW":
+    raw = value
+  else:
+    text = value if vr == "UI" else "\\".join(str(IS(v) if vr == "IS" else DSfloat(v)) for v in value)
+    raw = text.encode("ascii")
+    if len(raw) % 2:
+      raw += b"\0" if vr == "UI" else b" "
+  if vr in _LONG_VRS:
+    return struct.pack("<HH2s2xI", tag >> 16, tag & 0xFFFF, vr.encode(), len(raw)) + raw
+  return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), len(raw)) + raw
 
 
 def _enc(elem) -> bytes:
