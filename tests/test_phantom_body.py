@@ -238,7 +238,7 @@ def test_grid_boxes_hold_every_voxel_of_each_box():
 
 
 def test_trunk_inside_matches_the_superellipse_formula():
-  """Trunk.inside with its default exponents (shared squares) equals the plain formula voxel for voxel."""
+  """Trunk.inside (its table gathers by np.take) equals the plain formula voxel for voxel."""
   from radnet_jax.phantom.shapes import Trunk, _pow
   p = make_patient(np.random.default_rng([5, 1]), 0)
   trunks = [s for s, _, _ in p.paint if isinstance(s, Trunk)]

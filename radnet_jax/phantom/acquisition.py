@@ -296,34 +296,28 @@ def write_series(folder: str, names: list, plan, patient: Patient, grid: Grid, i
   varying = {0x00080018, 0x00200013, 0x00200032, 0x00201041, 0x7FE00010}
   if stored is None:   # PET: per-slice rescale
     varying |= {0x00281052, 0x00281053}
-  ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID = uid(ids["series_uid"], 0)
-  ds.InstanceNumber, ds.ImagePositionPatient, ds.SliceLocation = 1, [0.0, 0.0, 0.0], 0.0
-  if stored is None:
-    ds.RescaleSlope, ds.RescaleIntercept = 1.0, 0
-  ds.PixelData = b""
-  ds["PixelData"].VR = "OW"
   fixed = [(int(e.tag), _enc(e)) for e in ds if int(e.tag) not in varying]
   # The file meta likewise: once through pydicom (which adds the standard's
   # elements and the group length), then only the instance UID and the group
   # length per slice.
+  meta.MediaStorageSOPInstanceUID = uid(ids["series_uid"], 0)
   write_file_meta_info(DicomBytesIO(), meta, enforce_standard=True)
   meta_fixed = [(int(e.tag), _enc(e)) for e in meta if int(e.tag) not in (0x00020000, 0x00020003)]
   paths = []
   for inst, k in enumerate(order):
     pos = grid.origin + k * grid.spacing[0] * grid.n
     sop = uid(ids["series_uid"], int(k))
-    per = [(0x00080018, _elem(0x00080018, "UI", sop)), (0x00200013, _elem(0x00200013, "IS", [inst + 1])),
-           (0x00200032, _elem(0x00200032, "DS", [round(float(v), 4) for v in pos])),
-           (0x00201041, _elem(0x00201041, "DS", [round(float(pos @ grid.n), 4)]))]
+    per = [(0x00080018, "UI", sop), (0x00200013, "IS", [inst + 1]),
+           (0x00200032, "DS", [round(float(v), 4) for v in pos]), (0x00201041, "DS", [round(float(pos @ grid.n), 4)])]
     if stored is None:   # PET: per-slice rescale slope, int16 storage
       sl = bqml[k]
       slope = DSfloat(round(max(float(sl.max()) / 32000.0, 1e-3), 6))
-      per += [(0x00281052, _elem(0x00281052, "DS", [0])), (0x00281053, _elem(0x00281053, "DS", [slope]))]
+      per += [(0x00281052, "DS", [0]), (0x00281053, "DS", [slope])]
       arr = np.round(sl / float(slope)).clip(0, 32767).astype(np.int16)
     else:
       arr = stored[k]
-    per.append((0x7FE00010, _elem(0x7FE00010, "OW", np.ascontiguousarray(arr).tobytes())))
-    elems = sorted(fixed + per, key=lambda te: te[0])
+    per.append((0x7FE00010, "OW", np.ascontiguousarray(arr).tobytes()))
+    elems = sorted(fixed + [(t, _elem(t, vr, v)) for t, vr, v in per], key=lambda te: te[0])
     head = sorted(meta_fixed + [(0x00020003, _elem(0x00020003, "UI", sop))], key=lambda te: te[0])
     head_bytes = b"".join(b for _, b in head)
     path = os.path.join(folder, names[inst])
@@ -332,10 +326,6 @@ def write_series(folder: str, names: list, plan, patient: Patient, grid: Grid, i
       f.write(b"".join(b for _, b in elems))
     paths.append(path)
   return paths
-
-
-# Explicit-VR value representations with a 4-byte length (and 2 reserved bytes).
-_LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
 
 
 def _elem(tag: int, vr: str, value) -> bytes:
@@ -353,7 +343,7 @@ def _elem(tag: int, vr: str, value) -> bytes:
     raw = text.encode("ascii")
     if len(raw) % 2:
       raw += b"\0" if vr == "UI" else b" "
-  if vr in _LONG_VRS:
+  if vr == "OW":   # a 4-byte length after 2 reserved bytes
     return struct.pack("<HH2s2xI", tag >> 16, tag & 0xFFFF, vr.encode(), len(raw)) + raw
   return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), len(raw)) + raw
 

@@ -89,10 +89,7 @@ class Grid:
     """
     # The 8 corners of each box; the indices of the extreme corners bound the box.
     sel = np.array([[x, y, z] for x in (0, 1) for y in (0, 1) for z in (0, 1)], bool)   # (8, 3)
-    corners = np.where(sel[None], hi[:, None, :], lo[:, None, :])                    # (N, 8, 3)
-    d = corners - self.origin
-    idx = np.stack([(d * self.n).sum(-1) / self.spacing[0], (d * self.c).sum(-1) / self.spacing[1],
-                    (d * self.r).sum(-1) / self.spacing[2]], -1)                      # (N, 8, 3)
+    idx = self.index_of(np.where(sel[None], hi[:, None, :], lo[:, None, :]))          # (N, 8, 3)
     start = np.maximum(np.floor(idx.min(1)), 0).astype(np.int64)
     stop = np.minimum(np.ceil(idx.max(1)).astype(np.int64) + 1, np.asarray(self.shape, np.int64))
     return start, stop
@@ -119,14 +116,6 @@ class Patient:
   lesions: int
   ct: dict = dataclasses.field(default_factory=dict)   # CT offsets / enhancement factors (body._patient_ct)
   head: TemplateHead | None = None
-
-  def bounds(self):
-    """World bounding boxes (lo, hi), float64 (N, 3) each, of the ``paint`` shapes."""
-    b = getattr(self, "_bounds", None)
-    if b is None or len(b[0]) != len(self.paint):
-      b = self._bounds = (np.array([s.lo for s, _, _ in self.paint], np.float64).reshape(-1, 3),
-                          np.array([s.hi for s, _, _ in self.paint], np.float64).reshape(-1, 3))
-    return b
 
 
 def make_patient(rng: np.random.Generator, pid: int = 0, lesions: int | None = None) -> Patient:
@@ -183,7 +172,8 @@ def _allowed(only: tuple) -> np.ndarray:
 def render_labels(patient: Patient, grid: Grid) -> np.ndarray:
   """Tissue-label map int8 (K, I, J) of ``patient`` sampled at ``grid``'s voxels."""
   lab = np.zeros(grid.shape, np.int8)
-  lo, hi = patient.bounds()
+  lo = np.array([s.lo for s, _, _ in patient.paint], np.float64).reshape(-1, 3)
+  hi = np.array([s.hi for s, _, _ in patient.paint], np.float64).reshape(-1, 3)
   start, stop = grid.boxes(lo, hi)
   for n in np.flatnonzero((stop > start).all(1)):
     shape, tissue, only = patient.paint[n]

@@ -222,11 +222,7 @@ class Trunk:
     dy = p[..., 1] - at(1)
     post = dy > 0
     v = np.abs(dy * np.where(post, at(4), at(3)))
-    if (self.e, self.e_post) == (2.5, 3.0):   # the default exponents, sharing u^2 and v^2
-      u2, v2 = u * u, v * v
-      f = np.where(post, u2 * u + v2 * v, u2 * np.sqrt(u) + v2 * np.sqrt(v))
-    else:
-      f = np.where(post, _pow(u, self.e_post) + _pow(v, self.e_post), _pow(u, self.e) + _pow(v, self.e))
+    f = np.where(post, _pow(u, self.e_post) + _pow(v, self.e_post), _pow(u, self.e) + _pow(v, self.e))
     return (f <= 1.0) & (z >= self.z[0]) & (z <= self.z[-1])
 
   def inset(self, ta, tba, tbp) -> "Trunk":
