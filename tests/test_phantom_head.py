@@ -254,3 +254,30 @@ def test_template_lookup_reads_the_map_and_air_outside_it():
   assert 0.2 < ok.mean() < 0.8 and len(np.unique(ref)) > 5
   np.testing.assert_array_equal(h._lookup(u), ref)
   np.testing.assert_array_equal(h._lookup(u.reshape(100, 500, 3)), ref.reshape(100, 500))
+
+
+def test_head_coil_fades_the_neck_of_brain_mr_only():
+  """Brain MR is received with a head coil that ends around C2: the same
+  mid-sagittal T1 of one patient keeps the neck's soft tissue at its full
+  signal on a head-neck protocol (a coil over the neck) and dims it to at
+  most half of that on a brain protocol, relative to the scalp and face
+  high above the chin, which keep their signal on both."""
+  assert physics.head_coil_profile(np.array([0.0]), 0.0, 15.0, 0.2)[0] == pytest.approx(0.6)
+  prof = physics.head_coil_profile(np.array([-200.0, -30.0, 0.0, 30.0, 200.0]), 0.0, 15.0, 0.2)
+  assert np.all(np.diff(prof) > 0)
+  assert prof[0] == pytest.approx(0.2, abs=1e-4) and prof[-1] == pytest.approx(1.0, abs=1e-4)
+  plan = _plans(lambda q: q.modality == "MR" and q.region == "brain" and q.plane == "SAG" and q.sequence == "T1"
+                and not q.iso3d, 1)[0]
+  for seed in range(3):
+    p = make_patient(np.random.default_rng([4, seed]))
+    grid = _sagittal(p, n=(170, 110))
+    lab = render_labels(p, grid)
+    z = grid.points(tuple((0, n) for n in grid.shape))[..., 2]
+    soft = np.isin(lab, [T["muscle"], T["fat"], T["skin"]])
+    neck, face = soft & (z < p.head.z_chin - 40), soft & (z > p.head.z_chin + 120)
+    assert neck.sum() > 100 and face.sum() > 100
+    ratio = {}
+    for region in ("brain", "headneck"):
+      img = acquisition.simulate(p, dataclasses.replace(plan, region=region), grid, np.random.default_rng(seed))
+      ratio[region] = float(np.median(img[neck]) / np.median(img[face]))
+    assert ratio["brain"] < 0.6 * ratio["headneck"], (seed, ratio)

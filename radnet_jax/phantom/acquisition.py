@@ -190,8 +190,16 @@ def simulate(patient: Patient, plan, grid: Grid, rng: np.random.Generator, rando
     return physics.pet_image(lab, rng, spacing=grid.spacing)
   gd = 1.0 if plan.contrast == "yes" else 0.0
   field = plan.field_t
+  coil = None
+  if plan.region == "brain" and patient.head is not None:
+    # Brain MR is received with a head coil whose elements end around C2,
+    # 10-50 mm above the chin (head-neck and body studies use coils that
+    # cover the neck).
+    z = grid.points(tuple((0, n) for n in grid.shape))[..., 2]
+    coil = physics.head_coil_profile(z, patient.head.z_chin + float(rng.uniform(10, 50)),
+                                     float(rng.uniform(10, 25)), float(rng.uniform(0.1, 0.4)))
   common = dict(spacing=grid.spacing, thickness=plan.thickness, gd=gd, fat_sat=plan.fat_sat, field_t=field,
-                randomise=randomise)
+                randomise=randomise, coil=coil)
   if plan.epi or plan.bold:
     # Echo-planar, fat suppressed, displaced near air along the phase axis
     # (2-5 mm at 1.5 T, twice that at 3 T, either polarity). Diffusion:

@@ -29,9 +29,10 @@ MARKER = "phantom.json"
 # arteries, falx, choroid plexus and pituitary, spin-echo flow voids; 5: BOLD
 # fMRI (gradient-echo EPI) in brain studies, EPI distortion and T2* dropout
 # near air; 6: head MR slabs through part of the brain, coverage of a band
-# that fills the scan's range, abdomen-pelvis CT studies);
+# that fills the scan's range, abdomen-pelvis CT studies; 7: the head coil's
+# receive profile on brain MR, the neck fading below the chin);
 # the demo cache folder names it, so shards of an older phantom are never reused.
-VERSION = 6
+VERSION = 7
 CT_AGENTS = ("OMNIPAQUE 350", "ISOVUE-370", "Iohexol", "VISIPAQUE 320", "ULTRAVIST 370")
 MR_AGENTS = ("GADAVIST", "DOTAREM", "MAGNEVIST", "gadobutrol", "MultiHance")
 

@@ -271,7 +271,7 @@ def mr_image(labels: np.ndarray, rng: np.random.Generator, *, spacing: tuple,
              gd: float = 0.0, fat_sat: bool = False, snr: float = 30.0,
              bias: float = 0.2, field_t: float = 1.5, b_value: float = 0.0,
              randomise: bool = False, spin_echo: bool = False, t2star: bool = False,
-             epi_shift_mm: float = 0.0) -> np.ndarray:
+             epi_shift_mm: float = 0.0, coil: np.ndarray | None = None) -> np.ndarray:
   """MR magnitude image (float32, scanner units ~0..4000) with Rician noise.
 
   snr: signal of white matter-like tissue over the noise SD; bias: amplitude
@@ -288,6 +288,8 @@ def mr_image(labels: np.ndarray, rng: np.random.Generator, *, spacing: tuple,
   dropout near air (``susceptibility_field``; 1/T2' up to 120 /s at 3 T).
   epi_shift_mm: echo-planar distortion (``epi_distort``), signed by the
   phase-encoding polarity; 0 = none.
+  coil: receive sensitivity of the coil per voxel (``head_coil_profile``),
+  a gain on the signal before the noise; None = uniform.
   """
   field = susceptibility_field(labels, spacing) if (t2star or epi_shift_mm) else None
   r2_extra = None
@@ -308,6 +310,8 @@ def mr_image(labels: np.ndarray, rng: np.random.Generator, *, spacing: tuple,
   if epi_shift_mm:
     s = epi_distort(s, field, spacing, epi_shift_mm)
   s = s * np.exp(smooth_field(rng, labels.shape, coarse=3, amp=bias))
+  if coil is not None:
+    s = s * coil
   body = s[labels > 0][::7]
   ref = float(np.percentile(body, 90)) if body.size else 1.0
   if randomise:
@@ -318,6 +322,21 @@ def mr_image(labels: np.ndarray, rng: np.random.Generator, *, spacing: tuple,
   n1 = rng.standard_normal(s.shape, dtype=np.float32) * np.float32(sd)
   n2 = rng.standard_normal(s.shape, dtype=np.float32) * np.float32(sd)
   return np.sqrt((s + n1) ** 2 + n2 ** 2).astype(np.float32)
+
+
+def head_coil_profile(z: np.ndarray, z_edge: float, width_mm: float, floor: float) -> np.ndarray:
+  """Receive sensitivity of a head coil along the patient's axis, ``floor``..1.
+
+  A head coil's elements end around C2: above ``z_edge`` (mm, patient z,
+  superior positive) the brain, skull and face are received at full
+  sensitivity; below it the signal of the neck falls off over ``width_mm``
+  (a logistic) to ``floor`` of it, so sagittal and coronal head scans fade
+  into a dim neck and the lowest axial slices are darker, as on real
+  head-coil images.
+  """
+  z = np.asarray(z, np.float32)
+  rise = 1.0 / (1.0 + np.exp(-(z - np.float32(z_edge)) / np.float32(width_mm)))
+  return (np.float32(floor) + np.float32(1.0 - floor) * rise).astype(np.float32)
 
 
 def pet_image(labels: np.ndarray, rng: np.random.Generator, *, spacing: tuple,
