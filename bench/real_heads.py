@@ -23,9 +23,14 @@ The scans (all public test data of those packages):
   ``pip install -r bench/requirements.txt``): a real diffusion b0 EPI of a
   whole head, 58 x 58 x 24 voxels of 4 x 4 x 5 mm, slices oblique axial
   (normal 35 degrees from S towards A, as its affine says), no contrast.
-  dipy's other head volumes are left out because their headers carry no
-  real geometry: ``S0_10slices`` has a sheared slice column of (30, 30, 32)
-  mm, ``test_piesno`` an identity affine.
+* dipy ``data/files/S0_10slices.nii.gz``: a real diffusion b0 EPI slab, 10
+  axial slices through the ventricles, 128 x 128 voxels of 2 mm. Its header's
+  slice column is sheared, (30, 30, 32) mm, so the script writes the pixels
+  with a plain axial affine (2 x 2 mm, 4 mm slices); the model input is
+  resized to a fixed shape and never sees spacing, and the slice axis stays
+  the file's third, so only the header's nonsense is replaced.
+  dipy's ``test_piesno`` is left out: one slice under 14 noise draws, not a
+  volume. ``ascm_out_test`` is ``aniso_vox`` denoised, the same scan.
 
 With ``--inputs-png`` the model inputs (mid-slices of D, H and W) of the
 real scans are drawn next to phantom series of the same kind from the
@@ -76,8 +81,15 @@ def real_inputs(tmp: str) -> list[tuple[str, str, dict]]:
   except ImportError:
     print("dipy is not installed: its real head scan is left out (pip install -r bench/requirements.txt)")
   else:
-    out.append(("dipy aniso_vox (real b0 EPI, oblique axial)",
-                os.path.join(os.path.dirname(dipy.__file__), "data", "files", "aniso_vox.nii.gz"),
+    files = os.path.join(os.path.dirname(dipy.__file__), "data", "files")
+    out.append(("dipy aniso_vox (real b0 EPI, oblique axial)", os.path.join(files, "aniso_vox.nii.gz"),
+                dict(plane="AX", contrast="no", band="brain", modality="MR")))
+    src = nib.load(os.path.join(files, "S0_10slices.nii.gz"))
+    aff = np.diag([2.0, 2.0, 4.0, 1.0])
+    aff[:3, 3] = src.affine[:3, 3]
+    p = os.path.join(tmp, "S0_10slices.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(src.dataobj, np.float32)[..., 0], aff), p)
+    out.append(("dipy S0_10slices (real b0 EPI slab, axial)", p,
                 dict(plane="AX", contrast="no", band="brain", modality="MR")))
   return out
 
@@ -125,9 +137,6 @@ def main(argv=None) -> None:
 
 
 def _figure(arrays, phantom: str, out: str, loaded) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   items = list(arrays)
   if phantom:
     rep = radnet_jax.predict(loaded, os.path.join(phantom, "dicom"), keep_inputs=True)
@@ -137,6 +146,14 @@ def _figure(arrays, phantom: str, out: str, loaded) -> None:
         if r.get("label_plane") == pl and r.get("label_sequence") == seq and "brain" in str(r.get("label_coverage")):
           items.append((f"phantom {seq} {pl}", rep.inputs[r["stack_key"]]))
           break
+  draw_inputs(items, out)
+
+
+def draw_inputs(items: list, out: str) -> None:
+  """Mid-slices of D, H and W of each (name, model input) as one PNG row."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(len(items), 3, figsize=(6.6, 2.3 * len(items)), squeeze=False)
   for row, (name, v) in enumerate(items):
     for a, img in enumerate((v[v.shape[0] // 2], v[:, v.shape[1] // 2], v[:, :, v.shape[2] // 2])):
@@ -145,7 +162,6 @@ def _figure(arrays, phantom: str, out: str, loaded) -> None:
       ax[row, a].axis("off")
   fig.tight_layout()
   fig.savefig(out, dpi=80)
-
 
 if __name__ == "__main__":
   main()
