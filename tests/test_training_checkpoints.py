@@ -153,6 +153,17 @@ def test_unreadable_best_falls_back_to_latest(run, tmp_path):
       proc.stderr[-3000:]
 
 
+def test_restore_from_a_relative_path(run, monkeypatch):
+  # The README's Colab line: radnet_jax.load("workdirs/pretrain") from the
+  # project root.
+  src, saved = run
+  monkeypatch.chdir(os.path.dirname(src))
+  for rel in (os.path.basename(src), os.path.join(os.path.basename(src), "best", "4")):
+    r = checkpoints.restore(rel)
+    assert r.step == 4 and not r.skipped, r.skipped
+    np.testing.assert_array_equal(r.params["Conv_0"]["kernel"], saved[4]["Conv_0"]["kernel"])
+
+
 def test_no_readable_step_lists_every_reason(run, tmp_path):
   src, _ = run
   wd = _copy(src, tmp_path / "wd")

@@ -400,6 +400,10 @@ class Restored:
 def _read_variables(state_dir: str) -> dict:
   """params, batch_stats and step of a saved TrainState (no optimizer state),
   as numpy arrays on any device count."""
+  # Orbax reads a relative local path's metadata as None (then fails with an
+  # AttributeError on ``.tree``): hand it an absolute one, as ``_manager`` does.
+  if "://" not in state_dir:
+    state_dir = os.path.abspath(state_dir)
   ckptr = ocp.PyTreeCheckpointer()
   meta = ckptr.metadata(state_dir)
   tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
