@@ -49,13 +49,39 @@ def read_nifti(path: str) -> tuple[np.ndarray, np.ndarray]:
   return data, np.asarray(img.affine, np.float64)
 
 
+def slice_axis(spacing, rtol: float = 5e-3) -> int:
+  """The array axis of a NIfTI volume that its slices were stacked along.
+
+  DICOM pixels are square (one PixelSpacing for rows and columns), so the two
+  in-plane axes share a spacing and the slice axis is the odd one out,
+  whichever axis a converter put it on (dcm2niix keeps 2D series' slices
+  along ``k`` but reorients 3D acquisitions: a sagittal MPRAGE comes out with
+  its partitions along ``i``) and whether the slices are thicker or thinner
+  than the pixels (thin-slice CT, 2 mm DTI on a 96 matrix). Isotropic voxels
+  give ``k``. Spacings that all differ (non-square pixels, resampled data)
+  give the axis of the largest spacing, ``k`` on a tie.
+
+  Args:
+    spacing: ``(3,)`` voxel sizes along ``i, j, k`` (mm).
+    rtol: relative tolerance for two spacings to count as one.
+  """
+  sp = np.asarray(spacing, np.float64)
+  same = lambda a, b: abs(sp[a] - sp[b]) <= rtol * max(sp[a], sp[b])
+  odd = [c for a, b, c in ((0, 1, 2), (0, 2, 1), (1, 2, 0)) if same(a, b) and not same(a, c)]
+  if len(odd) == 1:
+    return odd[0]
+  if same(0, 1) and same(1, 2):
+    return 2
+  return 2 if sp[2] >= sp.max() * (1 - 1e-3) else int(np.argmax(sp))
+
+
 def load_nifti_volume(path: str, modality: str | None = None) -> Volume:
   """A NIfTI file -> ``dicom.Volume`` in the canonical orientation of DICOM series.
 
-  The slice axis becomes D: the array axis with the largest voxel spacing
-  (slices are the thickest voxels of a 2D acquisition; dcm2niix also writes
-  some 3D sagittal series with their slices along ``i``), the last axis
-  ``k`` when spacings tie (isotropic); the acquisition plane is the one the
+  The slice axis becomes D: the axis whose spacing differs from the two
+  in-plane ones (``slice_axis``; DICOM pixels are square, and dcm2niix writes
+  3D sagittal series with their slices along ``i``), the last axis ``k``
+  when the voxels are isotropic; the acquisition plane is the one the
   slice normal points along, and the volume is flipped/transposed to that
   plane's canonical orientation (``dicom.geometry.reorient``), as DICOM
   series are. RAS world coordinates are converted to LPS.
@@ -73,8 +99,7 @@ def load_nifti_volume(path: str, modality: str | None = None) -> Volume:
   aff = RAS_TO_LPS @ affine_ras
   if not np.isfinite(aff).all() or abs(np.linalg.det(aff[:3, :3])) < 1e-9:
     raise ValueError(f"{path}: degenerate or non-finite affine")
-  spacing = np.linalg.norm(aff[:3, :3], axis=0)
-  axis = 2 if spacing[2] >= spacing.max() * (1 - 1e-3) else int(np.argmax(spacing))
+  axis = slice_axis(np.linalg.norm(aff[:3, :3], axis=0))
   order = [axis] + [a for a in (2, 1, 0) if a != axis]   # (slice, in-plane, in-plane)
   vox = np.transpose(data, order)   # e.g. (i, j, k) -> (k, j, i) = (D, H, W)
   aff = aff[:, order + [3]]
