@@ -164,6 +164,13 @@ def test_restore_from_a_relative_path(run, monkeypatch):
     np.testing.assert_array_equal(r.params["Conv_0"]["kernel"], saved[4]["Conv_0"]["kernel"])
 
 
+def test_orbax_paths_are_absolute_and_urls_unchanged(monkeypatch, tmp_path):
+  monkeypatch.chdir(tmp_path)
+  assert checkpoints._orbax_path("runs/a") == os.path.join(str(tmp_path), "runs", "a")
+  assert checkpoints._orbax_path("gs://bucket/runs/paper/checkpoints") == \
+      "gs://bucket/runs/paper/checkpoints"
+
+
 def test_no_readable_step_lists_every_reason(run, tmp_path):
   src, _ = run
   wd = _copy(src, tmp_path / "wd")

@@ -51,10 +51,16 @@ log = logging.getLogger("radnet_jax")
 CONFIG_FILE = "config.json"
 
 
+def _orbax_path(path: str) -> str:
+  """``path`` as Orbax needs it: a local path made absolute (Orbax reads a
+  relative one's metadata as None), a URL (``gs://...``) unchanged."""
+  return path if "://" in path else os.path.abspath(path)
+
+
 def _manager(directory: str, keep: int | None, items: Sequence[str]) -> ocp.CheckpointManager:
   opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                       enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=opts,
+  return ocp.CheckpointManager(_orbax_path(directory), options=opts,
                                item_names=tuple(items))
 
 
@@ -400,10 +406,7 @@ class Restored:
 def _read_variables(state_dir: str) -> dict:
   """params, batch_stats and step of a saved TrainState (no optimizer state),
   as numpy arrays on any device count."""
-  # Orbax reads a relative local path's metadata as None (then fails with an
-  # AttributeError on ``.tree``): hand it an absolute one, as ``_manager`` does.
-  if "://" not in state_dir:
-    state_dir = os.path.abspath(state_dir)
+  state_dir = _orbax_path(state_dir)
   ckptr = ocp.PyTreeCheckpointer()
   meta = ckptr.metadata(state_dir)
   tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
