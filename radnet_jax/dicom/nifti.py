@@ -70,9 +70,8 @@ def slice_axis(spacing, rtol: float = 5e-3) -> int:
   odd = [c for a, b, c in ((0, 1, 2), (0, 2, 1), (1, 2, 0)) if same(a, b) and not same(a, c)]
   if len(odd) == 1:
     return odd[0]
-  if same(0, 1) and same(1, 2):
-    return 2
-  return 2 if sp[2] >= sp.max() * (1 - 1e-3) else int(np.argmax(sp))
+  largest = int(np.argmax(sp))
+  return 2 if same(2, largest) else largest
 
 
 def load_nifti_volume(path: str, modality: str | None = None) -> Volume:
